@@ -1,0 +1,3 @@
+from ainarres_api.cli import main
+
+raise SystemExit(main())

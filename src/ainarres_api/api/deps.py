@@ -1,0 +1,75 @@
+"""Request-scoped dependencies: the app state, a pooled connection, and the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ainarres_api.errors import NotEligible, Unauthenticated
+from ainarres_api.services import auth
+from ainarres_api.services.auth import Principal, Signer
+from ainarres_api.services.tasks import Limits
+from ainarres_api.settings import Settings
+
+
+@dataclass
+class AppState:
+    """What the lifespan opens and every request shares."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    signer: Signer
+    limits: Limits
+
+
+def state_of(request: Request) -> AppState:
+    """The typed application state."""
+    st: AppState = request.app.state.ainarres
+    return st
+
+
+State = Annotated[AppState, Depends(state_of)]
+
+
+async def connection(st: State) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for the request; services open their own transactions on it."""
+    async with st.pool.acquire() as conn:
+        yield conn
+
+
+Conn = Annotated[asyncpg.Connection, Depends(connection)]
+
+_bearer = HTTPBearer(auto_error=False, description="a token minted by POST /v1/tokens")
+
+
+async def current_caller(
+    st: State, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    """The caller of this request, with its effective features read from the database now."""
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise Unauthenticated("send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens")
+    async with st.pool.acquire() as conn:
+        return await auth.authenticate(conn, st.signer, creds.credentials)
+
+
+Caller = Annotated[Principal, Depends(current_caller)]
+
+
+def require(*any_of: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
+    """A dependency that lets the call through only if the caller holds one of `any_of`."""
+
+    async def check(caller: Caller) -> Principal:
+        if not any(caller.has(f) for f in any_of):
+            raise NotEligible(f"this call needs {' or '.join(any_of)}")
+        return caller
+
+    return check
+
+
+Admin = Annotated[Principal, Depends(require("seat:admin"))]
+Governor = Annotated[Principal, Depends(require("seat:admin", "seat:overseer"))]

@@ -1,0 +1,109 @@
+"""The nine agent verbs, task reads and /v1/me."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from ainarres_api.api.deps import Caller, Conn, State
+from ainarres_api.api.schemas import (
+    AdvanceIn,
+    BlockIn,
+    ClaimIn,
+    LeaseIn,
+    ProgressIn,
+    RejectIn,
+    ReleaseIn,
+    TaskCreate,
+    UnblockIn,
+)
+from ainarres_api.services import tasks
+
+router = APIRouter(prefix="/v1", tags=["agent verbs"])
+
+TaskId = Annotated[uuid.UUID, "the task's id"]
+
+
+@router.post("/tasks", status_code=201, summary="create a task at its lane's initial stage")
+async def create(body: TaskCreate, caller: Caller, conn: Conn, st: State, response: Response) -> dict[str, Any]:
+    out, created = await tasks.create(conn, caller, body.model_dump(mode="json"), st.limits)
+    if not created:
+        response.status_code = 200
+    return {"code": "created" if created else "existing", **out}
+
+
+@router.post("/claims", summary="claim the best task you may do (optionally wait for one)")
+async def claim(body: ClaimIn, caller: Caller, st: State) -> dict[str, Any]:
+    deadline = time.monotonic() + body.wait_seconds
+    while True:
+        async with st.pool.acquire() as conn:
+            out = await tasks.claim(conn, caller, body.lane, st.limits)
+        remaining = deadline - time.monotonic()
+        if out["code"] != "empty" or remaining <= 0:
+            return out
+        waiter = getattr(st, "wake", None)
+        if waiter is not None:
+            await waiter.wait(caller, remaining)
+        else:
+            await asyncio.sleep(min(0.5, remaining))
+
+
+@router.post("/tasks/{task_id}/heartbeat", summary="keep your lease alive")
+async def heartbeat(task_id: TaskId, body: LeaseIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.heartbeat(conn, caller, task_id, body.lease)
+
+
+@router.post("/tasks/{task_id}/progress", summary="report progress (renews the lease)")
+async def progress(task_id: TaskId, body: ProgressIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
+    return await tasks.progress(conn, caller, task_id, body.lease, body.note, artifacts)
+
+
+@router.post("/tasks/{task_id}/advance", summary="move a held task forward; releases the hold")
+async def advance(task_id: TaskId, body: AdvanceIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
+    return await tasks.transition(conn, caller, task_id, body.lease, "advance", body.to, body.note, artifacts)
+
+
+@router.post("/tasks/{task_id}/reject", summary="send a held task back for rework; releases the hold")
+async def reject(task_id: TaskId, body: RejectIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
+    return await tasks.transition(conn, caller, task_id, body.lease, "reject", body.to, body.reason, artifacts)
+
+
+@router.post("/tasks/{task_id}/release", summary="give a held task back (attempts +1)")
+async def release(task_id: TaskId, body: ReleaseIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.release(conn, caller, task_id, body.lease, body.reason)
+
+
+@router.post("/tasks/{task_id}/block", summary="park a held task for a human")
+async def block(task_id: TaskId, body: BlockIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.block(conn, caller, task_id, body.lease, body.reason)
+
+
+@router.post("/tasks/{task_id}/unblock", summary="make a blocked task claimable again")
+async def unblock(task_id: TaskId, body: UnblockIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.unblock(conn, caller, task_id, body.note)
+
+
+@router.get("/tasks/{task_id}", summary="read one task")
+async def get_task(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.get(conn, caller, task_id)
+
+
+@router.get("/tasks/{task_id}/events", summary="a task's events, oldest first")
+async def task_events(
+    task_id: TaskId, caller: Caller, conn: Conn,
+    after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> dict[str, Any]:
+    items = await tasks.events(conn, caller, task_id, after, limit)
+    return {"items": items, "next": items[-1]["id"] if len(items) == limit else None}
+
+
+@router.get("/me", summary="who you are, what you may do now, what you hold")
+async def me(caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.me(conn, caller)

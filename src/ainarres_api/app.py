@@ -1,0 +1,183 @@
+"""The application factory: routers, the one error handler, bounded bodies, and the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ainarres_api import __version__
+from ainarres_api.api import admin as admin_api
+from ainarres_api.api import tasks as tasks_api
+from ainarres_api.api.deps import AppState
+from ainarres_api.db import migrate
+from ainarres_api.db.pool import create_pool, translate
+from ainarres_api.errors import AinarresError, PayloadTooLarge
+from ainarres_api.services import admin
+from ainarres_api.services.auth import Signer
+from ainarres_api.services.tasks import Limits
+from ainarres_api.settings import Settings
+
+log = logging.getLogger("ainarres")
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
+            **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document with AINARRES's stable `code`."""
+    body: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": title, "status": status,
+                            "code": code, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {"WWW-Authenticate": 'Bearer realm="ainarres"'} if status == 401 else None
+    from fastapi.encoders import jsonable_encoder
+
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _render(exc: AinarresError, request: Request) -> JSONResponse:
+    return problem(exc.status, exc.code, exc.title, exc.detail, request.url.path, task=exc.task, **exc.extra)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+class BodyLimit:
+    """Refuses request bodies above a byte bound before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = problem(413, PayloadTooLarge.code, PayloadTooLarge.title,
+                       f"request bodies are limited to {self.max_bytes} bytes; store work products elsewhere "
+                       "and send references (artifacts)", scope.get("path"))
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
+    """Build the service for one database; `dsn` overrides settings.database_url."""
+    target = dsn or settings.database_url
+    if not target:
+        raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        signer = Signer(settings)
+        pool = await create_pool(target, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+                                 pgbouncer=settings.pgbouncer)
+        try:
+            async with pool.acquire() as conn:
+                await migrate.apply(conn)
+                boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds)
+            if boot is not None:
+                # Printed once, on the first start against an empty database; never logged.
+                print(f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n",
+                      file=sys.stdout, flush=True)
+            app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
+                                          limits=Limits(max_payload_bytes=settings.max_payload_bytes,
+                                                        max_routes=settings.max_feature_sets))
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="AINARRES",
+        version=__version__,
+        summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(AinarresError)
+    async def on_refusal(request: Request, exc: AinarresError) -> JSONResponse:
+        return _render(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for e in exc.errors():
+            field = _field(e.get("loc", ()))
+            msg = e.get("msg", "invalid")
+            if e.get("type") == "json_invalid":
+                msg = "the body is not valid JSON"
+                field = "body"
+            errors.append({"field": field, "detail": msg})
+        detail = "; ".join(f"{e['field']}: {e['detail']}" for e in errors[:10]) or "invalid request"
+        return problem(422, "invalid", "Invalid request", detail + " (see /docs for the request's shape)",
+                       request.url.path, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(exc.status_code, "invalid")
+        detail = str(exc.detail)
+        if exc.status_code == 404:
+            detail = "no such endpoint; /docs lists them"
+        return problem(exc.status_code, code, detail, detail, request.url.path)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        import asyncpg
+
+        if isinstance(exc, asyncpg.PostgresError):
+            err = translate(exc)
+            if err is not None:
+                return _render(err, request)
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error ref=%s path=%s", ref, request.url.path)
+        return problem(500, "internal", "Internal error",
+                       f"the service failed (ref {ref}); nothing you sent was at fault. Retry, or report it",
+                       request.url.path)
+
+    @app.get("/healthz", tags=["operations"], summary="liveness and database reachability")
+    async def healthz(request: Request) -> dict[str, Any]:
+        st: AppState = request.app.state.ainarres
+        async with st.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(tasks_api.router)
+    app.include_router(admin_api.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,72 @@
+"""The connection pool and the one place asyncpg errors become domain errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from ainarres_api.errors import AinarresError, Conflict, Invalid, NotFound
+
+# Constraint name → the refusal a client should see. Anything unlisted is a bug and stays a 500.
+_CONSTRAINTS: dict[str, AinarresError] = {
+    "features_pkey": Conflict("that feature is already registered; GET /v1/features lists them"),
+    "features_name_format": Invalid("name: a feature is kind:key, e.g. role:reviewer or lane:dev"),
+    "families_pkey": Conflict("a family with that key exists; PATCH /v1/families/{key} changes it"),
+    "families_key_format": Invalid("key: letters, digits and _.+@- only, at most 100 characters"),
+    "family_features_feature_fkey": Invalid("features: register every feature first (POST /v1/features)"),
+    "denials_feature_fkey": Invalid("feature: register it first (POST /v1/features)"),
+    "denials_pkey": Conflict("that denial exists; DELETE it first to change it"),
+    "projects_slug_key": Conflict("a project with that slug exists"),
+    "projects_slug_format": Invalid("slug: lowercase letters, digits, _ and - only, at most 64 characters"),
+    "workflows_key_format": Invalid("key: lowercase letters, digits, _ and - only, at most 64 characters"),
+    "lanes_key_key": Conflict("a lane with that key exists (lane keys are unique across projects)"),
+    "lanes_key_format": Invalid("key: letters, digits and _.+- only, at most 96 characters"),
+    "agents_sub_format": Invalid("sub: letters, digits and _.:@+- only, at most 128 characters"),
+    "tasks_title_length": Invalid("title: between 1 and 200 characters"),
+    "events_append_only": Conflict("events are append-only"),
+}
+
+
+def translate(exc: asyncpg.PostgresError) -> AinarresError | None:
+    """The domain error for a database error raised by a client's request, if it is one."""
+    name = getattr(exc, "constraint_name", None)
+    if name and name in _CONSTRAINTS:
+        proto = _CONSTRAINTS[name]
+        return type(proto)(proto.detail)
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return NotFound(f"a referenced row does not exist ({name})")
+    return None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool = False) -> asyncpg.Pool:
+    """A pool whose connections speak JSON natively; pooler-safe when asked."""
+    kwargs: dict[str, Any] = {}
+    if pgbouncer:
+        # PgBouncer in transaction mode cannot keep named prepared statements across transactions.
+        kwargs["statement_cache_size"] = 0
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turn constraint violations raised inside the block into domain errors."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        err = translate(exc)
+        if err is None:
+            raise
+        raise err from exc

@@ -1,0 +1,123 @@
+-- Administration: vocabulary, families, denials, workflows, projects, lanes.
+
+-- name: denial_delete
+DELETE FROM denials WHERE family_key = $1 AND feature = $2 RETURNING feature;
+
+-- name: denial_insert
+INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING feature, reason, expires_at, created_by, created_at;
+
+-- name: denials_of_family
+SELECT feature, reason, expires_at, created_by, created_at,
+       (expires_at IS NULL OR expires_at > now()) AS active
+  FROM denials WHERE family_key = $1 ORDER BY feature;
+
+-- name: families_list
+SELECT key FROM families WHERE key > $1 ORDER BY key LIMIT $2;
+
+-- name: family_features_add
+INSERT INTO family_features (family_key, feature) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING;
+
+-- name: family_features_clear
+DELETE FROM family_features WHERE family_key = $1;
+
+-- name: family_get
+SELECT f.key, f.description, f.max_active, f.disabled, f.created_at, f.updated_at,
+       coalesce(array(SELECT ff.feature FROM family_features ff WHERE ff.family_key = f.key
+                      ORDER BY ff.feature), '{}') AS features
+  FROM families f WHERE f.key = $1;
+
+-- name: family_insert
+INSERT INTO families (key, description, max_active) VALUES ($1, $2, $3);
+
+-- name: family_lock
+SELECT key FROM families WHERE key = $1 FOR UPDATE;
+
+-- name: family_update
+UPDATE families
+   SET disabled = coalesce($2, disabled), max_active = coalesce($3, max_active),
+       description = coalesce($4, description), updated_at = now()
+ WHERE key = $1;
+
+-- name: feature_get
+SELECT name, kind, description, created_at FROM features WHERE name = $1;
+
+-- name: feature_insert
+INSERT INTO features (name, description) VALUES ($1, $2) RETURNING name, kind, description, created_at;
+
+-- name: feature_ensure
+INSERT INTO features (name, description) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING;
+
+-- name: features_list
+SELECT name, kind, description, created_at FROM features
+ WHERE name > $1 AND ($2::text IS NULL OR kind = $2)
+ ORDER BY name LIMIT $3;
+
+-- name: guard_check
+-- Parses a guard and runs it once against an empty task, so a guard that is not a predicate
+-- (a path, not a boolean) is refused when the workflow is written, not when a task moves.
+SELECT jsonb_path_match('{"payload": {}}'::jsonb, $1::jsonpath, '{}', true);
+
+-- name: lane_get
+SELECT l.id, l.key, p.slug AS project, w.key AS workflow, w.version AS workflow_version, l.context,
+       l.created_at
+  FROM lanes l JOIN projects p ON p.id = l.project_id JOIN workflows w ON w.id = l.workflow_id
+ WHERE l.key = $1;
+
+-- name: lane_insert
+INSERT INTO lanes (project_id, key, workflow_id, context) VALUES ($1, $2, $3, $4::jsonb) RETURNING id;
+
+-- name: lanes_list
+SELECT l.key FROM lanes l JOIN projects p ON p.id = l.project_id
+ WHERE l.key > $1 AND ($2::text IS NULL OR p.slug = $2)
+ ORDER BY l.key LIMIT $3;
+
+-- name: project_get
+SELECT id, slug, context, created_at FROM projects WHERE slug = $1;
+
+-- name: project_insert
+INSERT INTO projects (slug, context) VALUES ($1, $2::jsonb) RETURNING id, slug, context, created_at;
+
+-- name: projects_list
+SELECT id, slug, context, created_at FROM projects WHERE slug > $1 ORDER BY slug LIMIT $2;
+
+-- name: stage_insert
+INSERT INTO stages (workflow_id, key, position, initial, terminal, lease_seconds, max_attempts,
+                    escalate_after, max_rework, instructions)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+RETURNING id;
+
+-- name: stages_of_workflow
+SELECT key, initial, terminal, lease_seconds, max_attempts, escalate_after, max_rework, instructions
+  FROM stages WHERE workflow_id = $1 ORDER BY position;
+
+-- name: transition_insert
+INSERT INTO transitions (workflow_id, position, from_stage, to_stage, kind, required_features, guard)
+VALUES ($1, $2, $3, $4, $5, $6::text[], $7::jsonpath);
+
+-- name: transitions_of_workflow
+SELECT fs.key AS "from", ts.key AS "to", tr.kind, tr.required_features, tr.guard::text AS guard
+  FROM transitions tr
+  JOIN stages fs ON fs.id = tr.from_stage
+  JOIN stages ts ON ts.id = tr.to_stage
+ WHERE tr.workflow_id = $1 ORDER BY tr.position;
+
+-- name: workflow_get
+-- The latest version unless one is named.
+SELECT id, key, version, description, max_rework, created_at FROM workflows
+ WHERE key = $1 AND ($2::int IS NULL OR version = $2)
+ ORDER BY version DESC LIMIT 1;
+
+-- name: workflow_insert
+-- The next version of the key; run after workflow_lock, as its own statement, so its snapshot
+-- sees the version a concurrent writer of the same key committed while we waited.
+INSERT INTO workflows (key, version, description, max_rework)
+SELECT $1, coalesce((SELECT max(version) FROM workflows WHERE key = $1), 0) + 1, $2, $3
+RETURNING id, version;
+
+-- name: workflow_lock
+SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1));
+
+-- name: workflows_list
+SELECT DISTINCT ON (key) key, version FROM workflows WHERE key > $1 ORDER BY key, version DESC LIMIT $2;

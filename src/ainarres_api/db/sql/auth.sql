@@ -1,0 +1,56 @@
+-- Identity: tokens, families, agents.
+
+-- name: agent_ensure
+-- Agents are created on first use; a sub never changes family.
+INSERT INTO agents (sub, family_key) VALUES ($1, $2) ON CONFLICT (sub) DO NOTHING;
+
+-- name: agent_family
+-- The family a sub belongs to, whether it has called yet or only holds a token.
+SELECT family_key FROM agents WHERE sub = $1
+UNION ALL
+SELECT family_key FROM tokens WHERE sub = $1
+LIMIT 1;
+
+-- name: family_for_mint
+SELECT f.key, f.disabled,
+       coalesce(array(SELECT ff.feature FROM family_features ff WHERE ff.family_key = f.key), '{}') AS features
+  FROM families f WHERE f.key = $1;
+
+-- name: resolve_principal
+-- Runs on every authenticated call: the family's provisioned features, narrowed by the token's
+-- scope, minus the family's active denials — read now, so a revocation bites on the next call.
+SELECT t.sub, t.family_key, t.scope, t.revoked_at, t.expires_at <= now() AS expired,
+       f.disabled, f.max_active,
+       (SELECT a.family_key FROM agents a WHERE a.sub = t.sub) AS agent_family,
+       coalesce(array(
+           SELECT ff.feature FROM family_features ff
+            WHERE ff.family_key = t.family_key
+              AND (t.scope IS NULL OR ff.feature = ANY (t.scope))
+              AND NOT EXISTS (
+                  SELECT 1 FROM denials d
+                   WHERE d.family_key = ff.family_key AND d.feature = ff.feature
+                     AND (d.expires_at IS NULL OR d.expires_at > now()))
+            ORDER BY ff.feature), '{}') AS features
+  FROM tokens t
+  JOIN families f ON f.key = t.family_key
+ WHERE t.jti = $1;
+
+-- name: token_insert
+INSERT INTO tokens (jti, family_key, sub, scope, issued_at, expires_at, created_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: token_revoke
+UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE jti = $1 RETURNING jti;
+
+-- name: token_list
+SELECT jti, family_key AS family, sub, scope, issued_at, expires_at, revoked_at
+  FROM tokens
+ WHERE ($1::text IS NULL OR family_key = $1)
+ ORDER BY issued_at DESC, jti
+ LIMIT $2;
+
+-- name: token_get
+SELECT jti, family_key AS family, sub, scope, issued_at, expires_at, revoked_at FROM tokens WHERE jti = $1;
+
+-- name: agent_touch
+UPDATE agents SET last_seen_at = now() WHERE sub = $1;

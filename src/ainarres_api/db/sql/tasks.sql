@@ -1,0 +1,261 @@
+-- Tasks: the nine verbs and their reads. Every state change also appends an event in the same
+-- transaction (the service opens it). Names in alphabetical order.
+
+-- name: agent_lock_holds
+-- Serialises one agent's claims (a cheap row lock on its own agents row) so that two concurrent
+-- claims by one agent cannot both pass the max_active check.
+SELECT a.sub,
+       array(SELECT t.id FROM tasks t
+              WHERE t.holder = a.sub AND t.state = 'held' AND t.lease_expires_at > now()
+              ORDER BY t.held_since) AS held
+  FROM agents a
+ WHERE a.sub = $1
+   FOR UPDATE OF a;
+
+-- name: claim_pick
+-- The claim: one O(log n) probe of the ready index per route the caller may take, plus one probe
+-- of the lease index for an expired hold (lazy recovery), best candidate by priority then age.
+-- $1 = route ids the caller is eligible for (capped by the service).
+-- Each LATERAL probe takes FOR UPDATE SKIP LOCKED on the head of its route, so concurrent claimers
+-- step over each other's candidates instead of queueing on them; the locks of the candidates not
+-- picked are held only until this transaction ends.
+-- Written as LATERAL probes, not `route_id = ANY($1)`: PostgreSQL cannot merge per-key ranges in
+-- order and would sort every match (claim-path.md §2, design D).
+WITH ready AS (
+    SELECT x.id, x.priority, x.available_at, false AS expired
+      FROM unnest($1::int[]) AS r(id)
+     CROSS JOIN LATERAL (
+           SELECT t.id, t.priority, t.available_at
+             FROM tasks t
+            WHERE t.state = 'ready' AND t.route_id = r.id
+            ORDER BY t.priority DESC, t.available_at, t.id
+            LIMIT 1
+              FOR UPDATE SKIP LOCKED) x
+), expired AS (
+    -- Walks the lease index from the oldest expiry; only rows whose lease ran out are read.
+    SELECT t.id, t.priority, t.available_at, true AS expired
+      FROM tasks t
+     WHERE t.state = 'held' AND t.lease_expires_at < now() AND t.route_id = ANY ($1::int[])
+     ORDER BY t.lease_expires_at
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED
+), best AS (
+    SELECT * FROM ready
+    UNION ALL
+    SELECT * FROM expired
+     ORDER BY priority DESC, available_at, id
+     LIMIT 1
+)
+SELECT b.expired, t.id, t.attempts, t.holder, t.lease_id, t.required_features, t.lane_id,
+       t.rework_by_stage, s.id AS stage_id, s.key AS stage_key, s.max_attempts, s.escalate_after,
+       l.key AS lane_key
+  FROM best b
+  JOIN tasks t ON t.id = b.id
+  JOIN stages s ON s.id = t.stage_id
+  JOIN lanes l ON l.id = t.lane_id;
+
+-- name: claim_take
+-- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event.
+WITH u AS (
+    UPDATE tasks t
+       SET state = 'held', holder = $2, lease_id = gen_random_uuid(),
+           lease_expires_at = now() + make_interval(secs => s.lease_seconds),
+           held_since = now(), progress_at = NULL, attempts = t.attempts + $3, updated_at = now()
+      FROM stages s
+     WHERE t.id = $1 AND s.id = t.stage_id
+ RETURNING t
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (u.t).id, 'claimed', $2, $4,
+           jsonb_build_object('lease', (u.t).lease_id, 'lease_expires_at', (u.t).lease_expires_at,
+                              'attempts', (u.t).attempts, 'stage', $6::text)
+           || $5::jsonb
+      FROM u
+ RETURNING events
+)
+SELECT task_json(u.t) AS task, event_json(e.events) AS event,
+       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at
+  FROM u, e;
+
+-- name: dependencies_state
+-- Locks the prerequisites FOR SHARE so a prerequisite finishing concurrently is seen committed
+-- (READ COMMITTED returns the newest version of a row it waited for): a new task can never be
+-- left waiting on a prerequisite that finished while it was being created.
+SELECT id, state FROM tasks WHERE id = ANY ($1::uuid[]) ORDER BY id FOR SHARE;
+
+-- name: dependents_lock
+-- Lock every task waiting on (or parked with) this prerequisite before deciding whether it may
+-- start, in id order so that two prerequisites finishing at once cannot deadlock.
+SELECT id FROM tasks
+ WHERE depends_on @> ARRAY[$1::uuid] AND state IN ('waiting', 'blocked')
+ ORDER BY id
+   FOR UPDATE;
+
+-- name: dependents_promote
+-- A separate statement after dependents_lock, so its snapshot sees every prerequisite that
+-- committed while we waited for the locks.
+UPDATE tasks t
+   SET state = 'ready', available_at = now(), updated_at = now()
+ WHERE t.id = ANY ($1::uuid[]) AND t.state = 'waiting'
+   AND NOT EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
+RETURNING t.id, t.route_id;
+
+-- name: eligible_routes
+-- Routes (lane, stage, required set) the caller may take, and that hold ready or held work.
+-- The route tables are small and never change, so this costs little at any backlog size.
+SELECT r.id
+  FROM routes r
+  JOIN lanes l ON l.id = r.lane_id
+ WHERE ($2::text IS NULL OR l.key = $2)
+   AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $1::text[])
+ ORDER BY r.id;
+
+-- name: event_insert
+INSERT INTO events (task_id, type, actor, family, data)
+VALUES ($1, $2, $3, $4, $5::jsonb)
+RETURNING event_json(events) AS event;
+
+-- name: events_of_task
+SELECT event_json(e) AS event FROM events e
+ WHERE e.task_id = $1 AND e.id > $2
+ ORDER BY e.id
+ LIMIT $3;
+
+-- name: held_by_agent
+SELECT task_json(t) AS task, t.lease_id, t.lease_expires_at
+  FROM tasks t
+ WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
+ ORDER BY t.held_since;
+
+-- name: lane_for_create
+-- The lane, its workflow's initial stage, and the advance transitions out of it (the starter role).
+SELECT l.id AS lane_id, l.key AS lane_key, s.id AS stage_id, s.key AS stage_key,
+       coalesce(array(SELECT array_to_json(tr.required_features)::text FROM transitions tr
+                       WHERE tr.from_stage = s.id AND tr.kind = 'advance'
+                       ORDER BY tr.position), '{}') AS starter_bundles
+  FROM lanes l
+  JOIN stages s ON s.workflow_id = l.workflow_id AND s.initial
+ WHERE l.key = $1;
+
+-- name: registered_features
+SELECT name FROM features WHERE name = ANY ($1::text[]);
+
+-- name: route_find
+SELECT id FROM routes WHERE lane_id = $1 AND stage_id = $2 AND required_features = $3::text[];
+
+-- name: route_insert
+-- A new route and its bundles in one statement: a concurrent inserter of the same route waits
+-- on the unique key until this commits, then finds both.
+WITH r AS (
+    INSERT INTO routes (lane_id, stage_id, required_features)
+    VALUES ($1, $2, $3::text[])
+    ON CONFLICT ON CONSTRAINT routes_identity_key DO NOTHING
+    RETURNING id
+), b AS (
+    INSERT INTO route_bundles (route_id, features)
+    SELECT DISTINCT r.id,
+           array(SELECT DISTINCT f FROM unnest($4::text[] || $3::text[] || tr.required_features) f ORDER BY f)
+      FROM r, transitions tr
+     WHERE tr.from_stage = $2
+    ON CONFLICT ON CONSTRAINT route_bundles_pkey DO NOTHING
+)
+SELECT id FROM r;
+
+-- name: task_by_idempotency
+SELECT task_json(t) AS task, t.request_hash FROM tasks t
+ WHERE t.lane_id = $1 AND t.idempotency_key = $2;
+
+-- name: task_get
+SELECT task_json(t) AS task, l.key AS lane_key FROM tasks t JOIN lanes l ON l.id = t.lane_id WHERE t.id = $1;
+
+-- name: task_insert
+WITH i AS (
+    INSERT INTO tasks (lane_id, stage_id, route_id, state, title, payload, priority, required_features,
+                       depends_on, idempotency_key, request_hash, created_by)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8::text[], $9::uuid[], $10, $11, $12)
+    ON CONFLICT (lane_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING tasks
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (i.tasks).id, 'created', $12, $13,
+           jsonb_build_object('lane', $14::text, 'stage', $15::text, 'depends_on', $9::uuid[],
+                              'priority', $7, 'required_features', $8::text[], 'state', $4::text)
+      FROM i
+ RETURNING events
+)
+SELECT task_json(i.tasks) AS task, event_json(e.events) AS event FROM i, e;
+
+-- name: task_lock
+-- The row every held-task verb starts from, locked, with what the rules need to decide.
+SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_live,
+       t.attempts, t.rework_by_stage, t.required_features, t.lane_id, t.stage_id, t.depends_on,
+       l.key AS lane_key, s.key AS stage_key, s.lease_seconds, s.max_attempts, s.escalate_after,
+       coalesce(s.max_rework, w.max_rework) AS max_rework, task_json(t) AS task
+  FROM tasks t
+  JOIN lanes l ON l.id = t.lane_id
+  JOIN stages s ON s.id = t.stage_id
+  JOIN workflows w ON w.id = s.workflow_id
+ WHERE t.id = $1
+   FOR UPDATE OF t;
+
+-- name: task_renew
+-- Heartbeat and progress: push the lease out by the stage's lease length.
+UPDATE tasks t
+   SET lease_expires_at = now() + make_interval(secs => $2::int), updated_at = now(),
+       progress_at = CASE WHEN $3 THEN now() ELSE t.progress_at END
+ WHERE t.id = $1
+RETURNING task_json(t) AS task, t.lease_id, t.lease_expires_at;
+
+-- name: task_set_blocked
+UPDATE tasks t
+   SET state = 'blocked', blocked_reason = $2, attempts = $3, holder = NULL, lease_id = NULL,
+       lease_expires_at = NULL, held_since = NULL, updated_at = now()
+ WHERE t.id = $1
+RETURNING task_json(t) AS task;
+
+-- name: task_set_ready
+-- Back to its route's queue: after a release, an escalation or a human unblock. $4 decides
+-- whether it keeps its place ($4 = false: same available_at) or goes to the tail.
+UPDATE tasks t
+   SET state = CASE WHEN EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
+                    THEN 'waiting' ELSE 'ready' END,
+       route_id = $2, required_features = $3::text[], attempts = $5, rework_by_stage = $6::jsonb,
+       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL,
+       available_at = CASE WHEN $4 THEN now() ELSE t.available_at END, updated_at = now()
+ WHERE t.id = $1
+RETURNING task_json(t) AS task;
+
+-- name: task_transition
+-- Advance or reject: the new stage, the hold released, attempts reset for the new stage.
+UPDATE tasks t
+   SET stage_id = $2, route_id = $3, state = $4, rework_count = t.rework_count + $5,
+       rework_by_stage = $6::jsonb, attempts = 0,
+       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, progress_at = NULL,
+       available_at = now(), stage_entered_at = now(), updated_at = now()
+ WHERE t.id = $1
+RETURNING task_json(t) AS task;
+
+-- name: tier_exists
+SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
+
+-- name: transitions_to
+-- Transitions of one kind from the current stage to the named stage, most specific first.
+SELECT tr.id, tr.required_features, tr.guard IS NOT NULL AS has_guard,
+       ts.id AS to_stage_id, ts.terminal AS to_terminal
+  FROM transitions tr
+  JOIN stages ts ON ts.id = tr.to_stage
+ WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3
+ ORDER BY cardinality(tr.required_features) DESC, tr.position;
+
+-- name: transition_targets
+SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
+ WHERE tr.from_stage = $1 AND tr.kind = $2 ORDER BY ts.key;
+
+-- name: transitions_from_stage
+SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $1 ORDER BY tr.position;
+
+-- name: guard_holds
+-- A guard is a jsonpath predicate over the task as callers see it: data, never SQL text.
+SELECT coalesce(jsonb_path_match(task_json(t), tr.guard, '{}', true), false)
+  FROM tasks t, transitions tr
+ WHERE t.id = $1 AND tr.id = $2;

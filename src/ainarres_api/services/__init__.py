@@ -1,0 +1,1 @@
+"""Use cases: the rules of the substrate. Services open transactions and never import FastAPI."""

@@ -1,0 +1,197 @@
+"""Tokens: signing with a pinned algorithm, verification, and the caller's live features."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jwt
+
+from ainarres_api.db.queries import Q
+from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound, Unauthenticated
+from ainarres_api.settings import Settings
+
+SEATS = ("seat:admin", "seat:overseer", "seat:monitor")
+_MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: who it is and what it may do on this very call."""
+
+    sub: str
+    family: str
+    jti: str
+    features: frozenset[str]
+    max_active: int
+    scope: tuple[str, ...] | None = field(default=None)
+
+    def has(self, feature: str) -> bool:
+        """Whether the caller's effective features include `feature`."""
+        return feature in self.features
+
+    def missing(self, needed: list[str] | tuple[str, ...] | set[str] | frozenset[str]) -> list[str]:
+        """The features of `needed` the caller lacks, sorted."""
+        return sorted(set(needed) - self.features)
+
+    @property
+    def oversees(self) -> bool:
+        """Whether the caller may read the whole board."""
+        return bool(self.features & {"seat:admin", "seat:overseer", "seat:monitor"})
+
+
+def _load_or_create_secret(data_dir: Path) -> bytes:
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48).encode()
+    # O_EXCL so two processes starting at once cannot both write a different key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    return secret
+
+
+class Signer:
+    """Signs and verifies AINARRES tokens with exactly one configured algorithm."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.algorithm = settings.jwt_algorithm
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self.leeway = settings.leeway_seconds
+        self._signing_key: Any
+        self._verify_key: Any
+        if self.algorithm == "HS256":
+            if settings.jwt_secret is not None:
+                secret = settings.jwt_secret.get_secret_value().encode()
+            else:
+                secret = _load_or_create_secret(settings.data_dir)
+            if len(secret) < _MIN_SECRET_BYTES:
+                raise ValueError(f"AINARRES_JWT_SECRET must be at least {_MIN_SECRET_BYTES} bytes")
+            self._signing_key = self._verify_key = secret
+        else:
+            if settings.jwt_public_key_file is None:
+                raise ValueError("RS256 needs AINARRES_JWT_PUBLIC_KEY_FILE")
+            self._verify_key = settings.jwt_public_key_file.read_bytes()
+            self._signing_key = (
+                settings.jwt_private_key_file.read_bytes() if settings.jwt_private_key_file else None
+            )
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """A compact JWT for `claims`, signed with the configured algorithm."""
+        if self._signing_key is None:
+            raise Invalid("this service holds no private key and cannot mint tokens")
+        return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a token signed by us, unexpired, for us; otherwise Unauthenticated."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._verify_key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iat", "jti", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the token has expired; ask an admin for a new one (POST /v1/tokens)") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"the token is not valid here ({type(exc).__name__}); "
+                                  "present a token minted by this service") from None
+        if not isinstance(claims.get("family"), str) or not isinstance(claims.get("sub"), str):
+            raise Unauthenticated("the token names no family or sub; present a token minted by this service")
+        return claims
+
+
+async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
+    """Verify a bearer token and read the caller's effective features from the database now."""
+    claims = signer.verify(token)
+    try:
+        jti = uuid.UUID(str(claims["jti"]))
+    except ValueError:
+        raise Unauthenticated("the token's jti is not a uuid; present a token minted by this service") from None
+    row = await conn.fetchrow(Q["resolve_principal"], jti)
+    if row is None or row["sub"] != claims["sub"] or row["family_key"] != claims["family"]:
+        raise Unauthenticated("this token was not issued by this service; ask an admin for one")
+    if row["revoked_at"] is not None:
+        raise Unauthenticated("this token has been revoked; ask an admin for a new one")
+    if row["expired"]:
+        raise Unauthenticated("the token has expired; ask an admin for a new one (POST /v1/tokens)")
+    if row["disabled"]:
+        raise Unauthenticated(f"family {row['family_key']} is disabled; an admin can re-enable it")
+    if row["agent_family"] is not None and row["agent_family"] != row["family_key"]:
+        raise Unauthenticated("this sub belongs to another family")
+    if row["agent_family"] is None:
+        await conn.execute(Q["agent_ensure"], row["sub"], row["family_key"])
+    scope = tuple(row["scope"]) if row["scope"] is not None else None
+    return Principal(
+        sub=row["sub"],
+        family=row["family_key"],
+        jti=str(jti),
+        features=frozenset(row["features"]),
+        max_active=row["max_active"],
+        scope=scope,
+    )
+
+
+async def mint(
+    conn: asyncpg.Connection,
+    signer: Signer,
+    *,
+    family: str,
+    ttl_seconds: int,
+    scope: list[str] | None = None,
+    sub: str | None = None,
+    created_by: str | None = None,
+) -> dict[str, Any]:
+    """Record and sign a token for `family`; a scope may only narrow what the family holds."""
+    async with conn.transaction():
+        fam = await conn.fetchrow(Q["family_for_mint"], family)
+        if fam is None:
+            raise NotFound(f"no family {family!r}; create it first (POST /v1/families)")
+        if fam["disabled"]:
+            raise Conflict(f"family {family} is disabled; re-enable it before minting tokens")
+        if scope is not None:
+            wider = sorted(set(scope) - set(fam["features"]))
+            if wider:
+                raise NotEligible(
+                    "scope may only narrow what the family holds; not provisioned to "
+                    f"{family}: {', '.join(wider)}"
+                )
+            scope = sorted(set(scope))
+        if sub is None:
+            sub = f"{family}.{secrets.token_hex(6)}"
+        else:
+            owner = await conn.fetchval(Q["agent_family"], sub)
+            if owner is not None and owner != family:
+                raise Conflict(f"sub {sub} belongs to family {owner}; name another sub or omit it")
+        jti = uuid.uuid4()
+        now = datetime.now(UTC).replace(microsecond=0)
+        expires = now + timedelta(seconds=ttl_seconds)
+        await conn.execute(Q["token_insert"], jti, family, sub, scope, now, expires, created_by)
+    claims: dict[str, Any] = {
+        "iss": signer.issuer,
+        "aud": signer.audience,
+        "sub": sub,
+        "family": family,
+        "jti": str(jti),
+        "iat": int(now.timestamp()),
+        "exp": int(expires.timestamp()),
+    }
+    if scope is not None:
+        claims["scope"] = scope
+    return {"token": signer.sign(claims), "sub": sub, "jti": str(jti), "family": family,
+            "scope": scope, "expires_at": expires}

@@ -1,0 +1,415 @@
+"""The nine agent verbs and the task reads: the rules of the substrate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ainarres_api.db.queries import Q
+from ainarres_api.errors import (
+    AlreadyHolding,
+    Conflict,
+    GuardFailed,
+    IllegalTransition,
+    Invalid,
+    LeaseLost,
+    NotEligible,
+    NotFound,
+)
+from ainarres_api.services.auth import Principal
+
+MAX_ATTEMPTS_REASON = "max attempts exceeded"
+_TIER = re.compile(r"^tier:(\d+)$")
+# One claim never walks more than this many recovery steps (blocks/escalations) before answering.
+_MAX_CLAIM_STEPS = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the service enforces on what callers send."""
+
+    max_payload_bytes: int = 65_536
+    max_routes: int = 64
+
+
+def _canonical(features: list[str] | tuple[str, ...]) -> list[str]:
+    return sorted(set(features))
+
+
+def _lease_out(lease_id: Any, expires_at: Any) -> dict[str, Any]:
+    return {"id": str(lease_id), "expires_at": expires_at}
+
+
+def _check_visible(p: Principal, lane_key: str) -> None:
+    if not (p.has(f"lane:{lane_key}") or p.oversees):
+        raise NotFound("no such task visible to you; check the id, or ask for the lane's feature")
+
+
+async def _route(conn: asyncpg.Connection, lane_id: Any, lane_key: str, stage_id: Any,
+                 required: list[str]) -> int:
+    """The id of the route (lane, stage, required set), creating it with its bundles if new."""
+    rid = await conn.fetchval(Q["route_find"], lane_id, stage_id, required)
+    if rid is None:
+        rid = await conn.fetchval(Q["route_insert"], lane_id, stage_id, required, [f"lane:{lane_key}"])
+        if rid is None:  # another transaction created it first; it has committed by now
+            rid = await conn.fetchval(Q["route_find"], lane_id, stage_id, required)
+    assert rid is not None
+    return int(rid)
+
+
+async def _event(conn: asyncpg.Connection, task_id: Any, type_: str, p: Principal | None,
+                 data: dict[str, Any]) -> dict[str, Any]:
+    ev: dict[str, Any] = await conn.fetchval(
+        Q["event_insert"], task_id, type_, p.sub if p else None, p.family if p else None, data
+    )
+    return ev
+
+
+def _payload_size_ok(payload: Any, limits: Limits, field: str) -> None:
+    size = len(json.dumps(payload, separators=(",", ":")).encode())
+    if size > limits.max_payload_bytes:
+        from ainarres_api.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(
+            f"{field} is {size} bytes; the limit is {limits.max_payload_bytes}. Keep work products "
+            "elsewhere and store references (artifacts) here"
+        )
+
+
+def _request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], limits: Limits
+                 ) -> tuple[dict[str, Any], bool]:
+    """Create a task at its lane's initial stage; returns (task, created) — idempotent by key."""
+    lane_key = body["lane"]
+    _payload_size_ok(body.get("payload", {}), limits, "payload")
+    async with conn.transaction():
+        lane = await conn.fetchrow(Q["lane_for_create"], lane_key)
+        if lane is None:
+            raise NotFound(f"no lane {lane_key!r}; GET /v1/me shows the lanes your features name")
+        if not p.has(f"lane:{lane_key}"):
+            raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}")
+        starters = [json.loads(b) for b in lane["starter_bundles"]]
+        if starters and not any(set(b) <= p.features for b in starters):
+            closest = min(starters, key=lambda b: len(set(b) - p.features))
+            raise NotEligible(
+                f"only the role that takes the first step out of {lane['stage_key']} may create tasks in "
+                f"lane {lane_key}; missing: {', '.join(p.missing(closest))}"
+            )
+        required = _canonical(body.get("required_features") or [])
+        if required:
+            known = {r["name"] for r in await conn.fetch(Q["registered_features"], required)}
+            unknown = [f for f in required if f not in known]
+            if unknown:
+                raise Invalid(f"required_features: not registered: {', '.join(unknown)} "
+                              "(GET /v1/features lists them)")
+        depends = sorted({str(d) for d in body.get("depends_on") or []})
+        idem = body.get("idempotency_key")
+        req_hash = _request_hash({k: v for k, v in body.items() if k != "idempotency_key"}) if idem else None
+        if idem:
+            existing = await conn.fetchrow(Q["task_by_idempotency"], lane["lane_id"], idem)
+            if existing is not None:
+                return _same_request(existing, req_hash), False
+        deps = await conn.fetch(Q["dependencies_state"], depends) if depends else []
+        if len(deps) != len(depends):
+            found = {str(r["id"]) for r in deps}
+            missing = [d for d in depends if d not in found]
+            raise Invalid(f"depends_on: no such task: {', '.join(missing)}")
+        state = "ready" if all(r["state"] == "done" for r in deps) else "waiting"
+        route = await _route(conn, lane["lane_id"], lane_key, lane["stage_id"], required)
+        row = await conn.fetchrow(
+            Q["task_insert"], lane["lane_id"], lane["stage_id"], route, state, body["title"],
+            body.get("payload", {}), body.get("priority", 0), required, depends, idem,
+            req_hash, p.sub, p.family, lane_key, lane["stage_key"],
+        )
+        if row is None:  # lost an idempotency race to a concurrent create with the same key
+            existing = await conn.fetchrow(Q["task_by_idempotency"], lane["lane_id"], idem)
+            assert existing is not None
+            return _same_request(existing, req_hash), False
+    return {"task": row["task"], "event": row["event"]}, True
+
+
+def _same_request(existing: asyncpg.Record, req_hash: str | None) -> dict[str, Any]:
+    if existing["request_hash"] != req_hash:
+        raise Conflict("idempotency_key was already used for a different task in this lane; "
+                       "use a new key, or resend exactly the same request", task=existing["task"])
+    return {"task": existing["task"], "event": None}
+
+
+async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits
+                           ) -> list[int]:
+    routes = [r["id"] for r in await conn.fetch(Q["eligible_routes"], sorted(p.features), lane)]
+    if len(routes) > limits.max_routes:
+        # Too many queues to probe in one claim: take a random subset each time so that, over a
+        # few claims, every queue is visited (documented in docs/operations.md).
+        routes = random.sample(routes, limits.max_routes)
+    return routes
+
+
+async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits) -> dict[str, Any]:
+    """Take the best task the caller may do, recovering expired leases on the way."""
+    routes = await _eligible_routes(conn, p, lane, limits)
+    async with conn.transaction():
+        me = await conn.fetchrow(Q["agent_lock_holds"], p.sub)
+        held = list(me["held"]) if me else []
+        if len(held) >= p.max_active:
+            rows = await conn.fetch(Q["held_by_agent"], p.sub)
+            first = rows[0] if rows else None
+            raise AlreadyHolding(
+                f"you already hold {len(held)} task(s) and family {p.family} allows {p.max_active}; "
+                "finish one (advance, reject, release or block) before claiming another",
+                task=first["task"] if first else None,
+                lease=_lease_out(first["lease_id"], first["lease_expires_at"]) if first else None,
+            )
+        if not routes:
+            return {"code": "empty", "task": None, "lease": None}
+        for _ in range(_MAX_CLAIM_STEPS):
+            cand = await conn.fetchrow(Q["claim_pick"], routes)
+            if cand is None:
+                return {"code": "empty", "task": None, "lease": None}
+            extra: dict[str, Any] = {}
+            bump = 0
+            if cand["expired"]:
+                attempts = cand["attempts"] + 1
+                prev = {"previous_holder": cand["holder"], "previous_lease": str(cand["lease_id"])}
+                if await _exhausted_or_escalated(conn, p, cand, attempts, prev):
+                    continue
+                bump = 1
+                extra = {"reclaimed": True, **prev}
+            row = await conn.fetchrow(Q["claim_take"], cand["id"], p.sub, bump, p.family,
+                                      extra, cand["stage_key"])
+            return {"code": "claimed", "task": row["task"], "lease": _lease_out(row["lease_id"],
+                                                                             row["lease_expires_at"]),
+                    "event": row["event"]}
+    return {"code": "empty", "task": None, "lease": None}
+
+
+async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None, cand: Mapping[str, Any],
+                                  attempts: int, ctx: dict[str, Any]) -> bool:
+    """Apply max attempts and escalation after a failed hold; True if the task left the claimer."""
+    if attempts >= cand["max_attempts"]:
+        await conn.fetchval(Q["task_set_blocked"], cand["id"], MAX_ATTEMPTS_REASON, attempts)
+        await _event(conn, cand["id"], "blocked", p, {"reason": MAX_ATTEMPTS_REASON, "attempts": attempts,
+                                                     **ctx})
+        return True
+    esc = cand["escalate_after"]
+    if esc is not None and attempts >= esc:
+        current = max((int(m.group(1)) for f in cand["required_features"] if (m := _TIER.match(f))),
+                      default=1)
+        nxt = f"tier:{current + 1}"
+        if await conn.fetchval(Q["tier_exists"], nxt):
+            required = _canonical([f for f in cand["required_features"] if not _TIER.match(f)] + [nxt])
+            route = await _route(conn, cand["lane_id"], cand["lane_key"], cand["stage_id"], required)
+            await conn.fetchval(Q["task_set_ready"], cand["id"], route, required, False, attempts,
+                                dict(cand["rework_by_stage"]))
+            await _event(conn, cand["id"], "escalated", p, {"from_tier": current, "to_tier": current + 1,
+                                                           "attempts": attempts, **ctx})
+            return True
+    return False
+
+
+async def _locked(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> asyncpg.Record:
+    row = await conn.fetchrow(Q["task_lock"], task_id)
+    if row is None:
+        raise NotFound("no such task visible to you; check the id")
+    _check_visible(p, row["lane_key"])
+    return row
+
+
+def _check_lease(p: Principal, row: asyncpg.Record, lease: uuid.UUID) -> None:
+    if not (row["state"] == "held" and row["holder"] == p.sub and row["lease_id"] == lease
+            and row["lease_live"]):
+        why = ("its lease expired" if row["state"] == "held" and row["lease_id"] == lease
+               else "you do not hold it under that lease")
+        raise LeaseLost(f"{why}; nothing was changed. Claim again (POST /v1/claims) to get work",
+                        task=row["task"])
+
+
+async def heartbeat(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID
+                    ) -> dict[str, Any]:
+    """Extend a held lease by its stage's lease length."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        _check_lease(p, row, lease)
+        r = await conn.fetchrow(Q["task_renew"], task_id, row["lease_seconds"], False)
+    return {"code": "ok", "lease": _lease_out(r["lease_id"], r["lease_expires_at"]), "task": r["task"]}
+
+
+async def progress(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                   note: str, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record progress on a held task and renew its lease."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        _check_lease(p, row, lease)
+        r = await conn.fetchrow(Q["task_renew"], task_id, row["lease_seconds"], True)
+        ev = await _event(conn, task_id, "progress", p, {"note": note, "artifacts": artifacts,
+                                                       "lease": str(lease), "stage": row["stage_key"]})
+    return {"code": "ok", "task": r["task"], "event": ev,
+            "lease": _lease_out(r["lease_id"], r["lease_expires_at"])}
+
+
+async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                     kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
+                     ) -> dict[str, Any]:
+    """Advance or reject a held task to stage `to`, releasing the hold."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        _check_lease(p, row, lease)
+        options = await conn.fetch(Q["transitions_to"], row["stage_id"], kind, to)
+        if not options:
+            targets = [r["key"] for r in await conn.fetch(Q["transition_targets"], row["stage_id"], kind)]
+            hint = f"legal {kind} targets from {row['stage_key']}: {', '.join(targets)}" if targets \
+                else f"no {kind} leads out of {row['stage_key']}"
+            raise IllegalTransition(f"no {kind} from {row['stage_key']} to {to!r}; {hint}", task=row["task"])
+        chosen = next((o for o in options if set(o["required_features"]) <= p.features), None)
+        if chosen is None:
+            closest = min(options, key=lambda o: len(set(o["required_features"]) - p.features))
+            raise NotEligible(f"{kind} {row['stage_key']} → {to} needs "
+                              f"{', '.join(p.missing(closest['required_features']))}", task=row["task"])
+        if chosen["has_guard"] and not await conn.fetchval(Q["guard_holds"], task_id, chosen["id"]):
+            raise GuardFailed(f"the guard on {row['stage_key']} → {to} is false for this task; "
+                              "fix what it checks (GET /v1/workflows shows it) and try again", task=row["task"])
+        from_stage = row["stage_key"]
+        rework = dict(row["rework_by_stage"])
+        data: dict[str, Any] = {"kind": kind, "from": from_stage, "to": to, "artifacts": artifacts,
+                                "lease": str(lease)}
+        if kind == "reject":
+            data["reason"] = text
+            done_here = int(rework.get(from_stage, 0))
+            cap = row["max_rework"]
+            if cap is not None and done_here + 1 > cap:
+                reason = (f"rework cap reached: {done_here} reject(s) out of {from_stage} already "
+                          f"(cap {cap}); a human must decide")
+                task = await conn.fetchval(Q["task_set_blocked"], task_id, reason, row["attempts"])
+                ev = await _event(conn, task_id, "blocked", p, {"reason": reason, "rework_cap": cap,
+                                                              "refused": data})
+                return {"code": "blocked", "task": task, "event": ev}
+            rework[from_stage] = done_here + 1
+        else:
+            data["note"] = text
+        if chosen["to_terminal"]:
+            state, route = "done", None
+        else:
+            state = "ready"
+            route = await _route(conn, row["lane_id"], row["lane_key"], chosen["to_stage_id"],
+                                 list(row["required_features"]))
+        task = await conn.fetchval(Q["task_transition"], task_id, chosen["to_stage_id"], route, state,
+                                   1 if kind == "reject" else 0, rework)
+        ev = await _event(conn, task_id, "transition", p, data)
+        if state == "done":
+            await _promote_dependents(conn, task_id)
+    return {"code": "ok", "task": task, "event": ev}
+
+
+async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
+    ids = [r["id"] for r in await conn.fetch(Q["dependents_lock"], task_id)]
+    if ids:
+        await conn.fetch(Q["dependents_promote"], ids)
+
+
+async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                  reason: str | None) -> dict[str, Any]:
+    """Give a held task back: attempts +1, which may escalate it or block it for a human."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        _check_lease(p, row, lease)
+        attempts = row["attempts"] + 1
+        ctx = {"reason": reason, "lease": str(lease)}
+        cand = {"id": task_id, "max_attempts": row["max_attempts"], "escalate_after": row["escalate_after"],
+                "required_features": row["required_features"], "lane_id": row["lane_id"],
+                "lane_key": row["lane_key"], "stage_id": row["stage_id"],
+                "rework_by_stage": row["rework_by_stage"]}
+        if attempts >= row["max_attempts"]:
+            task = await conn.fetchval(Q["task_set_blocked"], task_id, MAX_ATTEMPTS_REASON, attempts)
+            ev = await _event(conn, task_id, "blocked", p, {"reason": MAX_ATTEMPTS_REASON,
+                                                          "attempts": attempts, "release_reason": reason,
+                                                          "lease": str(lease)})
+            return {"code": "blocked", "task": task, "event": ev}
+        escalated = await _exhausted_or_escalated(conn, p, cand, attempts, ctx)
+        if not escalated:
+            route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"],
+                                 list(row["required_features"]))
+            await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
+                                attempts, dict(row["rework_by_stage"]))
+        ev = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
+                                                       "lease": str(lease), "escalated": escalated})
+        task = (await conn.fetchrow(Q["task_get"], task_id))["task"]
+    return {"code": "ok", "task": task, "event": ev}
+
+
+async def block(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                reason: str) -> dict[str, Any]:
+    """Park a held task for a human: not claimable until unblocked; the hold is released."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        _check_lease(p, row, lease)
+        task = await conn.fetchval(Q["task_set_blocked"], task_id, reason, row["attempts"])
+        ev = await _event(conn, task_id, "blocked", p, {"reason": reason, "lease": str(lease),
+                                                      "stage": row["stage_key"]})
+    return {"code": "ok", "task": task, "event": ev}
+
+
+async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None
+                  ) -> dict[str, Any]:
+    """Make a blocked task claimable again; attempts and this stage's rework count start over."""
+    async with conn.transaction():
+        row = await _locked(conn, p, task_id)
+        if not p.has("seat:overseer"):
+            lane_feature = f"lane:{row['lane_key']}"
+            bundles = [set(r["required_features"]) | set(row["required_features"]) | {lane_feature}
+                       for r in await conn.fetch(Q["transitions_from_stage"], row["stage_id"])]
+            if not any(b <= p.features for b in bundles):
+                closest = min(bundles, key=lambda b: len(b - p.features)) if bundles else {lane_feature}
+                raise NotEligible("unblocking needs seat:overseer, or the features to work this stage: "
+                                  f"missing {', '.join(p.missing(closest))}", task=row["task"])
+        if row["state"] != "blocked":
+            raise Conflict("the task is not blocked; nothing to do", task=row["task"])
+        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"],
+                             list(row["required_features"]))
+        rework = dict(row["rework_by_stage"])
+        rework.pop(row["stage_key"], None)
+        task = await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
+                                   0, rework)
+        ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"]})
+    return {"code": "ok", "task": task, "event": ev}
+
+
+async def get(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
+    """One task, if the caller may see its lane."""
+    row = await conn.fetchrow(Q["task_get"], task_id)
+    if row is None:
+        raise NotFound("no such task visible to you; check the id")
+    _check_visible(p, row["lane_key"])
+    task: dict[str, Any] = row["task"]
+    return task
+
+
+async def events(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, after: int, limit: int
+                 ) -> list[dict[str, Any]]:
+    """A task's events in order, after the given event id."""
+    await get(conn, p, task_id)
+    return [r["event"] for r in await conn.fetch(Q["events_of_task"], task_id, after, limit)]
+
+
+async def me(conn: asyncpg.Connection, p: Principal) -> dict[str, Any]:
+    """Who the caller is, what it may do now, and what it holds."""
+    held = await conn.fetch(Q["held_by_agent"], p.sub)
+    return {
+        "sub": p.sub,
+        "family": p.family,
+        "features": sorted(p.features),
+        "scope": list(p.scope) if p.scope is not None else None,
+        "max_active": p.max_active,
+        "lanes": sorted(f.split(":", 1)[1] for f in p.features if f.startswith("lane:")),
+        "held": [{"task": r["task"], "lease": _lease_out(r["lease_id"], r["lease_expires_at"])} for r in held],
+    }

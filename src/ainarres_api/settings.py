@@ -1,0 +1,40 @@
+"""Configuration, read from AINARRES_* environment variables at the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; built once by the entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="AINARRES_", extra="ignore")
+
+    database_url: str | None = None
+    data_dir: Path = Path(".ainarres")
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_secret: SecretStr | None = None
+    jwt_private_key_file: Path | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str = "ainarres"
+    jwt_audience: str = "ainarres"
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=365 * 86400)
+    admin_token_ttl_seconds: int = Field(default=30 * 86400, ge=60, le=365 * 86400)
+    leeway_seconds: int = Field(default=5, ge=0, le=60)
+
+    pool_min_size: int = Field(default=2, ge=1)
+    pool_max_size: int = Field(default=10, ge=1)
+    pgbouncer: bool = False
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_payload_bytes: int = Field(default=65_536, ge=256)
+    max_feature_sets: int = Field(default=64, ge=1, le=1000)
+
+    log_level: str = "info"

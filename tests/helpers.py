@@ -1,0 +1,98 @@
+"""Small helpers the tests share: an API handle and a standard world to work in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+class Api:
+    """One caller of the HTTP API: a client and a bearer token."""
+
+    def __init__(self, client: httpx.AsyncClient, token: str | None, sub: str | None = None) -> None:
+        self.client = client
+        self.token = token
+        self.sub = sub
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def call(self, method: str, path: str, json: Any = None, expect: int | None = None,
+                   **kw: Any) -> httpx.Response:
+        r = await self.client.request(method, path, json=json, headers=self._headers(), **kw)
+        if expect is not None:
+            assert r.status_code == expect, f"{method} {path} → {r.status_code} {r.text}"
+        return r
+
+    async def post(self, path: str, json: Any = None, expect: int | None = None, **kw: Any) -> Any:
+        r = await self.call("POST", path, json, expect, **kw)
+        return r.json() if r.content else None
+
+    async def get(self, path: str, expect: int | None = 200, **kw: Any) -> Any:
+        r = await self.call("GET", path, None, expect, **kw)
+        return r.json()
+
+    async def patch(self, path: str, json: Any, expect: int | None = 200) -> Any:
+        r = await self.call("PATCH", path, json, expect)
+        return r.json()
+
+    async def delete(self, path: str, expect: int | None = 204) -> httpx.Response:
+        return await self.call("DELETE", path, None, expect)
+
+    # The verbs, as agents call them.
+    async def create(self, lane: str, title: str = "t", expect: int | None = 201, **fields: Any) -> Any:
+        return await self.post("/v1/tasks", {"lane": lane, "title": title, **fields}, expect)
+
+    async def claim(self, lane: str | None = None, expect: int | None = 200, **fields: Any) -> Any:
+        body = {"lane": lane, **fields} if lane else fields
+        return await self.post("/v1/claims", body, expect)
+
+    async def verb(self, task_id: str, verb: str, expect: int | None = 200, **body: Any) -> Any:
+        return await self.post(f"/v1/tasks/{task_id}/{verb}", body, expect)
+
+
+DEV_WORKFLOW = {
+    "key": "dev",
+    "stages": [
+        {"key": "todo", "initial": True, "lease_seconds": 60, "max_attempts": 3, "escalate_after": 2},
+        {"key": "review", "lease_seconds": 60, "max_rework": 2},
+        {"key": "done", "terminal": True},
+    ],
+    "transitions": [
+        {"from": "todo", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+        {"from": "review", "to": "todo", "kind": "reject", "required_features": ["role:reviewer"]},
+    ],
+}
+
+
+@dataclass
+class World:
+    """A project with lane `dev` over DEV_WORKFLOW and families `cheap`, `capable`, `reviewers`."""
+
+    admin: Api
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def agent(self, family: str, **mint: Any) -> Api:
+        """A new agent (its own sub) of a family."""
+        tok = await self.admin.post("/v1/tokens", {"family": family, **mint}, 201)
+        return Api(self.admin.client, tok["token"], tok["sub"])
+
+
+async def make_world(admin: Api, *, workflow: dict[str, Any] | None = None, lane: str = "dev") -> World:
+    for name in ("role:dev", "role:reviewer", "tier:2", "area:backend"):
+        await admin.post("/v1/features", {"name": name}, None)
+    await admin.post("/v1/workflows", workflow or DEV_WORKFLOW, 201)
+    await admin.post("/v1/projects", {"slug": "acme"}, None)
+    await admin.post("/v1/lanes", {"project": "acme", "key": lane, "workflow": (workflow or DEV_WORKFLOW)["key"]},
+                     201)
+    fams = {
+        "cheap": [f"lane:{lane}", "role:dev"],
+        "capable": [f"lane:{lane}", "role:dev", "tier:2"],
+        "reviewers": [f"lane:{lane}", "role:reviewer"],
+    }
+    for key, feats in fams.items():
+        await admin.post("/v1/families", {"key": key, "features": feats}, None)
+    return World(admin)
