@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -156,10 +157,18 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
             detail = "no such endpoint; /docs lists them"
         return problem(exc.status_code, code, detail, detail, request.url.path)
 
+    # A constraint a client's request broke is a refusal, handled here (Starlette's ExceptionMiddleware).
+    # Left to the `Exception` handler it would run in ServerErrorMiddleware, which re-raises after
+    # responding: logged as a crash, and raised into in-process clients.
+    @app.exception_handler(asyncpg.PostgresError)
+    async def on_database_refusal(request: Request, exc: asyncpg.PostgresError) -> JSONResponse:
+        err = translate(exc)
+        if err is None:
+            raise exc
+        return _render(err, request)
+
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        import asyncpg
-
         if isinstance(exc, asyncpg.PostgresError):
             err = translate(exc)
             if err is not None:
