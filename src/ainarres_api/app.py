@@ -16,16 +16,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ainarres_api import __version__
+from ainarres_api import __version__, logs
 from ainarres_api.api import admin as admin_api
+from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
 from ainarres_api.api.deps import AppState
 from ainarres_api.db import migrate
 from ainarres_api.db.pool import create_pool, translate
 from ainarres_api.errors import AinarresError, PayloadTooLarge
-from ainarres_api.services import admin
+from ainarres_api.metrics import Metrics, VerbMetrics
+from ainarres_api.services import admin, oversight, wake
 from ainarres_api.services.auth import Signer
 from ainarres_api.services.tasks import Limits
+from ainarres_api.services.wake import Wake
 from ainarres_api.settings import Settings
 
 log = logging.getLogger("ainarres")
@@ -79,7 +82,8 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(413, f"request bodies are limited to {self.max_bytes} bytes; store work "
+                                         "products elsewhere and send references (artifacts)")
             return msg
 
         try:
@@ -94,8 +98,37 @@ class BodyLimit:
         await resp(scope, receive, send)
 
 
-class _TooLarge(Exception):
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, because FastAPI turns any other error raised while reading the body into a 400.
     pass
+
+
+class PublishWakes:
+    """Hands what a request made claimable to the wake-up hub once the request has succeeded.
+
+    Services record the routes they make claimable while they work (services.wake.ready); a
+    request answered with a success has committed them, so waiting claims are woken as its
+    response starts. A refused request rolled back: what it recorded is dropped.
+    """
+
+    def __init__(self, app: ASGIApp, hub: Any) -> None:
+        self.app = app
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with wake.recording() as rec:
+
+            async def publishing(msg: Message) -> None:
+                if msg["type"] == "http.response.start" and rec:
+                    if msg["status"] < 400:
+                        self.hub().publish(rec)
+                    rec.clear()
+                await send(msg)
+
+            await self.app(scope, receive, publishing)
 
 
 def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
@@ -103,6 +136,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     target = dsn or settings.database_url
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,14 +147,23 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
             async with pool.acquire() as conn:
                 await migrate.apply(conn)
                 boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds)
+                metrics.start(await oversight.last_event_id(conn))
             if boot is not None:
                 # Printed once, on the first start against an empty database; never logged.
                 print(f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n",
                       file=sys.stdout, flush=True)
-            app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
-                                          limits=Limits(max_payload_bytes=settings.max_payload_bytes,
-                                                        max_routes=settings.max_feature_sets))
-            yield
+            hub = Wake(pool, listen_dsn=settings.listen_database_url or target, notify_dsn=target,
+                       pgbouncer=settings.pgbouncer, coalesce_seconds=settings.notify_coalesce_ms / 1000,
+                       sweep_seconds=settings.wake_sweep_seconds)
+            await hub.start()
+            try:
+                app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
+                                              limits=Limits(max_payload_bytes=settings.max_payload_bytes,
+                                                            max_routes=settings.max_feature_sets),
+                                              wake=hub)
+                yield
+            finally:
+                await hub.stop()
         finally:
             await pool.close()
 
@@ -130,6 +173,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
 
     @app.exception_handler(AinarresError)
     async def on_refusal(request: Request, exc: AinarresError) -> JSONResponse:
@@ -151,11 +195,17 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(exc.status_code, "invalid")
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated",
+                413: PayloadTooLarge.code}.get(exc.status_code, "invalid")
         detail = str(exc.detail)
         if exc.status_code == 404:
             detail = "no such endpoint; /docs lists them"
-        return problem(exc.status_code, code, detail, detail, request.url.path)
+        if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
+            return problem(422, "invalid", "Invalid request", "body: the body could not be parsed as JSON",
+                           request.url.path)
+        resp = problem(exc.status_code, code, detail, detail, request.url.path)
+        resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return resp
 
     # A constraint a client's request broke is a refusal, handled here (Starlette's ExceptionMiddleware).
     # Left to the `Exception` handler it would run in ServerErrorMiddleware, which re-raises after
@@ -188,5 +238,10 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     app.include_router(tasks_api.router)
     app.include_router(admin_api.router)
+    app.include_router(oversight_api.router)
+    app.include_router(oversight_api.ops)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
+    app.add_middleware(VerbMetrics, metrics=metrics)
+    app.add_middleware(logs.RequestLog)
     return app

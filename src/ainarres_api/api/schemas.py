@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
 MAX_CONTEXT_BYTES = 65_536
@@ -28,10 +38,37 @@ Note = Annotated[str, Field(min_length=1, max_length=8000)]
 Context = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 
+def _storable(value: Any) -> bool:
+    """False when a string in it (key or value, at any depth) holds NUL or a lone surrogate."""
+    pending = [value]
+    while pending:  # iterative: a payload may be nested as deep as the JSON parser allows
+        v = pending.pop()
+        if isinstance(v, str):
+            if "\x00" in v or _UNSTORABLE.search(v):
+                return False
+        elif isinstance(v, dict):
+            pending.extend(v.keys())
+            pending.extend(v.values())
+        elif isinstance(v, list):
+            pending.extend(v)
+    return True
+
+
+# PostgreSQL text and jsonb cannot hold NUL, and UTF-8 cannot encode a lone surrogate.
+_UNSTORABLE = re.compile("[\ud800-\udfff]")
+
+
 class Body(BaseModel):
     """Every request body: unknown fields are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_unstorable_text(cls, value: Any) -> Any:
+        if not _storable(value):
+            raise ValueError("text may not contain NUL (\\u0000) or lone surrogate characters")
+        return value
 
 
 class Artifact(Body):

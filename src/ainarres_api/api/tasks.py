@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from ainarres_api.api.deps import Caller, Conn, State
+from ainarres_api.api.deps import Caller, Conn, State, Token
 from ainarres_api.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -21,7 +20,7 @@ from ainarres_api.api.schemas import (
     TaskCreate,
     UnblockIn,
 )
-from ainarres_api.services import tasks
+from ainarres_api.services import auth, tasks, wake
 
 router = APIRouter(prefix="/v1", tags=["agent verbs"])
 
@@ -37,19 +36,51 @@ async def create(body: TaskCreate, caller: Caller, conn: Conn, st: State, respon
 
 
 @router.post("/claims", summary="claim the best task you may do (optionally wait for one)")
-async def claim(body: ClaimIn, caller: Caller, st: State) -> dict[str, Any]:
-    deadline = time.monotonic() + body.wait_seconds
-    while True:
+async def claim(body: ClaimIn, caller: Caller, token: Token, st: State, request: Request) -> dict[str, Any]:
+    if body.wait_seconds <= 0:
         async with st.pool.acquire() as conn:
-            out = await tasks.claim(conn, caller, body.lane, st.limits)
-        remaining = deadline - time.monotonic()
-        if out["code"] != "empty" or remaining <= 0:
-            return out
-        waiter = getattr(st, "wake", None)
-        if waiter is not None:
-            await waiter.wait(caller, remaining)
-        else:
-            await asyncio.sleep(min(0.5, remaining))
+            return await tasks.claim(conn, caller, body.lane, st.limits)
+    return await _claim_waiting(body, caller, token, st, request)
+
+
+async def _claim_waiting(body: ClaimIn, caller: Any, token: str, st: Any, request: Request) -> dict[str, Any]:
+    """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + body.wait_seconds
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        with st.wake.waiter() as w:
+            first = True
+            while True:
+                with wake.recording() as rec:
+                    async with st.pool.acquire() as conn:
+                        if not first:  # features are read live on every attempt, as on every call
+                            caller = await auth.authenticate(conn, st.signer, token)
+                        # Watch before claiming, so a change committed after the claim's snapshot
+                        # still wakes this waiter.
+                        w.watch(await tasks.eligible_routes(conn, caller, body.lane))
+                        out = await tasks.claim(conn, caller, body.lane, st.limits, prefer=w.begin())
+                st.wake.publish(rec)  # what the claim made claimable on its way (escalations)
+                first = False
+                if out["code"] != "empty":
+                    return out
+                w.found_nothing()
+                remaining = deadline - loop.time()
+                if remaining <= 0 or st.wake.closed:
+                    return out
+                woken = asyncio.ensure_future(w.wait(remaining))
+                await asyncio.wait({woken, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():  # the client went away: nobody would receive a task
+                    woken.cancel()
+                    return out
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the request body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/tasks/{task_id}/heartbeat", summary="keep your lease alive")
@@ -95,10 +126,15 @@ async def get_task(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any
     return await tasks.get(conn, caller, task_id)
 
 
+@router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage")
+async def task_card(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.card_of(conn, caller, task_id)
+
+
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first")
 async def task_events(
     task_id: TaskId, caller: Caller, conn: Conn,
-    after: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
     items = await tasks.events(conn, caller, task_id, after, limit)
     return {"items": items, "next": items[-1]["id"] if len(items) == limit else None}

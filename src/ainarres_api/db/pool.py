@@ -39,6 +39,9 @@ def translate(exc: asyncpg.PostgresError) -> AinarresError | None:
         return type(proto)(proto.detail)
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return NotFound(f"a referenced row does not exist ({name})")
+    if isinstance(exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)):
+        # Bodies are checked field by field (api/schemas.py); this catches path segments and queries.
+        return Invalid("a path segment or query parameter holds a NUL (\\u0000) character; remove it")
     return None
 
 

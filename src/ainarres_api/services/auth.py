@@ -136,6 +136,8 @@ async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> 
         raise Unauthenticated("this sub belongs to another family")
     if row["agent_family"] is None:
         await conn.execute(Q["agent_ensure"], row["sub"], row["family_key"])
+    elif row["seen_stale"]:
+        await conn.execute(Q["agent_touch"], row["sub"])
     scope = tuple(row["scope"]) if row["scope"] is not None else None
     return Principal(
         sub=row["sub"],

@@ -7,7 +7,7 @@ import json
 import random
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from ainarres_api.errors import (
     NotEligible,
     NotFound,
 )
+from ainarres_api.services import wake
 from ainarres_api.services.auth import Principal
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
@@ -59,7 +60,9 @@ async def _route(conn: asyncpg.Connection, lane_id: Any, lane_key: str, stage_id
     rid = await conn.fetchval(Q["route_find"], lane_id, stage_id, required)
     if rid is None:
         rid = await conn.fetchval(Q["route_insert"], lane_id, stage_id, required, [f"lane:{lane_key}"])
-        if rid is None:  # another transaction created it first; it has committed by now
+        if rid is not None:
+            wake.new_route()
+        else:  # another transaction created it first; it has committed by now
             rid = await conn.fetchval(Q["route_find"], lane_id, stage_id, required)
     assert rid is not None
     return int(rid)
@@ -136,6 +139,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
             existing = await conn.fetchrow(Q["task_by_idempotency"], lane["lane_id"], idem)
             assert existing is not None
             return _same_request(existing, req_hash), False
+        if state == "ready":
+            wake.ready(route)
     return {"task": row["task"], "event": row["event"]}, True
 
 
@@ -146,22 +151,33 @@ def _same_request(existing: asyncpg.Record, req_hash: str | None) -> dict[str, A
     return {"task": existing["task"], "event": None}
 
 
-async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits
-                           ) -> list[int]:
-    routes = [r["id"] for r in await conn.fetch(Q["eligible_routes"], sorted(p.features), lane)]
+async def eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None) -> list[int]:
+    """Every route the caller may claim from (what a waiting claim watches)."""
+    return [r["id"] for r in await conn.fetch(Q["eligible_routes"], sorted(p.features), lane)]
+
+
+async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
+                           prefer: Collection[int] = ()) -> list[int]:
+    routes = await eligible_routes(conn, p, lane)
     if len(routes) > limits.max_routes:
-        # Too many queues to probe in one claim: take a random subset each time so that, over a
-        # few claims, every queue is visited (documented in docs/operations.md).
-        routes = random.sample(routes, limits.max_routes)
+        # Too many queues to probe in one claim: the routes a waiting claim was woken for first,
+        # then a random subset of the rest, so that over a few claims every queue is visited
+        # (documented in docs/operations.md).
+        first = [r for r in routes if r in prefer][:limits.max_routes]
+        rest = [r for r in routes if r not in prefer]
+        routes = first + random.sample(rest, limits.max_routes - len(first))
     return routes
 
 
-async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits) -> dict[str, Any]:
+async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
+                prefer: Collection[int] = ()) -> dict[str, Any]:
     """Take the best task the caller may do, recovering expired leases on the way."""
-    routes = await _eligible_routes(conn, p, lane, limits)
+    routes = await _eligible_routes(conn, p, lane, limits, prefer)
     async with conn.transaction():
-        me = await conn.fetchrow(Q["agent_lock_holds"], p.sub)
-        held = list(me["held"]) if me else []
+        # Lock, then count in a second statement: one statement would count from a snapshot taken
+        # before the lock was granted and miss a claim this agent committed meanwhile.
+        await conn.execute(Q["agent_lock"], p.sub)
+        held = list(await conn.fetchval(Q["agent_held"], p.sub))
         if len(held) >= p.max_active:
             rows = await conn.fetch(Q["held_by_agent"], p.sub)
             first = rows[0] if rows else None
@@ -183,6 +199,8 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
                 attempts = cand["attempts"] + 1
                 prev = {"previous_holder": cand["holder"], "previous_lease": str(cand["lease_id"])}
                 if await _exhausted_or_escalated(conn, p, cand, attempts, prev):
+                    # An escalation may have opened a route this caller may take (the task itself).
+                    routes = await _eligible_routes(conn, p, lane, limits, prefer)
                     continue
                 bump = 1
                 extra = {"reclaimed": True, **prev}
@@ -190,7 +208,7 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
                                       extra, cand["stage_key"])
             return {"code": "claimed", "task": row["task"], "lease": _lease_out(row["lease_id"],
                                                                              row["lease_expires_at"]),
-                    "event": row["event"]}
+                    "card": await stage_card(conn, cand["stage_id"]), "event": row["event"]}
     return {"code": "empty", "task": None, "lease": None}
 
 
@@ -212,6 +230,7 @@ async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None,
             route = await _route(conn, cand["lane_id"], cand["lane_key"], cand["stage_id"], required)
             await conn.fetchval(Q["task_set_ready"], cand["id"], route, required, False, attempts,
                                 dict(cand["rework_by_stage"]))
+            wake.ready(route)
             await _event(conn, cand["id"], "escalated", p, {"from_tier": current, "to_tier": current + 1,
                                                            "attempts": attempts, **ctx})
             return True
@@ -308,13 +327,16 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
         ev = await _event(conn, task_id, "transition", p, data)
         if state == "done":
             await _promote_dependents(conn, task_id)
+        else:
+            wake.ready(route)
     return {"code": "ok", "task": task, "event": ev}
 
 
 async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
     ids = [r["id"] for r in await conn.fetch(Q["dependents_lock"], task_id)]
     if ids:
-        await conn.fetch(Q["dependents_promote"], ids)
+        for r in await conn.fetch(Q["dependents_promote"], ids):
+            wake.ready(r["route_id"])
 
 
 async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
@@ -341,6 +363,7 @@ async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
                                  list(row["required_features"]))
             await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
                                 attempts, dict(row["rework_by_stage"]))
+            wake.ready(route)
         ev = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
                                                        "lease": str(lease), "escalated": escalated})
         task = (await conn.fetchrow(Q["task_get"], task_id))["task"]
@@ -380,8 +403,33 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
         rework.pop(row["stage_key"], None)
         task = await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
                                    0, rework)
+        wake.ready(route)
         ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"]})
     return {"code": "ok", "task": task, "event": ev}
+
+
+_CARDS: dict[Any, dict[str, Any]] = {}
+
+
+async def stage_card(conn: asyncpg.Connection, stage_id: Any) -> dict[str, Any]:
+    """The role card of a stage (its instructions and ways out); cached, since it never changes."""
+    card = _CARDS.get(stage_id)
+    if card is None:
+        row = await conn.fetchrow(Q["stage_card"], stage_id)
+        card = dict(row) if row else {}
+        if len(_CARDS) > 10_000:
+            _CARDS.clear()
+        _CARDS[stage_id] = card
+    return card
+
+
+async def card_of(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
+    """The role card for a task's current stage, if the caller may see the task."""
+    row = await conn.fetchrow(Q["task_get"], task_id)
+    if row is None:
+        raise NotFound("no such task visible to you; check the id")
+    _check_visible(p, row["lane_key"])
+    return {"task_id": str(task_id), **await stage_card(conn, row["stage_id"])}
 
 
 async def get(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:

@@ -22,6 +22,9 @@ SELECT f.key, f.disabled,
 SELECT t.sub, t.family_key, t.scope, t.revoked_at, t.expires_at <= now() AS expired,
        f.disabled, f.max_active,
        (SELECT a.family_key FROM agents a WHERE a.sub = t.sub) AS agent_family,
+       -- last_seen_at is written at most every 30 s per agent, so calls do not each pay a write.
+       coalesce((SELECT a.last_seen_at < now() - interval '30 seconds' FROM agents a WHERE a.sub = t.sub),
+                false) AS seen_stale,
        coalesce(array(
            SELECT ff.feature FROM family_features ff
             WHERE ff.family_key = t.family_key

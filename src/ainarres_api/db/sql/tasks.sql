@@ -1,20 +1,23 @@
 -- Tasks: the nine verbs and their reads. Every state change also appends an event in the same
 -- transaction (the service opens it). Names in alphabetical order.
 
--- name: agent_lock_holds
+-- name: agent_held
+-- The tasks an agent holds under a live lease. Run it after agent_lock, as its own statement: in
+-- READ COMMITTED a statement's snapshot is taken when it starts, so only a statement that starts
+-- after the lock is granted sees the claims the agent's other calls committed while we waited.
+SELECT array(SELECT t.id FROM tasks t
+              WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
+              ORDER BY t.held_since) AS held;
+
+-- name: agent_lock
 -- Serialises one agent's claims (a cheap row lock on its own agents row) so that two concurrent
--- claims by one agent cannot both pass the max_active check.
-SELECT a.sub,
-       array(SELECT t.id FROM tasks t
-              WHERE t.holder = a.sub AND t.state = 'held' AND t.lease_expires_at > now()
-              ORDER BY t.held_since) AS held
-  FROM agents a
- WHERE a.sub = $1
-   FOR UPDATE OF a;
+-- claims by one agent cannot both pass the max_active check (with agent_held, read afterwards).
+SELECT a.sub FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
 
 -- name: claim_pick
 -- The claim: one O(log n) probe of the ready index per route the caller may take, plus one probe
--- of the lease index for an expired hold (lazy recovery), best candidate by priority then age.
+-- of the lease index per route for an expired hold (lazy recovery), best candidate by priority
+-- then age.
 -- $1 = route ids the caller is eligible for (capped by the service).
 -- Each LATERAL probe takes FOR UPDATE SKIP LOCKED on the head of its route, so concurrent claimers
 -- step over each other's candidates instead of queueing on them; the locks of the candidates not
@@ -32,13 +35,18 @@ WITH ready AS (
             LIMIT 1
               FOR UPDATE SKIP LOCKED) x
 ), expired AS (
-    -- Walks the lease index from the oldest expiry; only rows whose lease ran out are read.
-    SELECT t.id, t.priority, t.available_at, true AS expired
-      FROM tasks t
-     WHERE t.state = 'held' AND t.lease_expires_at < now() AND t.route_id = ANY ($1::int[])
-     ORDER BY t.lease_expires_at
-     LIMIT 1
-       FOR UPDATE SKIP LOCKED
+    -- The same per-route probe of the lease index (route_id, lease_expires_at), oldest expiry
+    -- first; only holds whose lease ran out are read, and never another route's. A walk of all
+    -- expired holds filtered by route made the planner read every held row and sort (0002).
+    SELECT x.id, x.priority, x.available_at, true AS expired
+      FROM unnest($1::int[]) AS r(id)
+     CROSS JOIN LATERAL (
+           SELECT t.id, t.priority, t.available_at
+             FROM tasks t
+            WHERE t.state = 'held' AND t.route_id = r.id AND t.lease_expires_at < now()
+            ORDER BY t.lease_expires_at
+            LIMIT 1
+              FOR UPDATE SKIP LOCKED) x
 ), best AS (
     SELECT * FROM ready
     UNION ALL
@@ -166,7 +174,7 @@ SELECT task_json(t) AS task, t.request_hash FROM tasks t
  WHERE t.lane_id = $1 AND t.idempotency_key = $2;
 
 -- name: task_get
-SELECT task_json(t) AS task, l.key AS lane_key FROM tasks t JOIN lanes l ON l.id = t.lane_id WHERE t.id = $1;
+SELECT task_json(t) AS task, l.key AS lane_key, t.stage_id FROM tasks t JOIN lanes l ON l.id = t.lane_id WHERE t.id = $1;
 
 -- name: task_insert
 WITH i AS (
@@ -259,3 +267,20 @@ SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $
 SELECT coalesce(jsonb_path_match(task_json(t), tr.guard, '{}', true), false)
   FROM tasks t, transitions tr
  WHERE t.id = $1 AND tr.id = $2;
+
+-- name: stage_card
+-- The role card of a stage: what its holder must do and which verbs end it. Immutable (workflow
+-- versions never change), so the service caches it by stage id.
+SELECT w.key AS workflow, w.version AS workflow_version, s.key AS stage, s.instructions,
+       s.lease_seconds, s.max_attempts, s.escalate_after, coalesce(s.max_rework, w.max_rework) AS max_rework,
+       coalesce(jsonb_agg(jsonb_build_object('kind', tr.kind, 'to', ts.key,
+                                             'required_features', to_jsonb(tr.required_features),
+                                             'guard', tr.guard::text)
+                          ORDER BY tr.position) FILTER (WHERE tr.id IS NOT NULL), '[]') AS transitions
+  FROM stages s
+  JOIN workflows w ON w.id = s.workflow_id
+  LEFT JOIN transitions tr ON tr.from_stage = s.id
+  LEFT JOIN stages ts ON ts.id = tr.to_stage
+ WHERE s.id = $1
+ GROUP BY w.key, w.version, w.max_rework, s.key, s.instructions, s.lease_seconds, s.max_attempts,
+          s.escalate_after, s.max_rework;

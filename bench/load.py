@@ -1,0 +1,221 @@
+"""Load generators. Each runs in its own process (see `run_in_process`) so its CPU is not the service's.
+
+HTTP generators use httpx over keep-alive connections; the raw generator calls the very service
+functions the HTTP handlers call (identical SQL, authentication included) over asyncpg with no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import random
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+
+NEXT = {"a": "b", "b": "a"}
+
+
+def run_in_process(fn_name: str, **kwargs: Any) -> concurrent.futures.Future[Any]:
+    """Run one of this module's async generators in a fresh process; returns a future of its result."""
+    ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    fut = ex.submit(_entry, fn_name, kwargs)
+    ex.shutdown(wait=False)
+    return fut
+
+
+def _entry(fn_name: str, kwargs: dict[str, Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(globals()[fn_name](**kwargs))
+
+
+def _client(base: str, n: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base, timeout=120,
+                             limits=httpx.Limits(max_connections=n + 16, max_keepalive_connections=n + 16))
+
+
+def _windows(stamps: list[float], start: float, width: float, seconds: float) -> list[int]:
+    out = [0] * max(1, int(seconds // width))
+    for s in stamps:
+        i = int((s - start) // width)
+        if 0 <= i < len(out):
+            out[i] += 1
+    return out
+
+
+async def cycle_http(base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0
+                     ) -> dict[str, Any]:
+    """Each agent: claim, then advance what it got; for `seconds`. Latencies per cycle and per claim."""
+    cycles: list[float] = []
+    claims: list[float] = []
+    stamps: list[float] = []
+    empties = 0
+    async with _client(base, len(tokens)) as c:
+        start = time.perf_counter()
+        stop = start + seconds
+
+        async def agent(token: str) -> None:
+            nonlocal empties
+            h = {"Authorization": f"Bearer {token}"}
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = (await c.post("/v1/claims", json={"lane": lane}, headers=h)).json()
+                t1 = time.perf_counter()
+                if r.get("code") != "claimed":
+                    empties += 1
+                    continue
+                task = r["task"]
+                a = await c.post(f"/v1/tasks/{task['id']}/advance", headers=h,
+                                 json={"lease": r["lease"]["id"], "to": NEXT[task["stage"]]})
+                t2 = time.perf_counter()
+                if a.status_code == 200:
+                    cycles.append(t2 - t0)
+                    claims.append(t1 - t0)
+                    stamps.append(t2)
+
+        await asyncio.gather(*(agent(t) for t in tokens))
+        elapsed = time.perf_counter() - start
+    return {"cycles": len(cycles), "elapsed": elapsed, "cycle_lat": cycles, "claim_lat": claims,
+            "empties": empties, "windows": _windows(stamps, start, window, seconds)}
+
+
+async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secret: str) -> dict[str, Any]:
+    """The same cycle through the service functions over asyncpg, one held connection per agent."""
+    from ainarres_api.db.pool import create_pool
+    from ainarres_api.services import auth, tasks
+    from ainarres_api.services.auth import Signer
+    from ainarres_api.services.tasks import Limits
+    from ainarres_api.settings import Settings
+
+    signer = Signer(Settings(jwt_secret=secret))
+    limits = Limits()
+    pool = await create_pool(dsn, min_size=len(tokens), max_size=len(tokens))
+    cycles: list[float] = []
+    claims: list[float] = []
+    empties = 0
+    start = time.perf_counter()
+    stop = start + seconds
+
+    async def agent(token: str) -> None:
+        nonlocal empties
+        async with pool.acquire() as conn:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                p = await auth.authenticate(conn, signer, token)
+                r = await tasks.claim(conn, p, lane, limits)
+                t1 = time.perf_counter()
+                if r["code"] != "claimed":
+                    empties += 1
+                    continue
+                task = r["task"]
+                p = await auth.authenticate(conn, signer, token)
+                await tasks.transition(conn, p, task["id"], r["lease"]["id"], "advance", NEXT[task["stage"]],
+                                       None, [])
+                t2 = time.perf_counter()
+                cycles.append(t2 - t0)
+                claims.append(t1 - t0)
+
+    try:
+        await asyncio.gather(*(agent(t) for t in tokens))
+    finally:
+        await pool.close()
+    return {"cycles": len(cycles), "elapsed": time.perf_counter() - start, "cycle_lat": cycles,
+            "claim_lat": claims, "empties": empties}
+
+
+async def pickup(base: str, waiter_tokens: list[str], maker_token: str, lane: str, tasks_n: int,
+                 mean_gap: float, mode: str, dsn: str) -> dict[str, Any]:
+    """Idle agents waiting for work (long-poll, or polling every 1 s); a producer creates tasks with
+    exponential gaps. Latency runs from sending the create to an agent's claim returning the task."""
+    sent: dict[str, float] = {}
+    lat: list[float] = []
+    claim_calls = 0
+    done = asyncio.Event()
+    conns_while_idle: dict[str, int] = {}
+    async with _client(base, len(waiter_tokens) + 1) as c:
+
+        async def agent(token: str) -> None:
+            nonlocal claim_calls
+            h = {"Authorization": f"Bearer {token}"}
+            if mode == "poll":
+                await asyncio.sleep(random.random())  # spread the pollers over the second
+            while not done.is_set():
+                body: dict[str, Any] = {"lane": lane}
+                if mode == "wait":
+                    body["wait_seconds"] = 30
+                claim_calls += 1
+                r = (await c.post("/v1/claims", json=body, headers=h)).json()
+                now = time.perf_counter()
+                if r.get("code") == "claimed":
+                    tid = r["task"]["id"]
+                    while tid not in sent:  # the create's response may not have been read yet
+                        await asyncio.sleep(0.001)
+                    lat.append(now - sent[tid])
+                    await c.post(f"/v1/tasks/{tid}/advance", headers=h, json={"lease": r["lease"]["id"],
+                                                                              "to": "review"})
+                    if len(lat) >= tasks_n:
+                        done.set()
+                elif mode == "poll":
+                    await asyncio.sleep(1.0)
+
+        agents = [asyncio.create_task(agent(t)) for t in waiter_tokens]
+        await asyncio.sleep(3 if len(waiter_tokens) < 100 else 10)  # let every agent settle into waiting
+        from bench.harness import connections
+
+        conns_while_idle = await connections(dsn)
+        calls_before, t_idle = claim_calls, time.perf_counter()
+        await asyncio.sleep(2)
+        idle_claims_per_s = (claim_calls - calls_before) / (time.perf_counter() - t_idle)
+        h = {"Authorization": f"Bearer {maker_token}"}
+        for i in range(tasks_n):
+            await asyncio.sleep(random.expovariate(1 / mean_gap))
+            t0 = time.perf_counter()
+            r = await c.post("/v1/tasks", json={"lane": lane, "title": f"p{i}"}, headers=h)
+            sent[r.json()["task"]["id"]] = t0
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        except TimeoutError:
+            pass
+        for a in agents:
+            a.cancel()
+        await asyncio.gather(*agents, return_exceptions=True)
+    return {"lat": lat, "conns_while_idle": conns_while_idle, "idle_claim_calls_per_s": idle_claims_per_s}
+
+
+async def create_rate(base: str, tokens: list[str], lane: str, seconds: float,
+                      waiter_tokens: list[str] | None = None) -> dict[str, Any]:
+    """`tokens` writers create tasks as fast as they can; optional long-poll waiters take them."""
+    made = 0
+    taken = 0
+    lat: list[float] = []
+    async with _client(base, len(tokens) + len(waiter_tokens or [])) as c:
+        stop = time.perf_counter() + seconds
+
+        async def writer(token: str) -> None:
+            nonlocal made
+            h = {"Authorization": f"Bearer {token}"}
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await c.post("/v1/tasks", json={"lane": lane, "title": "w"}, headers=h)
+                if r.status_code == 201:
+                    made += 1
+                    lat.append(time.perf_counter() - t0)
+
+        async def waiter(token: str) -> None:
+            nonlocal taken
+            h = {"Authorization": f"Bearer {token}"}
+            while time.perf_counter() < stop:
+                r = (await c.post("/v1/claims", json={"lane": lane, "wait_seconds": 2}, headers=h)).json()
+                if r.get("code") == "claimed":
+                    taken += 1
+                    await c.post(f"/v1/tasks/{r['task']['id']}/advance", headers=h,
+                                 json={"lease": r["lease"]["id"], "to": "review"})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer(t) for t in tokens), *(waiter(t) for t in waiter_tokens or []))
+        elapsed = time.perf_counter() - start
+    return {"created": made, "taken": taken, "elapsed": elapsed, "lat": lat}

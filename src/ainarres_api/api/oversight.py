@@ -1,0 +1,357 @@
+"""Oversight (seat:overseer, seat:monitor or seat:admin): board, feed, stuck, demand, agents, track
+record; the live event stream (any caller, within its lanes); and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from ainarres_api.api.deps import Caller, Conn, State, require
+from ainarres_api.errors import AinarresError, Invalid
+from ainarres_api.metrics import Metrics, waiters_of
+from ainarres_api.services import auth, oversight
+from ainarres_api.services.auth import Principal
+from ainarres_api.services.oversight import Filters
+
+router = APIRouter(prefix="/v1", tags=["oversight"])
+ops = APIRouter(tags=["operations"])
+
+Watcher = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "seat:admin"))]
+Limit = Annotated[int, Query(ge=1, le=500, description="page size")]
+Cursor = Annotated[str | None, Query(max_length=1000, description="the `next` of the previous page")]
+Key = Annotated[str | None, Query(max_length=200)]
+States = Annotated[list[str] | None, Query(
+    description="routing state(s): waiting, ready, held, blocked, done; repeat the parameter or separate "
+                "with commas")]
+
+# The stream polls the events table this often when no wake hub is in place (and at most this long
+# between checks even with one), re-reads the caller's features this often, and reads at most this
+# many events per database round trip.
+POLL_SECONDS = 0.5
+REAUTH_SECONDS = 30.0
+STREAM_BATCH = 200
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; pass `next` back as `?cursor=` for the following one (null: no more)."""
+
+    items: list[T]
+    next: str | None
+
+
+class BoardTask(BaseModel):
+    """A task as the board shows it (no payload: GET /v1/tasks/{id} has it)."""
+
+    id: uuid.UUID
+    project: str
+    lane: str
+    stage: str
+    stage_terminal: bool
+    state: Literal["waiting", "ready", "held", "blocked", "done"]
+    title: str
+    priority: int
+    required_features: list[str]
+    depends_on: list[uuid.UUID]
+    attempts: int
+    rework_count: int
+    blocked: bool
+    blocked_reason: str | None
+    holder: str | None = Field(description="the holding agent's sub while held (abandoned holds included)")
+    holder_family: str | None
+    lease_expires_at: datetime | None
+    held_since: datetime | None
+    progress_at: datetime | None = Field(description="last progress report in this hold")
+    abandoned: bool = Field(description="held, lease run out, not yet reclaimed by a claim")
+    unmet_dependencies: list[uuid.UUID] = Field(description="depends_on tasks not done yet")
+    stage_entered_at: datetime
+    age_in_stage_seconds: float
+    created_at: datetime
+    updated_at: datetime
+
+
+class FeedEvent(BaseModel):
+    """An event with where it happened: `family` is the actor's; `stage` the stage it happened in."""
+
+    id: int
+    task_id: uuid.UUID
+    type: str
+    actor: str | None
+    family: str | None
+    data: dict[str, Any]
+    created_at: datetime
+    project: str
+    lane: str
+    stage: str | None
+    task_title: str
+
+
+class StuckHold(BaseModel):
+    """A live hold going nowhere: `kind` is silent_hold or treadmill (the worse of the two)."""
+
+    id: uuid.UUID
+    title: str
+    project: str
+    lane: str
+    stage: str
+    holder: str
+    holder_family: str | None
+    held_since: datetime
+    progress_at: datetime | None
+    lease_expires_at: datetime
+    lease_seconds: int
+    attempts: int
+    held_for_seconds: float
+    silent_for_seconds: float = Field(description="since the last progress, or since the claim")
+    extended_by_seconds: float = Field(description="how far heartbeats pushed the lease past what the "
+                                                   "claim or last progress granted")
+    kind: Literal["silent_hold", "treadmill"]
+
+
+class Closest(BaseModel):
+    """The enabled family nearest to a bundle nobody can take, and what it lacks."""
+
+    family: str
+    missing: list[str]
+
+
+class DemandRow(BaseModel):
+    """Pending work in one lane and stage needing one feature bundle."""
+
+    project: str
+    lane: str
+    stage: str
+    features: list[str] = Field(description="the bundle: lane ∪ task's required ∪ one transition's features")
+    pending: int = Field(description="ready + expired")
+    ready: int
+    expired: int = Field(description="holds whose lease ran out: the next eligible claim takes them")
+    capable: bool
+    capable_families: list[str] = Field(description="enabled families whose features minus active denials "
+                                                    "include the bundle")
+    note: str | None = Field(description='"no capable agent" when no enabled family can take it')
+    closest: Closest | None
+
+
+class AgentHold(BaseModel):
+    """A task an agent holds (`abandoned`: its lease ran out)."""
+
+    task_id: uuid.UUID
+    title: str
+    project: str
+    lane: str
+    stage: str
+    held_since: datetime
+    lease_expires_at: datetime
+    abandoned: bool
+
+
+class AgentRow(BaseModel):
+    """An agent (a token's sub) seen by the service."""
+
+    sub: str
+    family: str
+    family_disabled: bool
+    first_seen_at: datetime
+    last_seen_at: datetime = Field(description="its last authenticated call (to within 30 seconds)")
+    holds: list[AgentHold]
+
+
+class Denial(BaseModel):
+    """An active denial."""
+
+    feature: str
+    reason: str
+    expires_at: datetime | None
+    created_by: str | None
+    created_at: datetime
+
+
+class FamilyRecord(BaseModel):
+    """A family's provisioning and track record."""
+
+    key: str
+    description: str
+    disabled: bool
+    max_active: int
+    features: list[str] = Field(description="provisioned features")
+    denials: list[Denial] = Field(description="active denials")
+    agents: int = Field(description="agents (subs) of this family seen")
+    holding: int = Field(description="live holds now")
+    delivered: int = Field(description="advance transitions it performed")
+    rejected: int = Field(description="rejects of its deliveries: a reject out of stage S is charged to the "
+                                      "family whose advance brought the task into S")
+    rejects_made: int = Field(description="reject transitions it performed")
+    reject_rate: float | None = Field(description="rejected / delivered")
+
+
+def _states(state: list[str] | None) -> tuple[str, ...] | None:
+    flat = [s.strip() for v in state or [] for s in v.split(",") if s.strip()]
+    return oversight.check_states(flat)
+
+
+@router.get("/board", response_model=Page[BoardTask],
+            summary="board: every task with lane, stage, holder, lease, attempts, rework, blockers, "
+                    "age in stage, abandoned",
+            description="Oldest first. Filters: project, lane, stage, family (the holder's), state, "
+                        "abandoned. An abandoned task is held with a lease that ran out; the next eligible "
+                        "claim reclaims it.")
+async def board(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
+                family: Key = None, state: States = None, abandoned: bool | None = None,
+                cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+    f = Filters(project, lane, stage, family, _states(state))
+    return await oversight.board(conn, f, abandoned, cursor, limit)
+
+
+@router.get("/feed", response_model=Page[FeedEvent],
+            summary="feed: every event, newest first, with actor family, lane and stage",
+            description="Filters: project, lane, stage (where the event happened), family (the actor's), "
+                        "type, task, state (the task's now).")
+async def feed(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
+               family: Key = None, state: States = None, type: Key = None, task: uuid.UUID | None = None,
+               cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+    f = Filters(project, lane, stage, family, _states(state))
+    return await oversight.feed(conn, f, type, task, cursor, limit)
+
+
+@router.get("/stuck", response_model=Page[StuckHold],
+            summary="stuck: live holds silent for over half a lease (silent_hold) or kept alive past a "
+                    "whole lease by heartbeats alone (treadmill)",
+            description="Longest held first. Filters: project, lane, stage, family (the holder's), kind.")
+async def stuck(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
+                family: Key = None, kind: Literal["silent_hold", "treadmill"] | None = None,
+                cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+    return await oversight.stuck(conn, Filters(project, lane, stage, family), kind, cursor, limit)
+
+
+@router.get("/demand", response_model=Page[DemandRow],
+            summary="demand: pending work by the feature bundle it needs, and whether any enabled family "
+                    "can take it (\"no capable agent\" otherwise)",
+            description="Pending = ready + expired holds. A task open to several bundles counts under each. "
+                        "Filters: project, lane, stage, family (bundles it can take), capable.")
+async def demand(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
+                 family: Key = None, capable: bool | None = None, cursor: Cursor = None,
+                 limit: Limit = 100) -> dict[str, Any]:
+    return await oversight.demand(conn, Filters(project, lane, stage, family), capable, cursor, limit)
+
+
+@router.get("/agents", response_model=Page[AgentRow],
+            summary="agents: instances seen, their family, current holds, last call",
+            description="By sub. Filters: family, lane / project (its family is provisioned that lane / a "
+                        "lane of that project).")
+async def agents(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
+                 cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+    return await oversight.agents(conn, Filters(project, lane, None, family), cursor, limit)
+
+
+@router.get("/track-record", response_model=Page[FamilyRecord],
+            summary="families: provisioned features, active denials, tasks delivered / rejected",
+            description="By key. delivered = advances the family performed; rejected = rejects (or "
+                        "rework-cap blocks) of work it delivered, charged to the family whose advance "
+                        "brought the task into the rejecting stage; rejects_made = rejects it performed. "
+                        "Filters: family, lane / project (provisioned that lane / a lane of that project).")
+async def track_record(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
+                       cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+    return await oversight.track_record(conn, Filters(project, lane, None, family), cursor, limit)
+
+
+def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
+    if last_event_id is not None and last_event_id.strip():
+        raw = last_event_id.strip()
+        if not raw.isdigit():
+            raise Invalid("Last-Event-ID: send the id of the last event you received (a number)")
+        return int(raw)
+    return after
+
+
+def _frame(event: dict[str, Any]) -> str:
+    return f"id: {event['id']}\ndata: {json.dumps(event, separators=(',', ':'), default=str)}\n\n"
+
+
+@router.get("/events/stream", response_class=StreamingResponse,
+            summary="live events as Server-Sent Events (id: = event id); resume with Last-Event-ID or "
+                    "?after=",
+            description="Each `data:` is a feed event plus `task` (the task as it is now). Without "
+                        "Last-Event-ID or `after`, the stream starts with the events recorded from now on; "
+                        "`after=0` replays everything. Comments (`: …`) open the stream and keep it alive. "
+                        "Seats see every lane, other callers the lanes they hold lane:<key> for. `limit` "
+                        "closes the stream after that many events. If the caller's token stops being valid, "
+                        "an `event: error` frame ends it.",
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def stream(request: Request, caller: Caller, st: State,
+                 after: Annotated[int | None, Query(ge=0)] = None,
+                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                 project: Key = None, lane: Key = None,
+                 limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+                 keepalive: Annotated[float, Query(ge=0.1, le=300)] = 15.0) -> StreamingResponse:
+    lanes = oversight.visible_lanes(caller)
+    start = _resume_point(after, last_event_id)
+    if start is None:
+        async with st.pool.acquire() as conn:
+            start = await oversight.last_event_id(conn)
+    token = (request.headers.get("authorization") or "").partition(" ")[2].strip()
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+
+    async def frames() -> AsyncIterator[str]:
+        nonlocal lanes
+        cursor, sent = start, 0
+        beat = checked = time.monotonic()
+        if metrics:
+            metrics.streams.inc()
+        try:
+            yield f": ainarres event stream after {cursor}\nretry: 2000\n\n"
+            while True:
+                async with st.pool.acquire() as conn:
+                    batch = await oversight.events_after(conn, lanes, cursor, project, lane, STREAM_BATCH)
+                for ev in batch:
+                    yield _frame(ev)
+                    cursor, sent = ev["id"], sent + 1
+                    if limit is not None and sent >= limit:
+                        return
+                if len(batch) == STREAM_BATCH:
+                    continue
+                now = time.monotonic()
+                if now - checked >= REAUTH_SECONDS:
+                    checked = now
+                    try:
+                        async with st.pool.acquire() as conn:
+                            lanes = oversight.visible_lanes(await auth.authenticate(conn, st.signer, token))
+                    except AinarresError as exc:
+                        body = {"code": exc.code, "detail": exc.detail}
+                        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                        return
+                if now - beat >= keepalive:
+                    beat = now
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(min(POLL_SECONDS, keepalive))
+        finally:
+            if metrics:
+                metrics.streams.dec()
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@ops.get("/metrics", response_class=Response, summary="Prometheus metrics (text format; no token: expose it "
+                                                      "only where your scraper runs)",
+         responses={200: {"content": {"text/plain": {}}}})
+async def metrics_endpoint(request: Request, st: State) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    async with metrics.lock:
+        async with st.pool.acquire() as conn:
+            if metrics.since_event is None:
+                metrics.start(await oversight.last_event_id(conn))
+            since = metrics.since_event
+            assert since is not None
+            scrape = await oversight.scrape(conn, since)
+        metrics.apply(scrape, st.pool, waiters_of(getattr(st, "wake", None)))
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,226 @@
+"""Oversight: the board, the feed, stuck work, demand, agents, families' track record, the stream."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from ainarres_api.db.queries import Q
+from ainarres_api.errors import Invalid, NotEligible
+from ainarres_api.services.auth import Principal
+
+STATES = ("waiting", "ready", "held", "blocked", "done")
+NO_CAPABLE_AGENT = "no capable agent"
+StuckKind = Literal["silent_hold", "treadmill"]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The filters every oversight list understands (each list documents which it applies)."""
+
+    project: str | None = None
+    lane: str | None = None
+    stage: str | None = None
+    family: str | None = None
+    states: tuple[str, ...] | None = None
+
+
+def encode_cursor(*parts: Any) -> str:
+    """An opaque page cursor for the keyset `parts`."""
+    raw = json.dumps([p.isoformat() if isinstance(p, datetime) else str(p) for p in parts],
+                     separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, n: int) -> list[str] | None:
+    if not cursor:
+        return None
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):
+        parts = None
+    if not isinstance(parts, list) or len(parts) != n or not all(isinstance(p, str) for p in parts):
+        raise Invalid("cursor: pass back the `next` value of the previous page unchanged")
+    return parts
+
+
+def _time_id_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None]:
+    parts = _decode_cursor(cursor, 2)
+    if parts is None:
+        return None, None
+    try:
+        return datetime.fromisoformat(parts[0]), uuid.UUID(parts[1])
+    except ValueError:
+        raise Invalid("cursor: pass back the `next` value of the previous page unchanged") from None
+
+
+def _page(items: list[dict[str, Any]], limit: int, *keys: str) -> dict[str, Any]:
+    """A page from `limit + 1` rows read: `next` only when there is more."""
+    if len(items) <= limit:
+        return {"items": items, "next": None}
+    items = items[:limit]
+    return {"items": items, "next": encode_cursor(*(items[-1][k] for k in keys))}
+
+
+def check_states(states: list[str] | None) -> tuple[str, ...] | None:
+    """The state filter, validated: routing states only."""
+    if not states:
+        return None
+    bad = sorted(set(states) - set(STATES))
+    if bad:
+        raise Invalid(f"state: unknown {', '.join(bad)}; one of {', '.join(STATES)}")
+    return tuple(sorted(set(states)))
+
+
+async def board(conn: asyncpg.Connection, f: Filters, abandoned: bool | None, cursor: str | None,
+                limit: int) -> dict[str, Any]:
+    """Every task with where it is, who holds it and what holds it up; oldest first."""
+    at, last = _time_id_cursor(cursor)
+    rows = await conn.fetch(Q["board_page"], f.project, f.lane, f.stage, f.family,
+                            list(f.states) if f.states else None, abandoned, at, last, limit + 1)
+    return _page([dict(r) for r in rows], limit, "created_at", "id")
+
+
+async def feed(conn: asyncpg.Connection, f: Filters, type_: str | None, task_id: uuid.UUID | None,
+               cursor: str | None, limit: int) -> dict[str, Any]:
+    """Every event, newest first, with its actor's family, lane and stage."""
+    parts = _decode_cursor(cursor, 1)
+    before = None
+    if parts is not None:
+        if not parts[0].isdigit():
+            raise Invalid("cursor: pass back the `next` value of the previous page unchanged")
+        before = int(parts[0])
+    rows = await conn.fetch(Q["feed_page"], f.project, f.lane, f.stage, f.family, type_, task_id,
+                            list(f.states) if f.states else None, before, limit + 1)
+    return _page([r["event"] for r in rows], limit, "id")
+
+
+async def stuck(conn: asyncpg.Connection, f: Filters, kind: StuckKind | None, cursor: str | None,
+                limit: int) -> dict[str, Any]:
+    """Live holds with no progress for half a lease (silent_hold) or past a whole one (treadmill)."""
+    since, last = _time_id_cursor(cursor)
+    rows = await conn.fetch(Q["stuck_page"], f.project, f.lane, f.stage, f.family, kind, since, last,
+                            limit + 1)
+    return _page([dict(r) for r in rows], limit, "held_since", "id")
+
+
+def _capable(bundle: set[str], families: list[asyncpg.Record]) -> list[str]:
+    return [r["key"] for r in families if not r["disabled"] and bundle <= set(r["features"])]
+
+
+def _closest(bundle: set[str], families: list[asyncpg.Record]) -> dict[str, Any] | None:
+    enabled = [r for r in families if not r["disabled"]]
+    if not enabled:
+        return None
+    best = min(enabled, key=lambda r: (len(bundle - set(r["features"])), r["key"]))
+    return {"family": best["key"], "missing": sorted(bundle - set(best["features"]))}
+
+
+async def demand(conn: asyncpg.Connection, f: Filters, capable: bool | None, cursor: str | None,
+                 limit: int) -> dict[str, Any]:
+    """Pending work by the feature bundle it needs, and which enabled families could take it."""
+    parts = _decode_cursor(cursor, 3)
+    families = await conn.fetch(Q["family_capabilities"])
+    items: list[dict[str, Any]] = []
+    rows = [((r["lane"], f"{r['stage_position']:09d}", ",".join(r["features"])), r)
+            for r in await conn.fetch(Q["demand_rows"], f.project, f.lane, f.stage)]
+    rows.sort(key=lambda kr: kr[0])
+    for key, r in rows:
+        if parts is not None and key <= tuple(parts):
+            continue
+        bundle = set(r["features"])
+        able = _capable(bundle, families)
+        if f.family is not None and f.family not in able:
+            continue
+        if capable is not None and bool(able) != capable:
+            continue
+        items.append({
+            "project": r["project"], "lane": r["lane"], "stage": r["stage"], "features": list(r["features"]),
+            "pending": r["ready"] + r["expired"], "ready": r["ready"], "expired": r["expired"],
+            "capable": bool(able), "capable_families": able,
+            "note": None if able else NO_CAPABLE_AGENT,
+            "closest": None if able else _closest(bundle, families),
+            "_key": key,
+        })
+        if len(items) > limit:
+            break
+    keys = [it.pop("_key") for it in items]
+    if len(items) <= limit:
+        return {"items": items, "next": None}
+    return {"items": items[:limit], "next": encode_cursor(*keys[limit - 1])}
+
+
+async def agents(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit: int) -> dict[str, Any]:
+    """Agents seen: their family, what they hold now, when they last called."""
+    parts = _decode_cursor(cursor, 1)
+    rows = await conn.fetch(Q["agents_page"], f.family, f.lane, f.project, parts[0] if parts else None,
+                            limit + 1)
+    return _page([dict(r) for r in rows], limit, "sub")
+
+
+async def track_record(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit: int
+                       ) -> dict[str, Any]:
+    """Families: provisioned features, active denials, work delivered and rejected."""
+    parts = _decode_cursor(cursor, 1)
+    rows = await conn.fetch(Q["track_record_page"], f.family, f.lane, f.project, parts[0] if parts else None,
+                            limit + 1)
+    items = []
+    for r in rows:
+        it = dict(r)
+        it["reject_rate"] = round(it["rejected"] / it["delivered"], 4) if it["delivered"] else None
+        items.append(it)
+    return _page(items, limit, "key")
+
+
+def visible_lanes(p: Principal) -> list[str] | None:
+    """The lanes whose events `p` may stream: None for every lane (a seat), else its lane features."""
+    if p.oversees:
+        return None
+    lanes = sorted(f.split(":", 1)[1] for f in p.features if f.startswith("lane:"))
+    if not lanes:
+        raise NotEligible("the stream shows the events of lanes you take part in, and you hold no "
+                          "lane:<key> feature (or a seat: seat:overseer or seat:monitor sees every lane)")
+    return lanes
+
+
+async def last_event_id(conn: asyncpg.Connection) -> int:
+    """The newest event's id (0 when there is none)."""
+    return int(await conn.fetchval(Q["events_max_id"]))
+
+
+async def events_after(conn: asyncpg.Connection, lanes: list[str] | None, after: int, project: str | None,
+                       lane: str | None, limit: int) -> list[dict[str, Any]]:
+    """The stream's next events after `after`, oldest first, within the lanes the caller may see."""
+    return [r["event"] for r in await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit)]
+
+
+@dataclass
+class Scrape:
+    """What /metrics reads from the database at scrape time."""
+
+    pending: list[tuple[str, str, int]]
+    leases: list[tuple[str, int, int]]
+    events: dict[str, int]
+    reclaimed: int
+    last_event_id: int
+
+
+async def scrape(conn: asyncpg.Connection, since_event: int) -> Scrape:
+    """Pending work, leases, and the events recorded since `since_event` (three grouped reads)."""
+    pending = [(r["lane"], r["stage"], int(r["n"])) for r in await conn.fetch(Q["metrics_pending"])]
+    leases = [(r["lane"], int(r["live"]), int(r["expired"])) for r in await conn.fetch(Q["metrics_leases"])]
+    events: dict[str, int] = {}
+    reclaimed = 0
+    last = since_event
+    for r in await conn.fetch(Q["metrics_events_since"], since_event):
+        events[r["type"]] = int(r["n"])
+        reclaimed += int(r["reclaimed"])
+        last = max(last, int(r["last_id"]))
+    return Scrape(pending, leases, events, reclaimed, last)

@@ -1,0 +1,445 @@
+"""`ainarres work`: turn any command-line harness into a worker.
+
+The runner long-poll claims with its token, runs the configured command once per task and keeps
+the lease alive while it runs. The command gets the task on stdin and, in its environment:
+AINARRES_TASK_ID, AINARRES_LEASE, AINARRES_LEASE_EXPIRES_AT, AINARRES_LANE, AINARRES_STAGE,
+AINARRES_ATTEMPTS, AINARRES_REWORK_COUNT, AINARRES_TASK_JSON (a file holding the task),
+AINARRES_CLAIM_JSON (the whole claim answer), AINARRES_CARD (the stage's role card, or the stage key
+when the service sent no card) and AINARRES_CARD_FILE, plus AINARRES_URL, AINARRES_TOKEN and an
+AINARRES_STATE_DIR in which the lease is remembered, so `ainarres agent progress --note …` works
+from inside the command.
+
+The command's last stdout line may say what to do, as JSON:
+  {"verb": "advance"|"reject"|"release"|"block", "to": STAGE, "note": …, "reason": …, "artifacts": […]}
+That verb is sent whatever the exit status. Without it, a non-zero exit (a crash) or a timeout
+releases the task with the reason; a zero exit releases it too unless the command already finished
+the task itself. The runner decides nothing about routing: it asks only for work its token allows,
+and the stage to move to comes from the command. SIGINT/SIGTERM stop it cleanly: running commands
+are terminated and their tasks released. Progress is reported as one JSON line per event on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ainarres_api.agent_cli import JsonParser, Leases, UsageError, emit, resolve_token, resolve_url, token_sub
+from ainarres_api.client import AsyncClient, Claim, Hold, Refused, Unreachable
+
+VERBS = ("advance", "reject", "release", "block")
+FATAL = ("unauthenticated", "not_eligible")
+TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class Outcome:
+    """How a command run ended."""
+
+    how: str  # "exit", "timeout", "lease_lost", "stopped"
+    status: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+def verb_line(stdout: str) -> dict[str, Any] | None:
+    """The command's decision: its last non-empty stdout line, if that is a JSON object with a `verb`."""
+    for line in reversed(stdout.splitlines()):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return None
+            return obj if isinstance(obj, dict) and "verb" in obj else None
+    return None
+
+
+def card_text(claim: Mapping[str, Any]) -> str:
+    """The role card's markdown from a claim answer, else the stage key."""
+    task = claim.get("task") or {}
+    card = claim.get("card", task.get("card"))
+    if isinstance(card, str) and card.strip():
+        return card
+    if isinstance(card, Mapping):
+        for key in ("instructions", "markdown", "text", "body"):
+            if isinstance(card.get(key), str) and card[key].strip():
+                return str(card[key])
+        return json.dumps(card)
+    return str(task.get("stage", ""))
+
+
+def _tail(buf: bytearray, chunk: bytes) -> None:
+    buf.extend(chunk)
+    if len(buf) > TAIL_BYTES:
+        del buf[: len(buf) - TAIL_BYTES]
+
+
+class Runner:
+    """Claims work and runs one command per task, `concurrency` at a time."""
+
+    def __init__(self, client: AsyncClient, command: list[str], *, lane: str | None, concurrency: int,
+                 timeout: float, poll: float, grace: float, max_tasks: int | None, workdir: str | None,
+                 url: str, token: str) -> None:
+        self.client = client
+        self.command = command
+        self.lane = lane
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.poll = poll
+        self.grace = grace
+        self.max_tasks = max_tasks
+        self.workdir = workdir
+        self.url = url
+        self.token = token
+        self.sub = token_sub(token)
+        self.stopping = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.holding: set[str] = set()
+        self.done = 0
+        self.fatal: Refused | None = None
+
+    def log(self, event: str, **fields: Any) -> None:
+        emit({"event": event, "sub": self.sub, **fields})
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            self.log("stopping")
+            self.stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def run(self) -> int:
+        """Work until stopped (a signal, --max-tasks, or a refusal that no retry can fix)."""
+        self.log("ready", concurrency=self.concurrency, lane=self.lane, command=self.command)
+        slots = [asyncio.create_task(self._slot(i), name=f"slot {i}") for i in range(self.concurrency)]
+        await asyncio.gather(*slots)
+        await self._sweep()
+        self.log("stopped", done=self.done)
+        return 1 if self.fatal is not None else 0
+
+    async def _sweep(self) -> None:
+        """Release anything still held by this agent (a claim whose answer a shutdown cut off)."""
+        try:
+            me = await self.client.me()
+        except (Refused, Unreachable):
+            return
+        for h in me.get("held", []):
+            with contextlib.suppress(Refused, Unreachable):
+                await self.client.release(h["task"]["id"], h["lease"]["id"], "the runner shut down")
+                self.log("released", task=h["task"]["id"], reason="the runner shut down")
+
+    async def _claim(self) -> Claim | None:
+        """One long-poll claim, abandoned if the runner is told to stop."""
+        claim = asyncio.create_task(self.client.claim(self.lane, wait_seconds=self.poll))
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not claim.done():
+            claim.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Refused, Unreachable):
+                await claim
+            return None
+        return claim.result()
+
+    async def _slot(self, n: int) -> None:
+        while not self.stopping.is_set():
+            try:
+                out = await self._claim()
+            except Refused as exc:
+                await self._refused_claim(n, exc)
+                continue
+            except Unreachable as exc:
+                self.log("unreachable", slot=n, detail=str(exc))
+                await self._pause(min(5.0, self.poll))
+                continue
+            if out is None or out.get("code") != "claimed":
+                continue
+            await self._work(n, out)
+            self.done += 1
+            self.changed.set()
+            if self.max_tasks is not None and self.done >= self.max_tasks:
+                self.stop()
+
+    async def _refused_claim(self, n: int, exc: Refused) -> None:
+        if exc.code in FATAL:
+            self.fatal = exc
+            self.log("refused", slot=n, code=exc.code, detail=exc.detail)
+            self.stop()
+            return
+        lease = exc.body.get("lease")
+        if exc.code == "already_holding" and exc.task and isinstance(lease, Mapping):
+            task_id = str(exc.task["id"])
+            if task_id not in self.holding:
+                # Held by this agent but by no slot of this runner: left over from an earlier run.
+                with contextlib.suppress(Refused, Unreachable):
+                    await self.client.release(task_id, str(lease["id"]), "left over from an earlier run "
+                                              "of this agent")
+                    self.log("released", slot=n, task=task_id, reason="left over from an earlier run")
+                return
+            # Another slot holds what the family allows: wait until a slot finishes.
+            self.changed.clear()
+            waiter = asyncio.create_task(self.changed.wait())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({waiter, stop}, timeout=self.poll, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stop.cancel()
+            return
+        self.log("refused", slot=n, code=exc.code, detail=exc.detail)
+        await self._pause(min(5.0, self.poll))
+
+    async def _work(self, n: int, claim: Claim) -> None:
+        task = claim["task"]
+        assert task is not None
+        task_id = str(task["id"])
+        self.holding.add(task_id)
+        self.log("claimed", slot=n, task=task_id, stage=task.get("stage"), attempts=task.get("attempts"),
+                 rework_count=task.get("rework_count"))
+        scratch = Path(tempfile.mkdtemp(prefix="ainarres-task-"))
+        try:
+            async with self.client.held(claim) as hold:
+                outcome = await self._execute(n, claim, hold, scratch)
+                await self._conclude(n, hold, outcome)
+        except (Refused, Unreachable) as exc:
+            self.log("error", slot=n, task=task_id, detail=str(exc))
+        finally:
+            self.holding.discard(task_id)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _environment(self, claim: Claim, scratch: Path) -> dict[str, str]:
+        task = claim["task"]
+        lease = claim["lease"]
+        assert task is not None and lease is not None
+        task_file = scratch / "task.json"
+        task_file.write_text(json.dumps(task))
+        (scratch / "claim.json").write_text(json.dumps(claim, default=str))
+        card = card_text(claim)
+        (scratch / "card.md").write_text(card)
+        state = scratch / "state"
+        Leases(state, self.sub).remember(task, lease)
+        env = dict(os.environ)
+        env.update({
+            "AINARRES_URL": self.url, "AINARRES_TOKEN": self.token, "AINARRES_STATE_DIR": str(state),
+            "AINARRES_TASK_ID": str(task["id"]), "AINARRES_LEASE": str(lease["id"]),
+            "AINARRES_LEASE_EXPIRES_AT": str(lease["expires_at"]), "AINARRES_LANE": str(task.get("lane", "")),
+            "AINARRES_STAGE": str(task.get("stage", "")), "AINARRES_ATTEMPTS": str(task.get("attempts", 0)),
+            "AINARRES_REWORK_COUNT": str(task.get("rework_count", 0)), "AINARRES_TASK_JSON": str(task_file),
+            "AINARRES_CLAIM_JSON": str(scratch / "claim.json"), "AINARRES_CARD": card,
+            "AINARRES_CARD_FILE": str(scratch / "card.md"),
+        })
+        env.pop("AINARRES_TOKEN_FILE", None)
+        return env
+
+    async def _execute(self, n: int, claim: Claim, hold: Hold, scratch: Path) -> Outcome:
+        """Run the command for one task until it exits, times out, loses its lease, or the runner stops."""
+        env = self._environment(claim, scratch)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=self.workdir, start_new_session=True)
+        except OSError as exc:
+            return Outcome("exit", 127, "", f"cannot start the command: {exc}")
+        self.log("started", slot=n, task=hold.task_id, pid=proc.pid)
+        out, err = bytearray(), bytearray()
+
+        async def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(json.dumps(claim["task"]).encode() + b"\n")
+                await proc.stdin.drain()
+                proc.stdin.close()
+
+        async def pump(stream: asyncio.StreamReader | None, buf: bytearray, echo: bool) -> None:
+            assert stream is not None
+            while chunk := await stream.read(65536):
+                _tail(buf, chunk)
+                if echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+
+        io = [asyncio.create_task(feed()), asyncio.create_task(pump(proc.stdout, out, False)),
+              asyncio.create_task(pump(proc.stderr, err, True))]
+        exited = asyncio.create_task(proc.wait())
+        lost = asyncio.create_task(hold.lost.wait())
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({exited, lost, stop}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+        if lost.done() and not exited.done():
+            # The command may have finished the task itself (`ainarres agent advance`) and be exiting.
+            await asyncio.wait({exited}, timeout=self.grace)
+        how = "exit" if exited.done() else "lease_lost" if lost.done() else "stopped" if stop.done() \
+            else "timeout"
+        lost.cancel()
+        stop.cancel()
+        if how != "exit":
+            await self._terminate(proc)
+        await exited
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*io, return_exceptions=True), self.grace)
+        for t in io:
+            t.cancel()
+        return Outcome(how, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the command's process group, then SIGKILL after the grace period."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # Whatever the command left behind in its group goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    async def _conclude(self, n: int, hold: Hold, o: Outcome) -> None:
+        """Turn how the command ended into the verb."""
+        tid = hold.task_id
+        if o.how == "lease_lost":
+            self.log("lease_lost", slot=n, task=tid, detail=hold.refusal.detail if hold.refusal else "")
+            return
+        if o.how == "stopped":
+            await self._release(n, hold, "the runner shut down while the command ran")
+            return
+        if o.how == "timeout":
+            await self._release(n, hold, f"the command timed out after {self.timeout:g}s")
+            return
+        line = verb_line(o.stdout)
+        if line is None:
+            if o.status != 0:
+                tail = o.stderr.strip()[-1500:]
+                await self._release(n, hold, f"the command crashed (exit {o.status}) without a verb line"
+                                    + (f"; stderr: {tail}" if tail else ""))
+                return
+            if await self._finished_by_command(hold):
+                self.log("finished", slot=n, task=tid, verb=None, by="command", exit=o.status)
+                return
+            await self._release(n, hold, "the command exited 0 without a verb line saying what to do")
+            return
+        await self._apply(n, hold, line, o.status)
+
+    async def _finished_by_command(self, hold: Hold) -> bool:
+        try:
+            task = await self.client.task(hold.task_id)
+        except (Refused, Unreachable):
+            return False
+        return not (task.get("state") == "held" and task.get("holder") == self.sub)
+
+    async def _apply(self, n: int, hold: Hold, line: dict[str, Any], status: int | None) -> None:
+        verb, to = line.get("verb"), line.get("to")
+        note, reason = line.get("note"), line.get("reason")
+        artifacts = line.get("artifacts") or None
+        problem = None
+        if verb not in VERBS:
+            problem = f"unknown verb {verb!r} (one of {', '.join(VERBS)})"
+        elif verb in ("advance", "reject") and not isinstance(to, str):
+            problem = f"{verb} needs \"to\": the stage to move to"
+        elif artifacts is not None and not (isinstance(artifacts, list)
+                                            and all(isinstance(a, dict) for a in artifacts)):
+            problem = "\"artifacts\" must be a list of objects"
+        if problem:
+            await self._release(n, hold, f"bad verb line from the command: {problem}")
+            return
+        note = note if isinstance(note, str) and note else None
+        text = reason if isinstance(reason, str) and reason else note
+        try:
+            if verb == "advance":
+                res = await hold.advance(str(to), note, artifacts)
+            elif verb == "reject":
+                res = await hold.reject(str(to), text or f"rejected by the command (exit {status})",
+                                        artifacts)
+            elif verb == "release":
+                res = await hold.release(text)
+            else:
+                res = await hold.block(text or "blocked by the command")
+        except Refused as exc:
+            if exc.code == "lease_lost":
+                self.log("lease_lost", slot=n, task=hold.task_id, detail=exc.detail)
+                return
+            self.log("refused", slot=n, task=hold.task_id, verb=verb, code=exc.code, detail=exc.detail)
+            await self._release(n, hold, f"{verb} was refused ({exc.code}): {exc.detail}"[:2000])
+            return
+        task = res.get("task") or {}
+        self.log("finished", slot=n, task=hold.task_id, verb=verb, to=to, code=res.get("code"),
+                 stage=task.get("stage"), state=task.get("state"), exit=status)
+
+    async def _release(self, n: int, hold: Hold, reason: str) -> None:
+        try:
+            res = await hold.release(reason[:8000])
+        except Refused as exc:
+            self.log("refused", slot=n, task=hold.task_id, verb="release", code=exc.code, detail=exc.detail)
+            return
+        self.log("released", slot=n, task=hold.task_id, reason=reason, code=res.get("code"),
+                 attempts=(res.get("task") or {}).get("attempts"))
+
+
+def build_parser() -> JsonParser:
+    """The `ainarres work` command line."""
+    p = JsonParser(prog="ainarres work", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="the service (else AINARRES_URL, else http://127.0.0.1:8080)")
+    p.add_argument("--token", help="bearer token (beats AINARRES_TOKEN and any token file)")
+    p.add_argument("--token-file", help="file holding the token (beats AINARRES_TOKEN)")
+    p.add_argument("--lane", help="claim only from this lane")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="tasks run at once (the family's max_active must allow N)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="per-task limit (default 3600)")
+    p.add_argument("--poll", type=float, default=20.0, metavar="S", help="long-poll wait per claim (max 60)")
+    p.add_argument("--grace", type=float, default=5.0, metavar="S",
+                   help="after SIGTERM, seconds before a command is killed")
+    p.add_argument("--max-tasks", type=int, metavar="K", help="stop after K tasks")
+    p.add_argument("--workdir", help="the command's working directory")
+    p.add_argument("--shell", metavar="CMD", help="the command as one shell string (instead of -- CMD ARGS)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    return p
+
+
+async def _serve(runner: Runner) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.stop)
+    try:
+        return await runner.run()
+    finally:
+        await runner.client.aclose()
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Entry point of `ainarres work`."""
+    env = os.environ if env is None else env
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        if args.shell and command:
+            raise UsageError("give the command either with --shell or after --, not both")
+        if args.shell:
+            command = ["/bin/sh", "-c", args.shell]
+        if not command:
+            raise UsageError("no command: ainarres work [options] -- COMMAND [ARGS…] (or --shell 'CMD')")
+        if args.concurrency < 1 or args.timeout <= 0 or args.poll < 0 or args.grace < 0:
+            raise UsageError("--concurrency, --timeout must be positive; --poll, --grace not negative")
+        token = resolve_token(args.token, args.token_file, env)
+    except UsageError as exc:
+        emit({"code": "usage", "detail": str(exc)})
+        return 2
+    url = resolve_url(args.url, env)
+    runner = Runner(AsyncClient(url, token), command, lane=args.lane, concurrency=args.concurrency,
+                    timeout=args.timeout, poll=min(args.poll, 60.0), grace=args.grace,
+                    max_tasks=args.max_tasks, workdir=args.workdir, url=url, token=token)
+    return asyncio.run(_serve(runner))

@@ -1,0 +1,324 @@
+"""`ainarres work` end to end: real runner processes, shell-script harnesses, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.acceptance.live_server import AINARRES, Live, serve
+
+LIMIT = 45  # seconds any one wait may take before the test fails
+
+BUILD = {
+    "key": "build",
+    "stages": [
+        {"key": "write", "initial": True, "lease_seconds": 2, "max_attempts": 5},
+        {"key": "review", "lease_seconds": 2, "max_rework": 3},
+        {"key": "done", "terminal": True},
+    ],
+    "transitions": [
+        {"from": "write", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+        {"from": "review", "to": "write", "kind": "reject", "required_features": ["role:reviewer"]},
+    ],
+}
+
+# The developer: writes a program printing 1+2+…+n to a file, checks that it runs and prints a
+# number, and says "advance". Payload mode "bad" plants an off-by-one on the first try (its own
+# check cannot see it); mode "hang" makes the first attempt hang, so its runner can be killed.
+DEV = r"""
+set -eu
+field() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["payload"].get(sys.argv[2], ""))' \
+          "$AINARRES_TASK_JSON" "$1"; }
+n=$(field n); mode=$(field mode)
+[ "$(cat)" != "" ]  # the task also arrives on stdin
+if [ "$mode" = hang ] && [ "$AINARRES_ATTEMPTS" = 0 ]; then
+  echo $$ > "$WORK/$AINARRES_TASK_ID.hung"
+  sleep 120
+fi
+k=$n
+if [ "$mode" = bad ] && [ "$AINARRES_REWORK_COUNT" = 0 ]; then k=$((n + 1)); fi
+prog="$WORK/$AINARRES_TASK_ID.sh"
+cat > "$prog" <<EOF
+i=0; s=0
+while [ \$i -lt $k ]; do i=\$((i + 1)); s=\$((s + i)); done
+echo \$s
+EOF
+out=$(sh "$prog")
+case "$out" in ''|*[!0-9]*) echo '{"verb": "release", "reason": "my program prints no number"}'; exit 1;; esac
+echo "wrote $prog" >&2
+art="{\"type\": \"file\", \"path\": \"$prog\"}"
+echo "{\"verb\": \"advance\", \"to\": \"review\", \"note\": \"prints $out\", \"artifacts\": [$art]}"
+"""
+
+# The reviewer: re-runs the program and checks its answer; a wrong one is rejected (exit 1).
+REVIEW = r"""
+set -eu
+n=$("$PY" -c 'import json,sys; print(json.load(sys.stdin)["payload"]["n"])')
+want=$((n * (n + 1) / 2))
+got=$(sh "$WORK/$AINARRES_TASK_ID.sh" || true)
+if [ "$got" = "$want" ]; then
+  echo "{\"verb\": \"advance\", \"to\": \"done\", \"note\": \"validated: $got\"}"
+else
+  echo "{\"verb\": \"reject\", \"to\": \"write\", \"reason\": \"expected $want, got $got\"}"
+  exit 1
+fi
+"""
+
+
+class Runner:
+    """One `ainarres work` process and the JSON lines it has printed."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, events: list[dict[str, Any]],
+                 changed: asyncio.Condition) -> None:
+        self.name, self.proc, self.changed = name, proc, changed
+        self.events: list[dict[str, Any]] = []
+        self._all = events
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            ev = json.loads(raw)
+            ev["runner"] = self.name
+            async with self.changed:
+                self.events.append(ev)
+                self._all.append(ev)
+                self.changed.notify_all()
+
+
+class Fleet:
+    """Runners started for a test, their pooled events, and cleanup."""
+
+    def __init__(self, live: Live, tmp: Path) -> None:
+        self.live, self.tmp = live, tmp
+        self.events: list[dict[str, Any]] = []
+        self.changed = asyncio.Condition()
+        self.runners: list[Runner] = []
+
+    async def start(self, name: str, token: str, script: str, *args: str) -> Runner:
+        path = self.tmp / f"{name}.sh"
+        path.write_text(textwrap.dedent(script))
+        env = self.live.env(AINARRES_TOKEN=token, PY=sys.executable, WORK=str(self.tmp))
+        err = open(self.tmp / f"{name}.stderr", "wb")  # noqa: ASYNC230 - a test; the runner owns it
+        proc = await asyncio.create_subprocess_exec(
+            *AINARRES, "work", "--poll", "1", "--grace", "2", *args, "--", "sh", str(path),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
+        err.close()
+        r = Runner(name, proc, self.events, self.changed)
+        self.runners.append(r)
+        return r
+
+    async def until(self, pred: Callable[[list[dict[str, Any]]], Any], what: str) -> Any:
+        """Wait for the runners' events to satisfy `pred` (its truthy value is returned)."""
+        async def wait() -> Any:
+            async with self.changed:
+                while not (got := pred(self.events)):
+                    await self.changed.wait()
+                return got
+
+        try:
+            return await asyncio.wait_for(wait(), LIMIT)
+        except TimeoutError:
+            logs = {p.name: p.read_text()[-3000:] for p in self.tmp.glob("*.stderr")}
+            pytest.fail(f"timed out waiting for {what}; events: {self.events}; stderr: {logs}")
+
+    async def stop(self, r: Runner) -> int:
+        r.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(r.proc.wait(), LIMIT)
+        await asyncio.wait_for(r.reader, LIMIT)
+        return rc
+
+    async def close(self) -> None:
+        for r in self.runners:
+            if r.proc.returncode is None:
+                r.proc.kill()
+                await r.proc.wait()
+            r.reader.cancel()
+        for f in self.tmp.glob("*.hung"):  # the command a SIGKILLed runner left behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(f.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture
+async def fleet(dsn: str, tmp_path: Path) -> Any:
+    with serve(dsn, tmp_path) as live:
+        f = Fleet(live, tmp_path)
+        try:
+            yield f
+        finally:
+            await f.close()
+
+
+def _events(live: Live, tid: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = live.admin("GET", f"/v1/tasks/{tid}/events", expect=200)["items"]
+    return items
+
+
+def _setup(live: Live, lane: str, workflow: dict[str, Any]) -> str:
+    """The lane with families dev-<lane> and rev-<lane>; returns a token that may create tasks in it."""
+    live.lane(lane, workflow, {f"dev-{lane}": [f"lane:{lane}", "role:dev"],
+                               f"rev-{lane}": [f"lane:{lane}", "role:reviewer"]})
+    return str(live.mint(f"dev-{lane}")["token"])
+
+
+def _create(live: Live, token: str, lane: str, title: str, **fields: Any) -> str:
+    r = live.http.post("/v1/tasks", json={"lane": lane, "title": title, **fields},
+                       headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["task"]["id"])
+
+
+async def test_two_runners_drain_a_workflow_with_rework_and_crash_recovery(fleet: Fleet) -> None:
+    live = fleet.live
+    lane = "build"
+    creator = _setup(live, lane, BUILD)
+    tasks = {mode or "good": _create(live, creator, lane, f"sum to {n}", payload={"n": n, "mode": mode})
+             for n, mode in ((4, ""), (5, "bad"), (6, "hang"))}
+    devs = [live.mint(f"dev-{lane}") for _ in range(2)]
+    rev = live.mint(f"rev-{lane}")
+    d1 = await fleet.start("dev1", devs[0]["token"], DEV)
+    d2 = await fleet.start("dev2", devs[1]["token"], DEV)
+    r = await fleet.start("reviewer", rev["token"], REVIEW)
+
+    # Whichever developer starts the hanging task dies with SIGKILL, holding it.
+    hung = await fleet.until(lambda evs: next((e for e in evs if e["event"] == "started"
+                                               and e["task"] == tasks["hang"]), None), "the hanging task")
+    victim, survivor = (d1, d2) if hung["runner"] == "dev1" else (d2, d1)
+    victim.proc.send_signal(signal.SIGKILL)
+    await victim.proc.wait()
+
+    def all_done(evs: list[dict[str, Any]]) -> bool:
+        return {e["task"] for e in evs if e["event"] == "finished" and e.get("state") == "done"} == \
+            set(tasks.values())
+
+    await fleet.until(all_done, "every task to reach done")
+    assert await fleet.stop(survivor) == 0 and await fleet.stop(r) == 0
+    assert survivor.events[-1]["event"] == "stopped" and r.events[-1]["event"] == "stopped"
+
+    for mode, tid in tasks.items():
+        task = live.admin("GET", f"/v1/tasks/{tid}", expect=200)
+        assert task["state"] == "done", (mode, task)
+        prog = fleet.tmp / f"{tid}.sh"
+        n = task["payload"]["n"]
+        proc = await asyncio.create_subprocess_exec("sh", str(prog), stdout=asyncio.subprocess.PIPE)
+        assert (await proc.communicate())[0].decode().strip() == str(n * (n + 1) // 2)
+
+    # The planted bad solution was rejected by the reviewer and the rework landed.
+    bad = _events(live, tasks["bad"])
+    rejects = [e for e in bad if e["type"] == "transition" and e["data"]["kind"] == "reject"]
+    assert len(rejects) == 1 and rejects[0]["actor"] == rev["sub"]
+    assert rejects[0]["data"]["reason"] == "expected 15, got 21"
+    moves = [e["data"]["to"] for e in bad if e["type"] == "transition"]
+    assert moves == ["review", "write", "review", "done"]
+    assert live.admin("GET", f"/v1/tasks/{tasks['bad']}", expect=200)["rework_count"] == 1
+    good = _events(live, tasks["good"])
+    assert [e["data"].get("to") for e in good if e["type"] == "transition"] == ["review", "done"]
+    adv = next(e for e in good if e["type"] == "transition")
+    assert adv["data"]["artifacts"] == [{"type": "file", "path": str(fleet.tmp / f"{tasks['good']}.sh")}]
+
+    # The killed runner's task was recovered by the other one once its lease had expired.
+    hang = _events(live, tasks["hang"])
+    claims = [e for e in hang if e["type"] == "claimed"]
+    victim_sub = next(e["sub"] for e in fleet.events if e["runner"] == victim.name)
+    assert claims[0]["actor"] == victim_sub
+    assert claims[1]["actor"] == survivor.events[0]["sub"] and claims[1]["data"]["reclaimed"] is True
+    assert claims[1]["data"]["previous_holder"] == victim_sub
+    assert not [e for e in hang if e["type"] == "released"]
+
+
+FLAKY = {
+    "key": "flaky",
+    "stages": [
+        {"key": "write", "initial": True, "lease_seconds": 2, "max_attempts": 1,
+         "instructions": "Write the program the payload asks for; advance to review when it runs."},
+        {"key": "review", "lease_seconds": 2},
+        {"key": "done", "terminal": True},
+    ],
+    "transitions": [
+        {"from": "write", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+    ],
+}
+
+# One harness, told by the payload how to misbehave.
+MODES = r"""
+mode=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["payload"]["mode"])' \
+       "$AINARRES_TASK_JSON")
+case "$mode" in
+  crash) echo "oops: segfault in the model" >&2; exit 3;;
+  badline) echo '{"verb": "advance"}';;
+  slow) sleep 60;;
+  self) "$PY" -m ainarres_api agent progress --note "from inside" >/dev/null
+        "$PY" -m ainarres_api agent advance --to review >/dev/null;;
+  card) printf '%s' "$AINARRES_CARD" > "$WORK/card"; echo '{"verb": "block", "reason": "needs a human"}';;
+esac
+"""
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies aside: PID 1 here may never reap them)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def _started(r: Runner, tid: str) -> dict[str, Any]:
+    return next(e for e in r.events if e["event"] == "started" and e["task"] == tid)
+
+
+def _release_reason(live: Live, tid: str) -> str:
+    ev = [e for e in _events(live, tid) if e["type"] in ("blocked", "released")][-1]
+    return str(ev["data"].get("release_reason") or ev["data"].get("reason"))
+
+
+async def test_runner_releases_on_crash_bad_line_timeout_and_shutdown(fleet: Fleet) -> None:
+    live = fleet.live
+    lane = "flaky"
+    creator = _setup(live, lane, FLAKY)
+    ids = {mode: _create(live, creator, lane, mode, priority=prio, payload={"mode": mode})
+           for prio, mode in enumerate(("card", "slow", "self", "badline", "crash"))}  # crash comes first
+    dev = live.mint(f"dev-{lane}")
+    w = await fleet.start("w", dev["token"], MODES, "--timeout", "1.5", "--max-tasks", "5")
+    assert await asyncio.wait_for(w.proc.wait(), LIMIT) == 0  # --max-tasks ends it
+    await asyncio.wait_for(w.reader, LIMIT)
+    assert w.events[-1]["event"] == "stopped" and w.events[-1]["done"] == 5
+
+    crash = _release_reason(live, ids["crash"])
+    assert "crashed (exit 3)" in crash and "oops: segfault" in crash
+    assert "bad verb line" in _release_reason(live, ids["badline"])
+    assert "timed out" in _release_reason(live, ids["slow"])
+    assert _alive_in_group(_started(w, ids["slow"])["pid"]) == []  # the timed-out command is gone
+    # The command finished its task itself through the agent CLI, from the runner's environment.
+    assert live.admin("GET", f"/v1/tasks/{ids['self']}", expect=200)["stage"] == "review"
+    assert [e["type"] for e in _events(live, ids["self"])] == ["created", "claimed", "progress", "transition"]
+    finished = [e for e in w.events if e.get("task") == ids["self"] and e["event"] == "finished"]
+    assert [e["by"] for e in finished] == ["command"], w.events
+    # The verb line works whatever it says: here, block. No card configured → the stage key.
+    card = live.admin("GET", f"/v1/tasks/{ids['card']}", expect=200)
+    assert card["state"] == "blocked" and card["blocked_reason"] == "needs a human"
+    seen = (fleet.tmp / "card").read_text()
+    assert seen == "write" or "Write the program" in seen
+
+    # SIGTERM while a command runs: the command is stopped and the task released.
+    late = _create(live, creator, lane, "late", payload={"mode": "slow"})
+    w2 = await fleet.start("w2", dev["token"], MODES)
+    await fleet.until(lambda evs: any(e["event"] == "started" and e["task"] == late for e in evs),
+                      "the slow command to start")
+    assert await fleet.stop(w2) == 0
+    assert "shut down" in _release_reason(live, late)
+    assert _alive_in_group(_started(w2, late)["pid"]) == []

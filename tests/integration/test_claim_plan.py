@@ -1,0 +1,120 @@
+"""The claim stays an index probe at any backlog: EXPLAIN claim_pick over 200k tasks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ainarres_api.db.queries import Q
+from tests.helpers import Api, make_world
+
+BACKLOG = 200_000
+
+# Seeded rows copy the lane, stage, route and required features of a template task made through
+# the API, so the routes and their bundles are exactly what the service builds. Of every 20 rows,
+# 15 wait ready and 4 are held under a live lease, in routes the claimer may not take and at a
+# priority above everything it may take; 1 is held under a lease that ran out, also out of reach.
+SEED = """
+INSERT INTO tasks (lane_id, stage_id, route_id, state, title, priority, required_features, holder,
+                   lease_id, lease_expires_at, held_since, available_at)
+SELECT tp.lane_id, tp.stage_id, tp.route_id, CASE WHEN g % 20 < 15 THEN 'ready' ELSE 'held' END,
+       'backlog', 100 + g % 7, tp.required_features,
+       CASE WHEN g % 20 >= 15 THEN 'ghost' END,
+       CASE WHEN g % 20 >= 15 THEN '00000000-0000-4000-8000-000000000000'::uuid END,
+       CASE WHEN g % 20 < 15 THEN NULL
+            WHEN g % 20 = 19 THEN now() - make_interval(secs => g % 5000 + 1)
+            ELSE now() + make_interval(secs => g % 5000 + 60) END,
+       CASE WHEN g % 20 >= 15 THEN now() END,
+       now() - make_interval(secs => g)
+  FROM (SELECT * FROM tasks WHERE id = $1) tp
+ CROSS JOIN generate_series(1, $2::int) g
+"""
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _assert_probes(plan_json: Any) -> list[dict[str, Any]]:
+    doc = json.loads(plan_json) if isinstance(plan_json, str) else plan_json
+    nodes = list(_nodes(doc[0]["Plan"]))
+    on_tasks = [n for n in nodes if n.get("Relation Name") == "tasks"]
+    assert on_tasks, "the plan reads no tasks at all?"
+    seq = [n for n in on_tasks if n["Node Type"] in ("Seq Scan", "Bitmap Heap Scan")]
+    assert not seq, f"the claim scans tasks wholesale: {json.dumps(seq, indent=1)[:2000]}"
+    ready = [n for n in on_tasks if n.get("Index Name") == "tasks_ready"]
+    lease = [n for n in on_tasks if n.get("Index Name") == "tasks_lease"]
+    assert ready, f"the ready probe does not use tasks_ready: {[n.get('Index Name') for n in on_tasks]}"
+    assert lease, f"the expired-lease probe does not use tasks_lease: {[n.get('Index Name') for n in on_tasks]}"
+    # The ready probe is one ordered range per route: the index gives the order, nothing is sorted.
+    assert all(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in ready + lease)
+    for n in ready:
+        assert "route_id" in n.get("Index Cond", ""), n
+    for n in lease:
+        assert "lease_expires_at" in n.get("Index Cond", ""), n
+    return nodes
+
+
+@pytest.fixture
+async def seeded(admin: Api, db: asyncpg.Connection) -> list[int]:
+    """A 200k backlog the claimer cannot touch, a few tasks it can; returns its eligible routes."""
+    w = await make_world(admin)
+    await admin.post("/v1/families", {"key": "wide", "features": ["lane:dev", "role:dev", "area:backend"]}, 201)
+    capable = await w.agent("capable")
+    wide = await w.agent("wide")
+    # Templates in routes the claimer (family wide) may NOT take: tier:2 work in todo and in review.
+    in_review = (await capable.create("dev", "tpl", required_features=["tier:2"]))["task"]["id"]
+    c = await capable.claim("dev")
+    assert c["task"]["id"] == in_review
+    await capable.verb(in_review, "advance", lease=c["lease"]["id"], to="review")
+    out_of_reach = [in_review] + [(await capable.create("dev", "tpl", required_features=req))["task"]["id"]
+                                  for req in (["tier:2"], ["area:backend", "tier:2"])]
+    # A few tasks it may take, low priority, in two routes; one of them held under an expired lease.
+    mine = [(await wide.create("dev", "mine", required_features=req, priority=-5))["task"]["id"]
+            for req in ([], ["area:backend"], [], ["area:backend"])]
+    c = await wide.claim("dev")
+    assert c["task"]["id"] in mine
+    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 minute' WHERE id = $1",
+                     c["task"]["id"])
+    # Foreign-key triggers off for the bulk insert only: they would triple its cost, and every row
+    # copies its references from a real task.
+    await db.execute("SET session_replication_role = replica")
+    for tid in out_of_reach:
+        await db.execute(SEED, tid, BACKLOG // len(out_of_reach))
+    await db.execute("RESET session_replication_role")
+    await db.execute("ANALYZE tasks")
+    feats = sorted((await wide.get("/v1/me"))["features"])
+    routes = [r["id"] for r in await db.fetch(Q["eligible_routes"], feats, "dev")]
+    not_mine = {r["route_id"] for r in await db.fetch(
+        "SELECT DISTINCT route_id FROM tasks WHERE id = ANY ($1::uuid[])", out_of_reach)}
+    assert len(routes) == 2 and len(not_mine) == 3 and not (set(routes) & not_mine)
+    return routes
+
+
+async def test_claim_pick_probes_indexes_over_a_large_backlog(seeded: list[int], db: asyncpg.Connection):
+    """Custom and generic plans both probe tasks_ready and tasks_lease; the pick is the claimer's own."""
+    assert await db.fetchval("SELECT count(*) FROM tasks") >= BACKLOG
+    _assert_probes(await db.fetchval("EXPLAIN (FORMAT JSON) " + Q["claim_pick"], seeded))
+
+    # What a long-lived connection runs after PostgreSQL switches a prepared statement to its
+    # generic plan: the route ids are unknown to the planner.
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    await db.execute(f"PREPARE claim_pick_generic(int[]) AS {Q['claim_pick']}")
+    literal = "'{" + ",".join(str(int(r)) for r in seeded) + "}'"
+    plan = await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE claim_pick_generic({literal})")
+    _assert_probes(plan)
+    await db.execute("DEALLOCATE claim_pick_generic")
+    await db.execute("RESET plan_cache_mode")
+
+    # Not just an index: it yields the claimer's best task (the expired hold: same priority, oldest),
+    # never a backlog row.
+    async with db.transaction():
+        row = await db.fetchrow(Q["claim_pick"], seeded)
+        assert row is not None and row["expired"] is True
+        assert await db.fetchval("SELECT route_id FROM tasks WHERE id = $1", row["id"]) in seeded

@@ -1,0 +1,323 @@
+"""Long-poll claims: what wakes a waiting claim, whom it wakes, and what waiting costs.
+
+The safety sweep is pushed out to minutes here, so a waiter that claims before the test's
+generous timeout can only have been woken by the change under test. Waits are on the hub's
+observable state (who is waiting, who is idle), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from ainarres_api.app import create_app
+from ainarres_api.services import auth
+from ainarres_api.services.wake import Wake
+from ainarres_api.settings import Settings
+from tests.conftest import TEST_SECRET
+from tests.helpers import DEV_WORKFLOW, Api, make_world
+
+# Long enough that a missing wake-up shows as a timeout of the test, not as a claim at the deadline.
+WAIT = 60
+WOKEN_WITHIN = 20
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(database_url=None, data_dir=tmp_path, jwt_secret=TEST_SECRET, pool_min_size=1,
+                    pool_max_size=10, wake_sweep_seconds=300)
+
+
+def hub_of(app: Any) -> Wake:
+    hub: Wake = app.state.ainarres.wake
+    return hub
+
+
+async def waiting_claim(app: Any, agent: Api, **body: Any) -> asyncio.Task[Any]:
+    """Start a long-poll claim and return once it is blocked waiting (its first claim was empty)."""
+    hub = hub_of(app)
+    before = {id(w) for w in hub.waiters}
+    task = asyncio.create_task(agent.claim(wait_seconds=body.pop("wait_seconds", WAIT), **body))
+
+    def blocked(h: Wake) -> bool:
+        # ...and the sweep its new routes asked for is over, so only the change under test can wake it.
+        return (any(id(w) not in before and w.idle for w in h.waiters) and not h.sweeping) or task.done()
+
+    await hub.until(blocked, WOKEN_WITHIN)
+    assert not task.done(), task.result()
+    return task
+
+
+async def woken(task: asyncio.Task[Any]) -> Any:
+    return await asyncio.wait_for(task, WOKEN_WITHIN)
+
+
+def workflow(**todo: Any) -> dict[str, Any]:
+    wf = copy.deepcopy(DEV_WORKFLOW)
+    wf["stages"][0].update(todo)
+    return wf
+
+
+async def test_wakes_on_create(app, admin):
+    w = await make_world(admin)
+    maker, taker = await w.agent("cheap"), await w.agent("cheap")
+    waiter = await waiting_claim(app, taker)
+    made = await maker.create("dev", "new work")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+
+
+async def test_wakes_on_advance_and_on_reject(app, admin):
+    w = await make_world(admin)
+    dev, dev2, rev = await w.agent("cheap"), await w.agent("cheap"), await w.agent("reviewers")
+    tid = (await dev.create("dev", "x"))["task"]["id"]
+    lease = (await dev.claim())["lease"]["id"]
+    reviewer = await waiting_claim(app, rev)
+    await dev.verb(tid, "advance", lease=lease, to="review")
+    got = await woken(reviewer)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid and got["task"]["stage"] == "review"
+    developer = await waiting_claim(app, dev2)
+    await rev.verb(tid, "reject", lease=got["lease"]["id"], to="todo", reason="tests fail")
+    back = await woken(developer)
+    assert back["code"] == "claimed" and back["task"]["id"] == tid and back["task"]["stage"] == "todo"
+
+
+async def test_wakes_on_release(app, admin):
+    w = await make_world(admin)
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await a.create("dev", "x"))["task"]["id"]
+    lease = (await a.claim())["lease"]["id"]
+    waiter = await waiting_claim(app, b)
+    await a.verb(tid, "release", lease=lease, reason="not mine")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid and got["task"]["attempts"] == 1
+
+
+async def test_wakes_on_unblock(app, admin):
+    w = await make_world(admin)
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await a.create("dev", "x"))["task"]["id"]
+    lease = (await a.claim())["lease"]["id"]
+    await a.verb(tid, "block", lease=lease, reason="needs a human")
+    waiter = await waiting_claim(app, b)
+    await admin.verb(tid, "unblock", note="go on")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid
+
+
+async def test_wakes_when_dependency_is_done(app, admin):
+    w = await make_world(admin)
+    dev, dev2, rev = await w.agent("cheap"), await w.agent("cheap"), await w.agent("reviewers")
+    first = (await dev.create("dev", "first"))["task"]["id"]
+    lease = (await dev.claim())["lease"]["id"]
+    await dev.verb(first, "advance", lease=lease, to="review")
+    later = (await dev.create("dev", "later", depends_on=[first]))["task"]
+    assert later["state"] == "waiting"
+    r = await rev.claim()
+    waiter = await waiting_claim(app, dev2)
+    await rev.verb(first, "advance", lease=r["lease"]["id"], to="done")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == later["id"]
+
+
+async def test_wakes_on_escalation_by_release(app, admin):
+    w = await make_world(admin)  # todo: escalate_after 2, max_attempts 3
+    cheap, capable = await w.agent("cheap"), await w.agent("capable")
+    tid = (await cheap.create("dev", "x"))["task"]["id"]
+    await cheap.verb(tid, "release", lease=(await cheap.claim())["lease"]["id"])
+    lease = (await cheap.claim())["lease"]["id"]
+    waiter = await waiting_claim(app, capable)
+    rel = await cheap.verb(tid, "release", lease=lease)
+    assert "tier:2" in rel["task"]["required_features"]
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid
+
+
+async def test_wakes_on_escalation_made_by_a_recovering_claim(app, admin, db):
+    w = await make_world(admin, workflow=workflow(escalate_after=1))
+    cheap, cheap2, capable = await w.agent("cheap"), await w.agent("cheap"), await w.agent("capable")
+    # Make the tier:2 route exist beforehand, so the wake-up must name it (no "routes changed").
+    parked = (await cheap.create("dev", "tier 2 work", required_features=["tier:2"]))["task"]["id"]
+    await capable.verb(parked, "block", lease=(await capable.claim())["lease"]["id"], reason="park")
+    tid = (await cheap.create("dev", "x"))["task"]["id"]
+    await cheap.claim()
+    waiter = await waiting_claim(app, capable)
+    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", tid)
+    # cheap2's claim recovers the lease, which escalates the task out of its reach.
+    assert (await cheap2.claim())["code"] == "empty"
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid
+    assert "tier:2" in got["task"]["required_features"]
+
+
+async def test_wakes_when_a_lease_it_could_recover_expires(app, admin):
+    w = await make_world(admin, workflow=workflow(lease_seconds=1))
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await a.create("dev", "x"))["task"]["id"]
+    await a.claim()
+    waiter = await waiting_claim(app, b)
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid
+    assert got["event"]["data"]["reclaimed"] is True and got["task"]["attempts"] == 1
+
+
+async def test_only_eligible_waiters_wake(app, admin, db):
+    w = await make_world(admin)
+    dev, dev2, rev = await w.agent("cheap"), await w.agent("cheap"), await w.agent("reviewers")
+    # Both routes exist before anyone waits: creating a route wakes every waiter once.
+    tid = (await dev.create("dev", "held"))["task"]["id"]
+    lease = (await dev.claim())["lease"]["id"]
+    await dev.verb(tid, "advance", lease=lease, to="review")
+    lease = (await rev.claim())["lease"]["id"]
+    await rev.verb(tid, "reject", lease=lease, to="todo", reason="again")
+    await dev.claim()
+    review_route = await db.fetchval("SELECT r.id FROM routes r JOIN stages s ON s.id = r.stage_id "
+                                     "WHERE s.key = 'review'")
+    reviewer = await waiting_claim(app, rev, wait_seconds=WAIT)
+    developer = await waiting_claim(app, dev2)
+    hub = hub_of(app)
+    (rev_waiter,) = [x for x in hub.waiters if x.routes == {review_route}]
+    made = await dev.create("dev", "new")
+    got = await woken(developer)
+    assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+    assert rev_waiter.wakeups == 0 and rev_waiter.idle and not reviewer.done()
+    reviewer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reviewer
+
+
+async def test_ineligible_waiter_gets_empty_at_its_deadline(app, admin):
+    w = await make_world(admin)
+    dev, rev = await w.agent("cheap"), await w.agent("reviewers")
+    reviewer = await waiting_claim(app, rev, wait_seconds=0.5)
+    await dev.create("dev", "not for reviewers")
+    got = await woken(reviewer)
+    assert got == {"code": "empty", "task": None, "lease": None}
+
+
+async def test_empty_at_the_deadline(app, admin):
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    got = await asyncio.wait_for(dev.claim(wait_seconds=0.5), WOKEN_WITHIN)
+    assert got["code"] == "empty" and got["task"] is None
+    assert hub_of(app).waiting == 0
+
+
+@pytest.fixture
+async def replica(settings: Settings, dsn: str, app: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A second app instance on the same database (another replica)."""
+    other = create_app(settings, dsn=dsn)
+    async with LifespanManager(other, startup_timeout=30, shutdown_timeout=30):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other),
+                                     base_url="http://replica.test") as c:
+            yield other, c
+
+
+async def test_survives_a_dropped_listen_connection_across_replicas(app, admin, replica, db):
+    other, other_client = replica
+    w = await make_world(admin)
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    maker = Api(other_client, (await w.agent("cheap")).token)
+    hub = hub_of(app)
+
+    waiter = await waiting_claim(app, a)
+    made = await maker.create("dev", "from the other replica")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+
+    waiter = await waiting_claim(app, b)
+    (mine,) = hub.waiters
+    generation, seen = hub.generation, mine.wakeups
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", hub.listener_pid)
+    # Reconnected, and the one catch-up wake-up that follows it has been answered.
+    await hub.until(lambda h: h.generation > generation and mine.wakeups > seen and mine.idle, WOKEN_WITHIN)
+    assert not waiter.done()
+    made = await maker.create("dev", "after the drop")
+    got = await woken(waiter)
+    assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+
+
+async def test_client_disconnect_frees_the_waiter(app, admin, db):
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    hub = hub_of(app)
+
+    # A client that goes away: the server must notice without anything being claimed.
+    body = json.dumps({"wait_seconds": WAIT}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
+             "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50000),
+             "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()),
+                         (b"authorization", f"Bearer {dev.token}".encode())]}
+    gone = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    served = asyncio.create_task(app(scope, receive, send))
+    await hub.until(lambda h: any(x.idle for x in h.waiters) or served.done(), WOKEN_WITHIN)
+    assert hub.waiting == 1 and not served.done()
+    gone.set()
+    await asyncio.wait_for(served, WOKEN_WITHIN)
+    assert hub.waiting == 0
+    made = (await dev.create("dev", "nobody is waiting"))["task"]
+    assert (await dev.get(f"/v1/tasks/{made['id']}"))["state"] == "ready"
+
+    # A cancelled request (the in-process client going away) frees its waiter too.
+    other = await w.agent("cheap")
+    await dev.claim()  # takes `made`, so `other` has to wait
+    task = await waiting_claim(app, other)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hub.waiting == 0
+
+
+async def test_a_thousand_waiters_hold_no_more_connections_than_the_pool(app, admin, db, settings):
+    w = await make_world(admin)
+    maker = await w.agent("cheap")
+    await maker.create("dev", "makes the route")  # creating a route wakes every waiter once
+    await maker.claim()
+    st = app.state.ainarres
+    async with st.pool.acquire() as conn:
+        tokens = [(await auth.mint(conn, st.signer, family="cheap", ttl_seconds=3600))["token"]
+                  for _ in range(1000)]
+    hub = hub_of(app)
+    agents = [Api(admin.client, t) for t in tokens]
+    claims = [asyncio.create_task(a.claim(wait_seconds=WAIT)) for a in agents]
+    try:
+        await hub.until(lambda h: sum(x.idle for x in h.waiters) == 1000 or any(c.done() for c in claims),
+                        120)
+        assert not any(c.done() for c in claims)
+        others = await db.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        # The pool, plus the hub's two own connections (LISTEN, and NOTIFY once anything was written).
+        assert others <= settings.pool_max_size + 2, others
+        await maker.create("dev", "one for a thousand")
+        done, _ = await asyncio.wait(claims, timeout=WOKEN_WITHIN, return_when=asyncio.FIRST_COMPLETED)
+        assert [d.result()["code"] for d in done] == ["claimed"]
+        # One task woke one waiter, and the one it passed the wake-up on to.
+        assert sum(x.wakeups for x in hub.waiters) <= 1
+    finally:
+        for c in claims:
+            c.cancel()
+        await asyncio.gather(*claims, return_exceptions=True)
+    assert hub.waiting == 0
