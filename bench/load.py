@@ -11,6 +11,7 @@ import concurrent.futures
 import multiprocessing
 import random
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -113,8 +114,8 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
                     continue
                 task = r["task"]
                 p = await auth.authenticate(conn, signer, token)
-                await tasks.transition(conn, p, task["id"], r["lease"]["id"], "advance", NEXT[task["stage"]],
-                                       None, [])
+                await tasks.transition(conn, p, uuid.UUID(task["id"]), uuid.UUID(r["lease"]["id"]), "advance",
+                                       NEXT[task["stage"]], None, [])
                 t2 = time.perf_counter()
                 cycles.append(t2 - t0)
                 claims.append(t1 - t0)

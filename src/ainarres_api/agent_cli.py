@@ -451,6 +451,10 @@ def run(argv: list[str], env: Mapping[str, str]) -> int:
     except Refused as exc:
         emit(exc.body)
         return REFUSED
+    except KeyboardInterrupt:
+        emit({"code": "interrupted", "detail": "stopped by SIGINT before the service answered; if this was a "
+                                               "claim, `ainarres agent me` shows whether it took a task"})
+        return USAGE
     except Unreachable as exc:
         emit({"code": "unreachable",
               "detail": f"{exc}; check --url / AINARRES_URL and that the service runs"})

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
     # `agent` and `work` parse their own arguments (see main); listed here for --help.
-    sub.add_parser("agent", add_help=False, help="the agent verbs, one JSON line a call (ainarres agent --help)")
-    sub.add_parser("work", add_help=False, help="run a command for each task claimed (ainarres work --help)")
+    sub.add_parser("agent", add_help=False, help="the agent verbs, one JSON line each (agent --help)")
+    sub.add_parser("work", add_help=False, help="run a command for each task claimed (work --help)")
     return p
 
 

@@ -28,6 +28,7 @@ MAX_WAIT_SECONDS = 60.0  # the service's bound on one long-poll claim
 
 Verb = Literal["advance", "reject", "release", "block"]
 Json = dict[str, Any]
+OversightView = Literal["board", "feed", "stuck", "demand", "agents", "track-record"]
 Arts = Sequence[Mapping[str, Any]] | None  # artifacts: references {type, uri|path|sha|name, hash?}
 
 
@@ -396,6 +397,14 @@ class AsyncClient(_Base):
         """Who you are, your effective features, what you hold."""
         return cast(Me, await self.send(Calls.get("/v1/me")))
 
+    async def card(self, task_id: str) -> Json:
+        """The role card of a task's current stage: instructions and the ways out."""
+        return cast(Json, await self.send(Calls.get(f"/v1/tasks/{task_id}/card")))
+
+    async def oversee(self, view: OversightView, **filters: Any) -> Page:
+        """An oversight read (seat:overseer or seat:monitor): `await c.oversee("stuck", lane="dev")`."""
+        return cast(Page, await self.send(Calls.get(f"/v1/{view}", filters)))
+
     async def get(self, path: str, **params: Any) -> Any:
         """Any read (admin and oversight lists included): `await c.get("/v1/families")`."""
         return await self.send(Calls.get(path, params))
@@ -621,6 +630,14 @@ class Client(_Base):
     def me(self) -> Me:
         """Who you are, your effective features, what you hold."""
         return cast(Me, self.send(Calls.get("/v1/me")))
+
+    def card(self, task_id: str) -> Json:
+        """The role card of a task's current stage: instructions and the ways out."""
+        return cast(Json, self.send(Calls.get(f"/v1/tasks/{task_id}/card")))
+
+    def oversee(self, view: OversightView, **filters: Any) -> Page:
+        """An oversight read (seat:overseer or seat:monitor): `c.oversee("stuck", lane="dev")`."""
+        return cast(Page, self.send(Calls.get(f"/v1/{view}", filters)))
 
     def get(self, path: str, **params: Any) -> Any:
         """Any read (admin and oversight lists included): `c.get("/v1/families")`."""

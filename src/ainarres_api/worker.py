@@ -4,10 +4,10 @@ The runner long-poll claims with its token, runs the configured command once per
 the lease alive while it runs. The command gets the task on stdin and, in its environment:
 AINARRES_TASK_ID, AINARRES_LEASE, AINARRES_LEASE_EXPIRES_AT, AINARRES_LANE, AINARRES_STAGE,
 AINARRES_ATTEMPTS, AINARRES_REWORK_COUNT, AINARRES_TASK_JSON (a file holding the task),
-AINARRES_CLAIM_JSON (the whole claim answer), AINARRES_CARD (the stage's role card, or the stage key
-when the service sent no card) and AINARRES_CARD_FILE, plus AINARRES_URL, AINARRES_TOKEN and an
-AINARRES_STATE_DIR in which the lease is remembered, so `ainarres agent progress --note …` works
-from inside the command.
+AINARRES_CLAIM_JSON (the whole claim answer), AINARRES_CARD (the stage's role card as markdown: its
+instructions and ways out; the stage key if the service sent no card) and AINARRES_CARD_FILE, plus
+AINARRES_URL, AINARRES_TOKEN and an AINARRES_STATE_DIR in which the lease is remembered, so
+`ainarres agent progress --note …` works from inside the command.
 
 The command's last stdout line may say what to do, as JSON:
   {"verb": "advance"|"reject"|"release"|"block", "to": STAGE, "note": …, "reason": …, "artifacts": […]}
@@ -65,17 +65,24 @@ def verb_line(stdout: str) -> dict[str, Any] | None:
 
 
 def card_text(claim: Mapping[str, Any]) -> str:
-    """The role card's markdown from a claim answer, else the stage key."""
+    """The role card from a claim answer as markdown (instructions, then the ways out), else the stage key."""
     task = claim.get("task") or {}
     card = claim.get("card", task.get("card"))
     if isinstance(card, str) and card.strip():
         return card
+    parts: list[str] = []
     if isinstance(card, Mapping):
-        for key in ("instructions", "markdown", "text", "body"):
-            if isinstance(card.get(key), str) and card[key].strip():
-                return str(card[key])
-        return json.dumps(card)
-    return str(task.get("stage", ""))
+        if isinstance(card.get("instructions"), str) and card["instructions"].strip():
+            parts.append(card["instructions"].strip())
+        outs = []
+        for t in card.get("transitions") or []:
+            if isinstance(t, Mapping):
+                needs = f" (needs {', '.join(t['required_features'])})" if t.get("required_features") else ""
+                guard = f" when {t['guard']}" if t.get("guard") else ""
+                outs.append(f"- {t.get('kind')} to `{t.get('to')}`{needs}{guard}")
+        if outs:
+            parts.append(f"Ways out of stage `{card.get('stage', task.get('stage'))}`:\n" + "\n".join(outs))
+    return "\n\n".join(parts) or str(task.get("stage", ""))
 
 
 def _tail(buf: bytearray, chunk: bytes) -> None:
@@ -123,22 +130,24 @@ class Runner:
     async def run(self) -> int:
         """Work until stopped (a signal, --max-tasks, or a refusal that no retry can fix)."""
         self.log("ready", concurrency=self.concurrency, lane=self.lane, command=self.command)
+        await self._sweep("left over from an earlier run of this agent")
         slots = [asyncio.create_task(self._slot(i), name=f"slot {i}") for i in range(self.concurrency)]
         await asyncio.gather(*slots)
-        await self._sweep()
+        await self._sweep("the runner shut down")
         self.log("stopped", done=self.done)
         return 1 if self.fatal is not None else 0
 
-    async def _sweep(self) -> None:
-        """Release anything still held by this agent (a claim whose answer a shutdown cut off)."""
+    async def _sweep(self, reason: str) -> None:
+        """Release whatever this agent holds outside a slot: at start, what an earlier run of it left;
+        at the end, a claim whose answer the shutdown cut off. (One runner process per token.)"""
         try:
             me = await self.client.me()
         except (Refused, Unreachable):
             return
         for h in me.get("held", []):
             with contextlib.suppress(Refused, Unreachable):
-                await self.client.release(h["task"]["id"], h["lease"]["id"], "the runner shut down")
-                self.log("released", task=h["task"]["id"], reason="the runner shut down")
+                await self.client.release(h["task"]["id"], h["lease"]["id"], reason)
+                self.log("released", task=h["task"]["id"], reason=reason)
 
     async def _claim(self) -> Claim | None:
         """One long-poll claim, abandoned if the runner is told to stop."""
@@ -178,17 +187,8 @@ class Runner:
             self.log("refused", slot=n, code=exc.code, detail=exc.detail)
             self.stop()
             return
-        lease = exc.body.get("lease")
-        if exc.code == "already_holding" and exc.task and isinstance(lease, Mapping):
-            task_id = str(exc.task["id"])
-            if task_id not in self.holding:
-                # Held by this agent but by no slot of this runner: left over from an earlier run.
-                with contextlib.suppress(Refused, Unreachable):
-                    await self.client.release(task_id, str(lease["id"]), "left over from an earlier run "
-                                              "of this agent")
-                    self.log("released", slot=n, task=task_id, reason="left over from an earlier run")
-                return
-            # Another slot holds what the family allows: wait until a slot finishes.
+        if exc.code == "already_holding":
+            # Other slots hold all the family allows (--concurrency above max_active): wait for one.
             self.changed.clear()
             waiter = asyncio.create_task(self.changed.wait())
             stop = asyncio.create_task(self.stopping.wait())

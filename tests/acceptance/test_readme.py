@@ -161,6 +161,7 @@ def test_readme_relative_links_resolve():
 
 
 def test_walkthrough_runs_verbatim_against_ainarres_serve(served: Served):
+    assert shutil.which("curl") and shutil.which("bash"), "the README's walkthrough needs bash and curl"
     walk = section(README.read_text(), "Walkthrough")
     shell = blocks(walk, "sh")
     assert len(shell) >= 5, "the walkthrough's shell blocks are ```sh fences under '## Walkthrough'"
@@ -179,6 +180,12 @@ def test_walkthrough_runs_verbatim_against_ainarres_serve(served: Served):
         "created", "claimed", "progress", "transition", "claimed", "transition",
         "claimed", "released", "claimed", "transition", "claimed", "transition",
     ]
+
+    # The first start prints what the README shows (its sample uses the default port).
+    sample = blocks(section(README.read_text(), "Two commands"), "text")[0].splitlines()
+    printed_at_start = served.stdout.read_text().splitlines()
+    assert sample[0].replace(":8080", f":{served.url.rsplit(':', 1)[1]}") in printed_at_start
+    assert BANNER in sample
 
     # `/docs` is where the README sends readers for everything else.
     assert httpx.get(f"{served.url}/docs", timeout=5).status_code == 200

@@ -50,8 +50,9 @@ def _assert_probes(plan_json: Any) -> list[dict[str, Any]]:
     assert not seq, f"the claim scans tasks wholesale: {json.dumps(seq, indent=1)[:2000]}"
     ready = [n for n in on_tasks if n.get("Index Name") == "tasks_ready"]
     lease = [n for n in on_tasks if n.get("Index Name") == "tasks_lease"]
-    assert ready, f"the ready probe does not use tasks_ready: {[n.get('Index Name') for n in on_tasks]}"
-    assert lease, f"the expired-lease probe does not use tasks_lease: {[n.get('Index Name') for n in on_tasks]}"
+    used = [n.get("Index Name") for n in on_tasks]
+    assert ready, f"the ready probe does not use tasks_ready: {used}"
+    assert lease, f"the expired-lease probe does not use tasks_lease: {used}"
     # The ready probe is one ordered range per route: the index gives the order, nothing is sorted.
     assert all(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in ready + lease)
     for n in ready:
@@ -65,7 +66,8 @@ def _assert_probes(plan_json: Any) -> list[dict[str, Any]]:
 async def seeded(admin: Api, db: asyncpg.Connection) -> list[int]:
     """A 200k backlog the claimer cannot touch, a few tasks it can; returns its eligible routes."""
     w = await make_world(admin)
-    await admin.post("/v1/families", {"key": "wide", "features": ["lane:dev", "role:dev", "area:backend"]}, 201)
+    await admin.post("/v1/families",
+                     {"key": "wide", "features": ["lane:dev", "role:dev", "area:backend"]}, 201)
     capable = await w.agent("capable")
     wide = await w.agent("wide")
     # Templates in routes the claimer (family wide) may NOT take: tier:2 work in todo and in review.

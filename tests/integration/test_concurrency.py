@@ -57,7 +57,8 @@ async def _assert_db_agrees(db: asyncpg.Connection, winners: dict[str, str]) -> 
     rows = await db.fetch("SELECT id::text, holder, state FROM tasks")
     assert {r["id"]: r["holder"] for r in rows} == winners
     assert {r["state"] for r in rows} == {"held"}
-    claimed = await db.fetch("SELECT task_id::text, count(*) AS n FROM events WHERE type = 'claimed' GROUP BY 1")
+    claimed = await db.fetch(
+        "SELECT task_id::text, count(*) AS n FROM events WHERE type = 'claimed' GROUP BY 1")
     assert {r["task_id"]: r["n"] for r in claimed} == dict.fromkeys(winners, 1)
 
 
@@ -130,8 +131,9 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
     limits = Limits()
     c = await tasks.claim(conns[0], holder, "dev", limits)
     tid, lease = c["task"]["id"], uuid.UUID(c["lease"]["id"])
-    await db.execute("UPDATE tasks SET lease_expires_at = clock_timestamp() + $2::text::interval WHERE id = $1",
-                     tid, offset)
+    await db.execute(
+        "UPDATE tasks SET lease_expires_at = clock_timestamp() + $2::text::interval WHERE id = $1",
+        tid, offset)
 
     async def advance() -> bool:
         try:
@@ -164,5 +166,6 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
         assert claim_won
     if offset == "1 hour":
         assert adv_won
-    transitions = await db.fetchval("SELECT count(*) FROM events WHERE task_id = $1 AND type = 'transition'", tid)
+    transitions = await db.fetchval(
+        "SELECT count(*) FROM events WHERE task_id = $1 AND type = 'transition'", tid)
     assert transitions == (1 if adv_won else 0)

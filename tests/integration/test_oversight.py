@@ -502,7 +502,8 @@ async def test_stream_resumes_exactly_after_the_given_id(admin):
         assert data[-1]["type"] == "progress" and data[-1]["lane"] == "dev" and data[-1]["stage"] == "todo"
         assert data[-1]["family"] == "cheap" and data[-1]["task"]["holder"] == dev.sub
 
-    r = await admin.call("GET", "/v1/events/stream", headers={"Last-Event-ID": "abc"})
+    r = await admin.client.get("/v1/events/stream",
+                               headers={"Authorization": f"Bearer {admin.token}", "Last-Event-ID": "abc"})
     assert r.status_code == 422 and r.json()["code"] == "invalid"
 
 

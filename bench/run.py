@@ -1,0 +1,194 @@
+"""AINARRES benchmarks (not tests): run them all, or some, and print the figures.
+
+    .venv/bin/python -m bench.run                       # everything, short durations
+    .venv/bin/python -m bench.run --only cycle,backlog  # a subset
+    .venv/bin/python -m bench.run --only sustained --sustained-seconds 300
+
+Scenarios: cycle (claim+advance over HTTP vs the same service functions over asyncpg at 1/4/16/64
+agents), backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks
+and ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every
+1 s with 10 and 1,000 idle agents), create (32 writers, with and without waiters). pgqueuer's own
+benchmark is bench/pgqueuer.sh. Results are printed and written to $AINARRES_BENCH_DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench import harness
+from bench.load import run_in_process
+
+
+def _out(name: str, row: dict[str, Any], results: dict[str, Any]) -> None:
+    results.setdefault(name, []).append(row)
+    print(json.dumps({"bench": name, **row}), flush=True)
+
+
+async def _template(base: str, token: str, lane: str, **fields: Any) -> str:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        r = await c.post("/v1/tasks", json={"lane": lane, "title": "template", **fields},
+                         headers={"Authorization": f"Bearer {token}"})
+        r.raise_for_status()
+        return str(r.json()["task"]["id"])
+
+
+async def _checkpoint(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM ANALYZE tasks")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    lane = "cyc"
+    asyncio.run(harness.reset_lane(dsn, lane))
+    maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
+    tid = asyncio.run(_template(svc.base, maker, lane))
+    asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    for n in args.agents:
+        tokens = asyncio.run(harness.mint(dsn, "w_cyc", n))
+        asyncio.run(_checkpoint(dsn))
+        http = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane,
+                              seconds=args.seconds).result()
+        asyncio.run(_checkpoint(dsn))
+        raw = run_in_process("cycle_raw", dsn=dsn, tokens=tokens, lane=lane, seconds=args.seconds,
+                             secret=harness.SECRET).result()
+        h_rate, r_rate = http["cycles"] / http["elapsed"], raw["cycles"] / raw["elapsed"]
+        _out("cycle", {"agents": n, "backlog": args.cycle_backlog,
+                       "http_cycles_per_s": round(h_rate, 1), "http": harness.summary(http["cycle_lat"]),
+                       "raw_cycles_per_s": round(r_rate, 1), "raw": harness.summary(raw["cycle_lat"]),
+                       "http_over_raw": round(h_rate / r_rate, 2) if r_rate else None,
+                       "http_empty_claims": http["empties"], "raw_empty_claims": raw["empties"]}, results)
+
+
+def bench_backlog(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    lane = "big"
+    rows: dict[int, dict[str, Any]] = {}
+    for size in args.backlogs:
+        asyncio.run(harness.reset_lane(dsn, lane))
+        maker = asyncio.run(harness.mint(dsn, "w_big", 1))[0]
+        # 99 % need capability:gpu, which no agent here has, and outrank everything else.
+        gpu = asyncio.run(_template(svc.base, maker, lane, required_features=["capability:gpu"], priority=10))
+        mine = asyncio.run(_template(svc.base, maker, lane))
+        t0 = time.perf_counter()
+        asyncio.run(harness.seed(dsn, gpu, size * 99 // 100 - 1, 10))
+        asyncio.run(harness.seed(dsn, mine, size // 100 - 1, 0))
+        seeded = time.perf_counter() - t0
+        asyncio.run(_checkpoint(dsn))
+        tokens = asyncio.run(harness.mint(dsn, "w_big", args.backlog_agents))
+        r = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds).result()
+        rows[size] = harness.summary(r["claim_lat"])
+        _out("backlog", {"backlog": size, "claimable_share": 0.01, "agents": args.backlog_agents,
+                         "claims": r["cycles"], "claim": rows[size], "cycle": harness.summary(r["cycle_lat"]),
+                         "cycles_per_s": round(r["cycles"] / r["elapsed"], 1), "seed_seconds": round(seeded, 1),
+                         "empty_claims": r["empties"]}, results)
+    if len(rows) >= 2:
+        small, large = min(rows), max(rows)
+        _out("backlog_ratio", {"large": large, "small": small,
+                               "p50_large_over_small": round(rows[large]["p50_ms"] / rows[small]["p50_ms"], 2),
+                               "p99_large_over_small": round(rows[large]["p99_ms"] / rows[small]["p99_ms"], 2)},
+             results)
+    asyncio.run(harness.reset_lane(dsn, lane))
+
+
+def bench_sustained(dsn: str, svc: harness.Service, args: argparse.Namespace,
+                    results: dict[str, Any]) -> None:
+    lane = "cyc"
+    asyncio.run(harness.reset_lane(dsn, lane))
+    maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
+    tid = asyncio.run(_template(svc.base, maker, lane))
+    asyncio.run(harness.seed(dsn, tid, args.sustained_backlog - 1, 0))
+    asyncio.run(_checkpoint(dsn))
+    tokens = asyncio.run(harness.mint(dsn, "w_cyc", args.sustained_agents))
+    secs = args.sustained_seconds
+    r = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=secs, window=10.0).result()
+    w = r["windows"]
+    span = max(1, min(6, len(w) // 5))  # a minute of 10 s windows, or a fifth of a shorter run
+    first, last = sum(w[:span]) / (span * 10), sum(w[-span:]) / (span * 10)
+    _out("sustained", {"seconds": secs, "agents": args.sustained_agents, "backlog": args.sustained_backlog,
+                       "cycles_per_s": round(r["cycles"] / r["elapsed"], 1),
+                       "first_span_per_s": round(first, 1), "last_span_per_s": round(last, 1),
+                       "span_seconds": span * 10, "last_over_first": round(last / first, 2) if first else None,
+                       "per_10s": w, "cycle": harness.summary(r["cycle_lat"])}, results)
+
+
+def bench_pickup(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    lane = "lp"
+    maker = asyncio.run(harness.mint(dsn, "w_lp", 1))[0]
+    for n in args.waiters:
+        tokens = asyncio.run(harness.mint(dsn, "w_lp", n))
+        for mode in ("wait", "poll"):
+            asyncio.run(harness.reset_lane(dsn, lane))
+            r = run_in_process("pickup", base=svc.base, waiter_tokens=tokens, maker_token=maker, lane=lane,
+                               tasks_n=args.pickup_tasks, mean_gap=0.1, mode=mode, dsn=dsn).result()
+            _out("pickup", {"idle_agents": n, "mode": "long-poll" if mode == "wait" else "poll every 1 s",
+                            "tasks": len(r["lat"]), "pickup": harness.summary(r["lat"]),
+                            "db_connections_while_idle": r["conns_while_idle"],
+                            "idle_claim_requests_per_s": round(r["idle_claim_calls_per_s"], 1)}, results)
+
+
+def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    lane = "mk"
+    writers = asyncio.run(harness.mint(dsn, "w_mk", 32))
+    waiters = asyncio.run(harness.mint(dsn, "w_mk", 100))
+    for label, ws in (("no waiters", None), ("100 long-poll waiters taking the tasks", waiters)):
+        asyncio.run(harness.reset_lane(dsn, lane))
+        asyncio.run(_checkpoint(dsn))
+        r = run_in_process("create_rate", base=svc.base, tokens=writers, lane=lane, seconds=args.seconds,
+                           waiter_tokens=ws).result()
+        _out("create", {"writers": 32, "with": label, "creates_per_s": round(r["created"] / r["elapsed"], 1),
+                        "taken_per_s": round(r["taken"] / r["elapsed"], 1), "create": harness.summary(r["lat"])},
+             results)
+    rows = results.get("create", [])[-2:]
+    if len(rows) == 2 and rows[0]["creates_per_s"]:
+        _out("create_ratio", {"with_over_without": round(rows[1]["creates_per_s"] / rows[0]["creates_per_s"], 2)},
+             results)
+
+
+BENCHES = {"cycle": bench_cycle, "backlog": bench_backlog, "sustained": bench_sustained,
+           "pickup": bench_pickup, "create": bench_create}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(BENCHES), help="comma-separated: " + ", ".join(BENCHES))
+    p.add_argument("--seconds", type=float, default=15, help="length of each timed run")
+    p.add_argument("--agents", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    p.add_argument("--cycle-backlog", type=int, default=10_000)
+    p.add_argument("--backlogs", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 1_000_000])
+    p.add_argument("--backlog-agents", type=int, default=4)
+    p.add_argument("--sustained-seconds", type=float, default=300)
+    p.add_argument("--sustained-agents", type=int, default=16)
+    p.add_argument("--sustained-backlog", type=int, default=100_000)
+    p.add_argument("--waiters", type=lambda s: [int(x) for x in s.split(",")], default=[10, 1000])
+    p.add_argument("--pickup-tasks", type=int, default=150)
+    p.add_argument("--pool-max", type=int, default=20, help="the service's AINARRES_POOL_MAX_SIZE")
+    args = p.parse_args()
+
+    dsn, server = harness.start_postgres()
+    svc = harness.start_service(dsn, pool_max=args.pool_max)
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "python": platform.python_version()}, "args": vars(args)}
+    try:
+        asyncio.run(harness.world(dsn, svc.base))
+        for name in args.only.split(","):
+            BENCHES[name](dsn, svc, args, results)
+    finally:
+        svc.stop()
+        (harness.ROOT / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    del server
+
+
+if __name__ == "__main__":
+    main()
