@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,12 +27,25 @@ from tests.helpers import Api
 TEST_SECRET = "test-secret-" + "x" * 40
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a CI timeout, `timeout pytest`) becomes SystemExit so fixture teardown and atexit run
+    # and the session's PostgreSQL is stopped instead of orphaned.
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Any]:
-    """One embedded PostgreSQL for the whole session (or AINARRES_TEST_DATABASE_URL's server)."""
+    """One embedded PostgreSQL for the whole session, stopped and deleted at the end."""
     root = Path(tempfile.mkdtemp(prefix="ainarres-test-", dir="/tmp"))
-    server = embedded.start(root)
-    yield server
+    server = embedded.start(root, cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__, logs
 from ainarres_api.api import admin as admin_api
+from ainarres_api.api import mcp_server
 from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
 from ainarres_api.api.deps import AppState
@@ -137,6 +139,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
     metrics = Metrics()
+    mcp = mcp_server.McpFace(lambda: app.state.ainarres)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,7 +164,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
                                               limits=Limits(max_payload_bytes=settings.max_payload_bytes,
                                                             max_routes=settings.max_feature_sets),
                                               wake=hub)
-                yield
+                async with mcp.running():  # the MCP sessions end before the hub and the pool
+                    yield
             finally:
                 await hub.stop()
         finally:
@@ -240,6 +244,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(admin_api.router)
     app.include_router(oversight_api.router)
     app.include_router(oversight_api.ops)
+    app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)

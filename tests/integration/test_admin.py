@@ -384,6 +384,7 @@ async def test_workflow_versions(admin, db):
         "kind": "advance",
         "required_features": ["role:dev"],
         "guard": None,
+        "instructions": "",
     }
 
     second = copy.deepcopy(DEV_WORKFLOW)

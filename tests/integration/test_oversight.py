@@ -19,6 +19,7 @@ ENDPOINTS = ("/v1/board", "/v1/feed", "/v1/stuck", "/v1/demand", "/v1/agents", "
 
 # -- a streaming ASGI transport: httpx's own buffers the whole body, which an endless stream never ends
 
+
 class StreamingASGITransport(httpx.AsyncBaseTransport):
     """Runs the app per request and hands body chunks to the client as they are sent."""
 
@@ -29,11 +30,18 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
-            "scheme": request.url.scheme, "path": request.url.path, "raw_path": request.url.raw_path,
-            "query_string": request.url.query, "root_path": "",
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": request.url.scheme,
+            "path": request.url.path,
+            "raw_path": request.url.raw_path,
+            "query_string": request.url.query,
+            "root_path": "",
             "headers": [(k.lower(), v) for k, v in request.headers.raw],
-            "client": ("127.0.0.1", 1234), "server": (request.url.host, request.url.port or 80),
+            "client": ("127.0.0.1", 1234),
+            "server": (request.url.host, request.url.port or 80),
         }
         sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         gone = asyncio.Event()
@@ -79,7 +87,9 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                     await asyncio.wait_for(asyncio.shield(task), 5)
                 task.cancel()
 
-        return httpx.Response(start["status"], headers=start.get("headers", []), stream=Body(), request=request)
+        return httpx.Response(
+            start["status"], headers=start.get("headers", []), stream=Body(), request=request
+        )
 
 
 @pytest.fixture
@@ -102,13 +112,13 @@ class Frames:
         comment = None
         async for line in self.lines:
             if line == "":
-                if comment is not None and not fields:
-                    return ("comment", comment)
                 if fields.get("event") == "error":
                     return ("error", json.loads(fields["data"]))
                 if "data" in fields:
                     return ("event", int(fields["id"]), json.loads(fields["data"]))
-                comment = None
+                if comment is not None:
+                    return ("comment", comment)
+                fields, comment = {}, None
                 continue
             if line.startswith(":"):
                 comment = line[1:].strip()
@@ -116,6 +126,9 @@ class Frames:
                 k, _, v = line.partition(":")
                 fields[k] = v[1:] if v.startswith(" ") else v
         raise AssertionError("the stream ended")
+
+    async def next_frame(self) -> tuple[Any, ...]:
+        return await asyncio.wait_for(self.next(), 20)
 
     async def next_event(self) -> tuple[int, dict[str, Any]]:
         while True:
@@ -126,6 +139,7 @@ class Frames:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
 
 async def seat(w: World, key: str, features: list[str]) -> Api:
     await w.admin.post("/v1/families", {"key": key, "features": features}, 201)
@@ -152,6 +166,7 @@ async def ops_lane(w: World) -> None:
 
 # -- refusals ---------------------------------------------------------------------------------------
 
+
 async def test_oversight_needs_a_seat(admin, client):
     w = await make_world(admin)
     dev = await w.agent("cheap")
@@ -174,6 +189,7 @@ async def test_oversight_needs_a_seat(admin, client):
 
 # -- board ------------------------------------------------------------------------------------------
 
+
 async def test_board_shows_where_every_task_is_and_what_holds_it(admin, db):
     w = await make_world(admin)
     dev, dev2, rev = await w.agent("cheap"), await w.agent("capable"), await w.agent("reviewers")
@@ -185,7 +201,9 @@ async def test_board_shows_where_every_task_is_and_what_holds_it(admin, db):
     blk = await dev2.claim("dev")
     assert blk["task"]["id"] == c["id"]
     await dev2.verb(c["id"], "block", lease=blk["lease"]["id"], reason="needs a human")
-    await db.execute("UPDATE tasks SET stage_entered_at = now() - interval '100 seconds' WHERE id = $1", b["id"])
+    await db.execute(
+        "UPDATE tasks SET stage_entered_at = now() - interval '100 seconds' WHERE id = $1", b["id"]
+    )
 
     items = {t["id"]: t for t in (await admin.get("/v1/board"))["items"]}
     assert list(items) == [a["id"], b["id"], c["id"]]  # creation order
@@ -194,7 +212,9 @@ async def test_board_shows_where_every_task_is_and_what_holds_it(admin, db):
     assert ta["lease_expires_at"] is not None
     assert ta["abandoned"] is False and ta["held_since"] is not None
     assert (ta["project"], ta["lane"], ta["stage"], ta["stage_terminal"]) == ("acme", "dev", "todo", False)
-    assert tb["state"] == "waiting" and tb["unmet_dependencies"] == [a["id"]] and tb["depends_on"] == [a["id"]]
+    assert (
+        tb["state"] == "waiting" and tb["unmet_dependencies"] == [a["id"]] and tb["depends_on"] == [a["id"]]
+    )
     assert tb["holder"] is None and tb["holder_family"] is None and tb["lease_expires_at"] is None
     assert tb["age_in_stage_seconds"] >= 100 and ta["age_in_stage_seconds"] < 100
     assert tc["blocked"] is True and tc["blocked_reason"] == "needs a human" and tc["state"] == "blocked"
@@ -205,8 +225,10 @@ async def test_board_shows_where_every_task_is_and_what_holds_it(admin, db):
     ab = (await admin.get("/v1/board", params={"abandoned": "true"}))["items"]
     assert [t["id"] for t in ab] == [a["id"]]
     assert ab[0]["abandoned"] is True and ab[0]["holder"] == dev.sub and ab[0]["holder_family"] == "cheap"
-    assert [t["id"] for t in (await admin.get("/v1/board", params={"abandoned": "false"}))["items"]] == \
-        [b["id"], c["id"]]
+    assert [t["id"] for t in (await admin.get("/v1/board", params={"abandoned": "false"}))["items"]] == [
+        b["id"],
+        c["id"],
+    ]
     # The next claim recovers it (attempts +1) and it is no longer abandoned.
     again = await dev2.claim("dev", expect=None)  # dev2 holds nothing now (its task is blocked)
     assert again["code"] == "claimed" and again["task"]["id"] == a["id"]
@@ -258,6 +280,7 @@ async def test_board_pages_and_filters(admin):
 
 # -- feed -------------------------------------------------------------------------------------------
 
+
 async def test_feed_newest_first_with_family_lane_and_stage(admin):
     w = await make_world(admin)
     await ops_lane(w)
@@ -277,9 +300,15 @@ async def test_feed_newest_first_with_family_lane_and_stage(admin):
     assert ids == sorted(ids, reverse=True)
     mine = [e for e in items if e["task_id"] == t["id"]][::-1]
     assert [(e["type"], e["stage"], e["family"]) for e in mine] == [
-        ("created", "todo", "cheap"), ("claimed", "todo", "cheap"), ("released", "todo", "cheap"),
-        ("claimed", "todo", "cheap"), ("progress", "todo", "cheap"), ("transition", "todo", "cheap"),
-        ("claimed", "review", "reviewers"), ("released", "review", "reviewers")]
+        ("created", "todo", "cheap"),
+        ("claimed", "todo", "cheap"),
+        ("released", "todo", "cheap"),
+        ("claimed", "todo", "cheap"),
+        ("progress", "todo", "cheap"),
+        ("transition", "todo", "cheap"),
+        ("claimed", "review", "reviewers"),
+        ("released", "review", "reviewers"),
+    ]
     assert all(e["lane"] == "dev" and e["project"] == "acme" and e["task_title"] == "feature" for e in mine)
     assert mine[0]["actor"] == dev.sub and mine[-1]["actor"] == rev.sub
     assert items[0]["lane"] == "ops" and items[0]["type"] == "created"
@@ -302,6 +331,7 @@ async def test_feed_newest_first_with_family_lane_and_stage(admin):
 
 # -- stuck ------------------------------------------------------------------------------------------
 
+
 async def test_stuck_finds_silent_holds_and_treadmills(admin, db):
     w = await make_world(admin)
     agents = [await w.agent("cheap") for _ in range(4)]
@@ -312,16 +342,25 @@ async def test_stuck_finds_silent_holds_and_treadmills(admin, db):
         leases[c["task"]["id"]] = (a, c["lease"]["id"])
     silent, treadmill, fresh, busy = tasks  # stage todo: lease 60 s, so "silent" means > 30 s
     # Time travel, behind the API: held 40 s, nothing since the claim.
-    await db.execute("UPDATE tasks SET held_since = now() - interval '40 seconds', "
-                     "lease_expires_at = now() + interval '20 seconds' WHERE id = $1", silent)
+    await db.execute(
+        "UPDATE tasks SET held_since = now() - interval '40 seconds', "
+        "lease_expires_at = now() + interval '20 seconds' WHERE id = $1",
+        silent,
+    )
     # Held 5 min, no progress ever, lease kept alive (by heartbeats) to 30 s from now.
-    await db.execute("UPDATE tasks SET held_since = now() - interval '300 seconds', "
-                     "lease_expires_at = now() + interval '30 seconds' WHERE id = $1", treadmill)
+    await db.execute(
+        "UPDATE tasks SET held_since = now() - interval '300 seconds', "
+        "lease_expires_at = now() + interval '30 seconds' WHERE id = $1",
+        treadmill,
+    )
     # Held 5 min but reported progress 10 s ago: working, not stuck.
     a, lease = leases[busy]
     await a.verb(busy, "progress", lease=lease, note="going")
-    await db.execute("UPDATE tasks SET held_since = now() - interval '300 seconds', "
-                     "progress_at = now() - interval '10 seconds' WHERE id = $1", busy)
+    await db.execute(
+        "UPDATE tasks SET held_since = now() - interval '300 seconds', "
+        "progress_at = now() - interval '10 seconds' WHERE id = $1",
+        busy,
+    )
 
     items = (await admin.get("/v1/stuck"))["items"]
     assert [(s["id"], s["kind"]) for s in items] == [(treadmill, "treadmill"), (silent, "silent_hold")]
@@ -332,8 +371,12 @@ async def test_stuck_finds_silent_holds_and_treadmills(admin, db):
     assert 40 <= sh["silent_for_seconds"] < 300 and sh["extended_by_seconds"] < 5
     assert fresh not in {s["id"] for s in items}
 
-    assert [s["id"] for s in (await admin.get("/v1/stuck", params={"kind": "treadmill"}))["items"]] == [treadmill]
-    assert [s["id"] for s in (await admin.get("/v1/stuck", params={"kind": "silent_hold"}))["items"]] == [silent]
+    assert [s["id"] for s in (await admin.get("/v1/stuck", params={"kind": "treadmill"}))["items"]] == [
+        treadmill
+    ]
+    assert [s["id"] for s in (await admin.get("/v1/stuck", params={"kind": "silent_hold"}))["items"]] == [
+        silent
+    ]
     assert (await admin.get("/v1/stuck", params={"family": "capable"}))["items"] == []
     assert (await admin.get("/v1/stuck", params={"lane": "nope"}))["items"] == []
     pages = await all_pages(admin, "/v1/stuck", 1)
@@ -342,11 +385,14 @@ async def test_stuck_finds_silent_holds_and_treadmills(admin, db):
     # Progress ends the silence; a lease that ran out is abandoned, not stuck.
     a, lease = leases[silent]
     await a.verb(silent, "progress", lease=lease, note="alive")
-    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", treadmill)
+    await db.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", treadmill
+    )
     assert (await admin.get("/v1/stuck"))["items"] == []
 
 
 # -- demand -----------------------------------------------------------------------------------------
+
 
 async def test_demand_groups_pending_work_by_bundle_and_names_who_can_take_it(admin, db):
     w = await make_world(admin)
@@ -359,17 +405,24 @@ async def test_demand_groups_pending_work_by_bundle_and_names_who_can_take_it(ad
     c = await dev.claim("dev")
     await dev.verb(c["task"]["id"], "advance", lease=c["lease"]["id"], to="review")
     c = await dev.claim("dev")
-    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-                     c["task"]["id"])
+    await db.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", c["task"]["id"]
+    )
 
     rows = {tuple(r["features"]): r for r in (await admin.get("/v1/demand"))["items"]}
     plain = rows[("lane:dev", "role:dev")]
     assert (plain["stage"], plain["pending"], plain["ready"], plain["expired"]) == ("todo", 2, 1, 1)
-    assert plain["capable"] is True and plain["capable_families"] == ["capable", "cheap"] and plain["note"] is None
+    assert (
+        plain["capable"] is True
+        and plain["capable_families"] == ["capable", "cheap"]
+        and plain["note"] is None
+    )
     tier = rows[("lane:dev", "role:dev", "tier:2")]
     assert tier["pending"] == 1 and tier["capable_families"] == ["capable"]
     review = rows[("lane:dev", "role:reviewer")]
-    assert review["stage"] == "review" and review["pending"] == 1 and review["capable_families"] == ["reviewers"]
+    assert (
+        review["stage"] == "review" and review["pending"] == 1 and review["capable_families"] == ["reviewers"]
+    )
     backend = rows[("area:backend", "lane:dev", "role:dev")]
     assert backend["capable"] is False and backend["capable_families"] == []
     assert backend["note"] == "no capable agent"
@@ -387,9 +440,16 @@ async def test_demand_groups_pending_work_by_bundle_and_names_who_can_take_it(ad
 
     nobody = (await admin.get("/v1/demand", params={"capable": "false"}))["items"]
     assert sorted(tuple(r["features"]) for r in nobody) == [
-        ("area:backend", "lane:dev", "role:dev"), ("lane:dev", "role:dev", "tier:2"), ("lane:dev", "role:reviewer")]
-    assert [r["stage"] for r in (await admin.get("/v1/demand", params={"family": "cheap"}))["items"]] == ["todo"]
-    assert [r["stage"] for r in (await admin.get("/v1/demand", params={"stage": "review"}))["items"]] == ["review"]
+        ("area:backend", "lane:dev", "role:dev"),
+        ("lane:dev", "role:dev", "tier:2"),
+        ("lane:dev", "role:reviewer"),
+    ]
+    assert [r["stage"] for r in (await admin.get("/v1/demand", params={"family": "cheap"}))["items"]] == [
+        "todo"
+    ]
+    assert [r["stage"] for r in (await admin.get("/v1/demand", params={"stage": "review"}))["items"]] == [
+        "review"
+    ]
     pages = await all_pages(admin, "/v1/demand", 1)
     assert [len(p) for p in pages] == [1, 1, 1, 1]
     assert sorted(tuple(p[0]["features"]) for p in pages) == sorted(rows)
@@ -397,6 +457,7 @@ async def test_demand_groups_pending_work_by_bundle_and_names_who_can_take_it(ad
 
 
 # -- agents -----------------------------------------------------------------------------------------
+
 
 async def test_agents_show_family_holds_and_last_call(admin, db):
     w = await make_world(admin)
@@ -408,20 +469,23 @@ async def test_agents_show_family_holds_and_last_call(admin, db):
     assert set(items) >= {dev.sub, idle.sub}
     d = items[dev.sub]
     assert d["family"] == "cheap" and d["family_disabled"] is False
-    assert [(h["task_id"], h["lane"], h["stage"], h["abandoned"]) for h in d["holds"]] == [(t["id"], "dev", "todo",
-                                                                                         False)]
+    assert [(h["task_id"], h["lane"], h["stage"], h["abandoned"]) for h in d["holds"]] == [
+        (t["id"], "dev", "todo", False)
+    ]
     assert items[idle.sub]["holds"] == [] and items[idle.sub]["family"] == "capable"
 
     # last_seen_at follows calls (written at most every 30 s, so push it back first).
     await db.execute("UPDATE agents SET last_seen_at = now() - interval '1 hour' WHERE sub = $1", idle.sub)
-    old = (await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", idle.sub))
+    old = await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", idle.sub)
     await idle.get("/v1/me")
     new = await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", idle.sub)
     assert (new - old).total_seconds() > 3000
     a = next(a for a in (await admin.get("/v1/agents"))["items"] if a["sub"] == idle.sub)
     assert a["last_seen_at"] >= new.isoformat()[:19]
 
-    assert [a["sub"] for a in (await admin.get("/v1/agents", params={"family": "cheap"}))["items"]] == [dev.sub]
+    assert [a["sub"] for a in (await admin.get("/v1/agents", params={"family": "cheap"}))["items"]] == [
+        dev.sub
+    ]
     assert dev.sub in [a["sub"] for a in (await admin.get("/v1/agents", params={"lane": "dev"}))["items"]]
     assert (await admin.get("/v1/agents", params={"lane": "ops"}))["items"] == []
     subs = sorted(items)
@@ -431,10 +495,19 @@ async def test_agents_show_family_holds_and_last_call(admin, db):
 
 # -- families' track record -------------------------------------------------------------------------
 
+
 async def test_track_record_counts_deliveries_and_rejections(admin):
-    w = await make_world(admin, workflow={**DEV_WORKFLOW, "stages": [
-        {**DEV_WORKFLOW["stages"][0]}, {"key": "review", "lease_seconds": 60, "max_rework": 1},
-        {"key": "done", "terminal": True}]})
+    w = await make_world(
+        admin,
+        workflow={
+            **DEV_WORKFLOW,
+            "stages": [
+                {**DEV_WORKFLOW["stages"][0]},
+                {"key": "review", "lease_seconds": 60, "max_rework": 1},
+                {"key": "done", "terminal": True},
+            ],
+        },
+    )
     cheap, capable, rev = await w.agent("cheap"), await w.agent("capable"), await w.agent("reviewers")
     t = (await cheap.create("dev", "feature"))["task"]
 
@@ -443,21 +516,27 @@ async def test_track_record_counts_deliveries_and_rejections(admin):
         assert c["task"]["id"] == t["id"]
         await api.verb(t["id"], verb, lease=c["lease"]["id"], **body)
 
-    await step(cheap, "advance", to="review")                 # cheap delivers
-    await step(rev, "reject", to="todo", reason="no tests")   # ... and is rejected
-    await step(capable, "advance", to="review")               # capable delivers
-    await step(rev, "reject", to="todo", reason="still no")   # the rework cap (1) blocks it instead
+    await step(cheap, "advance", to="review")  # cheap delivers
+    await step(rev, "reject", to="todo", reason="no tests")  # ... and is rejected
+    await step(capable, "advance", to="review")  # capable delivers
+    await step(rev, "reject", to="todo", reason="still no")  # the rework cap (1) blocks it instead
     await admin.post(f"/v1/tasks/{t['id']}/unblock", {"note": "go on"}, 200)
     await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "too many rejects"}, 201)
-    await admin.post("/v1/families/capable/denials", {"feature": "tier:2", "reason": "expired already",
-                                                      "expires_at": "2000-01-01T00:00:00Z"}, None)
+    await admin.post(
+        "/v1/families/capable/denials",
+        {"feature": "tier:2", "reason": "expired already", "expires_at": "2000-01-01T00:00:00Z"},
+        None,
+    )
 
     recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
     assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"], recs["cheap"]["rejects_made"]) == (1, 1, 0)
     assert recs["cheap"]["reject_rate"] == 1.0
     assert (recs["capable"]["delivered"], recs["capable"]["rejected"]) == (1, 1)
-    assert (recs["reviewers"]["delivered"], recs["reviewers"]["rejected"], recs["reviewers"]["rejects_made"]) == \
-        (0, 0, 1)
+    assert (
+        recs["reviewers"]["delivered"],
+        recs["reviewers"]["rejected"],
+        recs["reviewers"]["rejects_made"],
+    ) == (0, 0, 1)
     assert recs["reviewers"]["reject_rate"] is None
     assert recs["cheap"]["features"] == ["lane:dev", "role:dev"]
     assert [d["feature"] for d in recs["cheap"]["denials"]] == ["role:dev"]
@@ -468,13 +547,15 @@ async def test_track_record_counts_deliveries_and_rejections(admin):
 
     only = (await admin.get("/v1/track-record", params={"family": "capable"}))["items"]
     assert [r["key"] for r in only] == ["capable"]
-    assert sorted(r["key"] for r in (await admin.get("/v1/track-record", params={"lane": "dev"}))["items"]) == \
-        ["capable", "cheap", "reviewers"]
+    assert sorted(
+        r["key"] for r in (await admin.get("/v1/track-record", params={"lane": "dev"}))["items"]
+    ) == ["capable", "cheap", "reviewers"]
     pages = await all_pages(admin, "/v1/track-record", 2)
     assert [r["key"] for p in pages for r in p] == sorted(recs)
 
 
 # -- the event stream -------------------------------------------------------------------------------
+
 
 async def test_stream_resumes_exactly_after_the_given_id(admin):
     w = await make_world(admin)
@@ -491,8 +572,11 @@ async def test_stream_resumes_exactly_after_the_given_id(admin):
     # Last-Event-ID, and ?after=, each give exactly the events after that id, in order.
     for how in ({"headers": {"Last-Event-ID": str(after)}}, {"params": {"after": after}}):
         params = {"limit": len(want), **how.get("params", {})}
-        r = await admin.client.get("/v1/events/stream", params=params,
-                                   headers={"Authorization": f"Bearer {admin.token}", **how.get("headers", {})})
+        r = await admin.client.get(
+            "/v1/events/stream",
+            params=params,
+            headers={"Authorization": f"Bearer {admin.token}", **how.get("headers", {})},
+        )
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         frames = [f for f in r.text.split("\n\n") if f.startswith("id:")]
         got = [int(f.split("\n")[0][4:]) for f in frames]
@@ -502,8 +586,9 @@ async def test_stream_resumes_exactly_after_the_given_id(admin):
         assert data[-1]["type"] == "progress" and data[-1]["lane"] == "dev" and data[-1]["stage"] == "todo"
         assert data[-1]["family"] == "cheap" and data[-1]["task"]["holder"] == dev.sub
 
-    r = await admin.client.get("/v1/events/stream",
-                               headers={"Authorization": f"Bearer {admin.token}", "Last-Event-ID": "abc"})
+    r = await admin.client.get(
+        "/v1/events/stream", headers={"Authorization": f"Bearer {admin.token}", "Last-Event-ID": "abc"}
+    )
     assert r.status_code == 422 and r.json()["code"] == "invalid"
 
 
@@ -515,7 +600,7 @@ async def test_stream_delivers_new_events_live(admin, sse):
     async with sse.stream("GET", "/v1/events/stream", headers=headers) as r:
         assert r.status_code == 200
         frames = Frames(r)
-        assert (await frames.next())[0] == "comment"  # the stream is open: from now on
+        assert (await frames.next_frame())[0] == "comment"  # the stream is open: from now on
         t = (await dev.create("dev", "live"))["task"]
         eid, ev = await frames.next_event()
         assert ev["type"] == "created" and ev["task_id"] == t["id"] and ev["task"]["state"] == "ready"
@@ -543,10 +628,14 @@ async def test_stream_keeps_alive_and_respects_lanes(admin, sse):
     r = await stranger.call("GET", "/v1/events/stream")
     assert r.status_code == 403 and r.json()["code"] == "not_eligible"
 
-    async with sse.stream("GET", "/v1/events/stream", params={"keepalive": 0.1, "after": 0},
-                          headers={"Authorization": f"Bearer {dev.token}"}) as r:
+    async with sse.stream(
+        "GET",
+        "/v1/events/stream",
+        params={"keepalive": 0.1, "after": 0},
+        headers={"Authorization": f"Bearer {dev.token}"},
+    ) as r:
         frames = Frames(r)
-        assert (await frames.next())[0] == "comment"
+        assert (await frames.next_frame())[0] == "comment"
         assert await asyncio.wait_for(frames.next(), 10) == ("comment", "keep-alive")
         await ops.create("ops", "not for dev's eyes")
         mine = (await dev.create("dev", "dev's"))["task"]
@@ -554,12 +643,19 @@ async def test_stream_keeps_alive_and_respects_lanes(admin, sse):
         assert ev["task_id"] == mine["id"] and ev["lane"] == "dev"  # the ops event was skipped
 
     # A seat sees every lane; ?lane= narrows it.
-    r = await admin.client.get("/v1/events/stream", params={"after": 0, "limit": 2},
-                               headers={"Authorization": f"Bearer {admin.token}"})
-    assert [json.loads(f.split("\ndata: ")[1])["lane"] for f in r.text.split("\n\n") if f.startswith("id:")] == \
-        ["ops", "dev"]
-    r = await admin.client.get("/v1/events/stream", params={"after": 0, "limit": 1, "lane": "dev"},
-                               headers={"Authorization": f"Bearer {admin.token}"})
+    r = await admin.client.get(
+        "/v1/events/stream",
+        params={"after": 0, "limit": 2},
+        headers={"Authorization": f"Bearer {admin.token}"},
+    )
+    assert [
+        json.loads(f.split("\ndata: ")[1])["lane"] for f in r.text.split("\n\n") if f.startswith("id:")
+    ] == ["ops", "dev"]
+    r = await admin.client.get(
+        "/v1/events/stream",
+        params={"after": 0, "limit": 1, "lane": "dev"},
+        headers={"Authorization": f"Bearer {admin.token}"},
+    )
     assert '"lane":"dev"' in r.text and '"lane":"ops"' not in r.text
 
 
@@ -567,10 +663,11 @@ async def test_stream_ends_when_the_token_is_revoked(admin, sse, monkeypatch):
     monkeypatch.setattr(oversight_api, "REAUTH_SECONDS", 0.0)
     w = await make_world(admin)
     tok = await admin.post("/v1/tokens", {"family": "cheap"}, 201)
-    async with sse.stream("GET", "/v1/events/stream",
-                          headers={"Authorization": f"Bearer {tok['token']}"}) as r:
+    async with sse.stream(
+        "GET", "/v1/events/stream", headers={"Authorization": f"Bearer {tok['token']}"}
+    ) as r:
         frames = Frames(r)
-        assert (await frames.next())[0] == "comment"
+        assert (await frames.next_frame())[0] == "comment"
         await admin.delete(f"/v1/tokens/{tok['jti']}")
         while True:
             f = await asyncio.wait_for(frames.next(), 10)

@@ -191,6 +191,7 @@ class TransitionIn(Body):
     required_features: Features = Field(default_factory=list)
     guard: Annotated[str, Field(min_length=1, max_length=1000,
                                 examples=["$.payload.checks_passed == true"])] | None = None
+    instructions: Annotated[str, Field(max_length=20_000)] = ""
 
 
 class WorkflowIn(Body):

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from ainarres_api.api.deps import Caller, Conn, State, Token
 from ainarres_api.api.schemas import (
@@ -129,6 +129,11 @@ async def get_task(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any
 @router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage")
 async def task_card(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any]:
     return await tasks.card_of(conn, caller, task_id)
+
+
+@router.get("/lanes/{key}/cards", summary="every stage's role card for the lane's workflow version")
+async def lane_cards(key: Annotated[str, Path(max_length=96)], caller: Caller, conn: Conn) -> dict[str, Any]:
+    return await tasks.lane_cards(conn, caller, key)
 
 
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first")

@@ -212,7 +212,8 @@ async def create_workflow(conn: asyncpg.Connection, key: str, description: str, 
             )
         for pos, t in enumerate(transitions):
             await conn.execute(Q["transition_insert"], wf["id"], pos, ids[t["from"]], ids[t["to"]], t["kind"],
-                               sorted(set(t.get("required_features") or [])), t.get("guard"))
+                               sorted(set(t.get("required_features") or [])), t.get("guard"),
+                               t.get("instructions") or "")
         return await get_workflow(conn, key, wf["version"])
 
 

@@ -93,11 +93,13 @@ SELECT key, initial, terminal, lease_seconds, max_attempts, escalate_after, max_
   FROM stages WHERE workflow_id = $1 ORDER BY position;
 
 -- name: transition_insert
-INSERT INTO transitions (workflow_id, position, from_stage, to_stage, kind, required_features, guard)
-VALUES ($1, $2, $3, $4, $5, $6::text[], $7::jsonpath);
+INSERT INTO transitions (workflow_id, position, from_stage, to_stage, kind, required_features, guard,
+                         instructions)
+VALUES ($1, $2, $3, $4, $5, $6::text[], $7::jsonpath, $8);
 
 -- name: transitions_of_workflow
-SELECT fs.key AS "from", ts.key AS "to", tr.kind, tr.required_features, tr.guard::text AS guard
+SELECT fs.key AS "from", ts.key AS "to", tr.kind, tr.required_features, tr.guard::text AS guard,
+       tr.instructions
   FROM transitions tr
   JOIN stages fs ON fs.id = tr.from_stage
   JOIN stages ts ON ts.id = tr.to_stage

@@ -145,6 +145,15 @@ SELECT l.id AS lane_id, l.key AS lane_key, s.id AS stage_id, s.key AS stage_key,
   JOIN stages s ON s.workflow_id = l.workflow_id AND s.initial
  WHERE l.key = $1;
 
+-- name: lane_stages
+-- Every stage of the workflow version a lane is bound to, in workflow order. One row with a NULL
+-- stage_id would mean a workflow without stages, which validation refuses; no row: no such lane.
+SELECT l.id AS lane_id, s.id AS stage_id
+  FROM lanes l
+  LEFT JOIN stages s ON s.workflow_id = l.workflow_id
+ WHERE l.key = $1
+ ORDER BY s.position;
+
 -- name: registered_features
 SELECT name FROM features WHERE name = ANY ($1::text[]);
 
@@ -271,16 +280,16 @@ SELECT coalesce(jsonb_path_match(task_json(t), tr.guard, '{}', true), false)
 -- name: stage_card
 -- The role card of a stage: what its holder must do and which verbs end it. Immutable (workflow
 -- versions never change), so the service caches it by stage id.
-SELECT w.key AS workflow, w.version AS workflow_version, s.key AS stage, s.instructions,
-       s.lease_seconds, s.max_attempts, s.escalate_after, coalesce(s.max_rework, w.max_rework) AS max_rework,
+SELECT w.key AS workflow, w.version AS workflow_version, s.key AS stage, s.initial, s.terminal,
+       s.instructions, s.lease_seconds, s.max_attempts, s.escalate_after,
+       coalesce(s.max_rework, w.max_rework) AS max_rework,
        coalesce(jsonb_agg(jsonb_build_object('kind', tr.kind, 'to', ts.key,
                                              'required_features', to_jsonb(tr.required_features),
-                                             'guard', tr.guard::text)
+                                             'guard', tr.guard::text, 'instructions', tr.instructions)
                           ORDER BY tr.position) FILTER (WHERE tr.id IS NOT NULL), '[]') AS transitions
   FROM stages s
   JOIN workflows w ON w.id = s.workflow_id
   LEFT JOIN transitions tr ON tr.from_stage = s.id
   LEFT JOIN stages ts ON ts.id = tr.to_stage
  WHERE s.id = $1
- GROUP BY w.key, w.version, w.max_rework, s.key, s.instructions, s.lease_seconds, s.max_attempts,
-          s.escalate_after, s.max_rework;
+ GROUP BY w.id, s.id;  -- the primary keys: every other column selected depends on them

@@ -1,0 +1,277 @@
+"""The MCP face at /mcp, driven by the official MCP Python client against a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import httpx2
+import pytest
+import uvicorn
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+
+from ainarres_api.app import create_app
+from ainarres_api.services import auth
+from ainarres_api.settings import Settings
+from tests.helpers import Api, make_world
+
+TOOLS = {"me", "claim", "create_task", "heartbeat", "progress", "advance", "reject", "release", "block",
+         "unblock", "show_task", "show_card"}
+WITHIN = 20.0  # a bound on waiting for an event, never a timing assertion
+
+
+@dataclass
+class Served:
+    """The app behind a real socket, and an admin API handle over HTTP."""
+
+    app: Any
+    url: str
+    admin: Api
+
+
+@pytest.fixture
+async def served(settings: Settings, dsn: str) -> AsyncIterator[Served]:
+    app = create_app(settings, dsn=dsn)
+    # Listen before serving: requests queue on the socket until the lifespan has run, so the first
+    # one doubles as the readiness check.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=WITHIN) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            st = app.state.ainarres
+            async with st.pool.acquire() as conn:
+                tok = await auth.mint(conn, st.signer, family="admin", ttl_seconds=3600)
+            yield Served(app, url, Api(http, tok["token"]))
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+@asynccontextmanager
+async def mcp_client(url: str, token: str | None, mode: str = "legacy") -> AsyncIterator[Client]:
+    """The official client over streamable HTTP, sending `Authorization: Bearer <token>`."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(WITHIN, read=60)) as http:
+        async with Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode) as client:
+            yield client
+
+
+def ok(result: CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, result.content
+    data = result.structured_content
+    assert isinstance(data, dict)
+    assert json.loads(result.content[0].text) == data  # type: ignore[union-attr]
+    return data
+
+
+def refused(result: CallToolResult, code: str) -> dict[str, Any]:
+    assert result.is_error, result.structured_content
+    data = json.loads(result.content[0].text)  # type: ignore[union-attr]
+    assert data["code"] == code, data
+    assert result.structured_content == data
+    return data
+
+
+async def test_lists_the_tools_for_a_model_that_never_saw_ainarres(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    async with mcp_client(served.url, dev.token) as client:
+        assert "claim" in (client.instructions or "") and "lease_lost" in (client.instructions or "")
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == TOOLS
+    for t in tools.values():
+        assert t.description and len(t.description) > 100, t.name
+    for name in ("advance", "reject"):
+        for code in ("illegal_transition", "not_eligible", "guard_failed", "lease_lost"):
+            assert code in (tools[name].description or ""), (name, code)
+    assert "already_holding" in (tools["claim"].description or "")
+    assert tools["advance"].input_schema["required"] == ["to"]  # task and lease may come from memory
+    assert tools["claim"].annotations and tools["claim"].annotations.read_only_hint is False
+    assert tools["me"].annotations and tools["me"].annotations.read_only_hint is True
+
+
+async def test_claim_progress_advance_without_carrying_the_lease(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "write it", payload={"goal": "x"}))["task"]
+    async with mcp_client(served.url, dev.token) as client:
+        assert client.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS  # a stateful session
+        c = ok(await client.call_tool("claim", {"lane": "dev"}))
+        assert c["code"] == "claimed" and c["task"]["id"] == task["id"]
+        assert c["card"]["stage"] == "todo" and c["card"]["transitions"][0]["to"] == "review"
+        lease = c["lease"]["id"]
+
+        me = ok(await client.call_tool("me", {}))
+        assert me["sub"] == dev.sub
+        assert me["remembered"] == {"current": task["id"], "leases": {task["id"]: lease}}
+
+        p = ok(await client.call_tool("progress", {"note": "halfway", "artifacts": [
+            {"type": "branch", "name": "feat/x"}]}))
+        assert p["event"]["type"] == "progress" and p["event"]["data"]["lease"] == lease
+        assert ok(await client.call_tool("heartbeat", {}))["lease"]["id"] == lease
+
+        shown = ok(await client.call_tool("show_task", {}))
+        assert shown["task"]["holder"] == dev.sub
+        assert [e["type"] for e in shown["events"]] == ["created", "claimed", "progress"]
+        assert ok(await client.call_tool("show_card", {}))["card"]["stage"] == "todo"
+
+        adv = ok(await client.call_tool("advance", {"to": "review", "note": "done"}))
+        assert adv["task"]["stage"] == "review" and adv["task"]["holder"] is None
+        assert ok(await client.call_tool("me", {}))["remembered"] == {"current": None, "leases": {}}
+
+    # The same task, read through the REST API: the MCP calls were the verbs themselves.
+    events = (await dev.get(f"/v1/tasks/{task['id']}/events"))["items"]
+    assert [e["type"] for e in events] == ["created", "claimed", "progress", "transition"]
+    assert events[2]["data"]["note"] == "halfway" and events[3]["data"]["note"] == "done"
+
+
+async def test_a_refusal_is_a_tool_error_carrying_the_code(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "write it"))["task"]
+    async with mcp_client(served.url, dev.token) as client:
+        # Nothing held: nothing to advance.
+        err = refused(await client.call_tool("advance", {"to": "review"}), "invalid")
+        assert "claim" in err["detail"]
+        refused(await client.call_tool("advance", {"to": "review", "task_id": task["id"]}), "invalid")
+
+        c = ok(await client.call_tool("claim", {}))
+        # No advance leads from todo to done: refused, and the detail names the legal targets.
+        err = refused(await client.call_tool("advance", {"to": "done"}), "illegal_transition")
+        assert err["status"] == 409 and "review" in err["detail"] and err["task"]["stage"] == "todo"
+        # An explicit lease wins over the remembered one.
+        wrong = "00000000-0000-0000-0000-000000000001"
+        refused(await client.call_tool("advance", {"to": "review", "lease": wrong}), "lease_lost")
+        refused(await client.call_tool("progress", {"note": "x", "artifacts": [{"type": "file"}]}), "invalid")
+        # Claiming again while holding: the refusal carries the held task.
+        err = refused(await client.call_tool("claim", {}), "already_holding")
+        assert err["task"]["id"] == task["id"] and err["lease"]["id"] == c["lease"]["id"]
+        refused(await client.call_tool("show_card", {"lane": "nope"}), "not_found")
+        refused(await client.call_tool("unblock", {"task_id": task["id"]}), "conflict")
+        # Nothing refused changed anything; the remembered lease still works.
+        assert ok(await client.call_tool("advance", {"to": "review"}))["task"]["stage"] == "review"
+        # The hold is over: the old lease is dead.
+        refused(await client.call_tool("release", {"task_id": task["id"], "lease": c["lease"]["id"]}),
+                "lease_lost")
+
+
+async def test_the_lease_is_remembered_per_session(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "write it"))["task"]
+    async with mcp_client(served.url, dev.token) as first:
+        ok(await first.call_tool("claim", {}))
+        async with mcp_client(served.url, dev.token) as second:
+            # Another session of the same agent does not know the lease...
+            refused(await second.call_tool("release", {"task_id": task["id"]}), "invalid")
+            # ...until `me` shows it what the agent holds.
+            held = ok(await second.call_tool("me", {}))["held"]
+            assert [h["task"]["id"] for h in held] == [task["id"]]
+            assert ok(await second.call_tool("release", {"reason": "handing over"}))["task"]["holder"] is None
+        # The first session's lease died with the release.
+        refused(await first.call_tool("advance", {"to": "review"}), "lease_lost")
+        refused(await first.call_tool("advance", {"to": "review"}), "invalid")  # forgotten once found dead
+
+
+async def test_features_are_read_live_on_every_call(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    async with mcp_client(served.url, dev.token) as client:
+        assert ok(await client.call_tool("show_card", {"lane": "dev"}))["workflow"] == "dev"
+        await served.admin.post("/v1/families/cheap/denials", {"feature": "lane:dev", "reason": "off"}, 201)
+        refused(await client.call_tool("show_card", {"lane": "dev"}), "not_eligible")
+        refused(await client.call_tool("create_task", {"lane": "dev", "title": "t"}), "not_eligible")
+
+
+async def test_a_waiting_claim_is_woken_by_new_work(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    hub = served.app.state.ainarres.wake
+    async with mcp_client(served.url, dev.token) as client:
+        claiming = asyncio.create_task(client.call_tool("claim", {"wait_seconds": 60}))
+        await hub.until(lambda h: any(x.idle for x in h.waiters) or claiming.done(), WITHIN)
+        assert not claiming.done()
+        task = (await dev.create("dev", "late work"))["task"]
+        c = ok(await asyncio.wait_for(claiming, WITHIN))
+        assert c["code"] == "claimed" and c["task"]["id"] == task["id"]
+
+
+async def test_create_through_mcp_is_idempotent(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    args = {"lane": "dev", "title": "split", "payload": {"part": 1}, "idempotency_key": "k1"}
+    async with mcp_client(served.url, dev.token) as client:
+        first = ok(await client.call_tool("create_task", args))
+        again = ok(await client.call_tool("create_task", args))
+        assert (first["code"], again["code"]) == ("created", "existing")
+        assert first["task"]["id"] == again["task"]["id"]
+        refused(await client.call_tool("create_task", {**args, "title": "other"}), "conflict")
+
+
+async def test_sessionless_clients_work_too(served: Served) -> None:
+    # The 2026-07-28 protocol has no session: what a token holds is remembered for that token.
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    await dev.create("dev", "write it")
+    async with mcp_client(served.url, dev.token, mode="auto") as client:
+        assert client.protocol_version in MODERN_PROTOCOL_VERSIONS
+        assert ok(await client.call_tool("claim", {}))["code"] == "claimed"
+        assert ok(await client.call_tool("advance", {"to": "review"}))["task"]["stage"] == "review"
+
+
+async def test_a_request_without_a_valid_token_is_refused(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(base_url=served.url, timeout=WITHIN) as http:
+        for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": f"Basic {dev.token}"}):
+            r = await http.post("/mcp", json=init, headers={**accept, **headers})
+            assert r.status_code == 401, r.text
+            assert r.json()["code"] == "unauthenticated"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+
+        # A session belongs to the agent that opened it: another agent's token cannot use it.
+        r = await http.post("/mcp", json=init, headers={**accept, "Authorization": f"Bearer {dev.token}"})
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        other = await w.agent("cheap")
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        r = await http.post("/mcp", json=ping, headers={**accept, "Authorization": f"Bearer {other.token}",
+                                                        "mcp-session-id": sid,
+                                                        "mcp-protocol-version": "2025-06-18"})
+        assert r.status_code == 404, r.text
+
+        # A token revoked mid-session is refused on its next request.
+        await served.admin.delete(f"/v1/tokens/{_jti(dev.token)}")
+        r = await http.post("/mcp", json=ping, headers={**accept, "Authorization": f"Bearer {dev.token}",
+                                                        "mcp-session-id": sid,
+                                                        "mcp-protocol-version": "2025-06-18"})
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+
+    with pytest.raises(Exception):  # noqa: B017 - the client's own error type for an HTTP 401
+        async with mcp_client(served.url, None) as client:
+            await client.list_tools()
+
+
+def _jti(token: str) -> str:
+    import jwt
+
+    return str(jwt.decode(token, options={"verify_signature": False})["jti"])
