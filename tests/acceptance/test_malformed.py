@@ -43,7 +43,7 @@ COUNTED = (
     "lanes",
 )
 # A digest of every row of the tables whose rows a verb rewrites, so an in-place change shows too.
-DIGESTED = ("tasks", "families", "tokens")
+DIGESTED = ("tasks", "families")
 
 
 @dataclass

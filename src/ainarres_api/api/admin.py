@@ -67,6 +67,11 @@ async def denials(key: str, _: Governor, conn: Conn) -> dict[str, Any]:
     return {"items": (await admin.get_family(conn, key))["denials"]}
 
 
+@router.get("/families/{key}/denials/{feature}", summary="read one denial")
+async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[str, Any]:
+    return await admin.get_denial(conn, key, feature)
+
+
 @router.delete("/families/{key}/denials/{feature}", status_code=204, summary="lift a denial")
 async def lift(key: str, feature: str, _: Governor, conn: Conn) -> Response:
     await admin.lift(conn, key, feature)
@@ -80,8 +85,10 @@ async def mint(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dict[str,
 
 
 @router.get("/tokens", summary="list issued tokens (never their text)")
-async def list_tokens(_: Admin, conn: Conn, family: str | None = None, limit: Limit = 100) -> dict[str, Any]:
-    return {"items": await admin.list_tokens(conn, family, limit)}
+async def list_tokens(_: Admin, conn: Conn, family: str | None = None, limit: Limit = 100,
+                      after: uuid.UUID | None = None) -> dict[str, Any]:
+    items = await admin.list_tokens(conn, family, limit, after)
+    return {"items": items, "next": str(items[-1]["jti"]) if len(items) == limit else None}
 
 
 @router.get("/tokens/{jti}", summary="read one issued token's record")

@@ -91,6 +91,17 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")
         row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub)
+        if row is None:
+            raise Conflict(f"family {family} already has an active denial of {feature}; "
+                           "DELETE it first to change it")
+    return {"family": family, **dict(row)}
+
+
+async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dict[str, Any]:
+    """One denial of a family."""
+    row = await conn.fetchrow(Q["denial_get"], family, feature)
+    if row is None:
+        raise NotFound(f"family {family!r} has no denial of {feature!r}")
     return {"family": family, **dict(row)}
 
 
@@ -113,9 +124,10 @@ async def revoke_token(conn: asyncpg.Connection, jti: uuid.UUID) -> None:
         raise NotFound("no token with that jti")
 
 
-async def list_tokens(conn: asyncpg.Connection, family: str | None, limit: int) -> list[dict[str, Any]]:
-    """Issued tokens, newest first (never the token text: it is not stored)."""
-    return [dict(r) for r in await conn.fetch(Q["token_list"], family, limit)]
+async def list_tokens(conn: asyncpg.Connection, family: str | None, limit: int,
+                      after: uuid.UUID | None = None) -> list[dict[str, Any]]:
+    """Issued tokens in jti order after a cursor (never the token text: it is not stored)."""
+    return [dict(r) for r in await conn.fetch(Q["token_list"], family, limit, after)]
 
 
 async def get_token(conn: asyncpg.Connection, jti: uuid.UUID) -> dict[str, Any]:

@@ -4,9 +4,19 @@
 DELETE FROM denials WHERE family_key = $1 AND feature = $2 RETURNING feature;
 
 -- name: denial_insert
+-- A denial that has already expired is replaced; an active one is a conflict (no row returned).
 INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
 VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
+   SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, created_by = EXCLUDED.created_by,
+       created_at = now()
+ WHERE denials.expires_at IS NOT NULL AND denials.expires_at <= now()
 RETURNING feature, reason, expires_at, created_by, created_at;
+
+-- name: denial_get
+SELECT feature, reason, expires_at, created_by, created_at,
+       (expires_at IS NULL OR expires_at > now()) AS active
+  FROM denials WHERE family_key = $1 AND feature = $2;
 
 -- name: denials_of_family
 SELECT feature, reason, expires_at, created_by, created_at,

@@ -46,10 +46,11 @@ VALUES ($1, $2, $3, $4, $5, $6, $7);
 UPDATE tokens SET revoked_at = coalesce(revoked_at, now()) WHERE jti = $1 RETURNING jti;
 
 -- name: token_list
+-- In jti order so that `after=<jti>` pages through them.
 SELECT jti, family_key AS family, sub, scope, issued_at, expires_at, revoked_at
   FROM tokens
- WHERE ($1::text IS NULL OR family_key = $1)
- ORDER BY issued_at DESC, jti
+ WHERE ($1::text IS NULL OR family_key = $1) AND ($3::uuid IS NULL OR jti > $3)
+ ORDER BY jti
  LIMIT $2;
 
 -- name: token_get
