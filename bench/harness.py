@@ -32,8 +32,11 @@ ROOT = Path(os.environ.get("AINARRES_BENCH_DIR", "/tmp/ainarres-bench"))
 # A workflow whose tasks never finish: a → b → a …, so a claim+advance cycle keeps the backlog constant.
 LOOP = {
     "key": "loop",
-    "stages": [{"key": "a", "initial": True, "lease_seconds": 300}, {"key": "b", "lease_seconds": 300},
-               {"key": "done", "terminal": True}],
+    "stages": [
+        {"key": "a", "initial": True, "lease_seconds": 300},
+        {"key": "b", "lease_seconds": 300},
+        {"key": "done", "terminal": True},
+    ],
     "transitions": [
         {"from": "a", "to": "b", "kind": "advance", "required_features": ["role:worker"]},
         {"from": "b", "to": "a", "kind": "advance", "required_features": ["role:worker"]},
@@ -86,11 +89,21 @@ class Service:
 def start_service(dsn: str, *, pool_max: int = 20, extra_env: dict[str, str] | None = None) -> Service:
     """`ainarres serve` in a subprocess, as an operator would start it; returns once /healthz answers."""
     port = free_port()
-    env = {**os.environ, "AINARRES_DATABASE_URL": dsn, "AINARRES_JWT_SECRET": SECRET,
-           "AINARRES_POOL_MAX_SIZE": str(pool_max), "AINARRES_LOG_LEVEL": "warning", **(extra_env or {})}
-    log = open(ROOT / f"service-{port}.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "ainarres_api", "serve", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "AINARRES_DATABASE_URL": dsn,
+        "AINARRES_JWT_SECRET": SECRET,
+        "AINARRES_POOL_MAX_SIZE": str(pool_max),
+        "AINARRES_LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
+    log = open(ROOT / f"service-{port}.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ainarres_api", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -130,7 +143,9 @@ async def world(dsn: str, base: str) -> None:
         await c.post("/v1/projects", json={"slug": "bench"})
         for lane, wf_key in LANES.items():
             await c.post("/v1/lanes", json={"project": "bench", "key": lane, "workflow": wf_key})
-            await c.post("/v1/families", json={"key": f"w_{lane}", "features": [f"lane:{lane}", "role:worker"]})
+            await c.post(
+                "/v1/families", json={"key": f"w_{lane}", "features": [f"lane:{lane}", "role:worker"]}
+            )
 
 
 async def reset_lane(dsn: str, lane: str) -> None:
@@ -140,7 +155,9 @@ async def reset_lane(dsn: str, lane: str) -> None:
         await conn.execute(
             "UPDATE tasks t SET state = 'done', route_id = NULL, holder = NULL, lease_id = NULL, "
             "lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL "
-            "FROM lanes l WHERE l.id = t.lane_id AND l.key = $1 AND t.state <> 'done'", lane)
+            "FROM lanes l WHERE l.id = t.lane_id AND l.key = $1 AND t.state <> 'done'",
+            lane,
+        )
         await conn.execute("VACUUM ANALYZE tasks")
     finally:
         await conn.close()
@@ -155,7 +172,11 @@ async def seed(dsn: str, template_id: str, n: int, priority: int) -> None:
             "created_by, available_at) "
             "SELECT lane_id, stage_id, route_id, 'ready', 'seeded', $3, required_features, created_by, "
             "       now() - make_interval(secs => g::float8 / 1000) "
-            "  FROM tasks, generate_series(1, $2) g WHERE id = $1::uuid", template_id, n, priority)
+            "  FROM tasks, generate_series(1, $2) g WHERE id = $1::uuid",
+            template_id,
+            n,
+            priority,
+        )
     finally:
         await conn.close()
 
@@ -164,12 +185,15 @@ def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def summary(lat_s: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(pct(lat_s, 50) * 1000, 2), "p99_ms": round(pct(lat_s, 99) * 1000, 2),
-            "mean_ms": round(statistics.fmean(lat_s) * 1000, 2) if lat_s else float("nan")}
+    return {
+        "p50_ms": round(pct(lat_s, 50) * 1000, 2),
+        "p99_ms": round(pct(lat_s, 99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(lat_s) * 1000, 2) if lat_s else float("nan"),
+    }
 
 
 async def connections(dsn: str) -> dict[str, int]:
@@ -178,7 +202,8 @@ async def connections(dsn: str) -> dict[str, int]:
     try:
         row = await conn.fetchrow(
             "SELECT count(*) AS total, count(*) FILTER (WHERE state = 'active') AS active "
-            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         return {"total": row["total"], "active": row["active"]}
     finally:
         await conn.close()

@@ -14,7 +14,6 @@ import time
 import uuid
 from typing import Any
 
-import asyncpg
 import httpx
 
 NEXT = {"a": "b", "b": "a"}
@@ -35,8 +34,11 @@ def _entry(fn_name: str, kwargs: dict[str, Any]) -> Any:
 
 
 def _client(base: str, n: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base, timeout=120,
-                             limits=httpx.Limits(max_connections=n + 16, max_keepalive_connections=n + 16))
+    return httpx.AsyncClient(
+        base_url=base,
+        timeout=120,
+        limits=httpx.Limits(max_connections=n + 16, max_keepalive_connections=n + 16),
+    )
 
 
 def _windows(stamps: list[float], start: float, width: float, seconds: float) -> list[int]:
@@ -48,8 +50,9 @@ def _windows(stamps: list[float], start: float, width: float, seconds: float) ->
     return out
 
 
-async def cycle_http(base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0
-                     ) -> dict[str, Any]:
+async def cycle_http(
+    base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0
+) -> dict[str, Any]:
     """Each agent: claim, then advance what it got; for `seconds`. Latencies per cycle and per claim."""
     cycles: list[float] = []
     claims: list[float] = []
@@ -70,8 +73,11 @@ async def cycle_http(base: str, tokens: list[str], lane: str, seconds: float, wi
                     empties += 1
                     continue
                 task = r["task"]
-                a = await c.post(f"/v1/tasks/{task['id']}/advance", headers=h,
-                                 json={"lease": r["lease"]["id"], "to": NEXT[task["stage"]]})
+                a = await c.post(
+                    f"/v1/tasks/{task['id']}/advance",
+                    headers=h,
+                    json={"lease": r["lease"]["id"], "to": NEXT[task["stage"]]},
+                )
                 t2 = time.perf_counter()
                 if a.status_code == 200:
                     cycles.append(t2 - t0)
@@ -80,8 +86,14 @@ async def cycle_http(base: str, tokens: list[str], lane: str, seconds: float, wi
 
         await asyncio.gather(*(agent(t) for t in tokens))
         elapsed = time.perf_counter() - start
-    return {"cycles": len(cycles), "elapsed": elapsed, "cycle_lat": cycles, "claim_lat": claims,
-            "empties": empties, "windows": _windows(stamps, start, window, seconds)}
+    return {
+        "cycles": len(cycles),
+        "elapsed": elapsed,
+        "cycle_lat": cycles,
+        "claim_lat": claims,
+        "empties": empties,
+        "windows": _windows(stamps, start, window, seconds),
+    }
 
 
 async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secret: str) -> dict[str, Any]:
@@ -114,8 +126,16 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
                     continue
                 task = r["task"]
                 p = await auth.authenticate(conn, signer, token)
-                await tasks.transition(conn, p, uuid.UUID(task["id"]), uuid.UUID(r["lease"]["id"]), "advance",
-                                       NEXT[task["stage"]], None, [])
+                await tasks.transition(
+                    conn,
+                    p,
+                    uuid.UUID(task["id"]),
+                    uuid.UUID(r["lease"]["id"]),
+                    "advance",
+                    NEXT[task["stage"]],
+                    None,
+                    [],
+                )
                 t2 = time.perf_counter()
                 cycles.append(t2 - t0)
                 claims.append(t1 - t0)
@@ -124,12 +144,25 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
         await asyncio.gather(*(agent(t) for t in tokens))
     finally:
         await pool.close()
-    return {"cycles": len(cycles), "elapsed": time.perf_counter() - start, "cycle_lat": cycles,
-            "claim_lat": claims, "empties": empties}
+    return {
+        "cycles": len(cycles),
+        "elapsed": time.perf_counter() - start,
+        "cycle_lat": cycles,
+        "claim_lat": claims,
+        "empties": empties,
+    }
 
 
-async def pickup(base: str, waiter_tokens: list[str], maker_token: str, lane: str, tasks_n: int,
-                 mean_gap: float, mode: str, dsn: str) -> dict[str, Any]:
+async def pickup(
+    base: str,
+    waiter_tokens: list[str],
+    maker_token: str,
+    lane: str,
+    tasks_n: int,
+    mean_gap: float,
+    mode: str,
+    dsn: str,
+) -> dict[str, Any]:
     """Idle agents waiting for work (long-poll, or polling every 1 s); a producer creates tasks with
     exponential gaps. Latency runs from sending the create to an agent's claim returning the task."""
     sent: dict[str, float] = {}
@@ -153,11 +186,14 @@ async def pickup(base: str, waiter_tokens: list[str], maker_token: str, lane: st
                 now = time.perf_counter()
                 if r.get("code") == "claimed":
                     tid = r["task"]["id"]
-                    while tid not in sent:  # the create's response may not have been read yet
+                    while tid not in sent:  # noqa: ASYNC110 - the create's response may not be read yet
                         await asyncio.sleep(0.001)
                     lat.append(now - sent[tid])
-                    await c.post(f"/v1/tasks/{tid}/advance", headers=h, json={"lease": r["lease"]["id"],
-                                                                              "to": "review"})
+                    await c.post(
+                        f"/v1/tasks/{tid}/advance",
+                        headers=h,
+                        json={"lease": r["lease"]["id"], "to": "review"},
+                    )
                     if len(lat) >= tasks_n:
                         done.set()
                 elif mode == "poll":
@@ -187,8 +223,9 @@ async def pickup(base: str, waiter_tokens: list[str], maker_token: str, lane: st
     return {"lat": lat, "conns_while_idle": conns_while_idle, "idle_claim_calls_per_s": idle_claims_per_s}
 
 
-async def create_rate(base: str, tokens: list[str], lane: str, seconds: float,
-                      waiter_tokens: list[str] | None = None) -> dict[str, Any]:
+async def create_rate(
+    base: str, tokens: list[str], lane: str, seconds: float, waiter_tokens: list[str] | None = None
+) -> dict[str, Any]:
     """`tokens` writers create tasks as fast as they can; optional long-poll waiters take them."""
     made = 0
     taken = 0
@@ -213,8 +250,11 @@ async def create_rate(base: str, tokens: list[str], lane: str, seconds: float,
                 r = (await c.post("/v1/claims", json={"lane": lane, "wait_seconds": 2}, headers=h)).json()
                 if r.get("code") == "claimed":
                     taken += 1
-                    await c.post(f"/v1/tasks/{r['task']['id']}/advance", headers=h,
-                                 json={"lease": r["lease"]["id"], "to": "review"})
+                    await c.post(
+                        f"/v1/tasks/{r['task']['id']}/advance",
+                        headers=h,
+                        json={"lease": r["lease"]["id"], "to": "review"},
+                    )
 
         start = time.perf_counter()
         await asyncio.gather(*(writer(t) for t in tokens), *(waiter(t) for t in waiter_tokens or []))

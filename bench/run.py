@@ -18,7 +18,10 @@ import asyncio
 import json
 import os
 import platform
+import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,8 +38,11 @@ def _out(name: str, row: dict[str, Any], results: dict[str, Any]) -> None:
 
 async def _template(base: str, token: str, lane: str, **fields: Any) -> str:
     async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-        r = await c.post("/v1/tasks", json={"lane": lane, "title": "template", **fields},
-                         headers={"Authorization": f"Bearer {token}"})
+        r = await c.post(
+            "/v1/tasks",
+            json={"lane": lane, "title": "template", **fields},
+            headers={"Authorization": f"Bearer {token}"},
+        )
         r.raise_for_status()
         return str(r.json()["task"]["id"])
 
@@ -59,17 +65,29 @@ def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, result
     for n in args.agents:
         tokens = asyncio.run(harness.mint(dsn, "w_cyc", n))
         asyncio.run(_checkpoint(dsn))
-        http = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane,
-                              seconds=args.seconds).result()
+        http = run_in_process(
+            "cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds
+        ).result()
         asyncio.run(_checkpoint(dsn))
-        raw = run_in_process("cycle_raw", dsn=dsn, tokens=tokens, lane=lane, seconds=args.seconds,
-                             secret=harness.SECRET).result()
+        raw = run_in_process(
+            "cycle_raw", dsn=dsn, tokens=tokens, lane=lane, seconds=args.seconds, secret=harness.SECRET
+        ).result()
         h_rate, r_rate = http["cycles"] / http["elapsed"], raw["cycles"] / raw["elapsed"]
-        _out("cycle", {"agents": n, "backlog": args.cycle_backlog,
-                       "http_cycles_per_s": round(h_rate, 1), "http": harness.summary(http["cycle_lat"]),
-                       "raw_cycles_per_s": round(r_rate, 1), "raw": harness.summary(raw["cycle_lat"]),
-                       "http_over_raw": round(h_rate / r_rate, 2) if r_rate else None,
-                       "http_empty_claims": http["empties"], "raw_empty_claims": raw["empties"]}, results)
+        _out(
+            "cycle",
+            {
+                "agents": n,
+                "backlog": args.cycle_backlog,
+                "http_cycles_per_s": round(h_rate, 1),
+                "http": harness.summary(http["cycle_lat"]),
+                "raw_cycles_per_s": round(r_rate, 1),
+                "raw": harness.summary(raw["cycle_lat"]),
+                "http_over_raw": round(h_rate / r_rate, 2) if r_rate else None,
+                "http_empty_claims": http["empties"],
+                "raw_empty_claims": raw["empties"],
+            },
+            results,
+        )
 
 
 def bench_backlog(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -87,23 +105,43 @@ def bench_backlog(dsn: str, svc: harness.Service, args: argparse.Namespace, resu
         seeded = time.perf_counter() - t0
         asyncio.run(_checkpoint(dsn))
         tokens = asyncio.run(harness.mint(dsn, "w_big", args.backlog_agents))
-        r = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds).result()
+        r = run_in_process(
+            "cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds
+        ).result()
         rows[size] = harness.summary(r["claim_lat"])
-        _out("backlog", {"backlog": size, "claimable_share": 0.01, "agents": args.backlog_agents,
-                         "claims": r["cycles"], "claim": rows[size], "cycle": harness.summary(r["cycle_lat"]),
-                         "cycles_per_s": round(r["cycles"] / r["elapsed"], 1), "seed_seconds": round(seeded, 1),
-                         "empty_claims": r["empties"]}, results)
+        _out(
+            "backlog",
+            {
+                "backlog": size,
+                "claimable_share": 0.01,
+                "agents": args.backlog_agents,
+                "claims": r["cycles"],
+                "claim": rows[size],
+                "cycle": harness.summary(r["cycle_lat"]),
+                "cycles_per_s": round(r["cycles"] / r["elapsed"], 1),
+                "seed_seconds": round(seeded, 1),
+                "empty_claims": r["empties"],
+            },
+            results,
+        )
     if len(rows) >= 2:
         small, large = min(rows), max(rows)
-        _out("backlog_ratio", {"large": large, "small": small,
-                               "p50_large_over_small": round(rows[large]["p50_ms"] / rows[small]["p50_ms"], 2),
-                               "p99_large_over_small": round(rows[large]["p99_ms"] / rows[small]["p99_ms"], 2)},
-             results)
+        _out(
+            "backlog_ratio",
+            {
+                "large": large,
+                "small": small,
+                "p50_large_over_small": round(rows[large]["p50_ms"] / rows[small]["p50_ms"], 2),
+                "p99_large_over_small": round(rows[large]["p99_ms"] / rows[small]["p99_ms"], 2),
+            },
+            results,
+        )
     asyncio.run(harness.reset_lane(dsn, lane))
 
 
-def bench_sustained(dsn: str, svc: harness.Service, args: argparse.Namespace,
-                    results: dict[str, Any]) -> None:
+def bench_sustained(
+    dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
     lane = "cyc"
     asyncio.run(harness.reset_lane(dsn, lane))
     maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
@@ -112,15 +150,28 @@ def bench_sustained(dsn: str, svc: harness.Service, args: argparse.Namespace,
     asyncio.run(_checkpoint(dsn))
     tokens = asyncio.run(harness.mint(dsn, "w_cyc", args.sustained_agents))
     secs = args.sustained_seconds
-    r = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=secs, window=10.0).result()
+    r = run_in_process(
+        "cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=secs, window=10.0
+    ).result()
     w = r["windows"]
     span = max(1, min(6, len(w) // 5))  # a minute of 10 s windows, or a fifth of a shorter run
     first, last = sum(w[:span]) / (span * 10), sum(w[-span:]) / (span * 10)
-    _out("sustained", {"seconds": secs, "agents": args.sustained_agents, "backlog": args.sustained_backlog,
-                       "cycles_per_s": round(r["cycles"] / r["elapsed"], 1),
-                       "first_span_per_s": round(first, 1), "last_span_per_s": round(last, 1),
-                       "span_seconds": span * 10, "last_over_first": round(last / first, 2) if first else None,
-                       "per_10s": w, "cycle": harness.summary(r["cycle_lat"])}, results)
+    _out(
+        "sustained",
+        {
+            "seconds": secs,
+            "agents": args.sustained_agents,
+            "backlog": args.sustained_backlog,
+            "cycles_per_s": round(r["cycles"] / r["elapsed"], 1),
+            "first_span_per_s": round(first, 1),
+            "last_span_per_s": round(last, 1),
+            "span_seconds": span * 10,
+            "last_over_first": round(last / first, 2) if first else None,
+            "per_10s": w,
+            "cycle": harness.summary(r["cycle_lat"]),
+        },
+        results,
+    )
 
 
 def bench_pickup(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -130,12 +181,29 @@ def bench_pickup(dsn: str, svc: harness.Service, args: argparse.Namespace, resul
         tokens = asyncio.run(harness.mint(dsn, "w_lp", n))
         for mode in ("wait", "poll"):
             asyncio.run(harness.reset_lane(dsn, lane))
-            r = run_in_process("pickup", base=svc.base, waiter_tokens=tokens, maker_token=maker, lane=lane,
-                               tasks_n=args.pickup_tasks, mean_gap=0.1, mode=mode, dsn=dsn).result()
-            _out("pickup", {"idle_agents": n, "mode": "long-poll" if mode == "wait" else "poll every 1 s",
-                            "tasks": len(r["lat"]), "pickup": harness.summary(r["lat"]),
-                            "db_connections_while_idle": r["conns_while_idle"],
-                            "idle_claim_requests_per_s": round(r["idle_claim_calls_per_s"], 1)}, results)
+            r = run_in_process(
+                "pickup",
+                base=svc.base,
+                waiter_tokens=tokens,
+                maker_token=maker,
+                lane=lane,
+                tasks_n=args.pickup_tasks,
+                mean_gap=0.1,
+                mode=mode,
+                dsn=dsn,
+            ).result()
+            _out(
+                "pickup",
+                {
+                    "idle_agents": n,
+                    "mode": "long-poll" if mode == "wait" else "poll every 1 s",
+                    "tasks": len(r["lat"]),
+                    "pickup": harness.summary(r["lat"]),
+                    "db_connections_while_idle": r["conns_while_idle"],
+                    "idle_claim_requests_per_s": round(r["idle_claim_calls_per_s"], 1),
+                },
+                results,
+            )
 
 
 def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -145,19 +213,65 @@ def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, resul
     for label, ws in (("no waiters", None), ("100 long-poll waiters taking the tasks", waiters)):
         asyncio.run(harness.reset_lane(dsn, lane))
         asyncio.run(_checkpoint(dsn))
-        r = run_in_process("create_rate", base=svc.base, tokens=writers, lane=lane, seconds=args.seconds,
-                           waiter_tokens=ws).result()
-        _out("create", {"writers": 32, "with": label, "creates_per_s": round(r["created"] / r["elapsed"], 1),
-                        "taken_per_s": round(r["taken"] / r["elapsed"], 1), "create": harness.summary(r["lat"])},
-             results)
+        r = run_in_process(
+            "create_rate", base=svc.base, tokens=writers, lane=lane, seconds=args.seconds, waiter_tokens=ws
+        ).result()
+        _out(
+            "create",
+            {
+                "writers": 32,
+                "with": label,
+                "creates_per_s": round(r["created"] / r["elapsed"], 1),
+                "taken_per_s": round(r["taken"] / r["elapsed"], 1),
+                "create": harness.summary(r["lat"]),
+            },
+            results,
+        )
     rows = results.get("create", [])[-2:]
     if len(rows) == 2 and rows[0]["creates_per_s"]:
-        _out("create_ratio", {"with_over_without": round(rows[1]["creates_per_s"] / rows[0]["creates_per_s"], 2)},
-             results)
+        _out(
+            "create_ratio",
+            {"with_over_without": round(rows[1]["creates_per_s"] / rows[0]["creates_per_s"], 2)},
+            results,
+        )
 
 
-BENCHES = {"cycle": bench_cycle, "backlog": bench_backlog, "sustained": bench_sustained,
-           "pickup": bench_pickup, "create": bench_create}
+def bench_pgqueuer(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """pgqueuer's own tools/benchmark.py, one job per fetch, on the same server (bench/pgqueuer.sh)."""
+    env = {
+        **os.environ,
+        "PGHOST": str((harness.ROOT / "pgdata").resolve()),
+        "PGUSER": "postgres",
+        "PGDATABASE": "bench",
+    }
+    out = subprocess.run(
+        ["bash", str(Path(__file__).with_name("pgqueuer.sh")), str(int(args.seconds))],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    m = re.search(r"\|\s*Rate\s*\|\s*([\d.]+)", out.stdout)
+    rate = float(m.group(1)) if m else None
+    print(out.stdout[-3000:], out.stderr[-1500:] if out.returncode else "", flush=True)
+    _out(
+        "pgqueuer",
+        {
+            "settings": "--dequeue 8 --dequeue-batch-size 1 --enqueue 4 --enqueue-batch-size 1",
+            "jobs_per_s": rate,
+            "returncode": out.returncode,
+        },
+        results,
+    )
+
+
+BENCHES = {
+    "cycle": bench_cycle,
+    "backlog": bench_backlog,
+    "sustained": bench_sustained,
+    "pickup": bench_pickup,
+    "create": bench_create,
+    "pgqueuer": bench_pgqueuer,
+}
 
 
 def main() -> None:
@@ -178,8 +292,14 @@ def main() -> None:
 
     dsn, server = harness.start_postgres()
     svc = harness.start_service(dsn, pool_max=args.pool_max)
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "python": platform.python_version()}, "args": vars(args)}
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "args": vars(args),
+    }
     try:
         asyncio.run(harness.world(dsn, svc.base))
         for name in args.only.split(","):

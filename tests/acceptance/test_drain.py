@@ -142,7 +142,11 @@ async def kill_switch(drain: Drain, db: asyncpg.Connection) -> datetime | None:
     Returns the expiry it set, or None if the lease had already run out on its own and a claim
     recovered the task (a very slow machine); the event log is checked the same way either way.
     """
-    await drain.killed_claimed.wait()
+    waits = [asyncio.ensure_future(drain.killed_claimed.wait()), asyncio.ensure_future(drain.all_done.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for f in waits:
+        f.cancel()
+    assert drain.killed_claimed.is_set(), "the doomed worker never got to claim its last task"
     await drain.last_one_left.wait()
     expired_at: datetime | None = await db.fetchval(
         "UPDATE tasks SET lease_expires_at = now() - interval '1 millisecond' "

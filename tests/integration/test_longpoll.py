@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -223,7 +222,7 @@ async def replica(settings: Settings, dsn: str, app: Any) -> AsyncIterator[tuple
 
 
 async def test_survives_a_dropped_listen_connection_across_replicas(app, admin, replica, db):
-    other, other_client = replica
+    _other, other_client = replica
     w = await make_world(admin)
     a, b = await w.agent("cheap"), await w.agent("cheap")
     maker = Api(other_client, (await w.agent("cheap")).token)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from ainarres_api.api import oversight as oversight_api
+from ainarres_api.services import oversight as oversight_svc
 from tests.helpers import DEV_WORKFLOW, Api, World, make_world
 
 ENDPOINTS = ("/v1/board", "/v1/feed", "/v1/stuck", "/v1/demand", "/v1/agents", "/v1/track-record")
@@ -676,3 +677,72 @@ async def test_stream_ends_when_the_token_is_revoked(admin, sse, monkeypatch):
                 break
             assert f[0] == "comment"
     assert w
+
+
+async def test_stream_waits_for_an_event_that_commits_late(admin, sse, db, monkeypatch):
+    # Event ids come from a sequence: a later id can commit first. The stream must not skip the earlier.
+    monkeypatch.setattr(oversight_api, "GAP_SECONDS", 60.0)
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    t = (await dev.create("dev", "t"))["task"]
+    headers = {"Authorization": f"Bearer {admin.token}"}
+    async with sse.stream("GET", "/v1/events/stream", params={"keepalive": 0.1}, headers=headers) as r:
+        frames = Frames(r)
+        assert (await frames.next_frame())[0] == "comment"
+        tx = db.transaction()
+        await tx.start()
+        late = await db.fetchval(
+            "INSERT INTO events (task_id, type, actor, family, data) "
+            "VALUES ($1, 'progress', 'someone', 'cheap', '{\"note\": \"late\"}') RETURNING id",
+            t["id"],
+        )
+        early = (await dev.create("dev", "commits first"))["event"]["id"]
+        assert early > late
+        # A keep-alive comes after a poll that saw `early` committed and `late` not yet.
+        while (await frames.next_frame()) != ("comment", "keep-alive"):
+            pass
+        await tx.commit()
+        first, ev1 = await frames.next_event()
+        second, ev2 = await frames.next_event()
+        assert (first, second) == (late, early)
+        assert ev1["data"]["note"] == "late" and ev2["type"] == "created"
+
+
+def test_sequencer_holds_back_at_a_gap_then_gives_up_on_it():
+    seq = oversight_svc.Sequencer(10, gap_seconds=2.0)
+    ev = {i: {"id": i} for i in range(11, 20)}
+    assert seq.take([(11, ev[11]), (12, None), (14, ev[14])], now=0.0) == [ev[11]]  # 12: not visible
+    assert seq.cursor == 12 and seq.waiting
+    assert seq.take([(14, ev[14])], now=1.0) == []  # 13 may still commit
+    assert seq.take([(13, ev[13]), (14, ev[14])], now=1.5) == [ev[13], ev[14]]
+    assert not seq.waiting
+    assert seq.take([(16, ev[16]), (18, ev[18])], now=10.0) == []
+    assert seq.take([(16, ev[16]), (18, ev[18])], now=11.9) == []
+    # 15 and 17 never came (rolled back): after the wait both gaps are given up on at once.
+    assert seq.take([(16, ev[16]), (18, ev[18])], now=12.0) == [ev[16], ev[18]]
+    assert seq.cursor == 18 and not seq.waiting
+
+
+async def test_stream_reads_hold_back_what_follows_an_uncommitted_event(admin, app, db):
+    # The same race, step by step at the service layer: the batch read while `late` is in flight has
+    # only `early`, and the sequencer must not let it out until `late` has committed.
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    t = (await dev.create("dev", "t"))["task"]
+    pool = app.state.ainarres.pool
+    async with pool.acquire() as conn:
+        seq = oversight_svc.Sequencer(await oversight_svc.last_event_id(conn), gap_seconds=60.0)
+    tx = db.transaction()
+    await tx.start()
+    late = await db.fetchval(
+        "INSERT INTO events (task_id, type, data) VALUES ($1, 'progress', '{}') RETURNING id", t["id"]
+    )
+    early = (await dev.create("dev", "commits first"))["event"]["id"]
+    async with pool.acquire() as conn:
+        batch = await oversight_svc.events_after(conn, None, seq.cursor, None, None, 100)
+    assert [eid for eid, _ in batch] == [early]
+    assert seq.take(batch, now=0.0) == [] and seq.waiting
+    await tx.commit()
+    async with pool.acquire() as conn:
+        batch = await oversight_svc.events_after(conn, None, seq.cursor, None, None, 100)
+    assert [e["id"] for e in seq.take(batch, now=1.0)] == [late, early]

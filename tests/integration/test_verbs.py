@@ -100,8 +100,9 @@ async def test_create_refusals(admin, db):
     r = await reviewer.call("POST", "/v1/tasks", {"lane": "dev", "title": "t"}, 403)
     assert r.json()["code"] == "not_eligible" and "role:dev" in r.json()["detail"]
 
-    r = await dev.call("POST", "/v1/tasks", {"lane": "nowhere", "title": "t"}, 404)
-    assert r.json()["code"] == "not_found"
+    # An unknown lane answers like a lane you lack, so outsiders learn nothing about which lanes exist.
+    r = await dev.call("POST", "/v1/tasks", {"lane": "nowhere", "title": "t"}, 403)
+    assert r.json()["code"] == "not_eligible" and "lane:nowhere" in r.json()["detail"]
 
     unregistered = {"lane": "dev", "title": "t", "required_features": ["area:nowhere"]}
     r = await dev.call("POST", "/v1/tasks", unregistered, 422)

@@ -39,6 +39,8 @@ States = Annotated[list[str] | None, Query(
 POLL_SECONDS = 0.5
 REAUTH_SECONDS = 30.0
 STREAM_BATCH = 200
+# How long the stream waits for an event id that was taken but not committed yet (see Sequencer).
+GAP_SECONDS = 2.0
 
 T = TypeVar("T")
 
@@ -303,21 +305,21 @@ async def stream(request: Request, caller: Caller, st: State,
 
     async def frames() -> AsyncIterator[str]:
         nonlocal lanes
-        cursor, sent = start, 0
+        seq, sent = oversight.Sequencer(start, GAP_SECONDS), 0
         beat = checked = time.monotonic()
         if metrics:
             metrics.streams.inc()
         try:
-            yield f": ainarres event stream after {cursor}\nretry: 2000\n\n"
+            yield f": ainarres event stream after {start}\nretry: 2000\n\n"
             while True:
                 async with st.pool.acquire() as conn:
-                    batch = await oversight.events_after(conn, lanes, cursor, project, lane, STREAM_BATCH)
-                for ev in batch:
+                    batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH)
+                for ev in seq.take(batch, time.monotonic()):
                     yield _frame(ev)
-                    cursor, sent = ev["id"], sent + 1
+                    sent += 1
                     if limit is not None and sent >= limit:
                         return
-                if len(batch) == STREAM_BATCH:
+                if len(batch) == STREAM_BATCH and not seq.waiting:
                     continue
                 now = time.monotonic()
                 if now - checked >= REAUTH_SECONDS:

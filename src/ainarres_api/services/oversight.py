@@ -196,9 +196,49 @@ async def last_event_id(conn: asyncpg.Connection) -> int:
 
 
 async def events_after(conn: asyncpg.Connection, lanes: list[str] | None, after: int, project: str | None,
-                       lane: str | None, limit: int) -> list[dict[str, Any]]:
-    """The stream's next events after `after`, oldest first, within the lanes the caller may see."""
-    return [r["event"] for r in await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit)]
+                       lane: str | None, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
+    """Every event id after `after`, oldest first, with the event if the caller may see it (else None)."""
+    rows = await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit)
+    return [(r["id"], r["event"]) for r in rows]
+
+
+class Sequencer:
+    """Hands out committed events in id order without skipping one that commits late.
+
+    Event ids come from a sequence, so a transaction can commit id 11 while id 10 is still in
+    flight. Reading "after the last id sent" would then lose 10 for good. The sequencer releases
+    only an unbroken run of ids; at a gap it waits, up to `gap_seconds`, for the missing id to
+    commit, then gives up on it (a rolled-back transaction leaves a gap that never fills).
+    """
+
+    def __init__(self, after: int, gap_seconds: float) -> None:
+        self.cursor = after
+        self.gap_seconds = gap_seconds
+        self._gap_seen: float | None = None
+        self._gap_at = after
+
+    def take(self, batch: list[tuple[int, dict[str, Any] | None]], now: float) -> list[dict[str, Any]]:
+        """The events of `batch` that may go out now, in order; advances the cursor past them."""
+        # A gap that has held the cursor in place for gap_seconds is given up on, together with any
+        # other gap in the same batch (they were all visible while we waited).
+        overdue = (self._gap_seen is not None and self._gap_at == self.cursor
+                   and now - self._gap_seen >= self.gap_seconds)
+        out: list[dict[str, Any]] = []
+        for eid, event in batch:
+            if eid != self.cursor + 1 and not overdue:
+                if self._gap_seen is None or self._gap_at != self.cursor:
+                    self._gap_seen, self._gap_at = now, self.cursor
+                return out
+            self.cursor = eid
+            if event is not None:
+                out.append(event)
+        self._gap_seen = None
+        return out
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a gap holds events back."""
+        return self._gap_seen is not None
 
 
 @dataclass

@@ -46,7 +46,8 @@ def _canonical(features: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def _lease_out(lease_id: Any, expires_at: Any) -> dict[str, Any]:
-    return {"id": str(lease_id), "expires_at": expires_at}
+    # isoformat, like every timestamp PostgreSQL renders into task JSON (…+00:00).
+    return {"id": str(lease_id), "expires_at": expires_at.isoformat() if expires_at else None}
 
 
 def _check_visible(p: Principal, lane_key: str) -> None:
@@ -97,11 +98,12 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
     lane_key = body["lane"]
     _payload_size_ok(body.get("payload", {}), limits, "payload")
     async with conn.transaction():
+        # The feature first: an outsider learns nothing about which lanes exist.
+        if not p.has(f"lane:{lane_key}"):
+            raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}")
         lane = await conn.fetchrow(Q["lane_for_create"], lane_key)
         if lane is None:
             raise NotFound(f"no lane {lane_key!r}; GET /v1/me shows the lanes your features name")
-        if not p.has(f"lane:{lane_key}"):
-            raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}")
         starters = [json.loads(b) for b in lane["starter_bundles"]]
         if starters and not any(set(b) <= p.features for b in starters):
             closest = min(starters, key=lambda b: len(set(b) - p.features))
@@ -118,7 +120,9 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
                               "(GET /v1/features lists them)")
         depends = sorted({str(d) for d in body.get("depends_on") or []})
         idem = body.get("idempotency_key")
-        req_hash = _request_hash({k: v for k, v in body.items() if k != "idempotency_key"}) if idem else None
+        same = {k: v for k, v in body.items() if k != "idempotency_key"} | {
+            "required_features": required, "depends_on": depends}
+        req_hash = _request_hash(same) if idem else None
         if idem:
             existing = await conn.fetchrow(Q["task_by_idempotency"], lane["lane_id"], idem)
             if existing is not None:

@@ -184,12 +184,19 @@ SELECT l.key AS lane, s.key AS stage, sum(x.n)::bigint AS n
  GROUP BY l.key, s.key;
 
 -- name: stream_after
--- The stream's next batch: events after an id, oldest first, each with where it happened and the
--- task as it is now (so a board can redraw the card from the event alone).
+-- The stream's next batch: every event after an id, oldest first. Ids are returned for all of them
+-- (the stream needs the whole sequence to spot a gap: an id taken by a transaction that has not
+-- committed yet, or one that rolled back); the event itself only for those the caller may see and
+-- asked for, with where it happened and the task as it is now (a board redraws the card from it).
 -- $1 event id, $2 visible lanes (NULL: every lane), $3 project, $4 lane, $5 limit.
-SELECT event_json(e) || jsonb_build_object(
-           'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title,
-           'task', task_json(t)) AS event
+SELECT e.id,
+       CASE WHEN ($2::text[] IS NULL OR l.key = ANY ($2::text[]))
+                 AND ($3::text IS NULL OR p.slug = $3)
+                 AND ($4::text IS NULL OR l.key = $4)
+            THEN event_json(e) || jsonb_build_object(
+                     'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title,
+                     'task', task_json(t))
+       END AS event
   FROM events e
   JOIN tasks t ON t.id = e.task_id
   JOIN lanes l ON l.id = t.lane_id
@@ -202,9 +209,6 @@ SELECT event_json(e) || jsonb_build_object(
                    ORDER BY x.id DESC
                    LIMIT 1)) AS stage) st
  WHERE e.id > $1
-   AND ($2::text[] IS NULL OR l.key = ANY ($2::text[]))
-   AND ($3::text IS NULL OR p.slug = $3)
-   AND ($4::text IS NULL OR l.key = $4)
  ORDER BY e.id
  LIMIT $5;
 

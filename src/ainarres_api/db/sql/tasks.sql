@@ -35,16 +35,18 @@ WITH ready AS (
             LIMIT 1
               FOR UPDATE SKIP LOCKED) x
 ), expired AS (
-    -- The same per-route probe of the lease index (route_id, lease_expires_at), oldest expiry
-    -- first; only holds whose lease ran out are read, and never another route's. A walk of all
-    -- expired holds filtered by route made the planner read every held row and sort (0002).
+    -- The same per-route probe of the lease index (route_id, lease_expires_at): only holds of
+    -- this route whose lease ran out are read (a range of the index), then the best of them by
+    -- priority and age, so recovered work keeps the claim order of SPEC §3. Costs O(expired holds
+    -- of the route), which every claim drains. A walk of all expired holds filtered by route made
+    -- the planner read every held row and sort (0002).
     SELECT x.id, x.priority, x.available_at, true AS expired
       FROM unnest($1::int[]) AS r(id)
      CROSS JOIN LATERAL (
            SELECT t.id, t.priority, t.available_at
              FROM tasks t
             WHERE t.state = 'held' AND t.route_id = r.id AND t.lease_expires_at < now()
-            ORDER BY t.lease_expires_at
+            ORDER BY t.priority DESC, t.available_at, t.id
             LIMIT 1
               FOR UPDATE SKIP LOCKED) x
 ), best AS (
