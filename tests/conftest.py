@@ -41,6 +41,18 @@ def pg_server() -> Iterator[Any]:
     """One embedded PostgreSQL for the whole session, stopped and deleted at the end."""
     root = Path(tempfile.mkdtemp(prefix="ainarres-test-", dir="/tmp"))
     server = embedded.start(root, cleanup_mode="delete")
+
+    async def tune() -> None:
+        # Throwaway data: durability buys nothing here and costs most of the suite's time.
+        conn = await asyncpg.connect(embedded.admin_uri(server))
+        try:
+            for name, value in (("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")):
+                await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+
+    asyncio.run(tune())
     try:
         yield server
     finally:

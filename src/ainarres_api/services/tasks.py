@@ -250,9 +250,9 @@ async def _locked(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) ->
 
 
 def _check_lease(p: Principal, row: asyncpg.Record, lease: uuid.UUID) -> None:
-    if not (row["state"] == "held" and row["holder"] == p.sub and row["lease_id"] == lease
-            and row["lease_live"]):
-        why = ("its lease expired" if row["state"] == "held" and row["lease_id"] == lease
+    same = row["lease_id"] is not None and str(row["lease_id"]) == str(lease)
+    if not (row["state"] == "held" and row["holder"] == p.sub and same and row["lease_live"]):
+        why = ("its lease expired" if row["state"] == "held" and same
                else "you do not hold it under that lease")
         raise LeaseLost(f"{why}; nothing was changed. Claim again (POST /v1/claims) to get work",
                         task=row["task"])

@@ -25,10 +25,13 @@ SELECT a.sub FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
 -- Written as LATERAL probes, not `route_id = ANY($1)`: PostgreSQL cannot merge per-key ranges in
 -- order and would sort every match (claim-path.md §2, design D).
 WITH ready AS (
-    SELECT x.id, x.priority, x.available_at, false AS expired
+    SELECT x.*, false AS expired
       FROM unnest($1::int[]) AS r(id)
      CROSS JOIN LATERAL (
-           SELECT t.id, t.priority, t.available_at
+           -- Columns come from the locked row version itself, never a re-read with the statement's
+           -- older snapshot.
+           SELECT t.id, t.priority, t.available_at, t.attempts, t.holder, t.lease_id, t.required_features,
+                  t.lane_id, t.rework_by_stage, t.stage_id
              FROM tasks t
             WHERE t.state = 'ready' AND t.route_id = r.id
             ORDER BY t.priority DESC, t.available_at, t.id
@@ -40,10 +43,11 @@ WITH ready AS (
     -- priority and age, so recovered work keeps the claim order of SPEC §3. Costs O(expired holds
     -- of the route), which every claim drains. A walk of all expired holds filtered by route made
     -- the planner read every held row and sort (0002).
-    SELECT x.id, x.priority, x.available_at, true AS expired
+    SELECT x.*, true AS expired
       FROM unnest($1::int[]) AS r(id)
      CROSS JOIN LATERAL (
-           SELECT t.id, t.priority, t.available_at
+           SELECT t.id, t.priority, t.available_at, t.attempts, t.holder, t.lease_id, t.required_features,
+                  t.lane_id, t.rework_by_stage, t.stage_id
              FROM tasks t
             WHERE t.state = 'held' AND t.route_id = r.id AND t.lease_expires_at < now()
             ORDER BY t.priority DESC, t.available_at, t.id
@@ -56,13 +60,12 @@ WITH ready AS (
      ORDER BY priority DESC, available_at, id
      LIMIT 1
 )
-SELECT b.expired, t.id, t.attempts, t.holder, t.lease_id, t.required_features, t.lane_id,
-       t.rework_by_stage, s.id AS stage_id, s.key AS stage_key, s.max_attempts, s.escalate_after,
+SELECT b.expired, b.id, b.attempts, b.holder, b.lease_id, b.required_features, b.lane_id,
+       b.rework_by_stage, s.id AS stage_id, s.key AS stage_key, s.max_attempts, s.escalate_after,
        l.key AS lane_key
   FROM best b
-  JOIN tasks t ON t.id = b.id
-  JOIN stages s ON s.id = t.stage_id
-  JOIN lanes l ON l.id = t.lane_id;
+  JOIN stages s ON s.id = b.stage_id
+  JOIN lanes l ON l.id = b.lane_id;
 
 -- name: claim_take
 -- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event.
