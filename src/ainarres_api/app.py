@@ -22,6 +22,7 @@ from ainarres_api.api import admin as admin_api
 from ainarres_api.api import mcp_server
 from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
+from ainarres_api.api import web as web_api
 from ainarres_api.api.deps import AppState
 from ainarres_api.db import migrate
 from ainarres_api.db.pool import create_pool, translate
@@ -244,6 +245,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(admin_api.router)
     app.include_router(oversight_api.router)
     app.include_router(oversight_api.ops)
+    app.include_router(web_api.router)
+    app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)

@@ -251,4 +251,4 @@ def test_usage_and_transport_errors_are_exit_2(world: World) -> None:
     rc, out = dev.run("me", "--url", "http://127.0.0.1:9", "--timeout", "2")
     assert rc == 2 and out["code"] == "unreachable"
     rc, out = dev.run("create", "--lane", "no-such-lane", "--title", "t")
-    assert rc == 1 and out["code"] == "not_found"
+    assert rc == 1 and out["code"] == "not_eligible"

@@ -162,7 +162,9 @@ async def test_a_refusal_is_a_tool_error_carrying_the_code(served: Served) -> No
         # Claiming again while holding: the refusal carries the held task.
         err = refused(await client.call_tool("claim", {}), "already_holding")
         assert err["task"]["id"] == task["id"] and err["lease"]["id"] == c["lease"]["id"]
-        refused(await client.call_tool("show_card", {"lane": "nope"}), "not_found")
+        refused(await client.call_tool("show_card", {"lane": "nope"}), "not_eligible")
+        refused(await client.call_tool("show_task", {"task_id": "00000000-0000-0000-0000-000000000002"}),
+                "not_found")
         refused(await client.call_tool("unblock", {"task_id": task["id"]}), "conflict")
         # Nothing refused changed anything; the remembered lease still works.
         assert ok(await client.call_tool("advance", {"to": "review"}))["task"]["stage"] == "review"

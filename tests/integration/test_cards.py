@@ -94,14 +94,17 @@ async def test_cards_need_the_lane_feature_or_a_seat(admin: Api) -> None:
 
     r = await dev.call("GET", "/v1/lanes/other/cards", expect=403)
     assert r.json()["code"] == "not_eligible" and "lane:other" in r.json()["detail"]
-    r = await dev.call("GET", "/v1/lanes/nope/cards", expect=404)
-    assert r.json()["code"] == "not_found"
+    # An unknown lane answers like a lane you lack: outsiders learn nothing about which lanes exist.
+    r = await dev.call("GET", "/v1/lanes/nope/cards", expect=403)
+    assert r.json()["code"] == "not_eligible" and "lane:nope" in r.json()["detail"]
     r = await Api(admin.client, None).call("GET", "/v1/lanes/dev/cards", expect=401)
     assert r.json()["code"] == "unauthenticated"
 
     await admin.post("/v1/families", {"key": "watchers", "features": ["seat:monitor"]}, 201)
     monitor = await w.agent("watchers")
     assert (await monitor.get("/v1/lanes/other/cards"))["workflow"] == "other"
+    r = await monitor.call("GET", "/v1/lanes/nope/cards", expect=404)
+    assert r.json()["code"] == "not_found"
 
     # A revoked lane feature takes effect on the very next call.
     assert (await dev.get("/v1/lanes/dev/cards"))["lane"] == "dev"

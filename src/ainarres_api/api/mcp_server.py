@@ -152,7 +152,7 @@ Refusals: not_found.""",
 Read role cards: a stage's instructions and its legal ways out (transitions, with the features they
 need and any guard). With `task_id` (default: the task you hold), the card of that task's current
 stage; with `lane`, every stage's card of the lane's workflow.
-Refusals: not_found, not_eligible (you lack the lane's feature).""",
+Refusals: not_eligible (you lack the lane's feature, or no such lane), not_found (no such task).""",
 }
 
 # The tools check their arguments with the HTTP bodies' models; the lease is resolved afterwards

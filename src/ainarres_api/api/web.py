@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 
 from ainarres_api.api.deps import Conn, Governor, require
+from ainarres_api.errors import Conflict, NotFound
 from ainarres_api.services import admin, layout
 from ainarres_api.services.auth import Principal
 
@@ -46,7 +47,11 @@ async def get_layout(_: Watcher, conn: Conn,
 @router.post("/families/{key}/disable", summary="disable a family: its agents are refused from their next call",
              description="A governance act for seat:overseer (or seat:admin). Held tasks come back through "
                          "their leases running out.")
-async def disable_family(key: Annotated[str, Path(max_length=200)], _: Governor, conn: Conn) -> dict[str, Any]:
+async def disable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
+                         ) -> dict[str, Any]:
+    if key == caller.family:
+        raise Conflict(f"{key} is your own family: disabling it would lock you out; ask another overseer "
+                       "or an admin")
     return await admin.update_family(conn, key, None, True, None, None)
 
 
@@ -63,7 +68,7 @@ async def board_index() -> Response:
 @pages.get("/board/static/{name}")
 async def board_asset(name: str) -> Response:
     if name not in ASSETS:
-        return Response(status_code=404)
+        raise NotFound("no such board asset")
     return Response(_asset(name), media_type=ASSETS[name], headers=SECURITY_HEADERS)
 
 

@@ -438,11 +438,12 @@ async def card_of(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) ->
 
 async def lane_cards(conn: asyncpg.Connection, p: Principal, lane_key: str) -> dict[str, Any]:
     """Every stage's role card for the workflow version a lane is bound to, in workflow order."""
+    # The feature first: an outsider learns nothing about which lanes exist.
+    if not (p.has(f"lane:{lane_key}") or p.oversees):
+        raise NotEligible(f"reading lane {lane_key}'s cards needs feature lane:{lane_key}")
     rows = await conn.fetch(Q["lane_stages"], lane_key)
     if not rows:
         raise NotFound(f"no lane {lane_key!r}; GET /v1/me lists the lanes your features name")
-    if not (p.has(f"lane:{lane_key}") or p.oversees):
-        raise NotEligible(f"reading lane {lane_key}'s cards needs feature lane:{lane_key}")
     cards = [await stage_card(conn, r["stage_id"]) for r in rows if r["stage_id"] is not None]
     head = cards[0] if cards else {}
     return {"lane": lane_key, "workflow": head.get("workflow"),

@@ -1,0 +1,337 @@
+"""The web board in real headless Chromium (Debian's, driven by Playwright) against a real server.
+
+One server and one browser serve the module; each test works in its own project, so the tests do
+not see each other's cards. Every wait is on the DOM (Playwright's expectations), never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.acceptance.live_server import Live, clone_database, serve
+
+playwright_sync = pytest.importorskip("playwright.sync_api")
+expect = playwright_sync.expect
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+WAIT_MS = 15_000
+
+WORKFLOW = {
+    "key": "board-dev",
+    "stages": [
+        {"key": "todo", "initial": True, "lease_seconds": 60, "max_attempts": 3, "escalate_after": 2},
+        {"key": "review", "lease_seconds": 60, "max_rework": 2},
+        {"key": "done", "terminal": True},
+    ],
+    "transitions": [
+        {"from": "todo", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+        {"from": "review", "to": "todo", "kind": "reject", "required_features": ["role:reviewer"]},
+    ],
+}
+
+
+class Agent:
+    """An agent of a family, calling the public HTTP API."""
+
+    def __init__(self, live: Live, family: str) -> None:
+        self.live = live
+        self.token = live.mint(family)["token"]
+
+    def call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
+        r = self.live.http.request(method, path, json=body, headers={"Authorization": f"Bearer {self.token}"})
+        assert r.status_code == expect, f"{method} {path} → {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def create(self, lane: str, title: str, **fields: Any) -> str:
+        return str(self.call("POST", "/v1/tasks", {"lane": lane, "title": title, **fields}, 201)["task"]["id"])
+
+    def claim(self, lane: str) -> tuple[str, str]:
+        out = self.call("POST", "/v1/claims", {"lane": lane})
+        assert out["code"] == "claimed", out
+        return str(out["task"]["id"]), str(out["lease"]["id"])
+
+    def verb(self, task: str, verb: str, **body: Any) -> Any:
+        return self.call("POST", f"/v1/tasks/{task}/{verb}", body)
+
+
+class World:
+    """A project of its own with lane <p>-dev, families <p>-dev (role:dev) and <p>-rev (role:reviewer)."""
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+        self.project = f"p{uuid.uuid4().hex[:6]}"
+        self.lane = f"{self.project}-dev"
+        live.admin("POST", "/v1/projects", {"slug": self.project}, 201)
+        live.admin("POST", "/v1/lanes", {"project": self.project, "key": self.lane, "workflow": "board-dev"}, 201)
+        live.admin("POST", "/v1/families", {"key": f"{self.project}-dev", "features": [f"lane:{self.lane}", "role:dev"]},
+                   201)
+        live.admin("POST", "/v1/families", {"key": f"{self.project}-rev",
+                                            "features": [f"lane:{self.lane}", "role:reviewer"]}, 201)
+        self.dev = Agent(live, f"{self.project}-dev")
+        self.rev = Agent(live, f"{self.project}-rev")
+
+
+@pytest.fixture(scope="module")
+def live(pg_server: Any, template_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    dsn = clone_database(pg_server, template_db)
+    with serve(dsn, tmp_path_factory.mktemp("board")) as lv:
+        for f in ("role:dev", "role:reviewer", "area:gpu"):
+            lv.admin("POST", "/v1/features", {"name": f}, 201)
+        lv.admin("POST", "/v1/workflows", WORKFLOW, 201)
+        lv.dsn = dsn  # type: ignore[attr-defined]
+        yield lv
+
+
+@pytest.fixture(scope="module")
+def browser(live: Live) -> Iterator[Any]:
+    # Playwright's sync API runs an event loop in this thread from here on: `live` (which uses
+    # asyncio.run) is set up first, and later database work runs in a thread of its own.
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (scripts/test installs Debian's package)")
+    with playwright_sync.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--headless", "--no-sandbox", "--disable-gpu",
+                                     "--disable-background-networking"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(live: Live, browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900}, base_url=live.url)
+    pg = ctx.new_page()
+    errors: list[str] = []
+    urls: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    pg.on("request", lambda req: urls.append(req.url))
+    pg.set_default_timeout(WAIT_MS)
+    pg.errors, pg.urls = errors, urls
+    try:
+        yield pg
+        assert not errors, errors
+        assert not any(live.admin_token in u for u in urls), "the token went into a URL"
+    finally:
+        ctx.close()
+
+
+def sign_in(page: Any, live: Live, project: str) -> None:
+    page.goto(f"/board/{project}")
+    expect(page.locator("#signin")).to_be_visible()
+    page.fill("#token", live.admin_token)
+    page.press("#token", "Enter")
+    expect(page.locator("#live")).to_have_text("live")
+
+
+def card(page: Any, task: str) -> Any:
+    return page.locator(f"#card-{task}")
+
+
+def column(page: Any, lane: str, stage: str) -> Any:
+    return page.locator(f'.lane[data-lane="{lane}"] .column[data-stage="{stage}"]')
+
+
+def test_sign_in_shows_the_lanes_columns_and_keeps_the_token_out_of_urls(page: Any, live: Live) -> None:
+    w = World(live)
+    page.goto(f"/board/{w.project}")
+    # A token without a seat is refused at the door.
+    page.fill("#token", w.dev.token)
+    page.click("#signin button[type=submit]")
+    expect(page.locator("#signin-error")).to_contain_text("seat")
+    sign_in(page, live, w.project)
+    lane = page.locator(f'.lane[data-lane="{w.lane}"]')
+    expect(lane).to_be_visible()
+    expect(lane.locator(".column h3")).to_have_text([re.compile(r"^todo"), re.compile(r"^review"),
+                                                      re.compile(r"^done")])
+    assert page.evaluate("sessionStorage.getItem('ainarres.token')") == live.admin_token
+    assert live.admin_token not in page.url
+    # The workflow drawing names the stages and the features each transition needs.
+    lane.locator("details.workflow summary").click()
+    drawing = lane.locator("svg.wfdraw")
+    expect(drawing).to_be_visible()
+    expect(drawing.locator(".sname")).to_have_text(["todo", "review", "done"])
+    expect(drawing.locator(".tlabel")).to_have_text(["role:dev", "role:reviewer", "reject · role:reviewer"])
+    # The session survives a reload of the page; signing out forgets the token.
+    page.reload()
+    expect(lane).to_be_visible()
+    page.click("#signout")
+    expect(page.locator("#signin")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('ainarres.token')") is None
+
+
+def test_cards_move_live_as_agents_work(page: Any, live: Live) -> None:
+    w = World(live)
+    sign_in(page, live, w.project)
+    page.evaluate("window.__sameDocument = true")
+    tid = w.dev.create(w.lane, "Write the parser", priority=3)
+    expect(column(page, w.lane, "todo").locator(f"#card-{tid}")).to_be_visible()
+    expect(card(page, tid)).to_have_attribute("data-state", "ready")
+
+    _, lease = w.dev.claim(w.lane)
+    expect(card(page, tid)).to_have_attribute("data-state", "held")
+    expect(card(page, tid).locator(".holder")).to_contain_text(f"{w.project}-dev")
+    expect(card(page, tid).locator(".lease")).to_have_text(re.compile(r"^lease \d+s$"))
+
+    w.dev.verb(tid, "advance", lease=lease, to="review", note="parser written")
+    expect(column(page, w.lane, "review").locator(f"#card-{tid}")).to_be_visible()
+    expect(column(page, w.lane, "todo").locator(".card")).to_have_count(0)
+    expect(column(page, w.lane, "review").locator("h3 .count")).to_have_text("1")
+
+    _, lease = w.rev.claim(w.lane)
+    w.rev.verb(tid, "advance", lease=lease, to="done", note="looks right")
+    expect(column(page, w.lane, "done").locator(f"#card-{tid}")).to_be_visible()
+    expect(card(page, tid)).to_have_attribute("data-state", "done")
+    assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
+    expect(page.locator("#feed")).to_contain_text("advance review → done")
+
+
+def test_drawer_shows_the_timeline_and_works_from_the_keyboard(page: Any, live: Live) -> None:
+    w = World(live)
+    tid = w.dev.create(w.lane, "Document the API", payload={"spec": "openapi"})
+    _, lease = w.dev.claim(w.lane)
+    w.dev.verb(tid, "progress", lease=lease, note="half the endpoints",
+               artifacts=[{"type": "pr", "uri": "https://example.test/pr/7"}])
+    w.dev.verb(tid, "advance", lease=lease, to="review", note="ready for review")
+    sign_in(page, live, w.project)
+
+    c = card(page, tid)
+    c.focus()
+    page.keyboard.press("Enter")
+    drawer = page.locator("#drawer")
+    expect(drawer).to_be_visible()
+    expect(page.locator("#drawer-title")).to_have_text("Document the API")
+    timeline = page.locator("#timeline li")
+    expect(timeline).to_have_count(4)
+    assert timeline.evaluate_all("els => els.map(e => e.dataset.type)") == [
+        "created", "claimed", "progress", "transition"]
+    expect(drawer.locator("ul.notes")).to_contain_text("half the endpoints")
+    link = drawer.locator('ul.artifacts a[href="https://example.test/pr/7"]')
+    expect(link).to_have_count(1)
+    assert link.get_attribute("rel") == "noopener noreferrer"
+
+    # Live while open: a reviewer's reject lands in the timeline.
+    _, lease = w.rev.claim(w.lane)
+    w.rev.verb(tid, "reject", lease=lease, to="todo", reason="missing examples")
+    expect(timeline).to_have_count(6)
+    expect(drawer.locator("ul.notes")).to_contain_text("missing examples")
+
+    page.keyboard.press("Escape")
+    expect(drawer).to_be_hidden()
+    expect(c).to_be_focused()
+
+
+def test_blocked_badge_and_unblock_from_the_page(page: Any, live: Live) -> None:
+    w = World(live)
+    tid = w.dev.create(w.lane, "Migrate the billing table")
+    _, lease = w.dev.claim(w.lane)
+    sign_in(page, live, w.project)
+    w.dev.verb(tid, "block", lease=lease, reason="needs a DBA's approval")
+    badge = card(page, tid).locator(".badge.blocked")
+    expect(badge).to_have_text("blocked")
+    assert badge.get_attribute("title") == "needs a DBA's approval"
+
+    card(page, tid).click()
+    expect(page.locator(".blockbox")).to_contain_text("needs a DBA's approval")
+    page.fill("#unblock-note", "approved by Dana")
+    page.click("#unblock")
+    expect(card(page, tid)).to_have_attribute("data-state", "ready")
+    expect(card(page, tid).locator(".badge.blocked")).to_have_count(0)
+    expect(page.locator(".blockbox")).to_have_count(0)
+
+    task = live.admin("GET", f"/v1/tasks/{tid}", expect=200)
+    assert (task["state"], task["blocked"]) == ("ready", False)
+    last = live.admin("GET", f"/v1/tasks/{tid}/events", expect=200)["items"][-1]
+    assert last["type"] == "unblocked" and last["data"].get("note") == "approved by Dana"
+
+
+def _age_hold(dsn: str, task: str, seconds: int) -> None:
+    """Make a live hold look silent for `seconds` (its lease still running), as time would."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE tasks SET held_since = now() - make_interval(secs => $2), "
+                               "progress_at = NULL WHERE id = $1", uuid.UUID(task), seconds)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+def test_stuck_demand_and_families_panels_show_what_the_api_says(page: Any, live: Live) -> None:
+    w = World(live)
+    silent = w.dev.create(w.lane, "Silent hold")
+    w.dev.claim(w.lane)
+    _age_hold(live.dsn, silent, 40)  # type: ignore[attr-defined]  # 40 s of a 60 s lease: silent
+    w.dev.create(w.lane, "GPU kernel", required_features=["area:gpu"])  # nobody has area:gpu
+    w.dev.create(w.lane, "Plain task")
+    sign_in(page, live, w.project)
+
+    stuck = live.admin("GET", f"/v1/stuck?project={w.project}", expect=200)["items"]
+    assert [s["id"] for s in stuck] == [silent]
+    expect(page.locator("#stuck li[data-task-id]")).to_have_count(1)
+    expect(page.locator(f'#stuck li[data-task-id="{silent}"]')).to_contain_text("silent hold")
+    expect(card(page, silent).locator(".badge.stuck")).to_be_visible()
+
+    demand = live.admin("GET", f"/v1/demand?project={w.project}", expect=200)["items"]
+    rows = page.locator("#demand tbody tr")
+    expect(rows).to_have_count(len(demand))
+    for i, d in enumerate(demand):
+        row = rows.nth(i)
+        expect(row).to_have_attribute("data-stage", d["stage"])
+        expect(row.locator("td.num")).to_have_text(str(d["pending"]))
+        if d["capable"]:
+            expect(row.locator("td").nth(3)).to_have_text(", ".join(d["capable_families"]))
+        else:
+            expect(row.locator("td").nth(3)).to_have_text("no capable agent")
+    assert any(not d["capable"] and "area:gpu" in d["features"] for d in demand)
+
+    # Disabling a family from the page takes two clicks and refuses its agents from then on.
+    fam = page.locator(f'#families li[data-family="{w.project}-rev"]')
+    fam.get_by_role("button", name=f"disable family {w.project}-rev").click()
+    fam.get_by_role("button", name=f"disable family {w.project}-rev").click()
+    expect(fam.locator(".badge.blocked")).to_have_text("disabled")
+    assert live.admin("GET", f"/v1/families/{w.project}-rev", expect=200)["disabled"] is True
+    w.rev.call("GET", "/v1/me", expect=401)
+
+
+def test_board_screenshot(page: Any, live: Live) -> None:
+    """A populated board saved to test-artifacts/board.png for people to look at."""
+    w = World(live)
+    ids = [w.dev.create(w.lane, t, priority=p) for t, p in [
+        ("Design the schema", 5), ("Write the claim query", 4), ("Add the lease index", 3),
+        ("Long-poll claims", 2), ("Metrics endpoint", 1), ("Board drawer", 0), ("GPU kernel", 0)]]
+    first, lease1 = w.dev.claim(w.lane)
+    w.dev.verb(first, "advance", lease=lease1, to="review", note="schema drafted",
+               artifacts=[{"type": "pr", "uri": "https://example.test/pr/1"}])
+    second, lease2 = w.dev.claim(w.lane)
+    w.dev.verb(second, "block", lease=lease2, reason="waiting on a design decision")
+    rid, rlease = w.rev.claim(w.lane)
+    w.rev.verb(rid, "advance", lease=rlease, to="done", note="approved")
+    w.dev.claim(w.lane)
+    w.dev.create(w.lane, "Follow-up after the schema", depends_on=[ids[2]])
+    sign_in(page, live, w.project)
+    expect(page.locator(".card")).to_have_count(8)
+    expect(page.locator(".card .lease")).to_have_count(1)
+    page.locator(f'.lane[data-lane="{w.lane}"] details.workflow summary').click()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "board.png"), full_page=True)
+    card(page, first).click()
+    expect(page.locator("#timeline li")).to_have_count(5)
+    page.screenshot(path=str(ARTIFACTS / "board-drawer.png"))
+    assert (ARTIFACTS / "board.png").stat().st_size > 10_000
