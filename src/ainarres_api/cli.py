@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scope", help="comma-separated features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
+    from ainarres_api import demo
+
+    demo.add_parser(sub)
     # `agent` and `work` parse their own arguments (see main); listed here for --help.
     sub.add_parser("agent", add_help=False, help="the agent verbs, one JSON line each (agent --help)")
     sub.add_parser("work", add_help=False, help="run a command for each task claimed (work --help)")

@@ -75,8 +75,8 @@ class World:
         self.lane = f"{self.project}-dev"
         live.admin("POST", "/v1/projects", {"slug": self.project}, 201)
         live.admin("POST", "/v1/lanes", {"project": self.project, "key": self.lane, "workflow": "board-dev"}, 201)
-        live.admin("POST", "/v1/families", {"key": f"{self.project}-dev", "features": [f"lane:{self.lane}", "role:dev"]},
-                   201)
+        live.admin("POST", "/v1/families", {"key": f"{self.project}-dev",
+                                            "features": [f"lane:{self.lane}", "role:dev"]}, 201)
         live.admin("POST", "/v1/families", {"key": f"{self.project}-rev",
                                             "features": [f"lane:{self.lane}", "role:reviewer"]}, 201)
         self.dev = Agent(live, f"{self.project}-dev")

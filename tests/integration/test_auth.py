@@ -405,10 +405,14 @@ async def test_denial_mid_token_bites_next_call_and_lifting_restores(admin, db):
 
 async def test_denial_of_a_seat_takes_the_seat_away(admin, client):
     second = Api(client, (await admin.post("/v1/tokens", {"family": "admin"}, 201))["token"])
+    # Another family keeps seat:admin, so denying it to `admin` locks nobody out.
+    await admin.post("/v1/families", {"key": "root2", "features": ["seat:admin"]}, 201)
+    other = Api(client, (await admin.post("/v1/tokens", {"family": "root2"}, 201))["token"])
     await admin.post("/v1/families/admin/denials", {"feature": "seat:admin", "reason": "audit"}, 201)
     _assert_problem(await second.call("GET", "/v1/features"), 403, "not_eligible")
-    # seat:overseer remains, and may lift the denial.
-    await second.delete("/v1/families/admin/denials/seat:admin")
+    # seat:overseer remains but may not lift a seat denial (nor one on its own family): an admin may.
+    _assert_problem(await second.call("DELETE", "/v1/families/admin/denials/seat:admin"), 403, "not_eligible")
+    await other.delete("/v1/families/admin/denials/seat:admin")
     await second.get("/v1/features")
 
 

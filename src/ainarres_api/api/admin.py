@@ -73,8 +73,8 @@ async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[st
 
 
 @router.delete("/families/{key}/denials/{feature}", status_code=204, summary="lift a denial")
-async def lift(key: str, feature: str, _: Governor, conn: Conn) -> Response:
-    await admin.lift(conn, key, feature)
+async def lift(key: str, feature: str, caller: Governor, conn: Conn) -> Response:
+    await admin.lift(conn, caller, key, feature)
     return Response(status_code=204)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -38,20 +39,28 @@ Note = Annotated[str, Field(min_length=1, max_length=8000)]
 Context = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 
-def _storable(value: Any) -> bool:
-    """False when a string in it (key or value, at any depth) holds NUL or a lone surrogate."""
-    pending = [value]
+MAX_JSON_DEPTH = 64
+
+
+def _storable(value: Any) -> str | None:
+    """Why a value cannot be stored as given (NUL, lone surrogate, NaN/Infinity, too deep), or None."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
     while pending:  # iterative: a payload may be nested as deep as the JSON parser allows
-        v = pending.pop()
+        v, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"JSON may nest at most {MAX_JSON_DEPTH} levels deep"
         if isinstance(v, str):
             if "\x00" in v or _UNSTORABLE.search(v):
-                return False
+                return "text may not contain NUL (\\u0000) or lone surrogate characters"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "numbers must be finite (no NaN or Infinity)"
         elif isinstance(v, dict):
-            pending.extend(v.keys())
-            pending.extend(v.values())
+            pending.extend((k, depth + 1) for k in v.keys())
+            pending.extend((x, depth + 1) for x in v.values())
         elif isinstance(v, list):
-            pending.extend(v)
-    return True
+            pending.extend((x, depth + 1) for x in v)
+    return None
 
 
 # PostgreSQL text and jsonb cannot hold NUL, and UTF-8 cannot encode a lone surrogate.
@@ -66,8 +75,9 @@ class Body(BaseModel):
     @field_validator("*", mode="after")
     @classmethod
     def _no_unstorable_text(cls, value: Any) -> Any:
-        if not _storable(value):
-            raise ValueError("text may not contain NUL (\\u0000) or lone surrogate characters")
+        why = _storable(value)
+        if why:
+            raise ValueError(why)
         return value
 
 
@@ -165,10 +175,19 @@ class TokenIn(Body):
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")] | None = None
 
 
+def _sane_instant(value: datetime | None) -> datetime | None:
+    if value is not None:
+        if value.tzinfo is None:  # a time without a zone is read as UTC
+            value = value.replace(tzinfo=UTC)
+        if not 2000 <= value.astimezone(UTC).year <= 9000:
+            raise ValueError("must fall between the years 2000 and 9000")
+    return value
+
+
 class DenialIn(Body):
     feature: Feature
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
-    expires_at: datetime | None = None
+    expires_at: Annotated[datetime | None, AfterValidator(_sane_instant)] = None
 
 
 class StageIn(Body):

@@ -39,6 +39,12 @@ def translate(exc: asyncpg.PostgresError) -> AinarresError | None:
         return type(proto)(proto.detail)
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return NotFound(f"a referenced row does not exist ({name})")
+    if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
+        return Conflict("the request collided with a concurrent change and was rolled back; nothing "
+                        "changed. Send it again")
+    if isinstance(exc, asyncpg.DataError) and not isinstance(
+            exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)):
+        return Invalid(f"a value is out of range for the database: {exc.args[0] if exc.args else exc}")
     if isinstance(exc, (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)):
         # Bodies are checked field by field (api/schemas.py); this catches path segments and queries.
         return Invalid("a path segment or query parameter holds a NUL (\\u0000) character; remove it")

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from ainarres_api.db.queries import Q
-from ainarres_api.errors import Conflict, Invalid, NotFound
+from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.services import auth
 from ainarres_api.services.auth import Principal, Signer
 
@@ -66,6 +66,24 @@ async def create_family(conn: asyncpg.Connection, key: str, features: list[str],
         return await get_family(conn, key)
 
 
+def _may_govern(p: Principal, family: str, feature: str) -> None:
+    """Overseers govern other families' work features; seats and their own family are for admins."""
+    if p.has("seat:admin"):
+        return
+    if feature.startswith("seat:"):
+        raise NotEligible("only seat:admin may deny or lift a seat:* feature")
+    if family == p.family:
+        raise NotEligible("an overseer may not deny or lift features of its own family; ask an admin")
+
+
+async def _keep_an_admin(conn: asyncpg.Connection, family: str) -> None:
+    """Refuse a change that would leave no enabled family able to administer (a lock-out)."""
+    holds = await conn.fetchval(Q["family_holds_admin"], family)
+    if holds and not await conn.fetchval(Q["other_admin_families"], family):
+        raise Conflict(f"family {family} is the last one holding seat:admin; doing this would lock every "
+                       "admin out. Provision seat:admin to another family first")
+
+
 async def update_family(conn: asyncpg.Connection, key: str, features: list[str] | None,
                         disabled: bool | None, max_active: int | None, description: str | None
                         ) -> dict[str, Any]:
@@ -73,6 +91,8 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
     async with conn.transaction():
         if await conn.fetchval(Q["family_lock"], key) is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
+        if disabled or (features is not None and "seat:admin" not in features):
+            await _keep_an_admin(conn, key)
         if features is not None:
             unknown = await _unregistered(conn, features)
             if unknown:
@@ -89,6 +109,9 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
     async with conn.transaction():
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")
+        _may_govern(p, family, feature)
+        if feature == "seat:admin":
+            await _keep_an_admin(conn, family)
         row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub)
         if row is None:
             raise Conflict(f"family {family} already has an active denial of {feature}; "
@@ -104,8 +127,9 @@ async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dic
     return {"family": family, **dict(row)}
 
 
-async def lift(conn: asyncpg.Connection, family: str, feature: str) -> None:
+async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str) -> None:
     """Remove a family's denial of a feature."""
+    _may_govern(p, family, feature)
     if await conn.fetchval(Q["denial_delete"], family, feature) is None:
         raise NotFound(f"family {family!r} has no denial of {feature!r}")
 

@@ -88,6 +88,11 @@ class Signer:
                 settings.jwt_private_key_file.read_bytes() if settings.jwt_private_key_file else None
             )
 
+    @property
+    def can_sign(self) -> bool:
+        """Whether this service holds a key it can mint tokens with."""
+        return self._signing_key is not None
+
     def sign(self, claims: dict[str, Any]) -> str:
         """A compact JWT for `claims`, signed with the configured algorithm."""
         if self._signing_key is None:
@@ -160,6 +165,8 @@ async def mint(
     created_by: str | None = None,
 ) -> dict[str, Any]:
     """Record and sign a token for `family`; a scope may only narrow what the family holds."""
+    if not signer.can_sign:
+        raise Invalid("this service holds no private key and cannot mint tokens")
     async with conn.transaction():
         fam = await conn.fetchrow(Q["family_for_mint"], family)
         if fam is None:

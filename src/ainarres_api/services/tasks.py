@@ -128,6 +128,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
             if existing is not None:
                 return _same_request(existing, req_hash), False
         deps = await conn.fetch(Q["dependencies_state"], depends) if depends else []
+        # A prerequisite in a lane the caller cannot see does not exist for it (no existence oracle).
+        deps = [r for r in deps if p.has(f"lane:{r['lane_key']}") or p.oversees]
         if len(deps) != len(depends):
             found = {str(r["id"]) for r in deps}
             missing = [d for d in depends if d not in found]
@@ -232,6 +234,7 @@ async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None,
         if await conn.fetchval(Q["tier_exists"], nxt):
             required = _canonical([f for f in cand["required_features"] if not _TIER.match(f)] + [nxt])
             route = await _route(conn, cand["lane_id"], cand["lane_key"], cand["stage_id"], required)
+            await conn.execute(Q["task_remember_base"], cand["id"])
             await conn.fetchval(Q["task_set_ready"], cand["id"], route, required, False, attempts,
                                 dict(cand["rework_by_stage"]))
             wake.ready(route)
@@ -324,8 +327,9 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
             state, route = "done", None
         else:
             state = "ready"
+            base = row["base_required_features"]
             route = await _route(conn, row["lane_id"], row["lane_key"], chosen["to_stage_id"],
-                                 list(row["required_features"]))
+                                 list(base if base is not None else row["required_features"]))
         task = await conn.fetchval(Q["task_transition"], task_id, chosen["to_stage_id"], route, state,
                                    1 if kind == "reject" else 0, rework)
         ev = await _event(conn, task_id, "transition", p, data)

@@ -67,7 +67,7 @@ SELECT name, kind, description, created_at FROM features
 -- name: guard_check
 -- Parses a guard and runs it once against an empty task, so a guard that is not a predicate
 -- (a path, not a boolean) is refused when the workflow is written, not when a task moves.
-SELECT jsonb_path_match('{"payload": {}}'::jsonb, $1::jsonpath, '{}', true);
+SELECT jsonb_path_match('{"payload": {}}'::jsonb, $1::jsonpath, '{}', false);
 
 -- name: lane_get
 SELECT l.id, l.key, p.slug AS project, w.key AS workflow, w.version AS workflow_version, l.context,
@@ -133,3 +133,16 @@ SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1));
 
 -- name: workflows_list
 SELECT DISTINCT ON (key) key, version FROM workflows WHERE key > $1 ORDER BY key, version DESC LIMIT $2;
+
+-- name: family_holds_admin
+-- Whether a family is provisioned with seat:admin and is enabled.
+SELECT EXISTS (SELECT 1 FROM family_features ff JOIN families f ON f.key = ff.family_key
+                WHERE ff.family_key = $1 AND ff.feature = 'seat:admin' AND NOT f.disabled);
+
+-- name: other_admin_families
+-- Enabled families other than $1 that hold seat:admin with no active denial of it.
+SELECT count(*) FROM family_features ff JOIN families f ON f.key = ff.family_key
+ WHERE ff.feature = 'seat:admin' AND ff.family_key <> $1 AND NOT f.disabled
+   AND NOT EXISTS (SELECT 1 FROM denials d
+                    WHERE d.family_key = ff.family_key AND d.feature = 'seat:admin'
+                      AND (d.expires_at IS NULL OR d.expires_at > now()));

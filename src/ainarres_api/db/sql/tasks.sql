@@ -91,10 +91,16 @@ SELECT task_json(u.t) AS task, event_json(e.events) AS event,
   FROM u, e;
 
 -- name: dependencies_state
--- Locks the prerequisites FOR SHARE so a prerequisite finishing concurrently is seen committed
--- (READ COMMITTED returns the newest version of a row it waited for): a new task can never be
--- left waiting on a prerequisite that finished while it was being created.
-SELECT id, state FROM tasks WHERE id = ANY ($1::uuid[]) ORDER BY id FOR SHARE;
+-- Locks the prerequisites FOR KEY SHARE so a prerequisite finishing concurrently (its verb holds it
+-- FOR UPDATE) is seen committed (READ COMMITTED returns the newest version of a row it waited for):
+-- a new task can never be left waiting on a prerequisite that finished while it was being created.
+-- KEY SHARE, not SHARE: it must not conflict with dependents_lock's NO KEY UPDATE, or a create that
+-- names a task and that task's own prerequisite deadlocks with the advance finishing the latter.
+SELECT t.id, t.state, l.key AS lane_key
+  FROM tasks t JOIN lanes l ON l.id = t.lane_id
+ WHERE t.id = ANY ($1::uuid[])
+ ORDER BY t.id
+   FOR KEY SHARE OF t;
 
 -- name: dependents_lock
 -- Lock every task waiting on (or parked with) this prerequisite before deciding whether it may
@@ -102,7 +108,7 @@ SELECT id, state FROM tasks WHERE id = ANY ($1::uuid[]) ORDER BY id FOR SHARE;
 SELECT id FROM tasks
  WHERE depends_on @> ARRAY[$1::uuid] AND state IN ('waiting', 'blocked')
  ORDER BY id
-   FOR UPDATE;
+   FOR NO KEY UPDATE;
 
 -- name: dependents_promote
 -- A separate statement after dependents_lock, so its snapshot sees every prerequisite that
@@ -210,7 +216,7 @@ SELECT task_json(i.tasks) AS task, event_json(e.events) AS event FROM i, e;
 -- name: task_lock
 -- The row every held-task verb starts from, locked, with what the rules need to decide.
 SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_live,
-       t.attempts, t.rework_by_stage, t.required_features, t.lane_id, t.stage_id, t.depends_on,
+       t.attempts, t.rework_by_stage, t.required_features, t.base_required_features, t.lane_id, t.stage_id, t.depends_on,
        l.key AS lane_key, s.key AS stage_key, s.lease_seconds, s.max_attempts, s.escalate_after,
        coalesce(s.max_rework, w.max_rework) AS max_rework, task_json(t) AS task
   FROM tasks t
@@ -248,14 +254,21 @@ UPDATE tasks t
 RETURNING task_json(t) AS task;
 
 -- name: task_transition
--- Advance or reject: the new stage, the hold released, attempts reset for the new stage.
+-- Advance or reject: the new stage, the hold released, attempts reset for the new stage, and an
+-- escalation of the stage left behind undone (0004).
 UPDATE tasks t
    SET stage_id = $2, route_id = $3, state = $4, rework_count = t.rework_count + $5,
+       required_features = coalesce(t.base_required_features, t.required_features),
+       base_required_features = NULL,
        rework_by_stage = $6::jsonb, attempts = 0,
        holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, progress_at = NULL,
        available_at = now(), stage_entered_at = now(), updated_at = now()
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
+
+-- name: task_remember_base
+-- Before the first escalation in a stage, remember what the task required (see task_transition).
+UPDATE tasks SET base_required_features = coalesce(base_required_features, required_features) WHERE id = $1;
 
 -- name: tier_exists
 SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);

@@ -1,0 +1,366 @@
+"""`ainarres demo`: the service on its embedded database, its board, and a small simulated swarm.
+
+A director writes one feature's tasks (with dependencies) into a fresh lane; cheap workers take
+them, a reviewer sends some back, one worker dies holding a task (its lease runs out and the next
+claim takes the task back), the cheap tier gives up on a hard task until it is escalated to the
+capable tier, and a rework cap parks one task for a human. Every simulated agent is an ordinary
+client of the public HTTP API (ainarres_api.client); only the first admin token is minted the way
+`ainarres token` mints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ainarres_api.client import AsyncClient, Refused
+
+if TYPE_CHECKING:
+    from ainarres_api.settings import Settings
+
+PROJECT = "demo"
+WORKFLOW = "demo-feature"
+BASE_LEASE = 20.0  # seconds at speed 1: how long the dead worker's task stays abandoned
+
+# The feature: (key, title, priority, depends on, effort in seconds at speed 1, behaviour).
+#   hard:    the cheap tier gives up on it (release) until it is escalated to tier:2;
+#   rejects: how many times the reviewer sends it back (past the rework cap it is blocked).
+FEATURE: list[tuple[str, str, int, list[str], float, dict[str, Any]]] = [
+    ("schema", "Design the cart schema", 5, [], 6, {}),
+    ("payments", "Payment provider adapter", 4, [], 7, {"rejects": 1}),
+    ("tax", "Tax rules engine", 4, [], 8, {"hard": True}),
+    ("api", "Cart API endpoints", 3, ["schema"], 7, {}),
+    ("inventory", "Inventory reservation", 3, ["schema"], 6, {}),
+    ("coupons", "Legacy coupon migration", 2, [], 5, {"rejects": 9}),
+    ("page", "Checkout page", 2, ["api", "payments"], 7, {}),
+    ("emails", "Order confirmation emails", 1, ["page"], 5, {}),
+    ("e2e", "End-to-end checkout test", 1, ["page", "inventory", "tax"], 6, {}),
+]
+
+
+def _workflow(lease: int) -> dict[str, Any]:
+    return {
+        "key": WORKFLOW,
+        "description": "build → review → done; the reviewer may send work back once",
+        "stages": [
+            {"key": "build", "initial": True, "lease_seconds": lease, "max_attempts": 5, "escalate_after": 2,
+             "instructions": "Build the task; advance to review with a branch and a commit."},
+            {"key": "review", "lease_seconds": lease, "max_attempts": 5, "max_rework": 1,
+             "instructions": "Review the work: advance to done, or reject to build with a reason."},
+            {"key": "done", "terminal": True},
+        ],
+        "transitions": [
+            {"from": "build", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+            {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+            {"from": "review", "to": "build", "kind": "reject", "required_features": ["role:reviewer"]},
+        ],
+    }
+
+
+@dataclass
+class Swarm:
+    """The demo's shared state: where to call, how fast, and when to stop."""
+
+    url: str
+    lane: str
+    speed: float
+    tokens: dict[str, str]
+    say: Any
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    ids: dict[str, str] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)
+    effort: dict[str, float] = field(default_factory=dict)
+    lease: int = 20
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` of demo time (scaled by the speed), or less if the demo ends."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), seconds / self.speed)
+
+    def start(self, name: str, coro: Any) -> asyncio.Task[None]:
+        """Run one simulated agent; a crash is told, not swallowed (the overseer then times out)."""
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+
+        def told(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                self.say(f"{name}: crashed: {type(t.exception()).__name__}: {t.exception()}")
+
+        task.add_done_callback(told)
+        self.workers.append(task)
+        return task
+
+    def client(self, who: str) -> AsyncClient:
+        return AsyncClient(self.url, self.tokens[who], retries=3, backoff=0.2, timeout=30)
+
+
+async def director(sw: Swarm) -> None:
+    """Writes the feature's tasks, dependencies included, a few seconds apart."""
+    async with sw.client("director") as c:
+        for key, title, prio, deps, effort, behaviour in FEATURE:
+            out = await c.create(sw.lane, title, priority=prio, depends_on=[sw.ids[d] for d in deps],
+                                 payload={"feature": "checkout", "part": key, **behaviour},
+                                 idempotency_key=f"{sw.lane}-{key}")
+            tid = out["task"]["id"]
+            sw.ids[key], sw.titles[tid], sw.effort[tid] = tid, title, effort
+            sw.say(f"director: created “{title}”" + (f" after {', '.join(deps)}" if deps else ""))
+            await sw.pause(1.5)
+
+
+async def worker(sw: Swarm, name: str, capable: bool) -> None:
+    """Claims build work and does it; the cheap tier gives up on hard tasks."""
+    async with sw.client(name) as c:
+        while not sw.done.is_set():
+            got = await c.claim(sw.lane, wait_seconds=max(0.5, 3 / sw.speed))
+            if got["code"] != "claimed" or not got["task"]:
+                continue
+            try:
+                await _build(sw, c, name, capable, got)
+            except Refused as exc:  # e.g. lease_lost after a stall: the task goes on without us
+                sw.say(f"{name}: lost “{got['task']['title']}”: {exc.code}")
+
+
+async def _build(sw: Swarm, c: AsyncClient, name: str, capable: bool, got: Any) -> None:
+    """One claimed build task, done (or, for the cheap tier on a hard one, given back)."""
+    task = got["task"]
+    title = task["title"]
+    async with c.held(got) as h:
+        if got.get("recovered") or task["attempts"]:
+            sw.say(f"{name}: took back “{title}” (attempt {task['attempts'] + 1})")
+        else:
+            sw.say(f"{name}: claimed “{title}”")
+        effort = sw.effort.get(task["id"], 5) * random.uniform(0.8, 1.2)
+        if task["payload"].get("hard") and not capable:
+            await sw.pause(effort / 2)
+            await h.progress("tried three approaches to the tax tables; none passes the fixtures")
+            await sw.pause(effort / 3)
+            await h.release("beyond this model: the rounding rules need a stronger tier")
+            sw.say(f"{name}: gave “{title}” back (too hard)")
+            return
+        await sw.pause(effort / 2)
+        await h.progress(f"halfway: {task['payload'].get('part', 'work')} drafted",
+                         [{"type": "branch", "name": f"feature/{task['payload'].get('part', 'x')}"}])
+        await sw.pause(effort / 2)
+        sha = f"{random.getrandbits(40):010x}"
+        await h.advance("review", note="ready for review",
+                        artifacts=[{"type": "commit", "sha": sha},
+                                   {"type": "pr", "uri": f"https://git.example/acme/shop/pull/"
+                                                         f"{random.randint(100, 999)}"}])
+        sw.say(f"{name}: sent “{title}” to review")
+
+
+async def reviewer(sw: Swarm, name: str) -> None:
+    """Reviews: sends back what the task's script says to, passes the rest."""
+    async with sw.client(name) as c:
+        while not sw.done.is_set():
+            got = await c.claim(sw.lane, wait_seconds=max(0.5, 3 / sw.speed))
+            if got["code"] != "claimed" or not got["task"]:
+                continue
+            try:
+                await _review(sw, c, name, got)
+            except Refused as exc:
+                sw.say(f"{name}: lost “{got['task']['title']}”: {exc.code}")
+
+
+async def _review(sw: Swarm, c: AsyncClient, name: str, got: Any) -> None:
+    """One claimed review: reject what the task's script says to, approve the rest."""
+    task = got["task"]
+    async with c.held(got) as h:
+        sw.say(f"{name}: reviewing “{task['title']}”")
+        await sw.pause(2.5)
+        if task["rework_count"] < int(task["payload"].get("rejects", 0)):
+            out = await h.reject("build", "the edge cases are untested: add tests for empty carts")
+            if out["task"]["blocked"]:
+                sw.say(f"{name}: rejected “{task['title']}” again: past its rework cap, "
+                       "parked for a human")
+            else:
+                sw.say(f"{name}: sent “{task['title']}” back for rework")
+        else:
+            await h.advance("done", note="reviewed: tests pass, code is clear")
+            sw.say(f"{name}: approved “{task['title']}”")
+
+
+async def dying_worker(sw: Swarm, name: str) -> None:
+    """Claims a task, reports once, then dies without a word: no release, no heartbeat."""
+    async with sw.client(name) as c:
+        got = await c.claim(sw.lane, wait_seconds=30)
+        task, lease = got["task"], got["lease"]
+        if got["code"] != "claimed" or not task or not lease:
+            return
+        await sw.pause(1)
+        await c.progress(task["id"], lease["id"], "started; downloading the fixtures…")
+        sw.say(f"{name}: claimed “{task['title']}” … and died (its lease runs out in "
+               f"{sw.lease}s; the next claim takes the task back)")
+
+
+async def overseer(sw: Swarm, deadline: float) -> dict[str, Any]:
+    """Watches the board through the oversight API; starts the capable tier when demand needs it and
+    ends the swarm when every task is done or blocked for a human."""
+    capable: asyncio.Task[None] | None = None
+    async with sw.client("overseer") as c:
+        while True:
+            with contextlib.suppress(TimeoutError):  # real time: the watch costs the same at any speed
+                await asyncio.wait_for(sw.done.wait(), 1.0)
+            rows = (await c.oversee("board", lane=sw.lane, limit=500))["items"]
+            if capable is None:
+                demand = (await c.oversee("demand", lane=sw.lane, limit=500))["items"]
+                if any("tier:2" in d["features"] and d["pending"] for d in demand):
+                    sw.say("overseer: demand shows tier:2 work nobody running can take: starting a capable agent")
+                    capable = sw.start("capable-1", worker(sw, "capable-1", capable=True))
+            settled = len(rows) == len(FEATURE) and all(r["state"] in ("done", "blocked") for r in rows)
+            if settled or time.monotonic() > deadline:
+                return {"settled": settled, "tasks": rows}
+
+
+async def provision(url: str, admin_token: str, speed: float, duration: float, say: Any) -> Swarm:
+    """A fresh demo lane, its families and one token per simulated agent, all through the HTTP API."""
+    lease = max(3, round(BASE_LEASE / speed))
+    async with AsyncClient(url, admin_token, retries=3, backoff=0.2) as adm:
+        for f in ("role:dev", "role:reviewer", "tier:2"):
+            with contextlib.suppress(Refused):
+                await adm.create_feature(f)
+        with contextlib.suppress(Refused):
+            await adm.create_project(PROJECT, {"repo": "https://git.example/acme/shop"})
+        taken = {ln["key"] for ln in (await adm.get("/v1/lanes", project=PROJECT, limit=500))["items"]}
+        lane = next(k for k in (f"checkout-{n}" if n > 1 else "checkout" for n in range(1, 10_000))
+                    if k not in taken)
+        await adm.create_workflow(_workflow(lease))
+        await adm.create_lane(PROJECT, lane, WORKFLOW)
+        families = {"demo-director": [f"lane:{lane}", "role:dev"],
+                    "demo-cheap": [f"lane:{lane}", "role:dev"],
+                    "demo-capable": [f"lane:{lane}", "role:dev", "tier:2"],
+                    "demo-reviewer": [f"lane:{lane}", "role:reviewer"],
+                    "demo-overseer": ["seat:overseer"]}
+        for key, feats in families.items():
+            try:
+                await adm.create_family(key, feats, description="ainarres demo")
+            except Refused as exc:
+                if exc.code != "conflict":
+                    raise
+                await adm.update_family(key, features=feats, disabled=False)
+        who = {"director": "demo-director", "cheap-1": "demo-cheap", "cheap-2": "demo-cheap",
+               "cheap-3": "demo-cheap", "capable-1": "demo-capable", "reviewer-1": "demo-reviewer",
+               "overseer": "demo-overseer"}
+        ttl = int(max(3600, duration * 3))
+        tokens = {name: (await adm.mint_token(fam, ttl_seconds=ttl))["token"] for name, fam in who.items()}
+    return Swarm(url, lane, speed, tokens, say, lease=lease)
+
+
+async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
+    """Run the swarm until every task is done or blocked (or `duration` runs out); the end state."""
+    sw.say(f"lane {sw.lane}: build → review → done, leases of {sw.lease}s; the swarm starts")
+    deadline = time.monotonic() + duration
+    sw.start("director", director(sw))
+    await sw.pause(0.5)
+    # The doomed worker claims first, so its crash happens early where a newcomer can watch it.
+    await asyncio.wait([sw.start("cheap-3", dying_worker(sw, "cheap-3"))])
+    sw.start("cheap-1", worker(sw, "cheap-1", capable=False))
+    sw.start("cheap-2", worker(sw, "cheap-2", capable=False))
+    sw.start("reviewer-1", reviewer(sw, "reviewer-1"))
+    try:
+        end = await overseer(sw, deadline)
+    finally:
+        sw.done.set()
+        for t in sw.workers:
+            t.cancel()
+        await asyncio.gather(*sw.workers, return_exceptions=True)
+    return end
+
+
+def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thread]:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="ainarres-demo-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit(f"AINARRES demo: the server could not start on {host}:{port}")
+        time.sleep(0.05)
+    return server, thread
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the demo: serve, print the board's URL and a token, run the swarm, report."""
+    from ainarres_api.app import create_app
+    from ainarres_api.cli import _database, _exit_on_signal, _mint
+
+    # As in `serve`: a signal ends through SystemExit, so the server stops and the embedded
+    # PostgreSQL is shut down by its atexit hook instead of being left behind.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+
+    if args.data_dir:
+        settings.data_dir = Path(args.data_dir)
+    elif "AINARRES_DATA_DIR" not in os.environ:
+        settings.data_dir = Path(".ainarres-demo")
+    # The swarm's own lines tell the story; per-request logs would bury them.
+    for name in ("httpx", "ainarres.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    dsn, pg = _database(settings)
+
+    def say(line: str) -> None:
+        print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
+
+    app = create_app(settings, dsn=dsn)
+    server, thread = _serve_in_thread(app, host, port)
+    url = f"http://{host}:{port}"
+    try:
+        admin = asyncio.run(_mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
+                                                                    sub=None)))
+
+        async def go() -> dict[str, Any]:
+            sw = await provision(url, admin["token"], args.speed, args.duration, say)
+            # The token goes to this terminal only: the board keeps it in the browser tab's session.
+            print(f"\nAINARRES demo: watch the board at {url}/board/{PROJECT}\n"
+                  f"AINARRES demo: sign in with this overseer token:\n{sw.tokens['overseer']}\n", flush=True)
+            end = await run_swarm(sw, args.duration)
+            end["lane"] = sw.lane
+            return end
+
+        end = asyncio.run(go())
+        rows = end["tasks"]
+        done = [r for r in rows if r["state"] == "done"]
+        blocked = [r for r in rows if r["state"] == "blocked"]
+        print(f"AINARRES demo: finished lane {end['lane']}: {len(done)} done, {len(blocked)} blocked for a human"
+              + ("" if end["settled"] else f", {len(rows) - len(done) - len(blocked)} unfinished (time ran out)"),
+              flush=True)
+        for r in blocked:
+            print(f"  blocked: “{r['title']}”: {r['blocked_reason']}", flush=True)
+        if args.exit:
+            return 0 if end["settled"] else 1
+        print(f"AINARRES demo: the board stays up at {url}/board/{PROJECT}; Ctrl-C to stop", flush=True)
+        while thread.is_alive():
+            thread.join(0.5)
+        return 0 if end["settled"] else 1
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        del pg
+
+
+def add_parser(sub: Any) -> None:
+    """The `demo` subcommand's arguments."""
+    d = sub.add_parser("demo", help="serve the board and run a small simulated swarm a newcomer can watch")
+    d.add_argument("--host")
+    d.add_argument("--port", type=int)
+    d.add_argument("--data-dir", help="where the embedded PostgreSQL lives (default .ainarres-demo)")
+    d.add_argument("--speed", type=float, default=1.0,
+                   help="how many times faster than real time the agents work (default 1: about two minutes)")
+    d.add_argument("--duration", type=float, default=300.0,
+                   help="stop the swarm after this many seconds even if work is left (default 300)")
+    d.add_argument("--exit", action="store_true", help="exit when the swarm ends instead of keeping the board up")
+    d.set_defaults(func=main)

@@ -1,0 +1,192 @@
+"""Regressions found by review: lock ordering, escalation scope, governance limits, storable input."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ainarres_api.db.pool import _init_connection
+from ainarres_api.db.queries import Q
+from ainarres_api.errors import Invalid
+from ainarres_api.services import auth, tasks
+from tests.helpers import make_world
+
+FLAT = {"key": "flat", "stages": [{"key": "todo", "initial": True}, {"key": "done", "terminal": True}],
+        "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
+
+
+class _PauseBeforeDependents:
+    """A connection that stops right before the advance locks the finished task's dependents."""
+
+    def __init__(self, conn: asyncpg.Connection, gate: asyncio.Event, reached: asyncio.Event) -> None:
+        self._c, self._gate, self._reached = conn, gate, reached
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._c, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        if query == Q["dependents_lock"]:
+            self._reached.set()
+            await self._gate.wait()
+        return await self._c.fetch(query, *args)
+
+
+async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_the_advance(app, admin, dsn):
+    w = await make_world(admin, workflow=FLAT, lane="flat")
+    dev = await w.agent("cheap")
+    a = (await dev.create("flat", "A"))["task"]["id"]
+    while True:  # B must sort before A so the create locks B first, then waits on A
+        b = (await dev.create("flat", "B", depends_on=[a]))["task"]["id"]
+        if b < a:
+            break
+    c = await dev.claim("flat")
+    assert c["task"]["id"] == a
+    st = app.state.ainarres
+    conns = [await asyncpg.connect(dsn) for _ in range(3)]
+    c1, c2, observer = conns
+    for conn in (c1, c2):
+        await _init_connection(conn)
+    try:
+        p = await auth.authenticate(c1, st.signer, dev.token)
+        gate, reached = asyncio.Event(), asyncio.Event()
+        advance = asyncio.create_task(tasks.transition(
+            _PauseBeforeDependents(c1, gate, reached), p, uuid.UUID(a), uuid.UUID(c["lease"]["id"]),
+            "advance", "done", None, []))
+        await asyncio.wait_for(reached.wait(), 30)  # the advance holds A
+        create = asyncio.create_task(tasks.create(c2, p, {"lane": "flat", "title": "C", "depends_on": [a, b]},
+                                                  st.limits))
+        pid = c2.get_server_pid()
+        for _ in range(3000):  # until the create is seen waiting on a lock (it holds B, wants A)
+            if await observer.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                                       pid):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the create never waited on the advance's lock")
+        gate.set()
+        done, created = await asyncio.wait_for(asyncio.gather(advance, create), 30)
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert done["task"]["state"] == "done"
+    assert created[0]["task"]["state"] == "waiting"  # B is still open
+
+
+async def test_an_escalation_stays_in_the_stage_where_the_work_failed(admin):
+    w = await make_world(admin)
+    tid = (await (await w.agent("cheap")).create("dev", "x"))["task"]["id"]
+    for _ in range(2):  # escalate_after=2 in todo
+        a = await w.agent("cheap")
+        c = await a.claim("dev")
+        await a.verb(tid, "release", lease=c["lease"]["id"])
+    assert (await admin.get(f"/v1/tasks/{tid}"))["required_features"] == ["tier:2"]
+    cap = await w.agent("capable")
+    c = await cap.claim("dev")
+    moved = await cap.verb(tid, "advance", lease=c["lease"]["id"], to="review")
+    assert moved["task"]["required_features"] == []
+    rev = await w.agent("reviewers")
+    out = await rev.claim("dev")
+    assert out["code"] == "claimed" and out["task"]["id"] == tid
+
+
+async def test_an_overseer_cannot_lift_its_own_denial_nor_touch_seats(admin, db):
+    w = await make_world(admin)
+    await admin.post("/v1/families", {"key": "ops", "features": ["seat:overseer", "lane:dev", "role:dev"]}, 201)
+    ops = await w.agent("ops")
+    await admin.post("/v1/families/ops/denials", {"feature": "lane:dev", "reason": "misbehaving"}, 201)
+    before = await db.fetchval("SELECT count(*) FROM denials")
+    r = await ops.call("DELETE", "/v1/families/ops/denials/lane:dev", expect=403)
+    assert r.json()["code"] == "not_eligible"
+    r = await ops.call("POST", "/v1/families/admin/denials", {"feature": "seat:admin", "reason": "coup"}, 403)
+    r = await ops.call("POST", "/v1/families/cheap/denials", {"feature": "seat:overseer", "reason": "x"}, 403)
+    assert await db.fetchval("SELECT count(*) FROM denials") == before
+    # Governing other families' work features stays open to overseers.
+    await ops.call("POST", "/v1/families/cheap/denials", {"feature": "role:dev", "reason": "sloppy"}, 201)
+    await ops.call("DELETE", "/v1/families/cheap/denials/role:dev", expect=204)
+
+
+async def test_the_last_admin_family_cannot_be_locked_out(admin, db):
+    await admin.call("POST", "/v1/families/admin/denials", {"feature": "seat:admin", "reason": "oops"}, 409)
+    await admin.call("PATCH", "/v1/families/admin", {"disabled": True}, 409)
+    await admin.call("PATCH", "/v1/families/admin", {"features": ["seat:overseer"]}, 409)
+    assert await db.fetchval("SELECT count(*) FROM denials") == 0
+    # With a second admin family, the first may be changed.
+    await admin.post("/v1/families", {"key": "admins2", "features": ["seat:admin"]}, 201)
+    await admin.call("POST", "/v1/families/admin/denials", {"feature": "seat:admin", "reason": "rotate"}, 201)
+
+
+async def test_a_refused_mint_records_no_token(app, admin, db):
+    await make_world(admin)
+    st = app.state.ainarres
+    verify_only = copy.copy(st.signer)
+    verify_only._signing_key = None
+    before = await db.fetchval("SELECT count(*) FROM tokens")
+    async with st.pool.acquire() as conn:
+        with pytest.raises(Invalid):
+            await auth.mint(conn, verify_only, family="cheap", ttl_seconds=3600)
+    assert await db.fetchval("SELECT count(*) FROM tokens") == before
+
+
+async def test_a_guard_must_be_a_predicate(admin, db):
+    wf = {"key": "g", "stages": [{"key": "a", "initial": True}, {"key": "b", "terminal": True}],
+          "transitions": [{"from": "a", "to": "b", "kind": "advance", "guard": "$.payload.ok"}]}
+    r = await admin.call("POST", "/v1/workflows", wf, 422)
+    assert "guard" in r.json()["detail"]
+    assert await db.fetchval("SELECT count(*) FROM workflows") == 0
+    wf["transitions"][0]["guard"] = "$.payload.ok == true"
+    await admin.call("POST", "/v1/workflows", wf, 201)
+
+
+RAW = {"Content-Type": "application/json"}
+
+
+async def _raw(api: Any, path: str, text: str) -> Any:
+    return await api.client.request("POST", path, content=text.encode(), headers={**api._headers(), **RAW})
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_numbers_are_refused_not_stored(admin, db, literal):
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    before = await db.fetchval("SELECT count(*) FROM tasks")
+    r = await _raw(dev, "/v1/tasks", '{"lane":"dev","title":"t","payload":{"x":' + literal + "}}")
+    assert r.status_code == 422 and "finite" in r.json()["detail"]
+    r = await _raw(admin, "/v1/projects", '{"slug":"pp","context":{"x":' + literal + "}}")
+    assert r.status_code == 422
+    assert await db.fetchval("SELECT count(*) FROM tasks") == before
+
+
+async def test_deeply_nested_payloads_are_refused(admin):
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    for depth in (100, 400, 900):
+        body = '{"lane":"dev","title":"t","payload":' + '{"a":' * depth + "1" + "}" * depth + "}"
+        r = await _raw(dev, "/v1/tasks", body)
+        assert r.status_code == 422, (depth, r.text[:200])
+    ok = '{"lane":"dev","title":"t","payload":' + '{"a":' * 20 + "1" + "}" * 20 + "}"
+    assert (await _raw(dev, "/v1/tasks", ok)).status_code == 201
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2030-01-01T00:00:00+14:00"])
+async def test_denial_expiry_out_of_range_is_invalid(admin, when):
+    await make_world(admin)
+    body = {"feature": "role:dev", "reason": "x", "expires_at": when}
+    expect = 201 if when.startswith("2030") else 422
+    await admin.call("POST", "/v1/families/cheap/denials", body, expect)
+
+
+async def test_depends_on_a_task_in_an_unseen_lane_is_unknown(admin):
+    w = await make_world(admin)
+    await admin.post("/v1/projects", {"slug": "p2"}, 201)
+    await admin.post("/v1/lanes", {"project": "p2", "key": "secret", "workflow": "dev"}, 201)
+    await admin.post("/v1/families", {"key": "insider", "features": ["lane:secret", "role:dev"]}, 201)
+    insider = await w.agent("insider")
+    hidden = (await insider.create("secret", "hidden"))["task"]["id"]
+    dev = await w.agent("cheap")
+    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [hidden]}, 422)
+    assert hidden in r.json()["detail"]
