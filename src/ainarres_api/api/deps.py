@@ -69,6 +69,16 @@ async def current_caller(st: State, token: Token) -> Principal:
 Caller = Annotated[Principal, Depends(current_caller)]
 
 
+async def caller_on_conn(st: State, token: Token, conn: Conn) -> Principal:
+    """The caller, authenticated on the request's own pooled connection (`Conn`), so a verb takes
+    one connection from the pool for authentication and work instead of two. Only for handlers
+    that take `Conn` anyway and answer at once (never a long-lived stream or a long poll)."""
+    return await auth.authenticate(conn, st.signer, token)
+
+
+Agent = Annotated[Principal, Depends(caller_on_conn)]
+
+
 def require(*any_of: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency that lets the call through only if the caller holds one of `any_of`."""
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ainarres_api.api.deps import Caller, Conn, State, Token
+from ainarres_api.api.deps import Agent, Conn, State, Token
 from ainarres_api.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -28,7 +28,7 @@ TaskId = Annotated[uuid.UUID, "the task's id"]
 
 
 @router.post("/tasks", status_code=201, summary="create a task at its lane's initial stage")
-async def create(body: TaskCreate, caller: Caller, conn: Conn, st: State, response: Response) -> dict[str, Any]:
+async def create(body: TaskCreate, caller: Agent, conn: Conn, st: State, response: Response) -> dict[str, Any]:
     out, created = await tasks.create(conn, caller, body.model_dump(mode="json"), st.limits)
     if not created:
         response.status_code = 200
@@ -36,32 +36,33 @@ async def create(body: TaskCreate, caller: Caller, conn: Conn, st: State, respon
 
 
 @router.post("/claims", summary="claim the best task you may do (optionally wait for one)")
-async def claim(body: ClaimIn, caller: Caller, token: Token, st: State, request: Request) -> dict[str, Any]:
+async def claim(body: ClaimIn, token: Token, st: State, request: Request) -> dict[str, Any]:
+    # Authenticated here, on the connection the claim uses (one pooled connection per attempt):
+    # a long poll must hold none while it waits, so no request-long `Conn` dependency.
     if body.wait_seconds <= 0:
         async with st.pool.acquire() as conn:
+            caller = await auth.authenticate(conn, st.signer, token)
             return await tasks.claim(conn, caller, body.lane, st.limits)
-    return await _claim_waiting(body, caller, token, st, request)
+    return await _claim_waiting(body, token, st, request)
 
 
-async def _claim_waiting(body: ClaimIn, caller: Any, token: str, st: Any, request: Request) -> dict[str, Any]:
+async def _claim_waiting(body: ClaimIn, token: str, st: Any, request: Request) -> dict[str, Any]:
     """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body.wait_seconds
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         with st.wake.waiter() as w:
-            first = True
             while True:
                 with wake.recording() as rec:
                     async with st.pool.acquire() as conn:
-                        if not first:  # features are read live on every attempt, as on every call
-                            caller = await auth.authenticate(conn, st.signer, token)
+                        # Features are read live on every attempt, as on every call.
+                        caller = await auth.authenticate(conn, st.signer, token)
                         # Watch before claiming, so a change committed after the claim's snapshot
                         # still wakes this waiter.
                         w.watch(await tasks.eligible_routes(conn, caller, body.lane))
                         out = await tasks.claim(conn, caller, body.lane, st.limits, prefer=w.begin())
                 st.wake.publish(rec)  # what the claim made claimable on its way (escalations)
-                first = False
                 if out["code"] != "empty":
                     return out
                 w.found_nothing()
@@ -84,61 +85,61 @@ async def _disconnected(request: Request) -> None:
 
 
 @router.post("/tasks/{task_id}/heartbeat", summary="keep your lease alive")
-async def heartbeat(task_id: TaskId, body: LeaseIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def heartbeat(task_id: TaskId, body: LeaseIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.heartbeat(conn, caller, task_id, body.lease)
 
 
 @router.post("/tasks/{task_id}/progress", summary="report progress (renews the lease)")
-async def progress(task_id: TaskId, body: ProgressIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def progress(task_id: TaskId, body: ProgressIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
     return await tasks.progress(conn, caller, task_id, body.lease, body.note, artifacts)
 
 
 @router.post("/tasks/{task_id}/advance", summary="move a held task forward; releases the hold")
-async def advance(task_id: TaskId, body: AdvanceIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def advance(task_id: TaskId, body: AdvanceIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
     return await tasks.transition(conn, caller, task_id, body.lease, "advance", body.to, body.note, artifacts)
 
 
 @router.post("/tasks/{task_id}/reject", summary="send a held task back for rework; releases the hold")
-async def reject(task_id: TaskId, body: RejectIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def reject(task_id: TaskId, body: RejectIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
     return await tasks.transition(conn, caller, task_id, body.lease, "reject", body.to, body.reason, artifacts)
 
 
 @router.post("/tasks/{task_id}/release", summary="give a held task back (attempts +1)")
-async def release(task_id: TaskId, body: ReleaseIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def release(task_id: TaskId, body: ReleaseIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.release(conn, caller, task_id, body.lease, body.reason)
 
 
 @router.post("/tasks/{task_id}/block", summary="park a held task for a human")
-async def block(task_id: TaskId, body: BlockIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def block(task_id: TaskId, body: BlockIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.block(conn, caller, task_id, body.lease, body.reason)
 
 
 @router.post("/tasks/{task_id}/unblock", summary="make a blocked task claimable again")
-async def unblock(task_id: TaskId, body: UnblockIn, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def unblock(task_id: TaskId, body: UnblockIn, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.unblock(conn, caller, task_id, body.note)
 
 
 @router.get("/tasks/{task_id}", summary="read one task")
-async def get_task(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def get_task(task_id: TaskId, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.get(conn, caller, task_id)
 
 
 @router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage")
-async def task_card(task_id: TaskId, caller: Caller, conn: Conn) -> dict[str, Any]:
+async def task_card(task_id: TaskId, caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.card_of(conn, caller, task_id)
 
 
 @router.get("/lanes/{key}/cards", summary="every stage's role card for the lane's workflow version")
-async def lane_cards(key: Annotated[str, Path(max_length=96)], caller: Caller, conn: Conn) -> dict[str, Any]:
+async def lane_cards(key: Annotated[str, Path(max_length=96)], caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.lane_cards(conn, caller, key)
 
 
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first")
 async def task_events(
-    task_id: TaskId, caller: Caller, conn: Conn,
+    task_id: TaskId, caller: Agent, conn: Conn,
     after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
     items = await tasks.events(conn, caller, task_id, after, limit)
@@ -146,5 +147,5 @@ async def task_events(
 
 
 @router.get("/me", summary="who you are, what you may do now, what you hold")
-async def me(caller: Caller, conn: Conn) -> dict[str, Any]:
+async def me(caller: Agent, conn: Conn) -> dict[str, Any]:
     return await tasks.me(conn, caller)

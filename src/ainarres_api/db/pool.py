@@ -56,6 +56,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset on release. asyncpg's default runs one more statement per release
+    (advisory unlock, CLOSE ALL, UNLISTEN *, RESET ALL); the service never leaves session state on
+    a pooled connection (no SET, LISTEN, cursors or session advisory locks: those live on their own
+    connections or in transactions), and asyncpg still rolls back a transaction left open."""
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool = False) -> asyncpg.Pool:
     """A pool whose connections speak JSON natively; pooler-safe when asked."""
     kwargs: dict[str, Any] = {}
@@ -63,7 +70,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool
         # PgBouncer in transaction mode cannot keep named prepared statements across transactions.
         kwargs["statement_cache_size"] = 0
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session, **kwargs
     )
     assert pool is not None
     return pool

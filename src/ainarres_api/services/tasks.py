@@ -164,7 +164,10 @@ async def eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | No
 
 async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
                            prefer: Collection[int] = ()) -> list[int]:
-    routes = await eligible_routes(conn, p, lane)
+    return _capped(await eligible_routes(conn, p, lane), limits, prefer)
+
+
+def _capped(routes: list[int], limits: Limits, prefer: Collection[int]) -> list[int]:
     if len(routes) > limits.max_routes:
         # Too many queues to probe in one claim: the routes a waiting claim was woken for first,
         # then a random subset of the rest, so that over a few claims every queue is visited
@@ -178,26 +181,18 @@ async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | N
 async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
                 prefer: Collection[int] = ()) -> dict[str, Any]:
     """Take the best task the caller may do, recovering expired leases on the way."""
-    routes = await _eligible_routes(conn, p, lane, limits, prefer)
     async with conn.transaction():
-        # Lock, then count in a second statement: one statement would count from a snapshot taken
-        # before the lock was granted and miss a claim this agent committed meanwhile.
-        await conn.execute(Q["agent_lock"], p.sub)
-        held = list(await conn.fetchval(Q["agent_held"], p.sub))
-        if len(held) >= p.max_active:
-            rows = await conn.fetch(Q["held_by_agent"], p.sub)
-            first = rows[0] if rows else None
-            raise AlreadyHolding(
-                f"you already hold {len(held)} task(s) and family {p.family} allows {p.max_active}; "
-                "finish one (advance, reject, release or block) before claiming another",
-                task=first["task"] if first else None,
-                lease=_lease_out(first["lease_id"], first["lease_expires_at"]) if first else None,
-            )
-        if not routes:
-            return {"code": "empty", "task": None, "lease": None}
+        # Lock (reading the eligible routes in the same round trip), then count the agent's holds
+        # in a later statement: a statement that took the lock would count from a snapshot taken
+        # before the lock was granted and miss a claim this agent committed meanwhile. The count
+        # rides in claim_take (the usual case: one fewer round trip) or, when there is nothing to
+        # take, in agent_held.
+        locked = await conn.fetchrow(Q["agent_lock_routes"], p.sub, sorted(p.features), lane)
+        routes = _capped(list(locked["routes"]) if locked else [], limits, prefer)
         for _ in range(_MAX_CLAIM_STEPS):
-            cand = await conn.fetchrow(Q["claim_pick"], routes)
+            cand = await conn.fetchrow(Q["claim_pick"], routes) if routes else None
             if cand is None:
+                await _check_room(conn, p)
                 return {"code": "empty", "task": None, "lease": None}
             extra: dict[str, Any] = {}
             bump = 0
@@ -210,12 +205,34 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
                     continue
                 bump = 1
                 extra = {"reclaimed": True, **prev}
-            row = await conn.fetchrow(Q["claim_take"], cand["id"], p.sub, bump, p.family,
-                                      extra, cand["stage_key"])
+            take = (Q["claim_take"], cand["id"], p.sub, bump, p.family, extra, cand["stage_key"], p.max_active)
+            row = await conn.fetchrow(*take)
+            if row is None:
+                # At max_active: _check_room raises, and the rollback undoes any recovery above.
+                # Otherwise one of the agent's holds ended between the two statements (holds only
+                # grow through claims, which agent_lock serialises): the take now succeeds.
+                await _check_room(conn, p)
+                row = await conn.fetchrow(*take)
+                assert row is not None
             return {"code": "claimed", "task": row["task"], "lease": _lease_out(row["lease_id"],
                                                                              row["lease_expires_at"]),
                     "card": await stage_card(conn, cand["stage_id"]), "event": row["event"]}
+        await _check_room(conn, p)
     return {"code": "empty", "task": None, "lease": None}
+
+
+async def _check_room(conn: asyncpg.Connection, p: Principal) -> None:
+    """Refuse the claim if the agent already holds max_active live leases (after agent_lock)."""
+    held = list(await conn.fetchval(Q["agent_held"], p.sub))
+    if len(held) >= p.max_active:
+        rows = await conn.fetch(Q["held_by_agent"], p.sub)
+        first = rows[0] if rows else None
+        raise AlreadyHolding(
+            f"you already hold {len(held)} task(s) and family {p.family} allows {p.max_active}; "
+            "finish one (advance, reject, release or block) before claiming another",
+            task=first["task"] if first else None,
+            lease=_lease_out(first["lease_id"], first["lease_expires_at"]) if first else None,
+        )
 
 
 async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None, cand: Mapping[str, Any],
@@ -291,7 +308,10 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
     async with conn.transaction():
         row = await _locked(conn, p, task_id)
         _check_lease(p, row, lease)
-        options = await conn.fetch(Q["transitions_to"], row["stage_id"], kind, to)
+        base = row["base_required_features"]
+        required = list(base if base is not None else row["required_features"])
+        options = await conn.fetch(Q["transitions_to_routed"], row["stage_id"], kind, to, row["lane_id"],
+                                   required)
         if not options:
             targets = [r["key"] for r in await conn.fetch(Q["transition_targets"], row["stage_id"], kind)]
             hint = f"legal {kind} targets from {row['stage_key']}: {', '.join(targets)}" if targets \
@@ -327,12 +347,12 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
             state, route = "done", None
         else:
             state = "ready"
-            base = row["base_required_features"]
-            route = await _route(conn, row["lane_id"], row["lane_key"], chosen["to_stage_id"],
-                                 list(base if base is not None else row["required_features"]))
-        task = await conn.fetchval(Q["task_transition"], task_id, chosen["to_stage_id"], route, state,
-                                   1 if kind == "reject" else 0, rework)
-        ev = await _event(conn, task_id, "transition", p, data)
+            route = chosen["route_id"]  # the route, found with the transition; created if new
+            if route is None:
+                route = await _route(conn, row["lane_id"], row["lane_key"], chosen["to_stage_id"], required)
+        r = await conn.fetchrow(Q["task_transition_event"], task_id, chosen["to_stage_id"], route, state,
+                                1 if kind == "reject" else 0, rework, p.sub, p.family, data)
+        task, ev = r["task"], r["event"]
         if state == "done":
             await _promote_dependents(conn, task_id)
         else:

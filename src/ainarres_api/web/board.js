@@ -122,6 +122,19 @@ async function all(path, params = {}) {
   return items;
 }
 
+// A task's events page by `after` (the last id seen), not by an opaque cursor.
+async function taskEvents(id) {
+  const items = [];
+  let after = 0;
+  for (let i = 0; i < 20; i++) {
+    const page = await api("GET", `/v1/tasks/${id}/events?after=${after}&limit=1000`);
+    items.push(...page.items);
+    if (page.next === null || page.next === undefined || !page.items.length) break;
+    after = page.next;
+  }
+  return items;
+}
+
 function projectParams() { return S.project ? { project: S.project } : {}; }
 
 function toast(message, kind = "info") {
@@ -661,7 +674,7 @@ function artifactNode(a) {
 async function renderDrawer(id) {
   let task, events;
   try {
-    [task, events] = await Promise.all([api("GET", `/v1/tasks/${id}`), all(`/v1/tasks/${id}/events`)]);
+    [task, events] = await Promise.all([api("GET", `/v1/tasks/${id}`), taskEvents(id)]);
   } catch (err) {
     $("#drawer-body").replaceChildren(el("p", { class: "error", role: "alert", text: err.message }));
     return;

@@ -14,6 +14,21 @@ SELECT array(SELECT t.id FROM tasks t
 -- claims by one agent cannot both pass the max_active check (with agent_held, read afterwards).
 SELECT a.sub FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
 
+-- name: agent_lock_routes
+-- agent_lock, and in the same round trip the routes the caller may claim from (eligible_routes:
+-- $2 = the caller's features, sorted; $3 = a lane or NULL). The route tables are append-only, so
+-- reading them under this statement's snapshot is as good as reading them before it. The held
+-- count is NOT read here: this statement's snapshot predates the lock grant (see agent_held);
+-- claim_take counts the holds, in a statement that starts after the lock.
+SELECT a.sub,
+       array(SELECT r.id
+               FROM routes r
+               JOIN lanes l ON l.id = r.lane_id
+              WHERE ($3::text IS NULL OR l.key = $3)
+                AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $2::text[])
+              ORDER BY r.id) AS routes
+  FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
+
 -- name: claim_pick
 -- The claim: one O(log n) probe of the ready index per route the caller may take, plus one probe
 -- of the lease index per route for an expired hold (lazy recovery), best candidate by priority
@@ -68,7 +83,10 @@ SELECT b.expired, b.id, b.attempts, b.holder, b.lease_id, b.required_features, b
   JOIN lanes l ON l.id = b.lane_id;
 
 -- name: claim_take
--- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event.
+-- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event —
+-- only if the agent holds fewer than $7 (its family's max_active) live leases. That count is the
+-- agent_held rule: this statement starts after agent_lock was granted, so it sees every claim the
+-- agent's other calls committed. No row: the agent is at its limit (the caller rolls back).
 WITH u AS (
     UPDATE tasks t
        SET state = 'held', holder = $2, lease_id = gen_random_uuid(),
@@ -76,6 +94,8 @@ WITH u AS (
            held_since = now(), progress_at = NULL, attempts = t.attempts + $3, updated_at = now()
       FROM stages s
      WHERE t.id = $1 AND s.id = t.stage_id
+       AND (SELECT count(*) FROM tasks h
+             WHERE h.holder = $2 AND h.state = 'held' AND h.lease_expires_at > now()) < $7::int
  RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
@@ -266,6 +286,25 @@ UPDATE tasks t
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
 
+-- name: task_transition_event
+-- task_transition and its `transition` event in one statement ($7 actor, $8 family, $9 data).
+WITH u AS (
+    UPDATE tasks t
+       SET stage_id = $2, route_id = $3, state = $4, rework_count = t.rework_count + $5,
+           required_features = coalesce(t.base_required_features, t.required_features),
+           base_required_features = NULL,
+           rework_by_stage = $6::jsonb, attempts = 0,
+           holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, progress_at = NULL,
+           available_at = now(), stage_entered_at = now(), updated_at = now()
+     WHERE t.id = $1
+ RETURNING t
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (u.t).id, 'transition', $7, $8, $9::jsonb FROM u
+ RETURNING events
+)
+SELECT task_json(u.t) AS task, event_json(e.events) AS event FROM u, e;
+
 -- name: task_remember_base
 -- Before the first escalation in a stage, remember what the task required (see task_transition).
 UPDATE tasks SET base_required_features = coalesce(base_required_features, required_features) WHERE id = $1;
@@ -277,6 +316,18 @@ SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
 -- Transitions of one kind from the current stage to the named stage, most specific first.
 SELECT tr.id, tr.required_features, tr.guard IS NOT NULL AS has_guard,
        ts.id AS to_stage_id, ts.terminal AS to_terminal
+  FROM transitions tr
+  JOIN stages ts ON ts.id = tr.to_stage
+ WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3
+ ORDER BY cardinality(tr.required_features) DESC, tr.position;
+
+-- name: transitions_to_routed
+-- transitions_to, with the id of the route each target stage would put the task in ($4 = lane,
+-- $5 = the task's canonical required features), if that route exists already (NULL: create it).
+SELECT tr.id, tr.required_features, tr.guard IS NOT NULL AS has_guard,
+       ts.id AS to_stage_id, ts.terminal AS to_terminal,
+       (SELECT r.id FROM routes r
+         WHERE r.lane_id = $4 AND r.stage_id = ts.id AND r.required_features = $5::text[]) AS route_id
   FROM transitions tr
   JOIN stages ts ON ts.id = tr.to_stage
  WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3

@@ -1,0 +1,77 @@
+"""The HTTP surface the web board adds: its page and assets, the seats' layout read, and the
+overseer's disable / enable of a family."""
+
+from __future__ import annotations
+
+from tests.helpers import DEV_WORKFLOW, Api, make_world
+
+
+async def _seat(admin: Api, seat: str) -> Api:
+    await admin.post("/v1/families", {"key": seat.replace(":", "-"), "features": [seat]}, 201)
+    tok = await admin.post("/v1/tokens", {"family": seat.replace(":", "-")}, 201)
+    return Api(admin.client, tok["token"])
+
+
+async def test_the_page_and_its_assets_are_served_with_a_strict_policy(admin: Api) -> None:
+    for path in ("/board", "/board/acme"):
+        r = await admin.client.get(path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert '<script type="module" src="/board/static/board.js">' in r.text
+    js = await admin.client.get("/board/static/board.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert "sessionStorage" in js.text and "innerHTML" not in js.text
+    css = await admin.client.get("/board/static/board.css")
+    assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+    for bad in ("/board/static/board.html", "/board/static/..%2Fapp.py", "/board/static/nope.js"):
+        r = await admin.client.get(bad)
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+async def test_layout_gives_the_seats_each_lane_with_its_workflow_version(admin: Api) -> None:
+    w = await make_world(admin)
+    monitor = await _seat(admin, "seat:monitor")
+    out = await monitor.get("/v1/layout")
+    [proj] = out["projects"]
+    assert proj["slug"] == "acme"
+    [lane] = proj["lanes"]
+    assert lane["key"] == "dev" and lane["feature"] == "lane:dev"
+    wf = lane["workflow"]
+    assert (wf["key"], wf["version"]) == ("dev", 1)
+    assert [s["key"] for s in wf["stages"]] == ["todo", "review", "done"]
+    assert [(t["from"], t["to"], t["kind"], t["required_features"]) for t in wf["transitions"]] == [
+        ("todo", "review", "advance", ["role:dev"]), ("review", "done", "advance", ["role:reviewer"]),
+        ("review", "todo", "reject", ["role:reviewer"])]
+
+    # A new workflow version does not move the lane: it stays on the version it was bound to.
+    v2 = {**DEV_WORKFLOW, "stages": [{**s, "lease_seconds": 30} if not s.get("terminal") else s
+                                     for s in DEV_WORKFLOW["stages"]]}
+    await admin.post("/v1/workflows", v2, 201)
+    again = await monitor.get("/v1/layout", params={"project": "acme"})
+    assert again["projects"][0]["lanes"][0]["workflow"]["version"] == 1
+
+    assert (await monitor.get("/v1/layout", params={"project": "nope"}, expect=404))["code"] == "not_found"
+    agent = await w.agent("cheap")
+    assert (await agent.get("/v1/layout", expect=403))["code"] == "not_eligible"
+    assert (await Api(admin.client, None).get("/v1/layout", expect=401))["code"] == "unauthenticated"
+
+
+async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
+    w = await make_world(admin)
+    cheap = await w.agent("cheap")
+    overseer = await _seat(admin, "seat:overseer")
+    monitor = await _seat(admin, "seat:monitor")
+
+    assert (await monitor.post("/v1/families/cheap/disable", expect=403))["code"] == "not_eligible"
+    assert (await cheap.post("/v1/families/cheap/disable", expect=403))["code"] == "not_eligible"
+    assert (await overseer.post("/v1/families/seat-overseer/disable", expect=409))["code"] == "conflict"
+    assert (await overseer.post("/v1/families/nope/disable", expect=404))["code"] == "not_found"
+
+    out = await overseer.post("/v1/families/cheap/disable", expect=200)
+    assert out["key"] == "cheap" and out["disabled"] is True
+    assert (await cheap.get("/v1/me", expect=401))["code"] == "unauthenticated"
+
+    out = await overseer.post("/v1/families/cheap/enable", expect=200)
+    assert out["disabled"] is False
+    assert (await cheap.get("/v1/me"))["family"] == "cheap"
