@@ -53,19 +53,26 @@ class Api:
         return await self.post(f"/v1/tasks/{task_id}/{verb}", body, expect)
 
 
-DEV_WORKFLOW = {
-    "key": "dev",
-    "stages": [
-        {"key": "todo", "initial": True, "lease_seconds": 60, "max_attempts": 3, "escalate_after": 2},
-        {"key": "review", "lease_seconds": 60, "max_rework": 2},
-        {"key": "done", "terminal": True},
-    ],
-    "transitions": [
-        {"from": "todo", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
-        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
-        {"from": "review", "to": "todo", "kind": "reject", "required_features": ["role:reviewer"]},
-    ],
-}
+def review_flow(key: str, first: str = "todo", *, lease: int = 60, first_stage: dict[str, Any] | None = None,
+                review_stage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A workflow `first` → review → done (role:dev builds, role:reviewer advances or rejects back)."""
+    return {
+        "key": key,
+        "stages": [
+            {"key": first, "initial": True, "lease_seconds": lease, **(first_stage or {})},
+            {"key": "review", "lease_seconds": lease, **(review_stage or {})},
+            {"key": "done", "terminal": True},
+        ],
+        "transitions": [
+            {"from": first, "to": "review", "kind": "advance", "required_features": ["role:dev"]},
+            {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+            {"from": "review", "to": first, "kind": "reject", "required_features": ["role:reviewer"]},
+        ],
+    }
+
+
+DEV_WORKFLOW = review_flow("dev", first_stage={"max_attempts": 3, "escalate_after": 2},
+                           review_stage={"max_rework": 2})
 
 
 @dataclass

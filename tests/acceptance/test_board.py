@@ -19,28 +19,18 @@ import asyncpg
 import pytest
 
 from tests.acceptance.live_server import Live, clone_database, serve
+from tests.helpers import review_flow
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
+
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WAIT_MS = 15_000
 
-WORKFLOW = {
-    "key": "board-dev",
-    "stages": [
-        {"key": "todo", "initial": True, "lease_seconds": 60, "max_attempts": 3, "escalate_after": 2},
-        {"key": "review", "lease_seconds": 60, "max_rework": 2},
-        {"key": "done", "terminal": True},
-    ],
-    "transitions": [
-        {"from": "todo", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
-        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
-        {"from": "review", "to": "todo", "kind": "reject", "required_features": ["role:reviewer"]},
-    ],
-}
-
+WORKFLOW = review_flow("board-dev", first_stage={"max_attempts": 3, "escalate_after": 2},
+                       review_stage={"max_rework": 2})
 
 class Agent:
     """An agent of a family, calling the public HTTP API."""

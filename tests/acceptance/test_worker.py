@@ -16,22 +16,12 @@ from typing import Any
 import pytest
 
 from tests.acceptance.live_server import AINARRES, Live, serve
+from tests.helpers import review_flow
 
 LIMIT = 45  # seconds any one wait may take before the test fails
 
-BUILD = {
-    "key": "build",
-    "stages": [
-        {"key": "write", "initial": True, "lease_seconds": 2, "max_attempts": 5},
-        {"key": "review", "lease_seconds": 2, "max_rework": 3},
-        {"key": "done", "terminal": True},
-    ],
-    "transitions": [
-        {"from": "write", "to": "review", "kind": "advance", "required_features": ["role:dev"]},
-        {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
-        {"from": "review", "to": "write", "kind": "reject", "required_features": ["role:reviewer"]},
-    ],
-}
+BUILD = review_flow("build", "write", lease=2, first_stage={"max_attempts": 5},
+                    review_stage={"max_rework": 3})
 
 # The developer: writes a program printing 1+2+…+n to a file, checks that it runs and prints a
 # number, and says "advance". Payload mode "bad" plants an off-by-one on the first try (its own

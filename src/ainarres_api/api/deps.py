@@ -79,6 +79,46 @@ async def caller_on_conn(st: State, token: Token, conn: Conn) -> Principal:
 Agent = Annotated[Principal, Depends(caller_on_conn)]
 
 
+class Lent:
+    """The authenticated caller and the pooled connection it was authenticated on, which the
+    handler may give back early (a long poll does, before it waits)."""
+
+    def __init__(self, caller: Principal, conn: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+        self.caller = caller
+        self._conn: asyncpg.Connection | None = conn
+        self._pool = pool
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        """The connection; only until release()."""
+        assert self._conn is not None, "the connection was given back"
+        return self._conn
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (idempotent)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
+
+
+async def lent_caller(st: State, token: Token) -> AsyncIterator[Lent]:
+    """Authenticate before the body is validated (as every call does), on a connection the
+    handler then works on or gives back."""
+    conn = await st.pool.acquire()
+    lent: Lent | None = None
+    try:
+        lent = Lent(await auth.authenticate(conn, st.signer, token), conn, st.pool)
+        yield lent
+    finally:
+        if lent is not None:
+            await lent.release()
+        else:
+            await st.pool.release(conn)
+
+
+LentCaller = Annotated[Lent, Depends(lent_caller)]
+
+
 def require(*any_of: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency that lets the call through only if the caller holds one of `any_of`."""
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ainarres_api.api.deps import Agent, Conn, State, Token
+from ainarres_api.api.deps import Agent, Conn, LentCaller, State, Token
 from ainarres_api.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -36,33 +36,33 @@ async def create(body: TaskCreate, caller: Agent, conn: Conn, st: State, respons
 
 
 @router.post("/claims", summary="claim the best task you may do (optionally wait for one)")
-async def claim(body: ClaimIn, token: Token, st: State, request: Request) -> dict[str, Any]:
-    # Authenticated here, on the connection the claim uses (one pooled connection per attempt):
-    # a long poll must hold none while it waits, so no request-long `Conn` dependency.
+async def claim(body: ClaimIn, lent: LentCaller, token: Token, st: State, request: Request) -> dict[str, Any]:
+    # One pooled connection authenticates and claims; a long poll gives it back before waiting.
     if body.wait_seconds <= 0:
-        async with st.pool.acquire() as conn:
-            caller = await auth.authenticate(conn, st.signer, token)
-            return await tasks.claim(conn, caller, body.lane, st.limits)
-    return await _claim_waiting(body, token, st, request)
+        return await tasks.claim(lent.conn, lent.caller, body.lane, st.limits)
+    await lent.release()
+    return await _claim_waiting(body, lent.caller, token, st, request)
 
 
-async def _claim_waiting(body: ClaimIn, token: str, st: Any, request: Request) -> dict[str, Any]:
+async def _claim_waiting(body: ClaimIn, caller: Any, token: str, st: Any, request: Request) -> dict[str, Any]:
     """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body.wait_seconds
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         with st.wake.waiter() as w:
+            first = True
             while True:
                 with wake.recording() as rec:
                     async with st.pool.acquire() as conn:
-                        # Features are read live on every attempt, as on every call.
-                        caller = await auth.authenticate(conn, st.signer, token)
+                        if not first:  # features are read live on every attempt, as on every call
+                            caller = await auth.authenticate(conn, st.signer, token)
                         # Watch before claiming, so a change committed after the claim's snapshot
                         # still wakes this waiter.
                         w.watch(await tasks.eligible_routes(conn, caller, body.lane))
                         out = await tasks.claim(conn, caller, body.lane, st.limits, prefer=w.begin())
                 st.wake.publish(rec)  # what the claim made claimable on its way (escalations)
+                first = False
                 if out["code"] != "empty":
                     return out
                 w.found_nothing()
