@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from pydantic import SecretStr
 
 from ainarres_api import embedded
 from ainarres_api.services import auth
@@ -56,7 +57,7 @@ LANES = {"cyc": "loop", "big": "loop", "lp": "handoff", "mk": "handoff"}
 
 
 def settings() -> Settings:
-    return Settings(jwt_secret=SECRET)
+    return Settings(jwt_secret=SecretStr(SECRET))
 
 
 def start_postgres() -> tuple[str, Any]:

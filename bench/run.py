@@ -207,31 +207,49 @@ def bench_pickup(dsn: str, svc: harness.Service, args: argparse.Namespace, resul
 
 
 def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """32 writers: alone; with long-poll waiters that never claim what they create (waiting on
+    another lane: what the creates pay is the waiters' presence and the coalesced NOTIFY, the
+    figure the target is about); and, for reference, with waiters taking every task (each create
+    then also costs the service a claim and an advance)."""
     lane = "mk"
     writers = asyncio.run(harness.mint(dsn, "w_mk", 32))
-    waiters = asyncio.run(harness.mint(dsn, "w_mk", 100))
-    for label, ws in (("no waiters", None), ("100 long-poll waiters taking the tasks", waiters)):
+    others = asyncio.run(harness.mint(dsn, "w_lp", max(args.create_waiters)))
+    takers = asyncio.run(harness.mint(dsn, "w_mk", 100))
+    cases: list[tuple[str, list[str] | None, str | None]] = [("no waiters", None, None)]
+    for n in args.create_waiters:
+        cases.append((f"{n} long-poll waiters on another lane", others[:n], "lp"))
+    cases.append(("100 long-poll waiters taking the tasks", takers, None))
+    rows: dict[str, float] = {}
+    for label, ws, wlane in cases:
         asyncio.run(harness.reset_lane(dsn, lane))
+        asyncio.run(harness.reset_lane(dsn, "lp"))
         asyncio.run(_checkpoint(dsn))
         r = run_in_process(
-            "create_rate", base=svc.base, tokens=writers, lane=lane, seconds=args.seconds, waiter_tokens=ws
+            "create_rate",
+            base=svc.base,
+            tokens=writers,
+            lane=lane,
+            seconds=args.seconds,
+            waiter_tokens=ws,
+            waiter_lane=wlane,
         ).result()
+        rows[label] = r["created"] / r["elapsed"]
         _out(
             "create",
             {
                 "writers": 32,
                 "with": label,
-                "creates_per_s": round(r["created"] / r["elapsed"], 1),
+                "creates_per_s": round(rows[label], 1),
                 "taken_per_s": round(r["taken"] / r["elapsed"], 1),
                 "create": harness.summary(r["lat"]),
             },
             results,
         )
-    rows = results.get("create", [])[-2:]
-    if len(rows) == 2 and rows[0]["creates_per_s"]:
+    base = rows["no waiters"]
+    if base:
         _out(
             "create_ratio",
-            {"with_over_without": round(rows[1]["creates_per_s"] / rows[0]["creates_per_s"], 2)},
+            {label: round(v / base, 2) for label, v in rows.items() if label != "no waiters"},
             results,
         )
 
@@ -264,6 +282,107 @@ def bench_pgqueuer(dsn: str, svc: harness.Service, args: argparse.Namespace, res
     )
 
 
+def _start_pgbouncer(port: int, pool_size: int) -> subprocess.Popen[bytes]:
+    """PgBouncer (Debian package) in transaction mode on 127.0.0.1:port, in front of the embedded
+    server's socket. It runs as the embedded server's own OS user, the only one that may open that
+    socket (the data directory is 0700); PgBouncer refuses to run as root."""
+    pgdata = (harness.ROOT / "pgdata").resolve()
+    owner = pgdata.owner()
+    work = Path(f"/tmp/ainarres-pgbouncer-{port}")
+    work.mkdir(exist_ok=True)
+    (work / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"bench = host={pgdata} dbname=bench user=postgres\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {work / 'users.txt'}\n"
+        "pool_mode = transaction\n"
+        f"default_pool_size = {pool_size}\nmax_client_conn = 2000\n"
+        f"logfile = {work / 'pgbouncer.log'}\npidfile = {work / 'pgbouncer.pid'}\n"
+    )
+    (work / "users.txt").write_text('"postgres" ""\n')
+    subprocess.run(["chown", "-R", owner, str(work)], check=True)
+    proc = subprocess.Popen(
+        ["runuser", "-u", owner, "--", "pgbouncer", "-q", str(work / "pgbouncer.ini")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"pgbouncer did not start; see {work / 'pgbouncer.log'}")
+
+
+def bench_pgbouncer(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """A second service behind a real PgBouncer in transaction mode (AINARRES_PGBOUNCER=true, LISTEN
+    straight to PostgreSQL): the cycle at 16 agents and long-poll pickup, beside the direct service."""
+    port = harness.free_port()
+    bouncer = _start_pgbouncer(port, args.pool_max)
+    pooled = f"postgresql://postgres@127.0.0.1:{port}/bench"
+    via = harness.start_service(
+        pooled,
+        pool_max=args.pool_max,
+        extra_env={"AINARRES_PGBOUNCER": "true", "AINARRES_LISTEN_DATABASE_URL": dsn},
+    )
+    try:
+        lane = "cyc"
+        asyncio.run(harness.reset_lane(dsn, lane))
+        maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
+        tid = asyncio.run(_template(via.base, maker, lane))
+        asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+        tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
+        for name, service in (("pgbouncer", via), ("direct", svc)):
+            asyncio.run(_checkpoint(dsn))
+            r = run_in_process(
+                "cycle_http", base=service.base, tokens=tokens, lane=lane, seconds=args.seconds
+            ).result()
+            _out(
+                "pgbouncer_cycle",
+                {
+                    "via": name,
+                    "agents": 16,
+                    "http_cycles_per_s": round(r["cycles"] / r["elapsed"], 1),
+                    "http": harness.summary(r["cycle_lat"]),
+                },
+                results,
+            )
+        lp_tokens = asyncio.run(harness.mint(dsn, "w_lp", 10))
+        lp_maker = asyncio.run(harness.mint(dsn, "w_lp", 1))[0]
+        asyncio.run(harness.reset_lane(dsn, "lp"))
+        r = run_in_process(
+            "pickup",
+            base=via.base,
+            waiter_tokens=lp_tokens,
+            maker_token=lp_maker,
+            lane="lp",
+            tasks_n=min(args.pickup_tasks, 60),
+            mean_gap=0.1,
+            mode="wait",
+            dsn=dsn,
+        ).result()
+        _out(
+            "pgbouncer_pickup",
+            {
+                "via": "pgbouncer",
+                "idle_agents": 10,
+                "tasks": len(r["lat"]),
+                "pickup": harness.summary(r["lat"]),
+                "db_connections_while_idle": r["conns_while_idle"],
+            },
+            results,
+        )
+    finally:
+        via.stop()
+        bouncer.terminate()
+        bouncer.wait(10)
+
+
 BENCHES = {
     "cycle": bench_cycle,
     "backlog": bench_backlog,
@@ -271,6 +390,7 @@ BENCHES = {
     "pickup": bench_pickup,
     "create": bench_create,
     "pgqueuer": bench_pgqueuer,
+    "pgbouncer": bench_pgbouncer,
 }
 
 
@@ -287,6 +407,7 @@ def main() -> None:
     p.add_argument("--sustained-backlog", type=int, default=100_000)
     p.add_argument("--waiters", type=lambda s: [int(x) for x in s.split(",")], default=[10, 1000])
     p.add_argument("--pickup-tasks", type=int, default=150)
+    p.add_argument("--create-waiters", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--pool-max", type=int, default=20, help="the service's AINARRES_POOL_MAX_SIZE")
     args = p.parse_args()
 

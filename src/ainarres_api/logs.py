@@ -96,9 +96,10 @@ class RequestLog:
         try:
             await self.app(scope, receive, tagged)
         finally:
-            access.info("request", extra={
-                "method": scope.get("method"), "path": scope.get("path"), "status": status or 500,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            if access.isEnabledFor(logging.INFO):
+                access.info("request", extra={
+                    "method": scope.get("method"), "path": scope.get("path"), "status": status or 500,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
         # Reset only on success: an exception goes on to the outermost (server error) handler, whose
         # crash log should still carry this request's id.
         request_id.reset(token)

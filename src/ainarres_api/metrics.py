@@ -48,6 +48,11 @@ def verb_of(method: str, path: str) -> str | None:
 
 def _code_of(body: bytes, status: int) -> str:
     """The stable `code` of a verb's response (envelope or problem+json)."""
+    # Verb envelopes start with their code ({"code":"claimed",…}): read it without parsing the body.
+    if body.startswith(b'{"code":"'):
+        end = body.find(b'"', 9)
+        if end > 9 and b"\\" not in body[9:end]:
+            return body[9:end].decode()
     if body and len(body) <= _MAX_PARSED_BODY:
         try:
             doc = json.loads(body)

@@ -29,8 +29,8 @@ class AppState:
     wake: Wake
 
 
-def state_of(request: Request) -> AppState:
-    """The typed application state."""
+async def state_of(request: Request) -> AppState:
+    """The typed application state (async: FastAPI runs a plain `def` dependency in a thread)."""
     st: AppState = request.app.state.ainarres
     return st
 

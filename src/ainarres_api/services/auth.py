@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,8 @@ from ainarres_api.settings import Settings
 
 SEATS = ("seat:admin", "seat:overseer", "seat:monitor")
 _MIN_SECRET_BYTES = 32
+# Tokens whose signature this process has verified (see Signer.verify); cleared when full.
+_VERIFIED_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Signer:
         self.leeway = settings.leeway_seconds
         self._signing_key: Any
         self._verify_key: Any
+        self._verified: dict[str, dict[str, Any]] = {}
         if self.algorithm == "HS256":
             if settings.jwt_secret is not None:
                 secret = settings.jwt_secret.get_secret_value().encode()
@@ -101,6 +105,23 @@ class Signer:
 
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a token signed by us, unexpired, for us; otherwise Unauthenticated."""
+        # A token string that verified once verifies again until it expires: the signature, issuer,
+        # audience and required claims are properties of the string. Only exp moves with time, so a
+        # remembered token is re-checked against it; revocation and features are read from the
+        # database on every call regardless (authenticate).
+        known = self._verified.get(token)
+        if known is not None:
+            if known["exp"] > time.time() - self.leeway:
+                return dict(known)
+            del self._verified[token]
+        claims = self._verify(token)
+        if isinstance(claims.get("exp"), (int, float)):
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[token] = dict(claims)
+        return claims
+
+    def _verify(self, token: str) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

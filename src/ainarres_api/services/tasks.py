@@ -210,7 +210,7 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
             if row is None:
                 # At max_active: _check_room raises, and the rollback undoes any recovery above.
                 # Otherwise one of the agent's holds ended between the two statements (holds only
-                # grow through claims, which agent_lock serialises): the take now succeeds.
+                # grow through claims, which agent_lock_routes serialises): the take now succeeds.
                 await _check_room(conn, p)
                 row = await conn.fetchrow(*take)
                 assert row is not None
@@ -222,7 +222,7 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
 
 
 async def _check_room(conn: asyncpg.Connection, p: Principal) -> None:
-    """Refuse the claim if the agent already holds max_active live leases (after agent_lock)."""
+    """Refuse the claim if the agent already holds max_active live leases (after agent_lock_routes)."""
     held = list(await conn.fetchval(Q["agent_held"], p.sub))
     if len(held) >= p.max_active:
         rows = await conn.fetch(Q["held_by_agent"], p.sub)
@@ -306,12 +306,15 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
                      ) -> dict[str, Any]:
     """Advance or reject a held task to stage `to`, releasing the hold."""
     async with conn.transaction():
-        row = await _locked(conn, p, task_id)
+        # task_lock with the transitions to `to` (and their routes) in the same round trip.
+        row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)
+        if row is None:
+            raise NotFound("no such task visible to you; check the id")
+        _check_visible(p, row["lane_key"])
         _check_lease(p, row, lease)
         base = row["base_required_features"]
         required = list(base if base is not None else row["required_features"])
-        options = await conn.fetch(Q["transitions_to_routed"], row["stage_id"], kind, to, row["lane_id"],
-                                   required)
+        options = row["options"]
         if not options:
             targets = [r["key"] for r in await conn.fetch(Q["transition_targets"], row["stage_id"], kind)]
             hint = f"legal {kind} targets from {row['stage_key']}: {', '.join(targets)}" if targets \

@@ -2,20 +2,17 @@
 -- transaction (the service opens it). Names in alphabetical order.
 
 -- name: agent_held
--- The tasks an agent holds under a live lease. Run it after agent_lock, as its own statement: in
+-- The tasks an agent holds under a live lease. Run it after agent_lock_routes, as its own statement: in
 -- READ COMMITTED a statement's snapshot is taken when it starts, so only a statement that starts
 -- after the lock is granted sees the claims the agent's other calls committed while we waited.
 SELECT array(SELECT t.id FROM tasks t
               WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
               ORDER BY t.held_since) AS held;
 
--- name: agent_lock
--- Serialises one agent's claims (a cheap row lock on its own agents row) so that two concurrent
--- claims by one agent cannot both pass the max_active check (with agent_held, read afterwards).
-SELECT a.sub FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
-
 -- name: agent_lock_routes
--- agent_lock, and in the same round trip the routes the caller may claim from (eligible_routes:
+-- Serialises one agent's claims (a cheap row lock on its own agents row) so that two concurrent
+-- claims by one agent cannot both pass the max_active check (agent_held / claim_take, read
+-- afterwards) — and in the same round trip the routes the caller may claim from (eligible_routes:
 -- $2 = the caller's features, sorted; $3 = a lane or NULL). The route tables are append-only, so
 -- reading them under this statement's snapshot is as good as reading them before it. The held
 -- count is NOT read here: this statement's snapshot predates the lock grant (see agent_held);
@@ -85,7 +82,7 @@ SELECT b.expired, b.id, b.attempts, b.holder, b.lease_id, b.required_features, b
 -- name: claim_take
 -- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event —
 -- only if the agent holds fewer than $7 (its family's max_active) live leases. That count is the
--- agent_held rule: this statement starts after agent_lock was granted, so it sees every claim the
+-- agent_held rule: this statement starts after agent_lock_routes was granted, so it sees every claim the
 -- agent's other calls committed. No row: the agent is at its limit (the caller rolls back).
 WITH u AS (
     UPDATE tasks t
@@ -246,6 +243,33 @@ SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_
  WHERE t.id = $1
    FOR UPDATE OF t;
 
+-- name: task_lock_transition
+-- task_lock for advance and reject, with the transitions of kind $2 from the current stage to the
+-- stage named $3 (most specific first) in the same round trip, each with the id of the route it
+-- would put the task in if that route exists already (route_id NULL: create it). Computed from the
+-- locked row version (the target list is re-evaluated on the newest version after a lock wait).
+SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_live,
+       t.attempts, t.rework_by_stage, t.required_features, t.base_required_features, t.lane_id, t.stage_id, t.depends_on,
+       l.key AS lane_key, s.key AS stage_key, s.lease_seconds, s.max_attempts, s.escalate_after,
+       coalesce(s.max_rework, w.max_rework) AS max_rework, task_json(t) AS task,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                    'id', tr.id, 'required_features', to_jsonb(tr.required_features),
+                    'has_guard', tr.guard IS NOT NULL, 'to_stage_id', ts.id, 'to_terminal', ts.terminal,
+                    'route_id', (SELECT r.id FROM routes r
+                                  WHERE r.lane_id = t.lane_id AND r.stage_id = ts.id
+                                    AND r.required_features = coalesce(t.base_required_features,
+                                                                       t.required_features)))
+                    ORDER BY cardinality(tr.required_features) DESC, tr.position)
+                   FROM transitions tr
+                   JOIN stages ts ON ts.id = tr.to_stage
+                  WHERE tr.from_stage = t.stage_id AND tr.kind = $2 AND ts.key = $3), '[]'::jsonb) AS options
+  FROM tasks t
+  JOIN lanes l ON l.id = t.lane_id
+  JOIN stages s ON s.id = t.stage_id
+  JOIN workflows w ON w.id = s.workflow_id
+ WHERE t.id = $1
+   FOR UPDATE OF t;
+
 -- name: task_renew
 -- Heartbeat and progress: push the lease out by the stage's lease length.
 UPDATE tasks t
@@ -270,19 +294,6 @@ UPDATE tasks t
        route_id = $2, required_features = $3::text[], attempts = $5, rework_by_stage = $6::jsonb,
        holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL,
        available_at = CASE WHEN $4 THEN now() ELSE t.available_at END, updated_at = now()
- WHERE t.id = $1
-RETURNING task_json(t) AS task;
-
--- name: task_transition
--- Advance or reject: the new stage, the hold released, attempts reset for the new stage, and an
--- escalation of the stage left behind undone (0004).
-UPDATE tasks t
-   SET stage_id = $2, route_id = $3, state = $4, rework_count = t.rework_count + $5,
-       required_features = coalesce(t.base_required_features, t.required_features),
-       base_required_features = NULL,
-       rework_by_stage = $6::jsonb, attempts = 0,
-       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, progress_at = NULL,
-       available_at = now(), stage_entered_at = now(), updated_at = now()
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
 
@@ -311,27 +322,6 @@ UPDATE tasks SET base_required_features = coalesce(base_required_features, requi
 
 -- name: tier_exists
 SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
-
--- name: transitions_to
--- Transitions of one kind from the current stage to the named stage, most specific first.
-SELECT tr.id, tr.required_features, tr.guard IS NOT NULL AS has_guard,
-       ts.id AS to_stage_id, ts.terminal AS to_terminal
-  FROM transitions tr
-  JOIN stages ts ON ts.id = tr.to_stage
- WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3
- ORDER BY cardinality(tr.required_features) DESC, tr.position;
-
--- name: transitions_to_routed
--- transitions_to, with the id of the route each target stage would put the task in ($4 = lane,
--- $5 = the task's canonical required features), if that route exists already (NULL: create it).
-SELECT tr.id, tr.required_features, tr.guard IS NOT NULL AS has_guard,
-       ts.id AS to_stage_id, ts.terminal AS to_terminal,
-       (SELECT r.id FROM routes r
-         WHERE r.lane_id = $4 AND r.stage_id = ts.id AND r.required_features = $5::text[]) AS route_id
-  FROM transitions tr
-  JOIN stages ts ON ts.id = tr.to_stage
- WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3
- ORDER BY cardinality(tr.required_features) DESC, tr.position;
 
 -- name: transition_targets
 SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
