@@ -10,7 +10,6 @@ may omit both; an explicit `lease` always wins.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -37,7 +36,7 @@ from ainarres_api.api import schemas
 from ainarres_api.api.deps import AppState
 from ainarres_api.db.pool import translate
 from ainarres_api.errors import AinarresError, Invalid, Unauthenticated
-from ainarres_api.services import auth, tasks, wake
+from ainarres_api.services import auth, claiming, tasks, wake
 from ainarres_api.services.auth import Principal
 
 log = logging.getLogger("ainarres.mcp")
@@ -404,28 +403,8 @@ class McpFace:
         if wait_seconds <= 0:
             async with st.pool.acquire() as conn:
                 return await tasks.claim(conn, p, lane, st.limits)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_seconds
-        with st.wake.waiter() as w:
-            first = True
-            while True:
-                with wake.recording() as rec:
-                    async with st.pool.acquire() as conn:
-                        if not first:  # features are read live on every attempt, as on every call
-                            p = await auth.authenticate(conn, st.signer, call.agent.bearer)
-                        # Watch before claiming, so a change committed after the claim's snapshot
-                        # still wakes this waiter.
-                        w.watch(await tasks.eligible_routes(conn, p, lane))
-                        out = await tasks.claim(conn, p, lane, st.limits, prefer=w.begin())
-                st.wake.publish(rec)
-                first = False
-                if out["code"] != "empty":
-                    return out
-                w.found_nothing()
-                remaining = deadline - loop.time()
-                if remaining <= 0 or st.wake.closed:
-                    return out
-                await w.wait(remaining)
+        return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, call.agent.bearer, p, lane,
+                                            wait_seconds)
 
     def _register(self) -> None:
         srv, run, face = self.server, self._run, self

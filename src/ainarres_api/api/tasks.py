@@ -20,7 +20,7 @@ from ainarres_api.api.schemas import (
     TaskCreate,
     UnblockIn,
 )
-from ainarres_api.services import auth, tasks, wake
+from ainarres_api.services import claiming, tasks
 
 router = APIRouter(prefix="/v1", tags=["agent verbs"])
 
@@ -45,35 +45,11 @@ async def claim(body: ClaimIn, lent: LentCaller, token: Token, st: State, reques
 
 
 async def _claim_waiting(body: ClaimIn, caller: Any, token: str, st: Any, request: Request) -> dict[str, Any]:
-    """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + body.wait_seconds
+    """The long poll, racing the client's disconnect."""
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        with st.wake.waiter() as w:
-            first = True
-            while True:
-                with wake.recording() as rec:
-                    async with st.pool.acquire() as conn:
-                        if not first:  # features are read live on every attempt, as on every call
-                            caller = await auth.authenticate(conn, st.signer, token)
-                        # Watch before claiming, so a change committed after the claim's snapshot
-                        # still wakes this waiter.
-                        w.watch(await tasks.eligible_routes(conn, caller, body.lane))
-                        out = await tasks.claim(conn, caller, body.lane, st.limits, prefer=w.begin())
-                st.wake.publish(rec)  # what the claim made claimable on its way (escalations)
-                first = False
-                if out["code"] != "empty":
-                    return out
-                w.found_nothing()
-                remaining = deadline - loop.time()
-                if remaining <= 0 or st.wake.closed:
-                    return out
-                woken = asyncio.ensure_future(w.wait(remaining))
-                await asyncio.wait({woken, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if gone.done():  # the client went away: nobody would receive a task
-                    woken.cancel()
-                    return out
+        return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, token, caller, body.lane,
+                                            body.wait_seconds, gone)
     finally:
         gone.cancel()
 

@@ -1,0 +1,48 @@
+"""The long-poll claim shared by the HTTP API and the MCP server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from ainarres_api.services import auth, tasks, wake
+from ainarres_api.services.auth import Principal, Signer
+from ainarres_api.services.tasks import Limits
+
+
+async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
+                        caller: Principal, lane: str | None, wait_seconds: float,
+                        gone: asyncio.Future[Any] | None = None) -> dict[str, Any]:
+    """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again.
+
+    Returns the claim, or `empty` at the deadline, or as soon as `gone` completes (the client left).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    with hub.waiter() as w:
+        first = True
+        while True:
+            with wake.recording() as rec:
+                async with pool.acquire() as conn:
+                    if not first:  # features are read live on every attempt, as on every call
+                        caller = await auth.authenticate(conn, signer, token)
+                    # Watch before claiming, so a change committed after the claim's snapshot
+                    # still wakes this waiter.
+                    w.watch(await tasks.eligible_routes(conn, caller, lane))
+                    out = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
+            hub.publish(rec)  # what the claim made claimable on its way (escalations)
+            first = False
+            if out["code"] != "empty":
+                return out
+            w.found_nothing()
+            remaining = deadline - loop.time()
+            if remaining <= 0 or hub.closed:
+                return out
+            woken = asyncio.ensure_future(w.wait(remaining))
+            waits: set[asyncio.Future[Any]] = {woken} if gone is None else {woken, gone}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if gone is not None and gone.done():  # nobody would receive a task
+                woken.cancel()
+                return out
