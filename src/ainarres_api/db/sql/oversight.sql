@@ -132,13 +132,7 @@ SELECT event_json(e) || jsonb_build_object(
   JOIN tasks t ON t.id = e.task_id
   JOIN lanes l ON l.id = t.lane_id
   JOIN projects p ON p.id = l.project_id
- CROSS JOIN LATERAL (
-       SELECT coalesce(e.data ->> 'stage', e.data ->> 'from', (
-                  SELECT CASE x.type WHEN 'created' THEN x.data ->> 'stage' ELSE x.data ->> 'to' END
-                    FROM events x
-                   WHERE x.task_id = e.task_id AND x.id < e.id AND x.type IN ('created', 'transition')
-                   ORDER BY x.id DESC
-                   LIMIT 1)) AS stage) st
+ CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
  WHERE ($1::text IS NULL OR p.slug = $1)
    AND ($2::text IS NULL OR l.key = $2)
    AND ($3::text IS NULL OR st.stage = $3)
@@ -201,13 +195,7 @@ SELECT e.id,
   JOIN tasks t ON t.id = e.task_id
   JOIN lanes l ON l.id = t.lane_id
   JOIN projects p ON p.id = l.project_id
- CROSS JOIN LATERAL (
-       SELECT coalesce(e.data ->> 'stage', e.data ->> 'from', (
-                  SELECT CASE x.type WHEN 'created' THEN x.data ->> 'stage' ELSE x.data ->> 'to' END
-                    FROM events x
-                   WHERE x.task_id = e.task_id AND x.id < e.id AND x.type IN ('created', 'transition')
-                   ORDER BY x.id DESC
-                   LIMIT 1)) AS stage) st
+ CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
  WHERE e.id > $1
  ORDER BY e.id
  LIMIT $5;
