@@ -23,7 +23,7 @@ from ainarres_api.api import mcp_server
 from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
 from ainarres_api.api import web as web_api
-from ainarres_api.api.deps import AppState
+from ainarres_api.api.deps import AppState, FastJSONResponse
 from ainarres_api.db import migrate
 from ainarres_api.db.pool import create_pool, translate
 from ainarres_api.errors import AinarresError, PayloadTooLarge
@@ -177,6 +177,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
         version=__version__,
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
         lifespan=lifespan,
+        default_response_class=FastJSONResponse,
     )
     app.state.metrics = metrics
 

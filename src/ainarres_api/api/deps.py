@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
+import orjson
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ainarres_api.errors import NotEligible, Unauthenticated
@@ -16,6 +18,14 @@ from ainarres_api.services.auth import Principal, Signer
 from ainarres_api.services.tasks import Limits
 from ainarres_api.services.wake import Wake
 from ainarres_api.settings import Settings
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by orjson (datetimes, uuids natively): responses are the hot path's largest CPU cost
+    after the SQL. Verbs return it directly, which also skips FastAPI's response-model pass."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
 @dataclass

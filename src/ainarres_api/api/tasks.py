@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ainarres_api.api.deps import Agent, Conn, LentCaller, State, Token
+from ainarres_api.api.deps import Agent, Conn, FastJSONResponse, LentCaller, State, Token
 from ainarres_api.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -27,21 +27,19 @@ router = APIRouter(prefix="/v1", tags=["agent verbs"])
 TaskId = Annotated[uuid.UUID, "the task's id"]
 
 
-@router.post("/tasks", status_code=201, summary="create a task at its lane's initial stage")
-async def create(body: TaskCreate, caller: Agent, conn: Conn, st: State, response: Response) -> dict[str, Any]:
+@router.post("/tasks", status_code=201, summary="create a task at its lane's initial stage", response_model=None)
+async def create(body: TaskCreate, caller: Agent, conn: Conn, st: State) -> Response:
     out, created = await tasks.create(conn, caller, body.model_dump(mode="json"), st.limits)
-    if not created:
-        response.status_code = 200
-    return {"code": "created" if created else "existing", **out}
+    return FastJSONResponse({"code": "created" if created else "existing", **out}, status_code=201 if created else 200)
 
 
-@router.post("/claims", summary="claim the best task you may do (optionally wait for one)")
-async def claim(body: ClaimIn, lent: LentCaller, token: Token, st: State, request: Request) -> dict[str, Any]:
+@router.post("/claims", summary="claim the best task you may do (optionally wait for one)", response_model=None)
+async def claim(body: ClaimIn, lent: LentCaller, token: Token, st: State, request: Request) -> Response:
     # One pooled connection authenticates and claims; a long poll gives it back before waiting.
     if body.wait_seconds <= 0:
-        return await tasks.claim(lent.conn, lent.caller, body.lane, st.limits)
+        return FastJSONResponse(await tasks.claim(lent.conn, lent.caller, body.lane, st.limits))
     await lent.release()
-    return await _claim_waiting(body, lent.caller, token, st, request)
+    return FastJSONResponse(await _claim_waiting(body, lent.caller, token, st, request))
 
 
 async def _claim_waiting(body: ClaimIn, caller: Any, token: str, st: Any, request: Request) -> dict[str, Any]:
@@ -60,47 +58,50 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.post("/tasks/{task_id}/heartbeat", summary="keep your lease alive")
-async def heartbeat(task_id: TaskId, body: LeaseIn, caller: Agent, conn: Conn) -> dict[str, Any]:
-    return await tasks.heartbeat(conn, caller, task_id, body.lease)
+@router.post("/tasks/{task_id}/heartbeat", summary="keep your lease alive", response_model=None)
+async def heartbeat(task_id: TaskId, body: LeaseIn, caller: Agent, conn: Conn) -> Response:
+    return FastJSONResponse(await tasks.heartbeat(conn, caller, task_id, body.lease))
 
 
-@router.post("/tasks/{task_id}/progress", summary="report progress (renews the lease)")
-async def progress(task_id: TaskId, body: ProgressIn, caller: Agent, conn: Conn) -> dict[str, Any]:
+@router.post("/tasks/{task_id}/progress", summary="report progress (renews the lease)", response_model=None)
+async def progress(task_id: TaskId, body: ProgressIn, caller: Agent, conn: Conn) -> Response:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
-    return await tasks.progress(conn, caller, task_id, body.lease, body.note, artifacts)
+    return FastJSONResponse(await tasks.progress(conn, caller, task_id, body.lease, body.note, artifacts))
 
 
-@router.post("/tasks/{task_id}/advance", summary="move a held task forward; releases the hold")
-async def advance(task_id: TaskId, body: AdvanceIn, caller: Agent, conn: Conn) -> dict[str, Any]:
+@router.post("/tasks/{task_id}/advance", summary="move a held task forward; releases the hold", response_model=None)
+async def advance(task_id: TaskId, body: AdvanceIn, caller: Agent, conn: Conn) -> Response:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
-    return await tasks.transition(conn, caller, task_id, body.lease, "advance", body.to, body.note, artifacts)
+    out = await tasks.transition(conn, caller, task_id, body.lease, "advance", body.to, body.note, artifacts)
+    return FastJSONResponse(out)
 
 
-@router.post("/tasks/{task_id}/reject", summary="send a held task back for rework; releases the hold")
-async def reject(task_id: TaskId, body: RejectIn, caller: Agent, conn: Conn) -> dict[str, Any]:
+@router.post("/tasks/{task_id}/reject", summary="send a held task back for rework; releases the hold",
+             response_model=None)
+async def reject(task_id: TaskId, body: RejectIn, caller: Agent, conn: Conn) -> Response:
     artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
-    return await tasks.transition(conn, caller, task_id, body.lease, "reject", body.to, body.reason, artifacts)
+    out = await tasks.transition(conn, caller, task_id, body.lease, "reject", body.to, body.reason, artifacts)
+    return FastJSONResponse(out)
 
 
-@router.post("/tasks/{task_id}/release", summary="give a held task back (attempts +1)")
-async def release(task_id: TaskId, body: ReleaseIn, caller: Agent, conn: Conn) -> dict[str, Any]:
-    return await tasks.release(conn, caller, task_id, body.lease, body.reason)
+@router.post("/tasks/{task_id}/release", summary="give a held task back (attempts +1)", response_model=None)
+async def release(task_id: TaskId, body: ReleaseIn, caller: Agent, conn: Conn) -> Response:
+    return FastJSONResponse(await tasks.release(conn, caller, task_id, body.lease, body.reason))
 
 
-@router.post("/tasks/{task_id}/block", summary="park a held task for a human")
-async def block(task_id: TaskId, body: BlockIn, caller: Agent, conn: Conn) -> dict[str, Any]:
-    return await tasks.block(conn, caller, task_id, body.lease, body.reason)
+@router.post("/tasks/{task_id}/block", summary="park a held task for a human", response_model=None)
+async def block(task_id: TaskId, body: BlockIn, caller: Agent, conn: Conn) -> Response:
+    return FastJSONResponse(await tasks.block(conn, caller, task_id, body.lease, body.reason))
 
 
-@router.post("/tasks/{task_id}/unblock", summary="make a blocked task claimable again")
-async def unblock(task_id: TaskId, body: UnblockIn, caller: Agent, conn: Conn) -> dict[str, Any]:
-    return await tasks.unblock(conn, caller, task_id, body.note)
+@router.post("/tasks/{task_id}/unblock", summary="make a blocked task claimable again", response_model=None)
+async def unblock(task_id: TaskId, body: UnblockIn, caller: Agent, conn: Conn) -> Response:
+    return FastJSONResponse(await tasks.unblock(conn, caller, task_id, body.note))
 
 
-@router.get("/tasks/{task_id}", summary="read one task")
-async def get_task(task_id: TaskId, caller: Agent, conn: Conn) -> dict[str, Any]:
-    return await tasks.get(conn, caller, task_id)
+@router.get("/tasks/{task_id}", summary="read one task", response_model=None)
+async def get_task(task_id: TaskId, caller: Agent, conn: Conn) -> Response:
+    return FastJSONResponse(await tasks.get(conn, caller, task_id))
 
 
 @router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage")
