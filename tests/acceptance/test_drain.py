@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -85,8 +86,9 @@ async def _idle(empties_in_a_row: int) -> None:
     await asyncio.sleep(min(0.2, 0.01 * 2 ** min(empties_in_a_row, 5)))
 
 
-async def worker(api: Api, drain: Drain, doomed: bool) -> None:
-    done_here = idle = 0
+async def _claims(api: Api, drain: Drain, stage: str) -> AsyncIterator[tuple[str, str]]:
+    """(task id, lease) of each claim this agent makes until the drain is done; empties back off."""
+    idle = 0
     while not drain.all_done.is_set():
         c = await api.claim("drain")
         if c["code"] == "empty":
@@ -95,9 +97,14 @@ async def worker(api: Api, drain: Drain, doomed: bool) -> None:
             await _idle(idle)
             continue
         idle = 0
-        assert c["code"] == "claimed" and c["task"]["stage"] == "todo", c
-        tid, lease = c["task"]["id"], c["lease"]["id"]
-        drain.leases.append(lease)
+        assert c["code"] == "claimed" and c["task"]["stage"] == stage, c
+        drain.leases.append(c["lease"]["id"])
+        yield c["task"]["id"], c["lease"]["id"]
+
+
+async def worker(api: Api, drain: Drain, doomed: bool) -> None:
+    done_here = 0
+    async for tid, lease in _claims(api, drain, "todo"):
         if doomed and done_here == KILL_AFTER:
             drain.killed_lease = lease
             drain.killed_claimed.set()
@@ -115,18 +122,7 @@ async def worker(api: Api, drain: Drain, doomed: bool) -> None:
 
 
 async def reviewer(api: Api, drain: Drain) -> None:
-    idle = 0
-    while not drain.all_done.is_set():
-        c = await api.claim("drain")
-        if c["code"] == "empty":
-            drain.empties += 1
-            idle += 1
-            await _idle(idle)
-            continue
-        idle = 0
-        assert c["code"] == "claimed" and c["task"]["stage"] == "review", c
-        tid, lease = c["task"]["id"], c["lease"]["id"]
-        drain.leases.append(lease)
+    async for tid, lease in _claims(api, drain, "review"):
         first = tid not in drain.reviewed
         drain.reviewed.add(tid)
         if first and rejected_on_first_review(tid):

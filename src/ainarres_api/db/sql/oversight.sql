@@ -24,13 +24,7 @@ SELECT a.sub, a.family_key AS family, f.disabled AS family_disabled, a.first_see
   FROM agents a
   JOIN families f ON f.key = a.family_key
  WHERE ($1::text IS NULL OR a.family_key = $1)
-   AND ($2::text IS NULL OR EXISTS (
-           SELECT 1 FROM family_features ff WHERE ff.family_key = a.family_key AND ff.feature = 'lane:' || $2))
-   AND ($3::text IS NULL OR EXISTS (
-           SELECT 1 FROM family_features ff
-             JOIN lanes l ON ff.feature = 'lane:' || l.key
-             JOIN projects p ON p.id = l.project_id
-            WHERE ff.family_key = a.family_key AND p.slug = $3))
+   AND family_serves(a.family_key, $2::text, $3::text)
    AND ($4::text IS NULL OR a.sub > $4)
  ORDER BY a.sub
  LIMIT $5;
@@ -248,13 +242,7 @@ WITH page AS (
     SELECT f.key, f.description, f.disabled, f.max_active
       FROM families f
      WHERE ($1::text IS NULL OR f.key = $1)
-       AND ($2::text IS NULL OR EXISTS (
-               SELECT 1 FROM family_features ff WHERE ff.family_key = f.key AND ff.feature = 'lane:' || $2))
-       AND ($3::text IS NULL OR EXISTS (
-               SELECT 1 FROM family_features ff
-                 JOIN lanes l ON ff.feature = 'lane:' || l.key
-                 JOIN projects p ON p.id = l.project_id
-                WHERE ff.family_key = f.key AND p.slug = $3))
+       AND family_serves(f.key, $2::text, $3::text)
        AND ($4::text IS NULL OR f.key > $4)
      ORDER BY f.key
      LIMIT $5
