@@ -131,3 +131,50 @@ async def test_claim_pick_probes_indexes_over_a_large_backlog(seeded: list[int],
         row = await db.fetchrow(Q["claim_pick"], seeded)
         assert row is not None and row["expired"] is True
         assert await db.fetchval("SELECT route_id FROM tasks WHERE id = $1", row["id"]) in seeded
+
+
+async def _nested_plans(db: asyncpg.Connection, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """The plans of every statement `sql` runs, functions' statements included (auto_explain)."""
+    seen: list[str] = []
+
+    def hear(_conn: Any, msg: Any) -> None:
+        seen.append(str(msg.message))
+
+    await db.execute("LOAD 'auto_explain'")
+    for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
+                    "auto_explain.log_format = json", "client_min_messages = log"):
+        await db.execute(f"SET {setting}")
+    db.add_log_listener(hear)
+    try:
+        async with db.transaction():
+            await db.fetch(sql, *args)
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        db.remove_log_listener(hear)
+        await db.execute("RESET client_min_messages")
+        await db.execute("RESET auto_explain.log_min_duration")
+    return [json.loads(m.split("plan:", 1)[1]) for m in seen if "plan:" in m]
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def test_claim_fast_probes_the_same_indexes(seeded: list[int], db: asyncpg.Connection):
+    """The one-round-trip claim (migration 0007) runs the same probes: its nested plans, custom and
+    generic, read tasks only through tasks_ready and tasks_lease, one range per eligible route."""
+    sub, family = await db.fetchrow("SELECT sub, family_key FROM agents WHERE family_key = 'wide'")
+    feats = await db.fetchval("SELECT array_agg(feature ORDER BY feature) FROM family_features "
+                              "WHERE family_key = 'wide'")
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        await db.execute(f"SET plan_cache_mode = {mode}")
+        plans = await _nested_plans(db, Q["claim_fast"], sub, family, feats, "dev", 5, 64)
+        picks = [p for p in plans if "CROSS JOIN LATERAL" in p.get("Query Text", "")]
+        assert len(picks) == 1, f"{mode}: expected one nested pick statement, saw {len(plans)} plans"
+        _assert_probes([picks[0]])
+        scans = [n for p in plans for n in _nodes(p["Plan"])
+                 if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+        assert not scans, f"{mode}: a statement of claim_fast scans tasks: {scans}"
+    await db.execute("RESET plan_cache_mode")

@@ -181,6 +181,16 @@ def _capped(routes: list[int], limits: Limits, prefer: Collection[int]) -> list[
 async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
                 prefer: Collection[int] = ()) -> dict[str, Any]:
     """Take the best task the caller may do, recovering expired leases on the way."""
+    # The common case in one round trip; the function answers NULL for everything it leaves to the
+    # statement-by-statement path below (recovery, the max_active refusal, sampling many routes).
+    fast = await conn.fetchrow(Q["claim_fast"], p.sub, p.family, sorted(p.features), lane, p.max_active,
+                               limits.max_routes)
+    if fast is not None and fast["code"] == "empty":
+        return {"code": "empty", "task": None, "lease": None}
+    if fast is not None and fast["code"] == "claimed":
+        return {"code": "claimed", "task": fast["task"],
+                "lease": _lease_out(fast["lease_id"], fast["lease_expires_at"]),
+                "card": await stage_card(conn, fast["stage_id"]), "event": fast["event"]}
     async with conn.transaction():
         # Lock (reading the eligible routes in the same round trip), then count the agent's holds
         # in a later statement: a statement that took the lock would count from a snapshot taken
@@ -305,6 +315,16 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
                      kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
                      ) -> dict[str, Any]:
     """Advance or reject a held task to stage `to`, releasing the hold."""
+    # The common case in one round trip; NULL: a refusal, a guard, the rework cap or a new route,
+    # which the statement-by-statement path below decides and words.
+    fast = await conn.fetchrow(Q["transition_fast"], task_id, lease, kind, to, text, artifacts, p.sub, p.family,
+                               sorted(p.features), p.oversees)
+    if fast is not None and fast["task"] is not None:
+        if fast["route_id"] is not None:
+            wake.ready(fast["route_id"])
+        for route in fast["promoted"] or ():
+            wake.ready(route)
+        return {"code": "ok", "task": fast["task"], "event": fast["event"]}
     async with conn.transaction():
         # task_lock with the transitions to `to` (and their routes) in the same round trip.
         row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)

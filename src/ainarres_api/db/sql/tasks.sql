@@ -26,7 +26,12 @@ SELECT a.sub,
               ORDER BY r.id) AS routes
   FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
 
+-- name: claim_fast
+-- The common claim in one round trip (migration 0007): code NULL means "take the full path".
+SELECT * FROM claim_fast($1, $2, $3, $4, $5, $6);
+
 -- name: claim_pick
+-- (claim_fast in migration 0007 runs the same two probes: change them together.)
 -- The claim: one O(log n) probe of the ready index per route the caller may take, plus one probe
 -- of the lease index per route for an expired hold (lazy recovery), best candidate by priority
 -- then age.
@@ -242,6 +247,10 @@ SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_
   JOIN workflows w ON w.id = s.workflow_id
  WHERE t.id = $1
    FOR UPDATE OF t;
+
+-- name: transition_fast
+-- The common advance/reject in one round trip (migration 0007): task NULL means "take the full path".
+SELECT * FROM transition_fast($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: task_lock_transition
 -- task_lock for advance and reject, with the transitions of kind $2 from the current stage to the
