@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,11 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__, logs
 from ainarres_api.api import admin as admin_api
-from ainarres_api.api import mcp_server
+from ainarres_api.api import fastverbs, mcp_server, problems
 from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
 from ainarres_api.api import web as web_api
 from ainarres_api.api.deps import AppState, FastJSONResponse
+from ainarres_api.api.problems import problem
 from ainarres_api.db import migrate
 from ainarres_api.db.pool import create_pool, translate
 from ainarres_api.errors import AinarresError, PayloadTooLarge
@@ -33,33 +32,6 @@ from ainarres_api.services.auth import Signer
 from ainarres_api.services.tasks import Limits
 from ainarres_api.services.wake import Wake
 from ainarres_api.settings import Settings
-
-log = logging.getLogger("ainarres")
-
-PROBLEM = "application/problem+json"
-
-
-def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
-            **extra: Any) -> JSONResponse:
-    """An RFC 9457 problem document with AINARRES's stable `code`."""
-    body: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": title, "status": status,
-                            "code": code, "detail": detail}
-    if instance:
-        body["instance"] = instance
-    body.update({k: v for k, v in extra.items() if v is not None})
-    headers = {"WWW-Authenticate": 'Bearer realm="ainarres"'} if status == 401 else None
-    from fastapi.encoders import jsonable_encoder
-
-    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM, headers=headers)
-
-
-def _render(exc: AinarresError, request: Request) -> JSONResponse:
-    return problem(exc.status, exc.code, exc.title, exc.detail, request.url.path, task=exc.task, **exc.extra)
-
-
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
 
 
 class BodyLimit:
@@ -134,8 +106,11 @@ class PublishWakes:
             await self.app(scope, receive, publishing)
 
 
-def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
-    """Build the service for one database; `dsn` overrides settings.database_url."""
+def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool = True) -> FastAPI:
+    """Build the service for one database; `dsn` overrides settings.database_url.
+
+    `fast_verbs=False` leaves the agent verbs to FastAPI's routes (the equivalence tests compare both).
+    """
     target = dsn or settings.database_url
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
@@ -183,35 +158,15 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     @app.exception_handler(AinarresError)
     async def on_refusal(request: Request, exc: AinarresError) -> JSONResponse:
-        return _render(exc, request)
+        return problems.refusal(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
-        for e in exc.errors():
-            field = _field(e.get("loc", ()))
-            msg = e.get("msg", "invalid")
-            if e.get("type") == "json_invalid":
-                msg = "the body is not valid JSON"
-                field = "body"
-            errors.append({"field": field, "detail": msg})
-        detail = "; ".join(f"{e['field']}: {e['detail']}" for e in errors[:10]) or "invalid request"
-        return problem(422, "invalid", "Invalid request", detail + " (see /docs for the request's shape)",
-                       request.url.path, errors=errors)
+        return problems.invalid(exc.errors(), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated",
-                413: PayloadTooLarge.code}.get(exc.status_code, "invalid")
-        detail = str(exc.detail)
-        if exc.status_code == 404:
-            detail = "no such endpoint; /docs lists them"
-        if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
-            return problem(422, "invalid", "Invalid request", "body: the body could not be parsed as JSON",
-                           request.url.path)
-        resp = problem(exc.status_code, code, detail, detail, request.url.path)
-        resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
-        return resp
+        return problems.http_error(exc, request.url.path)
 
     # A constraint a client's request broke is a refusal, handled here (Starlette's ExceptionMiddleware).
     # Left to the `Exception` handler it would run in ServerErrorMiddleware, which re-raises after
@@ -221,19 +176,15 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
         err = translate(exc)
         if err is None:
             raise exc
-        return _render(err, request)
+        return problems.refusal(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, asyncpg.PostgresError):
             err = translate(exc)
             if err is not None:
-                return _render(err, request)
-        ref = uuid.uuid4().hex[:12]
-        log.exception("unhandled error ref=%s path=%s", ref, request.url.path)
-        return problem(500, "internal", "Internal error",
-                       f"the service failed (ref {ref}); nothing you sent was at fault. Retry, or report it",
-                       request.url.path)
+                return problems.refusal(err, request.url.path)
+        return problems.crash(exc, request.url.path)
 
     @app.get("/healthz", tags=["operations"], summary="liveness and database reachability")
     async def healthz(request: Request) -> dict[str, Any]:
@@ -249,6 +200,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(web_api.router)
     app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
+    if fast_verbs:  # innermost: inside the body limit, the wake publication, the metrics and the log
+        app.add_middleware(fastverbs.FastVerbs, state=lambda: app.state.ainarres)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)

@@ -11,6 +11,7 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from ainarres_api.errors import NotEligible, Unauthenticated
 from ainarres_api.services import auth
@@ -59,12 +60,22 @@ Conn = Annotated[asyncpg.Connection, Depends(connection)]
 _bearer = HTTPBearer(auto_error=False, description="a token minted by POST /v1/tokens")
 
 
+_NO_TOKEN = "send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens"
+
+
 async def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The bearer token the request carries."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-        raise Unauthenticated("send Authorization: Bearer <token>; an admin mints tokens "
-                              "with POST /v1/tokens")
+        raise Unauthenticated(_NO_TOKEN)
     return creds.credentials
+
+
+def bearer_of(authorization: str | None) -> str:
+    """The bearer token in an Authorization header's value, read as `bearer_token` (HTTPBearer) reads it."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        raise Unauthenticated(_NO_TOKEN)
+    return credentials
 
 
 Token = Annotated[str, Depends(bearer_token)]

@@ -1,0 +1,77 @@
+"""problem+json rendering shared by the app's exception handlers and the fast verb dispatcher."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ainarres_api.errors import AinarresError, PayloadTooLarge
+
+log = logging.getLogger("ainarres")
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
+            **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document with AINARRES's stable `code`."""
+    body: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": title, "status": status,
+                            "code": code, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {"WWW-Authenticate": 'Bearer realm="ainarres"'} if status == 401 else None
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def refusal(exc: AinarresError, path: str) -> JSONResponse:
+    """A domain refusal as problem+json."""
+    return problem(exc.status, exc.code, exc.title, exc.detail, path, task=exc.task, **exc.extra)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def invalid(errors: Sequence[Mapping[str, Any]], path: str) -> JSONResponse:
+    """FastAPI-style validation errors (loc, msg, type) as a 422 naming each field."""
+    out = []
+    for e in errors:
+        field = _field(e.get("loc", ()))
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+            field = "body"
+        out.append({"field": field, "detail": msg})
+    detail = "; ".join(f"{e['field']}: {e['detail']}" for e in out[:10]) or "invalid request"
+    return problem(422, "invalid", "Invalid request", detail + " (see /docs for the request's shape)", path,
+                   errors=out)
+
+
+def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
+    """A Starlette HTTPException (404, 405, an unreadable or oversized body) as problem+json."""
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated",
+            413: PayloadTooLarge.code}.get(exc.status_code, "invalid")
+    detail = str(exc.detail)
+    if exc.status_code == 404:
+        detail = "no such endpoint; /docs lists them"
+    if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
+        return problem(422, "invalid", "Invalid request", "body: the body could not be parsed as JSON", path)
+    resp = problem(exc.status_code, code, detail, detail, path)
+    resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return resp
+
+
+def crash(exc: Exception, path: str) -> JSONResponse:
+    """The 500 for anything unexpected: logged with a reference the client can quote."""
+    ref = uuid.uuid4().hex[:12]
+    log.exception("unhandled error ref=%s path=%s", ref, path, exc_info=exc)
+    return problem(500, "internal", "Internal error",
+                   f"the service failed (ref {ref}); nothing you sent was at fault. Retry, or report it", path)
