@@ -163,8 +163,11 @@ class _Rollback(Exception):
 
 
 async def test_claim_fast_probes_the_same_indexes(seeded: list[int], db: asyncpg.Connection):
-    """The one-round-trip claim (migration 0007) runs the same probes: its nested plans, custom and
-    generic, read tasks only through tasks_ready and tasks_lease, one range per eligible route."""
+    """The one-round-trip claim (migration 0007) runs the same probes: its nested plans read tasks only
+    through tasks_ready and tasks_lease, one range per eligible route. The function pins generic plans
+    (migration 0008), so the session's plan_cache_mode does not change them; both are tried anyway."""
+    assert "plan_cache_mode=force_generic_plan" in await db.fetchval(
+        "SELECT array_to_string(proconfig, ',') FROM pg_proc WHERE proname = 'claim_fast'")
     sub, family = await db.fetchrow("SELECT sub, family_key FROM agents WHERE family_key = 'wide'")
     feats = await db.fetchval("SELECT array_agg(feature ORDER BY feature) FROM family_features "
                               "WHERE family_key = 'wide'")
