@@ -204,11 +204,12 @@ async def cycle_http(
 
 
 async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secret: str) -> dict[str, Any]:
-    """The same cycle through the service functions over asyncpg, one held connection per agent."""
+    """The same cycle through the service functions the HTTP handlers call, over asyncpg, one held
+    connection per agent: no HTTP, no parsing, no routing."""
     from pydantic import SecretStr
 
     from ainarres_api.db.pool import create_pool
-    from ainarres_api.services import auth, tasks
+    from ainarres_api.services import tasks
     from ainarres_api.services.auth import Signer
     from ainarres_api.services.tasks import Limits
     from ainarres_api.settings import Settings
@@ -227,17 +228,18 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
         async with pool.acquire() as conn:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                p = await auth.authenticate(conn, signer, token)
-                r = await tasks.claim(conn, p, lane, limits)
+                # What the HTTP dispatcher calls for these verbs (api/fastverbs.py): the caller's
+                # database read folded into each verb's one round trip.
+                r = await tasks.claim_as(conn, signer, token, lane, limits)
                 t1 = time.perf_counter()
                 if r["code"] != "claimed":
                     empties += 1
                     continue
                 task = r["task"]
-                p = await auth.authenticate(conn, signer, token)
-                await tasks.transition(
+                await tasks.transition_as(
                     conn,
-                    p,
+                    signer,
+                    token,
                     uuid.UUID(task["id"]),
                     uuid.UUID(r["lease"]["id"]),
                     "advance",

@@ -25,7 +25,7 @@ from ainarres_api.api.schemas import (
     UnblockIn,
 )
 from ainarres_api.services import claiming, tasks
-from ainarres_api.services.auth import Principal
+from ainarres_api.services.auth import Principal, Signer
 from ainarres_api.services.tasks import Limits
 
 router = APIRouter(prefix="/v1", tags=["agent verbs"])
@@ -47,6 +47,20 @@ async def create_task(conn: asyncpg.Connection, caller: Principal, body: TaskCre
 async def claim_now(conn: asyncpg.Connection, caller: Principal, body: ClaimIn, limits: Limits) -> dict[str, Any]:
     """Claim without waiting."""
     return await tasks.claim(conn, caller, body.lane, limits)
+
+
+async def claim_now_as(conn: asyncpg.Connection, signer: Signer, token: str, body: ClaimIn, limits: Limits
+                       ) -> dict[str, Any]:
+    """Claim without waiting, the caller read in the claim's own round trip."""
+    return await tasks.claim_as(conn, signer, token, body.lane, limits)
+
+
+async def transition_as(conn: asyncpg.Connection, signer: Signer, token: str, task_id: uuid.UUID, kind: str,
+                        body: AdvanceIn | RejectIn) -> dict[str, Any]:
+    """Advance or reject, the caller read in the transition's own round trip."""
+    artifacts = [a.model_dump(exclude_none=True) for a in body.artifacts]
+    text = body.note if isinstance(body, AdvanceIn) else body.reason
+    return await tasks.transition_as(conn, signer, token, task_id, body.lease, kind, body.to, text, artifacts)
 
 
 async def claim_waiting(body: ClaimIn, caller: Principal, token: str, st: AppState, receive: Receive

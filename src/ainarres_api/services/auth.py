@@ -19,6 +19,7 @@ from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound, Unauth
 from ainarres_api.settings import Settings
 
 SEATS = ("seat:admin", "seat:overseer", "seat:monitor")
+OVERSIGHT = frozenset(SEATS)  # every seat reads the whole board
 _MIN_SECRET_BYTES = 32
 # Tokens whose signature this process has verified (see Signer.verify); cleared when full.
 _VERIFIED_MAX = 10_000
@@ -46,7 +47,7 @@ class Principal:
     @property
     def oversees(self) -> bool:
         """Whether the caller may read the whole board."""
-        return bool(self.features & {"seat:admin", "seat:overseer", "seat:monitor"})
+        return bool(self.features & OVERSIGHT)
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:
@@ -142,15 +143,22 @@ class Signer:
         return claims
 
 
-async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
-    """Verify a bearer token and read the caller's effective features from the database now."""
+def identity(signer: Signer, token: str) -> tuple[uuid.UUID, str, str]:
+    """The (jti, sub, family) a bearer token names, once its signature, issuer, audience and expiry
+    check out (no database read: `authenticate`, or a verb that folds the read in, does that)."""
     claims = signer.verify(token)
     try:
         jti = uuid.UUID(str(claims["jti"]))
     except ValueError:
         raise Unauthenticated("the token's jti is not a uuid; present a token minted by this service") from None
+    return jti, str(claims["sub"]), str(claims["family"])
+
+
+async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
+    """Verify a bearer token and read the caller's effective features from the database now."""
+    jti, sub, family = identity(signer, token)
     row = await conn.fetchrow(Q["resolve_principal"], jti)
-    if row is None or row["sub"] != claims["sub"] or row["family_key"] != claims["family"]:
+    if row is None or row["sub"] != sub or row["family_key"] != family:
         raise Unauthenticated("this token was not issued by this service; ask an admin for one")
     if row["revoked_at"] is not None:
         raise Unauthenticated("this token has been revoked; ask an admin for a new one")

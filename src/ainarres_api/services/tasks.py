@@ -24,8 +24,8 @@ from ainarres_api.errors import (
     NotEligible,
     NotFound,
 )
-from ainarres_api.services import wake
-from ainarres_api.services.auth import Principal
+from ainarres_api.services import auth, wake
+from ainarres_api.services.auth import Principal, Signer
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
 _TIER = re.compile(r"^tier:(\d+)$")
@@ -185,12 +185,34 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
     # statement-by-statement path below (recovery, the max_active refusal, sampling many routes).
     fast = await conn.fetchrow(Q["claim_fast"], p.sub, p.family, sorted(p.features), lane, p.max_active,
                                limits.max_routes)
-    if fast is not None and fast["code"] == "empty":
+    if (out := await _claim_decided(conn, fast)) is not None:
+        return out
+    return await _claim_by_statements(conn, p, lane, limits, prefer)
+
+
+async def claim_as(conn: asyncpg.Connection, signer: Signer, token: str, lane: str | None, limits: Limits
+                   ) -> dict[str, Any]:
+    """`claim` for a bearer token, its database read folded into the claim's one round trip; a token
+    or an agent that is not in order is authenticated statement by statement (and refused there)."""
+    jti, sub, family = auth.identity(signer, token)
+    fast = await conn.fetchrow(Q["claim_by_token"], jti, sub, family, lane, limits.max_routes)
+    if (out := await _claim_decided(conn, fast)) is not None:
+        return out
+    return await _claim_by_statements(conn, await auth.authenticate(conn, signer, token), lane, limits, ())
+
+
+async def _claim_decided(conn: asyncpg.Connection, fast: asyncpg.Record | None) -> dict[str, Any] | None:
+    """The answer of claim_fast / claim_by_token, or None where they left the claim to the statements."""
+    if fast is None or fast["code"] is None:
+        return None
+    if fast["code"] == "empty":
         return {"code": "empty", "task": None, "lease": None}
-    if fast is not None and fast["code"] == "claimed":
-        return {"code": "claimed", "task": fast["task"],
-                "lease": _lease_out(fast["lease_id"], fast["lease_expires_at"]),
-                "card": await stage_card(conn, fast["stage_id"]), "event": fast["event"]}
+    return {"code": "claimed", "task": fast["task"], "lease": _lease_out(fast["lease_id"], fast["lease_expires_at"]),
+            "card": await stage_card(conn, fast["stage_id"]), "event": fast["event"]}
+
+
+async def _claim_by_statements(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
+                               prefer: Collection[int]) -> dict[str, Any]:
     async with conn.transaction():
         # Lock (reading the eligible routes in the same round trip), then count the agent's holds
         # in a later statement: a statement that took the lock would count from a snapshot taken
@@ -319,12 +341,38 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
     # which the statement-by-statement path below decides and words.
     fast = await conn.fetchrow(Q["transition_fast"], task_id, lease, kind, to, text, artifacts, p.sub, p.family,
                                sorted(p.features), p.oversees)
-    if fast is not None and fast["task"] is not None:
-        if fast["route_id"] is not None:
-            wake.ready(fast["route_id"])
-        for route in fast["promoted"] or ():
-            wake.ready(route)
-        return {"code": "ok", "task": fast["task"], "event": fast["event"]}
+    if (out := _transition_decided(fast)) is not None:
+        return out
+    return await _transition_by_statements(conn, p, task_id, lease, kind, to, text, artifacts)
+
+
+async def transition_as(conn: asyncpg.Connection, signer: Signer, token: str, task_id: uuid.UUID,
+                        lease: uuid.UUID, kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """`transition` for a bearer token, its database read folded into the one round trip (see claim_as)."""
+    jti, sub, family = auth.identity(signer, token)
+    fast = await conn.fetchrow(Q["transition_by_token"], jti, sub, family, list(auth.OVERSIGHT), task_id, lease,
+                               kind, to, text, artifacts)
+    if (out := _transition_decided(fast)) is not None:
+        return out
+    p = await auth.authenticate(conn, signer, token)
+    return await _transition_by_statements(conn, p, task_id, lease, kind, to, text, artifacts)
+
+
+def _transition_decided(fast: asyncpg.Record | None) -> dict[str, Any] | None:
+    """The answer of transition_fast / transition_by_token (recording the wake-ups), or None."""
+    if fast is None or fast["task"] is None:
+        return None
+    if fast["route_id"] is not None:
+        wake.ready(fast["route_id"])
+    for route in fast["promoted"] or ():
+        wake.ready(route)
+    return {"code": "ok", "task": fast["task"], "event": fast["event"]}
+
+
+async def _transition_by_statements(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                                    kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
+                                    ) -> dict[str, Any]:
     async with conn.transaction():
         # task_lock with the transitions to `to` (and their routes) in the same round trip.
         row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)

@@ -17,26 +17,11 @@ SELECT f.key, f.disabled,
   FROM families f WHERE f.key = $1;
 
 -- name: resolve_principal
--- Runs on every authenticated call: the family's provisioned features, narrowed by the token's
--- scope, minus the family's active denials — read now, so a revocation bites on the next call.
-SELECT t.sub, t.family_key, t.scope, t.revoked_at, t.expires_at <= now() AS expired,
-       f.disabled, f.max_active,
-       (SELECT a.family_key FROM agents a WHERE a.sub = t.sub) AS agent_family,
-       -- last_seen_at is written at most every 30 s per agent, so calls do not each pay a write.
-       coalesce((SELECT a.last_seen_at < now() - interval '30 seconds' FROM agents a WHERE a.sub = t.sub),
-                false) AS seen_stale,
-       coalesce(array(
-           SELECT ff.feature FROM family_features ff
-            WHERE ff.family_key = t.family_key
-              AND (t.scope IS NULL OR ff.feature = ANY (t.scope))
-              AND NOT EXISTS (
-                  SELECT 1 FROM denials d
-                   WHERE d.family_key = ff.family_key AND d.feature = ff.feature
-                     AND (d.expires_at IS NULL OR d.expires_at > now()))
-            ORDER BY ff.feature), '{}') AS features
-  FROM tokens t
-  JOIN families f ON f.key = t.family_key
- WHERE t.jti = $1;
+-- Runs on every authenticated call that does not fold it into its own statement (claim_by_token,
+-- transition_by_token): principal_of (migration 0009) — the family's provisioned features, narrowed
+-- by the token's scope, minus the family's active denials, read now, so a revocation bites on the
+-- next call.
+SELECT * FROM principal_of($1);
 
 -- name: token_insert
 INSERT INTO tokens (jti, family_key, sub, scope, issued_at, expires_at, created_by)

@@ -26,6 +26,10 @@ SELECT a.sub,
               ORDER BY r.id) AS routes
   FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
 
+-- name: claim_by_token
+-- claim_fast with the caller's database read folded in (migration 0009): code NULL, take the full path.
+SELECT * FROM claim_by_token($1, $2, $3, $4, $5);
+
 -- name: claim_fast
 -- The common claim in one round trip (migration 0007): code NULL means "take the full path".
 SELECT * FROM claim_fast($1, $2, $3, $4, $5, $6);
@@ -247,6 +251,10 @@ SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_
   JOIN workflows w ON w.id = s.workflow_id
  WHERE t.id = $1
    FOR UPDATE OF t;
+
+-- name: transition_by_token
+-- transition_fast with the caller's database read folded in (migration 0009): task NULL, full path.
+SELECT * FROM transition_by_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: transition_fast
 -- The common advance/reject in one round trip (migration 0007): task NULL means "take the full path".
