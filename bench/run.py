@@ -5,10 +5,12 @@
     .venv/bin/python -m bench.run --only sustained --sustained-seconds 300
 
 Scenarios: cycle (claim+advance over HTTP vs the same service functions over asyncpg at 1/4/16/64
-agents), backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks
-and ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every
-1 s with 10 and 1,000 idle agents), create (32 writers, with and without waiters). pgqueuer's own
-benchmark is bench/pgqueuer.sh. Results are printed and written to $AINARRES_BENCH_DIR/results.json.
+agents), cpu (CPU per cycle of PostgreSQL, the service and the load generator, HTTP and raw),
+backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks and
+ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every 1 s
+with 10 and 1,000 idle agents), create (32 writers, with and without waiters), pgqueuer (its own
+tools/benchmark.py via bench/pgqueuer.sh), pgbouncer (the cycle and pickup through PgBouncer).
+Results are printed and written to $AINARRES_BENCH_DIR/results.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -383,8 +386,87 @@ def bench_pgbouncer(dsn: str, svc: harness.Service, args: argparse.Namespace, re
         bouncer.wait(10)
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc); gone processes count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _pids(match: str) -> list[int]:
+    """Processes whose command line starts with `match`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").startswith(match):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _idle() -> tuple[float, float]:
+    """(all, idle) CPU jiffies of the machine so far."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return float(sum(vals)), float(vals[3])
+
+
+def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Where the CPU goes per claim+advance cycle at 16 agents: PostgreSQL's backends, the service,
+    the load generator, over the middle of an HTTP run and of a raw run (the cycle scenario's setup)."""
+    lane = "cyc"
+    maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
+    if not asyncio.run(_ready_count(dsn, lane)):
+        asyncio.run(harness.reset_lane(dsn, lane))
+        tid = asyncio.run(_template(svc.base, maker, lane))
+        asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
+    runs = {
+        "http": ("cycle_http", {"base": svc.base}),
+        "raw": ("cycle_raw", {"dsn": dsn, "secret": harness.SECRET}),
+    }
+    for name, (fn, kw) in runs.items():
+        asyncio.run(_checkpoint(dsn))
+        before = set(_pids(sys.executable))
+        fut = run_in_process(fn, tokens=tokens, lane=lane, seconds=args.seconds, **kw)
+        time.sleep(min(2.0, args.seconds / 5))  # past the start-up
+        load = [p for p in _pids(sys.executable) if p not in before]
+        pg = _pids("postgres")
+        pg0, sv0, ld0, (all0, idle0), t0 = (_cpu_seconds(pg), _cpu_seconds([svc.proc.pid]), _cpu_seconds(load),
+                                             _idle(), time.monotonic())
+        time.sleep(args.seconds * 0.6)
+        pg1, sv1, ld1, (all1, idle1), t1 = (_cpu_seconds(pg), _cpu_seconds([svc.proc.pid]), _cpu_seconds(load),
+                                             _idle(), time.monotonic())
+        r = fut.result()
+        rate = r["cycles"] / r["elapsed"]
+        n = rate * (t1 - t0)
+        _out("cpu", {"path": name, "agents": 16, "cycles_per_s": round(rate, 1),
+                     "cpu_ms_per_cycle": {"postgres": round(1000 * (pg1 - pg0) / n, 2),
+                                          "service": round(1000 * (sv1 - sv0) / n, 2),
+                                          "load_generator": round(1000 * (ld1 - ld0) / n, 2)},
+                     "machine_idle": round((idle1 - idle0) / (all1 - all0), 2)}, results)
+
+
+async def _ready_count(dsn: str, lane: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        n: int = await conn.fetchval(
+            "SELECT count(*) FROM tasks t JOIN lanes l ON l.id = t.lane_id WHERE l.key = $1 AND t.state = 'ready'",
+            lane)
+        return n
+    finally:
+        await conn.close()
+
+
 BENCHES = {
     "cycle": bench_cycle,
+    "cpu": bench_cpu,
     "backlog": bench_backlog,
     "sustained": bench_sustained,
     "pickup": bench_pickup,

@@ -138,7 +138,8 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
             try:
                 app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
                                               limits=Limits(max_payload_bytes=settings.max_payload_bytes,
-                                                            max_routes=settings.max_feature_sets),
+                                                            max_routes=settings.max_feature_sets,
+                                                            max_sets_per_lane=settings.max_required_sets_per_lane),
                                               wake=hub)
                 async with mcp.running():  # the MCP sessions end before the hub and the pool
                     yield

@@ -43,5 +43,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_payload_bytes: int = Field(default=65_536, ge=256)
     max_feature_sets: int = Field(default=64, ge=1, le=1000)
+    # Distinct required_features sets task creates may use per lane (each is a queue claims probe).
+    max_required_sets_per_lane: int = Field(default=1000, ge=1, le=100_000)
 
     log_level: str = "info"

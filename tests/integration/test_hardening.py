@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import uuid
 from typing import Any
 
@@ -250,3 +251,25 @@ async def test_depends_on_a_task_in_an_unseen_lane_is_unknown(admin):
     dev = await w.agent("cheap")
     r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [hidden]}, 422)
     assert hidden in r.json()["detail"]
+
+
+async def test_creates_may_not_open_required_sets_without_bound(app, admin, db):
+    """Each required set is a queue every claim may probe: creates may open at most N per lane; a set
+    the lane already uses is always accepted; the refusal writes nothing."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    st = app.state.ainarres
+    limits = dataclasses.replace(st.limits, max_sets_per_lane=2)
+    async with st.pool.acquire() as conn:
+        p = await auth.authenticate(conn, st.signer, dev.token)
+        await tasks.create(conn, p, {"lane": "dev", "title": "a"}, limits)
+        await tasks.create(conn, p, {"lane": "dev", "title": "b", "required_features": ["area:backend"]}, limits)
+        before = await db.fetchval("SELECT (SELECT count(*) FROM routes) + (SELECT count(*) FROM tasks)")
+        with pytest.raises(Invalid, match="already uses 2 distinct required-feature sets"):
+            await tasks.create(conn, p, {"lane": "dev", "title": "c", "required_features": ["tier:2"]}, limits)
+        assert await db.fetchval("SELECT (SELECT count(*) FROM routes) + (SELECT count(*) FROM tasks)") == before
+        out, created = await tasks.create(conn, p, {"lane": "dev", "title": "d",
+                                                    "required_features": ["area:backend"]}, limits)
+        assert created and out["task"]["required_features"] == ["area:backend"]
+    # Through HTTP with the default limit, the same create is accepted.
+    await dev.create("dev", "c", required_features=["tier:2"])

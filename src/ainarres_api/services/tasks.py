@@ -39,6 +39,7 @@ class Limits:
 
     max_payload_bytes: int = 65_536
     max_routes: int = 64
+    max_sets_per_lane: int = 1000
 
 
 def _canonical(features: list[str] | tuple[str, ...]) -> list[str]:
@@ -56,9 +57,24 @@ def _check_visible(p: Principal, lane_key: str) -> None:
 
 
 async def _route(conn: asyncpg.Connection, lane_id: Any, lane_key: str, stage_id: Any,
-                 required: list[str]) -> int:
-    """The id of the route (lane, stage, required set), creating it with its bundles if new."""
+                 required: list[str], new_sets_cap: int | None = None) -> int:
+    """The id of the route (lane, stage, required set), creating it with its bundles if new.
+
+    `new_sets_cap` (creates only): a required set the lane does not use yet is refused once the lane
+    uses that many. Every route is a queue each claimer may probe and each new one wakes every
+    waiter, so callers may not mint them without bound; workflow moves and escalations are bounded
+    by the workflow itself and are never refused.
+    """
     rid = await conn.fetchval(Q["route_find"], lane_id, stage_id, required)
+    if rid is None and new_sets_cap is not None:
+        # Serialise new routes per lane, then count in a later statement (its snapshot sees every
+        # route committed while we waited).
+        await conn.execute(Q["lane_routes_lock"], str(lane_id))
+        room = await conn.fetchrow(Q["lane_required_sets"], lane_id, required)
+        if not room["known"] and room["sets"] >= new_sets_cap:
+            raise Invalid(f"required_features: lane {lane_key} already uses {room['sets']} distinct required-feature "
+                          f"sets, its limit (AINARRES_MAX_REQUIRED_SETS_PER_LANE); use a set its tasks already "
+                          "use, or ask an operator to raise the limit")
     if rid is None:
         rid = await conn.fetchval(Q["route_insert"], lane_id, stage_id, required, [f"lane:{lane_key}"])
         if rid is not None:
@@ -135,7 +151,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
             missing = [d for d in depends if d not in found]
             raise Invalid(f"depends_on: no such task: {', '.join(missing)}")
         state = "ready" if all(r["state"] == "done" for r in deps) else "waiting"
-        route = await _route(conn, lane["lane_id"], lane_key, lane["stage_id"], required)
+        route = await _route(conn, lane["lane_id"], lane_key, lane["stage_id"], required,
+                             new_sets_cap=limits.max_sets_per_lane)
         row = await conn.fetchrow(
             Q["task_insert"], lane["lane_id"], lane["stage_id"], route, state, body["title"],
             body.get("payload", {}), body.get("priority", 0), required, depends, idem,

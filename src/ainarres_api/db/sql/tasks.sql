@@ -182,6 +182,17 @@ SELECT l.id AS lane_id, l.key AS lane_key, s.id AS stage_id, s.key AS stage_key,
   JOIN stages s ON s.workflow_id = l.workflow_id AND s.initial
  WHERE l.key = $1;
 
+-- name: lane_required_sets
+-- Whether lane $1 already uses required set $2, and how many distinct required sets it uses (a
+-- create's new-route limit; run after lane_routes_lock).
+SELECT EXISTS (SELECT 1 FROM routes WHERE lane_id = $1 AND required_features = $2::text[]) AS known,
+       (SELECT count(DISTINCT required_features) FROM routes WHERE lane_id = $1) AS sets;
+
+-- name: lane_routes_lock
+-- Serialises the creation of new routes by creates in one lane ($1 = lane id as text): a
+-- transaction-scoped advisory lock, so no row is locked and nothing else waits on it.
+SELECT pg_advisory_xact_lock(hashtextextended('ainarres.lane_routes:' || $1, 0));
+
 -- name: lane_stages
 -- Every stage of the workflow version a lane is bound to, in workflow order. One row with a NULL
 -- stage_id would mean a workflow without stages, which validation refuses; no row: no such lane.
