@@ -11,6 +11,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,7 +23,6 @@ from ainarres_api.api import oversight as oversight_api
 from ainarres_api.api import tasks as tasks_api
 from ainarres_api.api import web as web_api
 from ainarres_api.api.deps import AppState, FastJSONResponse
-from ainarres_api.api.problems import problem
 from ainarres_api.db import migrate
 from ainarres_api.db.pool import create_pool, translate
 from ainarres_api.errors import AinarresError, PayloadTooLarge
@@ -40,6 +40,8 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.detail = (f"request bodies are limited to {max_bytes} bytes; store work products elsewhere and send "
+                       "references (artifacts)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,9 +58,8 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(413, f"request bodies are limited to {self.max_bytes} bytes; store work "
-                                         "products elsewhere and send references (artifacts)")
+                if seen > self.max_bytes:  # rendered by problems.http_error as the same 413 as _refuse's
+                    raise _TooLarge(413, self.detail)
             return msg
 
         try:
@@ -67,15 +68,21 @@ class BodyLimit:
             await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = problem(413, PayloadTooLarge.code, PayloadTooLarge.title,
-                       f"request bodies are limited to {self.max_bytes} bytes; store work products elsewhere "
-                       "and send references (artifacts)", scope.get("path"))
+        resp = problems.refusal(PayloadTooLarge(self.detail), URL(scope=scope).path)
         await resp(scope, receive, send)
 
 
 class _TooLarge(StarletteHTTPException):
     # An HTTPException, because FastAPI turns any other error raised while reading the body into a 400.
     pass
+
+
+class _Service(FastAPI):
+    """FastAPI with the request log outermost, around the server-error middleware: the 500 that middleware
+    renders for a crash carries the request id too, and so does the crash's log line."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return logs.RequestLog(super().build_middleware_stack())
 
 
 class PublishWakes:
@@ -148,7 +155,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
         finally:
             await pool.close()
 
-    app = FastAPI(
+    app = _Service(
         title="AINARRES",
         version=__version__,
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
@@ -163,10 +170,12 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return problems.invalid(exc.errors(), request.url.path)
+        return await problems.caller_refused(request) or problems.invalid(exc.errors(), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not parse, judged before the route's caller
+            return await problems.caller_refused(request) or problems.http_error(exc, request.url.path)
         return problems.http_error(exc, request.url.path)
 
     # A constraint a client's request broke is a refusal, handled here (Starlette's ExceptionMiddleware).
@@ -205,6 +214,5 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
         app.add_middleware(fastverbs.FastVerbs, state=lambda: app.state.ainarres)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
-    app.add_middleware(VerbMetrics, metrics=metrics)
-    app.add_middleware(logs.RequestLog)
+    app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)
     return app

@@ -70,7 +70,7 @@ class RequestLog:
     """Gives each request an id (X-Request-ID in and out) and writes one access line when it ends.
 
     The line names method, path (never the query string), status and duration; never a header,
-    so the Authorization header cannot reach a log.
+    so the Authorization header cannot reach a log. Outermost, so that a crash's 500 is tagged too.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -100,6 +100,6 @@ class RequestLog:
                 access.info("request", extra={
                     "method": scope.get("method"), "path": scope.get("path"), "status": status or 500,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
-        # Reset only on success: an exception goes on to the outermost (server error) handler, whose
-        # crash log should still carry this request's id.
+        # Reset only on success: a crash, already answered and logged inside (the app puts this outside its
+        # server-error middleware), goes on to the server, whose own log line should still carry this id.
         request_id.reset(token)

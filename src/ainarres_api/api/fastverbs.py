@@ -4,10 +4,11 @@ Sits inside the app's middlewares (request id, access log, verb metrics, wake pu
 and in front of FastAPI: `POST /v1/claims`, `POST /v1/tasks` and `POST /v1/tasks/{uuid}/{verb}` are
 answered here; every other request (another method, a non-canonical id, an unknown verb) goes on to
 FastAPI unchanged. A verb is served exactly as its FastAPI route serves it (api/tasks.py holds the work
-of each; the routes remain what /docs shows), with one deliberate difference: the token is checked
-before the body is parsed, so a request with a bad token is refused as unauthenticated even when its
-body is not JSON (SPEC §2). Errors are rendered by the same functions as the app's handlers
-(api/problems.py); anything unexpected propagates to the app's crash handler, as from a route.
+of each; the routes remain what /docs shows). The token is checked before the body is parsed, so a
+request with a bad token is refused as unauthenticated even when its body is not JSON (SPEC §2); FastAPI's
+routes give the same answer from the app's validation handler (problems.caller_refused). Errors are
+rendered by the same functions as the app's handlers (api/problems.py); anything unexpected propagates
+to the app's crash handler, as from a route.
 """
 
 from __future__ import annotations

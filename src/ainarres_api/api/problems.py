@@ -7,11 +7,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ainarres_api.api.deps import AppState, bearer_of, bearer_token
 from ainarres_api.errors import AinarresError, PayloadTooLarge
+from ainarres_api.services import auth
 
 log = logging.getLogger("ainarres")
 
@@ -57,8 +60,9 @@ def invalid(errors: Sequence[Mapping[str, Any]], path: str) -> JSONResponse:
 
 def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
     """A Starlette HTTPException (404, 405, an unreadable or oversized body) as problem+json."""
-    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated",
-            413: PayloadTooLarge.code}.get(exc.status_code, "invalid")
+    if exc.status_code == 413:  # the body limit's, met while the body was read: the same 413 as before it
+        return refusal(PayloadTooLarge(str(exc.detail)), path)
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(exc.status_code, "invalid")
     detail = str(exc.detail)
     if exc.status_code == 404:
         detail = "no such endpoint; /docs lists them"
@@ -67,6 +71,30 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
     resp = problem(exc.status_code, code, detail, detail, path)
     resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return resp
+
+
+async def caller_refused(request: Request) -> JSONResponse | None:
+    """The 401 the request's token earns if its route takes a caller and the token is bad; else None.
+
+    For the refusals FastAPI gives before it solves a route's caller (a body that is not JSON, or cannot
+    be parsed), so that a bad token is refused before a bad body (SPEC §2), as the dispatcher does.
+    Error paths only.
+    """
+    if not _takes_caller(getattr(request.scope.get("route"), "dependant", None)):
+        return None
+    st: AppState = request.app.state.ainarres
+    try:
+        token = bearer_of(request.headers.get("authorization"))
+        async with st.pool.acquire() as conn:
+            await auth.authenticate(conn, st.signer, token)
+    except AinarresError as exc:
+        return refusal(exc, request.url.path)
+    return None
+
+
+def _takes_caller(dependant: Any) -> bool:
+    """Whether a FastAPI route's dependencies read the bearer token (every endpoint but the public ones)."""
+    return dependant is not None and any(d.call is bearer_token or _takes_caller(d) for d in dependant.dependencies)
 
 
 def crash(exc: Exception, path: str) -> JSONResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -20,14 +19,9 @@ from pydantic import (
     model_validator,
 )
 
+from ainarres_api.services.admin import MAX_CONTEXT_BYTES
+
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
-MAX_CONTEXT_BYTES = 65_536
-
-
-def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
-    if len(json.dumps(value, separators=(",", ":"))) > MAX_CONTEXT_BYTES:
-        raise ValueError(f"at most {MAX_CONTEXT_BYTES} bytes of JSON")
-    return value
 
 
 Feature = Annotated[str, Field(pattern=FEATURE_PATTERN, max_length=128,
@@ -36,7 +30,8 @@ Features = Annotated[list[Feature], Field(max_length=64)]
 Key = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$", max_length=96)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length=64)]
 Note = Annotated[str, Field(min_length=1, max_length=8000)]
-Context = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
+# Bounded in services/admin.py, after the caller is known: over its bound is 413, like a task's payload.
+Context = Annotated[dict[str, Any], Field(description=f"at most {MAX_CONTEXT_BYTES} bytes of JSON")]
 
 
 MAX_JSON_DEPTH = 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -9,9 +10,19 @@ from typing import Any
 import asyncpg
 
 from ainarres_api.db.queries import Q
-from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound
+from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound, PayloadTooLarge
 from ainarres_api.services import auth
 from ainarres_api.services.auth import Principal, Signer
+
+MAX_CONTEXT_BYTES = 65_536
+
+
+def _bounded_context(context: dict[str, Any]) -> None:
+    # Like a task's payload (services/tasks.py): a JSON field over its size bound is 413, not 422 (ADR 0005).
+    size = len(json.dumps(context, separators=(",", ":")).encode())
+    if size > MAX_CONTEXT_BYTES:
+        raise PayloadTooLarge(f"context is {size} bytes; the limit is {MAX_CONTEXT_BYTES}. Keep documents "
+                              "elsewhere and store references (a repository URL, a path) here")
 
 
 async def _unregistered(conn: asyncpg.Connection, features: list[str]) -> list[str]:
@@ -273,6 +284,7 @@ async def list_workflows(conn: asyncpg.Connection, after: str, limit: int) -> li
 
 async def create_project(conn: asyncpg.Connection, slug: str, context: dict[str, Any]) -> dict[str, Any]:
     """A project: a body of work and where its truth lives."""
+    _bounded_context(context)
     return dict(await conn.fetchrow(Q["project_insert"], slug, context))
 
 
@@ -292,6 +304,7 @@ async def list_projects(conn: asyncpg.Connection, after: str, limit: int) -> lis
 async def create_lane(conn: asyncpg.Connection, project: str, key: str, workflow: str,
                       context: dict[str, Any]) -> dict[str, Any]:
     """A lane of a project bound to its workflow's latest version; registers lane:<key>."""
+    _bounded_context(context)
     async with conn.transaction():
         proj = await conn.fetchrow(Q["project_get"], project)
         if proj is None:
