@@ -142,15 +142,18 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
                        pgbouncer=settings.pgbouncer, coalesce_seconds=settings.notify_coalesce_ms / 1000,
                        sweep_seconds=settings.wake_sweep_seconds)
             await hub.start()
+            clock = oversight.EventClock(pool, oversight_api.POLL_SECONDS)
+            await clock.start()
             try:
                 app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
                                               limits=Limits(max_payload_bytes=settings.max_payload_bytes,
                                                             max_routes=settings.max_feature_sets,
                                                             max_sets_per_lane=settings.max_required_sets_per_lane),
-                                              wake=hub)
+                                              wake=hub, events=clock)
                 async with mcp.running():  # the MCP sessions end before the hub and the pool
                     yield
             finally:
+                await clock.stop()
                 await hub.stop()
         finally:
             await pool.close()

@@ -746,3 +746,38 @@ async def test_stream_reads_hold_back_what_follows_an_uncommitted_event(admin, a
     async with pool.acquire() as conn:
         batch = await oversight_svc.events_after(conn, None, seq.cursor, None, None, 100)
     assert [e["id"] for e in seq.take(batch, now=1.0)] == [late, early]
+
+
+async def test_open_streams_with_nothing_to_send_do_not_read_the_events_table(app, admin, sse, monkeypatch):
+    """Idle streams wait on the process's event clock (one max(id) per interval for all of them)
+    and read their own events only when it moves."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    reads = 0
+    three_read = asyncio.Event()
+    real = oversight_svc.events_after
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads >= 3:
+            three_read.set()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(oversight_svc, "events_after", counting)
+    clock = app.state.ainarres.events
+    headers = {"Authorization": f"Bearer {admin.token}"}
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [Frames(await stack.enter_async_context(sse.stream("GET", "/v1/events/stream", headers=headers)))
+                   for _ in range(3)]
+        for f in streams:
+            assert (await f.next_frame())[0] == "comment"
+        await asyncio.wait_for(three_read.wait(), 20)  # each stream's first read
+        for _ in range(3):
+            await asyncio.wait_for(clock.next_read(), 20)
+        assert reads == 3, "an idle stream read the events table on its own"
+        t = (await dev.create("dev", "wakes them"))["task"]
+        for f in streams:
+            _, ev = await f.next_event()
+            assert ev["type"] == "created" and ev["task_id"] == t["id"]
+        assert reads >= 6

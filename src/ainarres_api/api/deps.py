@@ -16,6 +16,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from ainarres_api.errors import NotEligible, Unauthenticated
 from ainarres_api.services import auth
 from ainarres_api.services.auth import Principal, Signer
+from ainarres_api.services.oversight import EventClock
 from ainarres_api.services.tasks import Limits
 from ainarres_api.services.wake import Wake
 from ainarres_api.settings import Settings
@@ -38,6 +39,7 @@ class AppState:
     signer: Signer
     limits: Limits
     wake: Wake
+    events: EventClock
 
 
 async def state_of(request: Request) -> AppState:

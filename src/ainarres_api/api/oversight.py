@@ -4,6 +4,7 @@ record; the live event stream (any caller, within its lanes); and /metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -33,9 +34,10 @@ States = Annotated[list[str] | None, Query(
     description="routing state(s): waiting, ready, held, blocked, done; repeat the parameter or separate "
                 "with commas")]
 
-# The stream polls the events table this often when no wake hub is in place (and at most this long
-# between checks even with one), re-reads the caller's features this often, and reads at most this
-# many events per database round trip.
+# The process's event clock reads the newest event id this often while any stream is open (streams
+# read their own events only when it moved); a stream held at a gap of uncommitted ids re-reads this
+# often. A stream re-reads the caller's features this often, and reads at most this many events per
+# database round trip.
 POLL_SECONDS = 0.5
 REAUTH_SECONDS = 30.0
 STREAM_BATCH = 200
@@ -307,34 +309,45 @@ async def stream(request: Request, caller: Caller, st: State,
         nonlocal lanes
         seq, sent = oversight.Sequencer(start, GAP_SECONDS), 0
         beat = checked = time.monotonic()
+        clock = st.events
         if metrics:
             metrics.streams.inc()
         try:
             yield f": ainarres event stream after {start}\nretry: 2000\n\n"
-            while True:
-                async with st.pool.acquire() as conn:
-                    batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH)
-                for ev in seq.take(batch, time.monotonic()):
-                    yield _frame(ev)
-                    sent += 1
-                    if limit is not None and sent >= limit:
-                        return
-                if len(batch) == STREAM_BATCH and not seq.waiting:
-                    continue
-                now = time.monotonic()
-                if now - checked >= REAUTH_SECONDS:
-                    checked = now
-                    try:
-                        async with st.pool.acquire() as conn:
-                            lanes = oversight.visible_lanes(await auth.authenticate(conn, st.signer, token))
-                    except AinarresError as exc:
-                        body = {"code": exc.code, "detail": exc.detail}
-                        yield f"event: error\ndata: {json.dumps(body)}\n\n"
-                        return
-                if now - beat >= keepalive:
-                    beat = now
-                    yield ": keep-alive\n\n"
-                await asyncio.sleep(min(POLL_SECONDS, keepalive))
+            with clock.watching():
+                while True:
+                    async with st.pool.acquire() as conn:
+                        batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH)
+                    for ev in seq.take(batch, time.monotonic()):
+                        yield _frame(ev)
+                        sent += 1
+                        if limit is not None and sent >= limit:
+                            return
+                    if len(batch) == STREAM_BATCH and not seq.waiting:
+                        continue
+                    now = time.monotonic()
+                    if now - checked >= REAUTH_SECONDS:
+                        checked = now
+                        try:
+                            async with st.pool.acquire() as conn:
+                                lanes = oversight.visible_lanes(await auth.authenticate(conn, st.signer, token))
+                        except AinarresError as exc:
+                            body = {"code": exc.code, "detail": exc.detail}
+                            yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                            return
+                    if now - beat >= keepalive:
+                        beat = now
+                        yield ": keep-alive\n\n"
+                    # Until the next keep-alive or re-read of the caller at the latest: at a gap of
+                    # uncommitted ids, re-read soon; otherwise wait for the process's event clock to move
+                    # past what this stream has seen (no read of its own while nothing happens).
+                    due = min(keepalive - (now - beat), REAUTH_SECONDS - (now - checked))
+                    if seq.waiting or clock.closed:
+                        await asyncio.sleep(min(POLL_SECONDS, max(due, 0.0)))
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max(due, 0.0)):
+                                await clock.wait_past(seq.cursor)
         finally:
             if metrics:
                 metrics.streams.dec()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -15,6 +19,8 @@ import asyncpg
 from ainarres_api.db.queries import Q
 from ainarres_api.errors import Invalid, NotEligible
 from ainarres_api.services.auth import Principal
+
+log = logging.getLogger("ainarres.oversight")
 
 STATES = ("waiting", "ready", "held", "blocked", "done")
 NO_CAPABLE_AGENT = "no capable agent"
@@ -200,6 +206,83 @@ async def events_after(conn: asyncpg.Connection, lanes: list[str] | None, after:
     """Every event id after `after`, oldest first, with the event if the caller may see it (else None)."""
     rows = await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit)
     return [(r["id"], r["event"]) for r in rows]
+
+
+class EventClock:
+    """The newest event id, read once per `interval` for every open event stream of one process.
+
+    A stream reads its own events (filtered to what its caller may see) only when the clock has
+    moved past its cursor, so open streams that have nothing to send cost one indexed `max(id)` per
+    interval per process, not a read each. Reading stops while no stream is open.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, interval: float) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.latest = 0
+        self.closed = False
+        self.reads = 0  # how many times the clock has read the newest id (for tests and metrics)
+        self._moved = asyncio.Event()
+        self._read = asyncio.Event()
+        self._users = 0
+        self._has_users = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start reading (call once, from the app's lifespan)."""
+        async with self.pool.acquire() as conn:
+            self.latest = await last_event_id(conn)
+        self._task = asyncio.create_task(self._run(), name="ainarres-event-clock")
+
+    async def stop(self) -> None:
+        """Stop reading; waiting streams wake and find nothing new."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.closed = True
+        self._moved.set()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Hold the clock running while a stream is open."""
+        self._users += 1
+        self._has_users.set()
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._has_users.clear()
+
+    async def wait_past(self, cursor: int) -> None:
+        """Return once an event newer than `cursor` is committed (or the clock stops); callers bound
+        the wait with asyncio.timeout."""
+        while self.latest <= cursor and not self.closed:
+            await self._moved.wait()
+
+    async def next_read(self) -> None:
+        """Return after the clock's next read (tests: observe that idle streams cost no reads)."""
+        await self._read.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_users.wait()
+            try:
+                async with self.pool.acquire() as conn:
+                    latest = await last_event_id(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("event clock: could not read the newest event id: %s", exc)
+            else:
+                self.reads += 1
+                if latest != self.latest:
+                    self.latest = latest
+                    moved, self._moved = self._moved, asyncio.Event()
+                    moved.set()
+                read, self._read = self._read, asyncio.Event()
+                read.set()
+            await asyncio.sleep(self.interval)  # the polling period itself, not a synchronisation
 
 
 class Sequencer:
