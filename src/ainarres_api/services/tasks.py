@@ -313,6 +313,12 @@ async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None,
 async def _locked(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> asyncpg.Record:
     row = await conn.fetchrow(Q["task_lock"], task_id)
     if row is None:
+        # After a lock wait PostgreSQL rechecks the join to the stage with the stage row it read before
+        # the wait, so a task another call moved to a new stage meanwhile drops out of the result
+        # (still locked by us). Read it again, in a new statement, before calling it missing: the
+        # late caller then gets lease_lost, not not_found.
+        row = await conn.fetchrow(Q["task_lock"], task_id)
+    if row is None:
         raise NotFound("no such task visible to you; check the id")
     _check_visible(p, row["lane_key"])
     return row
@@ -393,6 +399,8 @@ async def _transition_by_statements(conn: asyncpg.Connection, p: Principal, task
     async with conn.transaction():
         # task_lock with the transitions to `to` (and their routes) in the same round trip.
         row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)
+        if row is None:  # see _locked: a task moved to another stage while we waited for its lock
+            row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)
         if row is None:
             raise NotFound("no such task visible to you; check the id")
         _check_visible(p, row["lane_key"])
