@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import random
@@ -158,19 +159,26 @@ def _windows(stamps: list[float], start: float, width: float, seconds: float) ->
 
 
 async def cycle_http(
-    base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0
+    base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0,
+    more_bases: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Each agent: claim, then advance what it got; for `seconds`. Latencies per cycle and per claim."""
+    """Each agent: claim, then advance what it got; for `seconds`. Latencies per cycle and per claim.
+
+    With `more_bases` (other API processes on the same database) the agents are spread over all of
+    them round-robin, as a load balancer would."""
     cycles: list[float] = []
     claims: list[float] = []
     stamps: list[float] = []
     empties = 0
-    async with _client(base, len(tokens)) as c:
+    bases = (base, *more_bases)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(_client(b, len(tokens))) for b in bases]
         start = time.perf_counter()
         stop = start + seconds
 
-        async def agent(token: str) -> None:
+        async def agent(i: int, token: str) -> None:
             nonlocal empties
+            c = clients[i % len(clients)]
             h = {"Authorization": f"Bearer {token}"}
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
@@ -191,7 +199,7 @@ async def cycle_http(
                     claims.append(t1 - t0)
                     stamps.append(t2)
 
-        await asyncio.gather(*(agent(t) for t in tokens))
+        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
         elapsed = time.perf_counter() - start
     return {
         "cycles": len(cycles),

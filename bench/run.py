@@ -6,6 +6,7 @@
 
 Scenarios: cycle (claim+advance over HTTP vs the same service functions over asyncpg at 1/4/16/64
 agents), cpu (CPU per cycle of PostgreSQL, the service and the load generator, HTTP and raw),
+replicas (the 16-agent cycle through two API processes, beside one and raw),
 backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks and
 ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every 1 s
 with 10 and 1,000 idle agents), create (32 writers, with and without waiters), pgqueuer (its own
@@ -386,6 +387,36 @@ def bench_pgbouncer(dsn: str, svc: harness.Service, args: argparse.Namespace, re
         bouncer.wait(10)
 
 
+def bench_replicas(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The 16-agent cycle through two API processes on the same database (one per core here, agents
+    spread round-robin as a load balancer would), beside one process and the raw cycle, same run."""
+    lane = "cyc"
+    if not asyncio.run(_ready_count(dsn, lane)):
+        maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
+        asyncio.run(harness.reset_lane(dsn, lane))
+        tid = asyncio.run(_template(svc.base, maker, lane))
+        asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
+    second = harness.start_service(dsn, pool_max=args.pool_max)
+    try:
+        rates: dict[str, float] = {}
+        for name, fn, kw in (
+            ("http_2_processes", "cycle_http", {"base": svc.base, "more_bases": (second.base,)}),
+            ("http_1_process", "cycle_http", {"base": svc.base}),
+            ("raw", "cycle_raw", {"dsn": dsn, "secret": harness.SECRET}),
+        ):
+            asyncio.run(_checkpoint(dsn))
+            r = run_in_process(fn, tokens=tokens, lane=lane, seconds=args.seconds, **kw).result()
+            rates[name] = r["cycles"] / r["elapsed"]
+            _out("replicas", {"path": name, "agents": 16, "cycles_per_s": round(rates[name], 1),
+                              "cycle": harness.summary(r["cycle_lat"]), "empty_claims": r["empties"]}, results)
+        _out("replicas_ratio", {"http_2_processes_over_raw": round(rates["http_2_processes"] / rates["raw"], 2),
+                                "http_1_process_over_raw": round(rates["http_1_process"] / rates["raw"], 2)},
+             results)
+    finally:
+        second.stop()
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of these processes so far (Linux /proc); gone processes count 0."""
     total = 0
@@ -467,6 +498,7 @@ async def _ready_count(dsn: str, lane: str) -> int:
 BENCHES = {
     "cycle": bench_cycle,
     "cpu": bench_cpu,
+    "replicas": bench_replicas,
     "backlog": bench_backlog,
     "sustained": bench_sustained,
     "pickup": bench_pickup,
