@@ -60,12 +60,21 @@ async def _checkpoint(dsn: str) -> None:
         await conn.close()
 
 
-def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+def _cycle_lane(dsn: str, svc: harness.Service, args: argparse.Namespace, *, keep: bool) -> str:
+    """The cycle scenarios' lane with a backlog of --cycle-backlog ready tasks (`keep`: reuse one already
+    there, as the scenarios after `cycle` do)."""
     lane = "cyc"
+    if keep and asyncio.run(_ready_count(dsn, lane)):
+        return lane
     asyncio.run(harness.reset_lane(dsn, lane))
     maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
     tid = asyncio.run(_template(svc.base, maker, lane))
     asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    return lane
+
+
+def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    lane = _cycle_lane(dsn, svc, args, keep=False)
     for n in args.agents:
         tokens = asyncio.run(harness.mint(dsn, "w_cyc", n))
         asyncio.run(_checkpoint(dsn))
@@ -390,12 +399,7 @@ def bench_pgbouncer(dsn: str, svc: harness.Service, args: argparse.Namespace, re
 def bench_replicas(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """The 16-agent cycle through two API processes on the same database (one per core here, agents
     spread round-robin as a load balancer would), beside one process and the raw cycle, same run."""
-    lane = "cyc"
-    if not asyncio.run(_ready_count(dsn, lane)):
-        maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
-        asyncio.run(harness.reset_lane(dsn, lane))
-        tid = asyncio.run(_template(svc.base, maker, lane))
-        asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    lane = _cycle_lane(dsn, svc, args, keep=True)
     tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
     second = harness.start_service(dsn, pool_max=args.pool_max)
     try:
@@ -451,12 +455,7 @@ def _idle() -> tuple[float, float]:
 def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Where the CPU goes per claim+advance cycle at 16 agents: PostgreSQL's backends, the service,
     the load generator, over the middle of an HTTP run and of a raw run (the cycle scenario's setup)."""
-    lane = "cyc"
-    maker = asyncio.run(harness.mint(dsn, "w_cyc", 1))[0]
-    if not asyncio.run(_ready_count(dsn, lane)):
-        asyncio.run(harness.reset_lane(dsn, lane))
-        tid = asyncio.run(_template(svc.base, maker, lane))
-        asyncio.run(harness.seed(dsn, tid, args.cycle_backlog - 1, 0))
+    lane = _cycle_lane(dsn, svc, args, keep=True)
     tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
     runs = {
         "http": ("cycle_http", {"base": svc.base}),

@@ -66,21 +66,34 @@ async def _wait_for_lock(observer: asyncpg.Connection, pid: int, what: str) -> N
     pytest.fail(f"{what} never waited on a lock")
 
 
-async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_the_advance(app, admin, dsn):
+async def _prerequisite_race(admin: Any) -> tuple[Any, str, str, dict[str, Any]]:
+    """A held task A and a task B waiting on it, B's id sorting first (so a create naming both locks B,
+    then waits on A); returns the agent, A, B and A's claim."""
     w = await make_world(admin, workflow=FLAT, lane="flat")
     dev = await w.agent("cheap")
     a = (await dev.create("flat", "A"))["task"]["id"]
-    while True:  # B must sort before A so the create locks B first, then waits on A
+    while True:
         b = (await dev.create("flat", "B", depends_on=[a]))["task"]["id"]
         if b < a:
             break
     c = await dev.claim("flat")
     assert c["task"]["id"] == a
-    st = app.state.ainarres
+    return dev, a, b, c
+
+
+async def _three_connections(dsn: str) -> list[asyncpg.Connection]:
+    """Two connections set up as the service's pool sets them up, and an observer."""
     conns = [await asyncpg.connect(dsn) for _ in range(3)]
-    c1, c2, observer = conns
-    for conn in (c1, c2):
+    for conn in conns[:2]:
         await _init_connection(conn)
+    return conns
+
+
+async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_the_advance(app, admin, dsn):
+    dev, a, b, c = await _prerequisite_race(admin)
+    st = app.state.ainarres
+    conns = await _three_connections(dsn)
+    c1, c2, observer = conns
     try:
         p = await auth.authenticate(c1, st.signer, dev.token)
         gate, reached = asyncio.Event(), asyncio.Event()
@@ -103,19 +116,10 @@ async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_
 async def test_the_one_round_trip_advance_does_not_deadlock_with_that_create_either(app, admin, dsn):
     """The same race against transition_fast (migration 0007), paused inside the function: a share
     lock on events holds the advance after it locked A and before it locks A's dependents."""
-    w = await make_world(admin, workflow=FLAT, lane="flat")
-    dev = await w.agent("cheap")
-    a = (await dev.create("flat", "A"))["task"]["id"]
-    while True:
-        b = (await dev.create("flat", "B", depends_on=[a]))["task"]["id"]
-        if b < a:
-            break
-    c = await dev.claim("flat")
+    dev, a, b, c = await _prerequisite_race(admin)
     st = app.state.ainarres
-    conns = [await asyncpg.connect(dsn) for _ in range(3)]
+    conns = await _three_connections(dsn)
     c1, c2, observer = conns
-    for conn in (c1, c2):
-        await _init_connection(conn)
     try:
         p = await auth.authenticate(c1, st.signer, dev.token)
         pause = observer.transaction()

@@ -221,7 +221,6 @@ class EventClock:
         self.interval = interval
         self.latest = 0
         self.closed = False
-        self.reads = 0  # how many times the clock has read the newest id (for tests and metrics)
         self._moved = asyncio.Event()
         self._read = asyncio.Event()
         self._users = 0
@@ -275,7 +274,6 @@ class EventClock:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("event clock: could not read the newest event id: %s", exc)
             else:
-                self.reads += 1
                 if latest != self.latest:
                     self.latest = latest
                     moved, self._moved = self._moved, asyncio.Event()
