@@ -22,10 +22,10 @@ import asyncpg
 import httpx
 from pydantic import SecretStr
 
-from ainarres_api import embedded
-from ainarres_api.services import auth
-from ainarres_api.services.auth import Signer
-from ainarres_api.settings import Settings
+from ainarres_api.ops import embedded
+from ainarres_api.server.services import auth
+from ainarres_api.server.services.auth import Signer
+from ainarres_api.server.settings import Settings
 
 SECRET = "bench-secret-" + "x" * 40
 ROOT = Path(os.environ.get("AINARRES_BENCH_DIR", "/tmp/ainarres-bench"))
@@ -61,7 +61,7 @@ def settings() -> Settings:
 
 
 def start_postgres() -> tuple[str, Any]:
-    """The embedded PostgreSQL (server settings from ainarres_api.embedded), data under ROOT."""
+    """The embedded PostgreSQL (server settings from ainarres_api.ops.embedded), data under ROOT."""
     ROOT.mkdir(parents=True, exist_ok=True)
     server = embedded.start(ROOT)
     dsn = asyncio.run(embedded.ensure_database(server, "bench"))

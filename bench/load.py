@@ -216,11 +216,11 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
     connection per agent: no HTTP, no parsing, no routing."""
     from pydantic import SecretStr
 
-    from ainarres_api.db.pool import create_pool
-    from ainarres_api.services import tasks
-    from ainarres_api.services.auth import Signer
-    from ainarres_api.services.tasks import Limits
-    from ainarres_api.settings import Settings
+    from ainarres_api.server.db.pool import create_pool
+    from ainarres_api.server.services import tasks
+    from ainarres_api.server.services.auth import Signer
+    from ainarres_api.server.services.tasks import Limits
+    from ainarres_api.server.settings import Settings
 
     signer = Signer(Settings(jwt_secret=SecretStr(secret)))
     limits = Limits()

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from ainarres_api import embedded
-from ainarres_api.app import create_app
-from ainarres_api.db import migrate
-from ainarres_api.services import auth
-from ainarres_api.settings import Settings
+from ainarres_api.ops import embedded
+from ainarres_api.server.app import create_app
+from ainarres_api.server.db import migrate
+from ainarres_api.server.services import auth
+from ainarres_api.server.settings import Settings
 from tests.helpers import Api
 
 TEST_SECRET = "test-secret-" + "x" * 40

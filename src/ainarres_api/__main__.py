@@ -1,3 +1,3 @@
-from ainarres_api.cli import main
+from ainarres_api.ops.cli import main
 
 raise SystemExit(main())

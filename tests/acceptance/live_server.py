@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from ainarres_api import embedded
+from ainarres_api.ops import embedded
 
 AINARRES = [sys.executable, "-m", "ainarres_api"]
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ainarres_api import errors
+from ainarres_api.server import errors
 from tests.helpers import Api, make_world
 
 PROBLEM = "application/problem+json"

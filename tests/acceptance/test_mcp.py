@@ -19,9 +19,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
-from ainarres_api.app import create_app
-from ainarres_api.services import auth
-from ainarres_api.settings import Settings
+from ainarres_api.server.app import create_app
+from ainarres_api.server.services import auth
+from ainarres_api.server.settings import Settings
 from tests.helpers import Api, make_world
 
 TOOLS = {"me", "claim", "create_task", "heartbeat", "progress", "advance", "reject", "release", "block",

@@ -21,9 +21,9 @@ from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ainarres_api.app import create_app
-from ainarres_api.services import auth
-from ainarres_api.settings import Settings
+from ainarres_api.server.app import create_app
+from ainarres_api.server.services import auth
+from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api, World, make_world
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ainarres_api.db.queries import Q
+from ainarres_api.server.db.queries import Q
 from tests.helpers import Api, make_world
 
 BACKLOG = 200_000

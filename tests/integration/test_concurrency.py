@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ainarres_api.errors import AinarresError
-from ainarres_api.services import auth, tasks
-from ainarres_api.services.auth import Principal
-from ainarres_api.services.tasks import Limits
+from ainarres_api.server.errors import AinarresError
+from ainarres_api.server.services import auth, tasks
+from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.tasks import Limits
 from tests.helpers import Api, World, make_world
 
 

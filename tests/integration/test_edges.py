@@ -15,10 +15,10 @@ import asyncpg
 import httpx
 import pytest
 
-from ainarres_api import logs
-from ainarres_api.api import deps
-from ainarres_api.errors import PayloadTooLarge
-from ainarres_api.settings import Settings
+from ainarres_api.server import logs
+from ainarres_api.server.api import deps
+from ainarres_api.server.errors import PayloadTooLarge
+from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api, make_world
 

@@ -22,11 +22,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ainarres_api.db.pool import _init_connection
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import AinarresError
-from ainarres_api.services import auth, tasks, wake
-from ainarres_api.services.tasks import Limits
+from ainarres_api.server.db.pool import _init_connection
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import AinarresError
+from ainarres_api.server.services import auth, tasks, wake
+from ainarres_api.server.services.tasks import Limits
 from tests.helpers import Api, World, make_world, review_flow
 
 _FAST = frozenset(Q[n] for n in ("claim_fast", "claim_by_token", "transition_fast", "transition_by_token"))

@@ -21,12 +21,12 @@ import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from ainarres_api import embedded
-from ainarres_api.api import deps
-from ainarres_api.app import create_app
-from ainarres_api.errors import NotFound
-from ainarres_api.services import auth
-from ainarres_api.settings import Settings
+from ainarres_api.ops import embedded
+from ainarres_api.server.api import deps
+from ainarres_api.server.app import create_app
+from ainarres_api.server.errors import NotFound
+from ainarres_api.server.services import auth
+from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api, make_world
 

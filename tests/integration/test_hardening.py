@@ -11,10 +11,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ainarres_api.db.pool import _init_connection
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import Invalid
-from ainarres_api.services import auth, tasks
+from ainarres_api.server.db.pool import _init_connection
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Invalid
+from ainarres_api.server.services import auth, tasks
 from tests.helpers import make_world
 
 FLAT = {"key": "flat", "stages": [{"key": "todo", "initial": True}, {"key": "done", "terminal": True}],

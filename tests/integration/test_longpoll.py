@@ -18,10 +18,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from ainarres_api.app import create_app
-from ainarres_api.services import auth
-from ainarres_api.services.wake import Wake
-from ainarres_api.settings import Settings
+from ainarres_api.server.app import create_app
+from ainarres_api.server.services import auth
+from ainarres_api.server.services.wake import Wake
+from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import DEV_WORKFLOW, Api, make_world
 

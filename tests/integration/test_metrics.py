@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ainarres_api.logs import JsonFormatter, redact
-from ainarres_api.metrics import Metrics, verb_of
+from ainarres_api.server.logs import JsonFormatter, redact
+from ainarres_api.server.metrics import Metrics, verb_of
 from tests.helpers import make_world
 
 

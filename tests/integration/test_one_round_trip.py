@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.db.queries import Q
-from ainarres_api.services import tasks
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.services import tasks
 from tests.helpers import Api, make_world
 
 

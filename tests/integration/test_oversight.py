@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ainarres_api.api import oversight as oversight_api
-from ainarres_api.services import oversight as oversight_svc
+from ainarres_api.server.api import oversight as oversight_api
+from ainarres_api.server.services import oversight as oversight_svc
 from tests.helpers import DEV_WORKFLOW, Api, World, make_world
 
 ENDPOINTS = ("/v1/board", "/v1/feed", "/v1/stuck", "/v1/demand", "/v1/agents", "/v1/track-record")

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ainarres_api.agent_cli import Leases, UsageError, parse_artifact, resolve_token, resolve_url, token_sub
-from ainarres_api.client import AsyncClient, Client, Refused, Unreachable, beat_interval
-from ainarres_api.worker import card_text, verb_line
+from ainarres_api.agent.cli import Leases, UsageError, parse_artifact, resolve_token, resolve_url, token_sub
+from ainarres_api.agent.client import AsyncClient, Client, Refused, Unreachable, beat_interval
+from ainarres_api.agent.worker import card_text, verb_line
 
 
 class Script:

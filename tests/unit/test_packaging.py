@@ -138,9 +138,9 @@ def test_wheel_ships_the_migrations_and_the_sql(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = [
         f"ainarres_api/{p.relative_to(PACKAGE).as_posix()}"
-        for p in [*PACKAGE.glob("migrations/*.sql"), *PACKAGE.glob("db/sql/*.sql")]
+        for p in [*PACKAGE.glob("server/db/migrations/*.sql"), *PACKAGE.glob("server/db/sql/*.sql")]
     ]
-    assert any(e.startswith("ainarres_api/migrations/0001_") for e in expected)
+    assert any(e.startswith("ainarres_api/server/db/migrations/0001_") for e in expected)
     missing = sorted(set(expected) - names)
     assert not missing, missing
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
@@ -149,7 +149,7 @@ def test_wheel_ships_the_migrations_and_the_sql(wheel: Path) -> None:
         .read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
         .decode()
     )
-    assert re.search(r"^ainarres = ainarres_api\.cli:main$", entry_points, re.MULTILINE)
+    assert re.search(r"^ainarres = ainarres_api\.ops\.cli:main$", entry_points, re.MULTILINE)
 
 
 def test_the_wheel_alone_finds_its_migrations_and_queries(wheel: Path, tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_the_wheel_alone_finds_its_migrations_and_queries(wheel: Path, tmp_path:
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import ainarres_api\n"
         "assert ainarres_api.__file__.startswith(sys.argv[1]), ainarres_api.__file__\n"
-        "from ainarres_api.db import migrate, queries\n"
+        "from ainarres_api.server.db import migrate, queries\n"
         "print(len(migrate.available()), len(queries.Q))"
     )
     out = subprocess.run(
@@ -165,5 +165,5 @@ def test_the_wheel_alone_finds_its_migrations_and_queries(wheel: Path, tmp_path:
     )
     assert out.returncode == 0, out.stderr
     migrations, statements = map(int, out.stdout.split())
-    assert migrations == len(list(PACKAGE.glob("migrations/*.sql")))
+    assert migrations == len(list(PACKAGE.glob("server/db/migrations/*.sql")))
     assert statements > 10

@@ -7,9 +7,9 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.services import auth, tasks, wake
-from ainarres_api.services.auth import Principal, Signer
-from ainarres_api.services.tasks import Limits
+from ainarres_api.server.services import auth, tasks, wake
+from ainarres_api.server.services.auth import Principal, Signer
+from ainarres_api.server.services.tasks import Limits
 
 
 async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,

@@ -4,7 +4,7 @@ A director writes one feature's tasks (with dependencies) into a fresh lane; che
 them, a reviewer sends some back, one worker dies holding a task (its lease runs out and the next
 claim takes the task back), the cheap tier gives up on a hard task until it is escalated to the
 capable tier, and a rework cap parks one task for a human. Every simulated agent is an ordinary
-client of the public HTTP API (ainarres_api.client); only the first admin token is minted the way
+client of the public HTTP API (ainarres_api.agent.client); only the first admin token is minted the way
 `ainarres token` mints it.
 """
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ainarres_api.client import AsyncClient, Refused
+from ainarres_api.agent.client import AsyncClient, Refused
 
 if TYPE_CHECKING:
-    from ainarres_api.settings import Settings
+    from ainarres_api.server.settings import Settings
 
 PROJECT = "demo"
 WORKFLOW = "demo-feature"
@@ -293,13 +293,13 @@ def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thr
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo: serve, print the board's URL and a token, run the swarm, report."""
-    from ainarres_api.app import create_app
-    from ainarres_api.cli import _database, _exit_on_signal, _mint
+    from ainarres_api.ops.runtime import database, exit_on_signal, mint
+    from ainarres_api.server.app import create_app
 
     # As in `serve`: a signal ends through SystemExit, so the server stops and the embedded
     # PostgreSQL is shut down by its atexit hook instead of being left behind.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_on_signal)
+        signal.signal(sig, exit_on_signal)
 
     if args.data_dir:
         settings.data_dir = Path(args.data_dir)
@@ -310,7 +310,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     host = args.host or settings.host
     port = args.port or settings.port
-    dsn, pg = _database(settings)
+    dsn, pg = database(settings)
 
     def say(line: str) -> None:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
@@ -319,7 +319,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     server, thread = _serve_in_thread(app, host, port)
     url = f"http://{host}:{port}"
     try:
-        admin = asyncio.run(_mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
+        admin = asyncio.run(mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
                                                                     sub=None)))
 
         async def go() -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import jwt
 
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound, Unauthenticated
-from ainarres_api.settings import Settings
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound, Unauthenticated
+from ainarres_api.server.settings import Settings
 
 SEATS = ("seat:admin", "seat:overseer", "seat:monitor")
 OVERSIGHT = frozenset(SEATS)  # every seat reads the whole board

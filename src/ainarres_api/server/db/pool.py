@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.errors import AinarresError, Conflict, Invalid, NotFound
+from ainarres_api.server.errors import AinarresError, Conflict, Invalid, NotFound
 
 # Constraint name → the refusal a client should see. Anything unlisted is a bug and stays a 500.
 _CONSTRAINTS: dict[str, AinarresError] = {

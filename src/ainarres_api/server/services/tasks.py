@@ -13,8 +13,8 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import (
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import (
     AlreadyHolding,
     Conflict,
     GuardFailed,
@@ -24,8 +24,8 @@ from ainarres_api.errors import (
     NotEligible,
     NotFound,
 )
-from ainarres_api.services import auth, wake
-from ainarres_api.services.auth import Principal, Signer
+from ainarres_api.server.services import auth, wake
+from ainarres_api.server.services.auth import Principal, Signer
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
 _TIER = re.compile(r"^tier:(\d+)$")
@@ -96,7 +96,7 @@ async def _event(conn: asyncpg.Connection, task_id: Any, type_: str, p: Principa
 def _payload_size_ok(payload: Any, limits: Limits, field: str) -> None:
     size = len(json.dumps(payload, separators=(",", ":")).encode())
     if size > limits.max_payload_bytes:
-        from ainarres_api.errors import PayloadTooLarge
+        from ainarres_api.server.errors import PayloadTooLarge
 
         raise PayloadTooLarge(
             f"{field} is {size} bytes; the limit is {limits.max_payload_bytes}. Keep work products "

@@ -16,22 +16,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ainarres_api import __version__, logs
-from ainarres_api.api import admin as admin_api
-from ainarres_api.api import fastverbs, mcp_server, problems
-from ainarres_api.api import oversight as oversight_api
-from ainarres_api.api import tasks as tasks_api
-from ainarres_api.api import web as web_api
-from ainarres_api.api.deps import AppState, FastJSONResponse
-from ainarres_api.db import migrate
-from ainarres_api.db.pool import create_pool, translate
-from ainarres_api.errors import AinarresError, PayloadTooLarge
-from ainarres_api.metrics import Metrics, VerbMetrics
-from ainarres_api.services import admin, oversight, wake
-from ainarres_api.services.auth import Signer
-from ainarres_api.services.tasks import Limits
-from ainarres_api.services.wake import Wake
-from ainarres_api.settings import Settings
+from ainarres_api import __version__
+from ainarres_api.server import logs
+from ainarres_api.server.api import admin as admin_api
+from ainarres_api.server.api import fastverbs, mcp_server, problems
+from ainarres_api.server.api import oversight as oversight_api
+from ainarres_api.server.api import tasks as tasks_api
+from ainarres_api.server.api import web as web_api
+from ainarres_api.server.api.deps import AppState, FastJSONResponse
+from ainarres_api.server.db import migrate
+from ainarres_api.server.db.pool import create_pool, translate
+from ainarres_api.server.errors import AinarresError, PayloadTooLarge
+from ainarres_api.server.metrics import Metrics, VerbMetrics
+from ainarres_api.server.services import admin, oversight, wake
+from ainarres_api.server.services.auth import Signer
+from ainarres_api.server.services.tasks import Limits
+from ainarres_api.server.services.wake import Wake
+from ainarres_api.server.settings import Settings
 
 
 class BodyLimit:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import asyncpg
 
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import Invalid, NotEligible
-from ainarres_api.services.auth import Principal
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Invalid, NotEligible
+from ainarres_api.server.services.auth import Principal
 
 log = logging.getLogger("ainarres.oversight")
 

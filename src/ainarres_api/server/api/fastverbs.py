@@ -27,13 +27,13 @@ from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ainarres_api.api import problems
-from ainarres_api.api import tasks as verbs
-from ainarres_api.api.deps import AppState, FastJSONResponse, bearer_of
-from ainarres_api.api.schemas import AdvanceIn, Body, ClaimIn, RejectIn, TaskCreate
-from ainarres_api.db.pool import translate
-from ainarres_api.errors import AinarresError
-from ainarres_api.services import auth
+from ainarres_api.server.api import problems
+from ainarres_api.server.api import tasks as verbs
+from ainarres_api.server.api.deps import AppState, FastJSONResponse, bearer_of
+from ainarres_api.server.api.schemas import AdvanceIn, Body, ClaimIn, RejectIn, TaskCreate
+from ainarres_api.server.db.pool import translate
+from ainarres_api.server.errors import AinarresError
+from ainarres_api.server.services import auth
 
 _HELD = re.compile(r"/v1/tasks/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
                    r"/(heartbeat|progress|advance|reject|release|block|unblock)")

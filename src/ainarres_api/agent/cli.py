@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ainarres_api.client import DEFAULT_URL, Client, Refused, Unreachable, beat_interval
+from ainarres_api.agent.client import DEFAULT_URL, Client, Refused, Unreachable, beat_interval
 
 OK, REFUSED, USAGE = 0, 1, 2
 FINISHING = {"advance", "reject", "release", "block"}

@@ -11,8 +11,8 @@ import asyncpg
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.types import Receive
 
-from ainarres_api.api.deps import Agent, AppState, Conn, FastJSONResponse, LentCaller, State, Token
-from ainarres_api.api.schemas import (
+from ainarres_api.server.api.deps import Agent, AppState, Conn, FastJSONResponse, LentCaller, State, Token
+from ainarres_api.server.api.schemas import (
     AdvanceIn,
     BlockIn,
     Body,
@@ -24,9 +24,9 @@ from ainarres_api.api.schemas import (
     TaskCreate,
     UnblockIn,
 )
-from ainarres_api.services import claiming, tasks
-from ainarres_api.services.auth import Principal, Signer
-from ainarres_api.services.tasks import Limits
+from ainarres_api.server.services import claiming, tasks
+from ainarres_api.server.services.auth import Principal, Signer
+from ainarres_api.server.services.tasks import Limits
 
 router = APIRouter(prefix="/v1", tags=["agent verbs"])
 

@@ -7,9 +7,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from ainarres_api.api.deps import Admin, Conn, Governor, State
-from ainarres_api.api.schemas import DenialIn, FamilyIn, FamilyPatch, FeatureIn, LaneIn, ProjectIn, TokenIn, WorkflowIn
-from ainarres_api.services import admin
+from ainarres_api.server.api.deps import Admin, Conn, Governor, State
+from ainarres_api.server.api.schemas import (
+    DenialIn,
+    FamilyIn,
+    FamilyPatch,
+    FeatureIn,
+    LaneIn,
+    ProjectIn,
+    TokenIn,
+    WorkflowIn,
+)
+from ainarres_api.server.services import admin
 
 router = APIRouter(prefix="/v1", tags=["administration"])
 

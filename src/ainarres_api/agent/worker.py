@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ainarres_api.agent_cli import JsonParser, Leases, UsageError, emit, resolve_token, resolve_url, token_sub
-from ainarres_api.client import AsyncClient, Claim, Hold, Refused, Unreachable
+from ainarres_api.agent.cli import JsonParser, Leases, UsageError, emit, resolve_token, resolve_url, token_sub
+from ainarres_api.agent.client import AsyncClient, Claim, Hold, Refused, Unreachable
 
 VERBS = ("advance", "reject", "release", "block")
 FATAL = ("unauthenticated", "not_eligible")

@@ -9,10 +9,10 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.db.queries import Q
-from ainarres_api.errors import Conflict, Invalid, NotEligible, NotFound, PayloadTooLarge
-from ainarres_api.services import auth
-from ainarres_api.services.auth import Principal, Signer
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound, PayloadTooLarge
+from ainarres_api.server.services import auth
+from ainarres_api.server.services.auth import Principal, Signer
 
 MAX_CONTEXT_BYTES = 65_536
 

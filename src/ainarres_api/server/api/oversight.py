@@ -16,12 +16,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from ainarres_api.api.deps import Caller, Conn, State, require
-from ainarres_api.errors import AinarresError, Invalid
-from ainarres_api.metrics import Metrics, waiters_of
-from ainarres_api.services import auth, oversight
-from ainarres_api.services.auth import Principal
-from ainarres_api.services.oversight import Filters
+from ainarres_api.server.api.deps import Caller, Conn, State, require
+from ainarres_api.server.errors import AinarresError, Invalid
+from ainarres_api.server.metrics import Metrics, waiters_of
+from ainarres_api.server.services import auth, oversight
+from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.oversight import Filters
 
 router = APIRouter(prefix="/v1", tags=["oversight"])
 ops = APIRouter(tags=["operations"])

@@ -12,9 +12,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.api.deps import AppState, bearer_of, bearer_token
-from ainarres_api.errors import AinarresError, PayloadTooLarge
-from ainarres_api.services import auth
+from ainarres_api.server.api.deps import AppState, bearer_of, bearer_token
+from ainarres_api.server.errors import AinarresError, PayloadTooLarge
+from ainarres_api.server.services import auth
 
 log = logging.getLogger("ainarres")
 

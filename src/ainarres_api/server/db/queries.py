@@ -10,7 +10,7 @@ _HEADER = re.compile(r"^-- name: (?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 def _load() -> dict[str, str]:
     found: dict[str, str] = {}
-    for entry in sorted(resources.files("ainarres_api.db").joinpath("sql").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("ainarres_api.server.db").joinpath("sql").iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".sql"):
             continue
         text = entry.read_text(encoding="utf-8")

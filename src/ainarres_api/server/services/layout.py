@@ -7,8 +7,8 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.errors import NotFound
-from ainarres_api.services import admin
+from ainarres_api.server.errors import NotFound
+from ainarres_api.server.services import admin
 
 # A board shows a bounded number of projects and lanes; beyond this it is an operator's query.
 MAX_PROJECTS = 200

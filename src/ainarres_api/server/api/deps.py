@@ -13,13 +13,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
-from ainarres_api.errors import NotEligible, Unauthenticated
-from ainarres_api.services import auth
-from ainarres_api.services.auth import Principal, Signer
-from ainarres_api.services.oversight import EventClock
-from ainarres_api.services.tasks import Limits
-from ainarres_api.services.wake import Wake
-from ainarres_api.settings import Settings
+from ainarres_api.server.errors import NotEligible, Unauthenticated
+from ainarres_api.server.services import auth
+from ainarres_api.server.services.auth import Principal, Signer
+from ainarres_api.server.services.oversight import EventClock
+from ainarres_api.server.services.tasks import Limits
+from ainarres_api.server.services.wake import Wake
+from ainarres_api.server.settings import Settings
 
 
 class FastJSONResponse(JSONResponse):

@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ainarres_api.services.oversight import Scrape
+from ainarres_api.server.services.oversight import Scrape
 
 VERBS = ("create", "claim", "heartbeat", "progress", "advance", "reject", "release", "block", "unblock")
 _HELD_VERB = re.compile(r"^/v1/tasks/[^/]+/(heartbeat|progress|advance|reject|release|block|unblock)$")

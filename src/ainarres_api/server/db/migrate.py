@@ -28,7 +28,7 @@ class Migration:
 def available() -> list[Migration]:
     """Every migration shipped with this build, in order."""
     found = []
-    for entry in resources.files("ainarres_api").joinpath("migrations").iterdir():
+    for entry in resources.files("ainarres_api.server.db").joinpath("migrations").iterdir():
         m = _FILE.match(entry.name)
         if m:
             found.append(Migration(int(m["version"]), m["name"], entry.read_text(encoding="utf-8")))

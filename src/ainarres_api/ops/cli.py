@@ -8,42 +8,28 @@ import json
 import logging
 import signal
 import sys
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ainarres_api.ops import runtime
 
 if TYPE_CHECKING:  # imported in main: `ainarres agent` starts faster without pydantic-settings
-    from ainarres_api.settings import Settings
-
-
-def _database(settings: Settings) -> tuple[str, Any]:
-    if settings.database_url:
-        return settings.database_url, None
-    from ainarres_api import embedded
-
-    # stderr: `ainarres token` and `ainarres migrate` print only JSON on stdout.
-    print("AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in "
-          f"{settings.data_dir.resolve()}", file=sys.stderr, flush=True)
-    return embedded.resolve(settings.data_dir)
-
-
-def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+    from ainarres_api.server.settings import Settings
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from ainarres_api.app import create_app
+    from ainarres_api.server.app import create_app
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; the default action would kill the
     # process before atexit runs, leaving the embedded PostgreSQL behind. Exit through SystemExit instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_on_signal)
+        signal.signal(sig, runtime.exit_on_signal)
     if args.host:
         settings.host = args.host
     if args.port:
         settings.port = args.port
-    dsn, server = _database(settings)
+    dsn, server = runtime.database(settings)
     app = create_app(settings, dsn=dsn)
     base = f"http://{settings.host}:{settings.port}"
     print(f"AINARRES: serving {base}  (API docs: {base}/docs)", flush=True)
@@ -56,7 +42,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 async def _migrate(dsn: str) -> list[int]:
     import asyncpg
 
-    from ainarres_api.db import migrate
+    from ainarres_api.server.db import migrate
 
     conn = await asyncpg.connect(dsn)
     try:
@@ -66,36 +52,18 @@ async def _migrate(dsn: str) -> list[int]:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    dsn, _server = _database(settings)
+    dsn, _server = runtime.database(settings)
     applied = asyncio.run(_migrate(dsn))
     print(json.dumps({"code": "ok", "applied": applied}))
     return 0
 
 
-async def _mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from ainarres_api.db import migrate
-    from ainarres_api.db.pool import create_pool
-    from ainarres_api.services import admin
-    from ainarres_api.services.auth import Signer
-
-    signer = Signer(settings)
-    pool = await create_pool(dsn, min_size=1, max_size=1)
-    try:
-        async with pool.acquire() as conn:
-            await migrate.apply(conn)
-            scope = sorted(set(args.scope.split(","))) if args.scope else None
-            return await admin.mint_token(conn, signer, None, args.family,
-                                          args.ttl or settings.token_ttl_seconds, scope, args.sub)
-    finally:
-        await pool.close()
-
-
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from ainarres_api.errors import AinarresError
+    from ainarres_api.server.errors import AinarresError
 
-    dsn, _server = _database(settings)
+    dsn, _server = runtime.database(settings)
     try:
-        out = asyncio.run(_mint(dsn, settings, args))
+        out = asyncio.run(runtime.mint(dsn, settings, args))
     except AinarresError as exc:
         print(json.dumps({"code": exc.code, "detail": exc.detail}))
         return 1
@@ -120,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scope", help="comma-separated features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
-    from ainarres_api import demo
+    from ainarres_api.ops import demo
 
     demo.add_parser(sub)
     # `agent` and `work` parse their own arguments (see main); listed here for --help.
@@ -133,18 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ainarres` command."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "agent":
-        from ainarres_api import agent_cli
+        from ainarres_api.agent import cli as agent_cli
 
         return agent_cli.main(argv[1:])
     if argv and argv[0] == "work":
-        from ainarres_api import worker
+        from ainarres_api.agent import worker
 
         return worker.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from ainarres_api.settings import Settings
+    from ainarres_api.server.settings import Settings
 
     settings = Settings()
-    from ainarres_api import logs
+    from ainarres_api.server import logs
 
     logs.configure(settings.log_level, sys.stderr)
     # Its INFO lines are multi-line initdb/pg_ctl transcripts that bury the first start's admin token.

@@ -32,12 +32,12 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from ainarres_api import __version__
-from ainarres_api.api import schemas
-from ainarres_api.api.deps import AppState
-from ainarres_api.db.pool import translate
-from ainarres_api.errors import AinarresError, Invalid, Unauthenticated
-from ainarres_api.services import auth, claiming, tasks, wake
-from ainarres_api.services.auth import Principal
+from ainarres_api.server.api import schemas
+from ainarres_api.server.api.deps import AppState
+from ainarres_api.server.db.pool import translate
+from ainarres_api.server.errors import AinarresError, Invalid, Unauthenticated
+from ainarres_api.server.services import auth, claiming, tasks, wake
+from ainarres_api.server.services.auth import Principal
 
 log = logging.getLogger("ainarres.mcp")
 

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from ainarres_api.services.admin import MAX_CONTEXT_BYTES
+from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
 
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
 

@@ -10,10 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 
-from ainarres_api.api.deps import Conn, Governor, require
-from ainarres_api.errors import Conflict, NotFound
-from ainarres_api.services import admin, layout
-from ainarres_api.services.auth import Principal
+from ainarres_api.server.api.deps import Conn, Governor, require
+from ainarres_api.server.errors import Conflict, NotFound
+from ainarres_api.server.services import admin, layout
+from ainarres_api.server.services.auth import Principal
 
 router = APIRouter(prefix="/v1", tags=["oversight"])
 pages = APIRouter(include_in_schema=False)
@@ -34,7 +34,7 @@ SECURITY_HEADERS = {
 
 
 def _asset(name: str) -> bytes:
-    return (resources.files("ainarres_api") / "web" / name).read_bytes()
+    return (resources.files("ainarres_api.server") / "web" / name).read_bytes()
 
 
 @router.get("/layout", summary="projects, their lanes, and each lane's workflow (stages and transitions)",

@@ -1,0 +1,1 @@
+"""Operations: the `ainarres` command (serve, migrate, token, demo) and the embedded PostgreSQL."""
