@@ -1,0 +1,91 @@
+"""What /openapi.json says about refusals: the RFC 9457 problem schema and, per operation, every status
+and `code` it can answer with.
+
+Routes declare their refusals as error classes (`refusals(NotFound, LeaseLost, ...)`); the problem
+document is one named component (`Problem`), and each status of an operation lists the exact `code`
+values that operation can give there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, Unauthenticated
+
+PROBLEM = "application/problem+json"
+PROBLEM_REF = "#/components/schemas/Problem"
+
+
+class FieldError(BaseModel):
+    """One field a 422 refuses, and why."""
+
+    field: str = Field(description="the field, dotted (`artifacts.0.type`), or `body`")
+    detail: str = Field(description="what is wrong with it")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: every refusal the service gives has this shape."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    type: str = Field(description="`urn:ainarres:problem:<code>`", examples=["urn:ainarres:problem:lease_lost"])
+    title: str = Field(description="a short human title of the code")
+    status: int = Field(description="the HTTP status, repeated")
+    code: str = Field(description="the stable machine code: branch on this, never on the detail")
+    detail: str = Field(description="what happened and what to do next")
+    instance: str | None = Field(default=None, description="the request's path")
+    task: dict[str, Any] | None = Field(default=None, description="the task as it is now, where it helps")
+    errors: list[FieldError] | None = Field(default=None, description="for `invalid`: each field refused")
+
+
+_DESCRIPTIONS = {
+    401: "Unauthenticated: the token is missing, malformed, expired, revoked or wrongly signed, or its family is "
+         "disabled (with `WWW-Authenticate: Bearer`).",
+    403: "Not eligible: the caller lacks a feature this needs; the detail names it.",
+    404: "Not found, or not visible to the caller.",
+    405: "Method not allowed on this path (`Allow` names the ones that are).",
+    409: "Conflict with the current state; nothing was changed.",
+    413: "A body or one of its bounded fields is too large; send references (artifacts) instead.",
+    422: "The request is malformed; the detail and `errors[]` name each field.",
+    429: "Too many requests; retry after `Retry-After` seconds.",
+    503: "Unavailable for now (the database, or a lock that did not come in time); retry after `Retry-After`.",
+}
+
+# Every operation that reads a body or a token can be refused so; routes add their own on top.
+AUTHENTICATED: tuple[type[AinarresError], ...] = (Unauthenticated,)
+WITH_BODY: tuple[type[AinarresError], ...] = (Invalid, PayloadTooLarge)
+
+
+def problem_schema(codes: list[str]) -> dict[str, Any]:
+    """The problem schema narrowed to the given codes."""
+    return {"allOf": [{"$ref": PROBLEM_REF}, {"type": "object", "properties": {"code": {"enum": sorted(codes)}}}]}
+
+
+def refusals(*errors: type[AinarresError], extra: dict[int, list[str]] | None = None) -> dict[int | str, Any]:
+    """FastAPI `responses=` for the given refusals: one entry per status, the exact codes at each.
+
+    `extra` adds codes that are not error classes (405 `method_not_allowed`, for instance).
+    """
+    by_status: dict[int, set[str]] = {}
+    for err in errors:
+        by_status.setdefault(err.status, set()).add(err.code)
+    for status, codes in (extra or {}).items():
+        by_status.setdefault(status, set()).update(codes)
+    out: dict[int | str, Any] = {}
+    for status in sorted(by_status):
+        codes = sorted(by_status[status])
+        desc = _DESCRIPTIONS.get(status, "Refused.") + " Codes: " + ", ".join(f"`{c}`" for c in codes) + "."
+        out[status] = {"description": desc, "content": {PROBLEM: {"schema": problem_schema(codes)}}}
+    return out
+
+
+def add_components(schema: dict[str, Any]) -> dict[str, Any]:
+    """Register the Problem component (and what it references) in an OpenAPI document."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    defs = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in defs.pop("$defs", {}).items():
+        components.setdefault(name, sub)
+    components["Problem"] = defs
+    return schema
