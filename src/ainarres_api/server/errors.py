@@ -102,3 +102,19 @@ class Invalid(AinarresError):
         super().__init__(detail, **extra)
         if errors is not None:
             self.extra["errors"] = errors
+
+
+class RateLimited(AinarresError):
+    """The caller sent more requests than its limit allows; retry after `retry_after` seconds."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+
+class Unavailable(AinarresError):
+    """The database is unreachable, or a row lock did not come in time; retry after `retry_after` seconds."""
+
+    status = 503
+    code = "unavailable"
+    title = "Unavailable"
