@@ -218,7 +218,7 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
 
     from ainarres_api.server.db.pool import create_pool
     from ainarres_api.server.services import tasks
-    from ainarres_api.server.services.auth import Signer
+    from ainarres_api.server.services.auth import Signer, authenticate
     from ainarres_api.server.services.tasks import Limits
     from ainarres_api.server.settings import Settings
 
@@ -236,18 +236,17 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
         async with pool.acquire() as conn:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                # What the HTTP dispatcher calls for these verbs (api/fastverbs.py): the caller's
-                # database read folded into each verb's one round trip.
-                r = await tasks.claim_as(conn, signer, token, lane, limits)
+                # What every verb's route runs (api/verbs.py): the authentication dependency, then the
+                # verb's service call.
+                r = await tasks.claim(conn, await authenticate(conn, signer, token), lane, limits)
                 t1 = time.perf_counter()
                 if r["code"] != "claimed":
                     empties += 1
                     continue
                 task = r["task"]
-                await tasks.transition_as(
+                await tasks.transition(
                     conn,
-                    signer,
-                    token,
+                    await authenticate(conn, signer, token),
                     uuid.UUID(task["id"]),
                     uuid.UUID(r["lease"]["id"]),
                     "advance",

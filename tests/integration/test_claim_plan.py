@@ -1,4 +1,4 @@
-"""The claim stays an index probe at any backlog: EXPLAIN claim_pick over 200k tasks."""
+"""The claim stays an index probe at any backlog: EXPLAIN the claim statement over 200k tasks."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _cte(root: dict[str, Any], name: str) -> list[dict[str, Any]]:
     subs = [n for n in _nodes(root) if n.get("Subplan Name") == f"CTE {name}"]
-    assert len(subs) == 1, f"no CTE {name} in the plan (was claim_pick restructured?)"
+    assert len(subs) == 1, f"no CTE {name} in the plan (was the claim statement restructured?)"
     return list(_nodes(subs[0]))
 
 
@@ -110,74 +110,48 @@ async def seeded(admin: Api, db: asyncpg.Connection) -> list[int]:
     return routes
 
 
-async def test_claim_pick_probes_indexes_over_a_large_backlog(seeded: list[int], db: asyncpg.Connection):
-    """Custom and generic plans both probe tasks_ready and tasks_lease; the pick is the claimer's own."""
-    assert await db.fetchval("SELECT count(*) FROM tasks") >= BACKLOG
-    _assert_probes(await db.fetchval("EXPLAIN (FORMAT JSON) " + Q["claim_pick"], seeded))
+async def _claimer(db: asyncpg.Connection) -> tuple[str, str, list[str]]:
+    sub, family = await db.fetchrow("SELECT sub, family_key FROM agents WHERE family_key = 'wide'")
+    feats = await db.fetchval("SELECT array_agg(feature ORDER BY feature) FROM family_features "
+                              "WHERE family_key = 'wide'")
+    return sub, family, list(feats)
 
-    # What a long-lived connection runs after PostgreSQL switches a prepared statement to its
-    # generic plan: the route ids are unknown to the planner.
-    await db.execute("SET plan_cache_mode = force_generic_plan")
-    await db.execute(f"PREPARE claim_pick_generic(int[]) AS {Q['claim_pick']}")
-    literal = "'{" + ",".join(str(int(r)) for r in seeded) + "}'"
-    plan = await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE claim_pick_generic({literal})")
-    _assert_probes(plan)
-    await db.execute("DEALLOCATE claim_pick_generic")
+
+async def test_the_claim_probes_indexes_over_a_large_backlog(seeded: list[int], db: asyncpg.Connection):
+    """Custom and generic plans of the claim statement both probe tasks_ready and tasks_lease, one range per
+    eligible route; the task it takes is the claimer's own best."""
+    assert await db.fetchval("SELECT count(*) FROM tasks") >= BACKLOG
+    sub, family, feats = await _claimer(db)
+    args = (sub, family, feats, "dev", 5, 64, [])
+    # EXPLAIN takes no bind parameters: the statement is prepared, then explained with literal arguments,
+    # with a custom plan (the values known to the planner) and with the generic plan a long-lived
+    # connection switches to (the routes and features unknown to it).
+    await db.execute(f"PREPARE claim_plan(text, text, text[], text, int, int, int[]) AS {Q['claim']}")
+    literals = ", ".join(_literal(a) for a in args)
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        await db.execute(f"SET plan_cache_mode = {mode}")
+        _assert_probes(await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE claim_plan({literals})"))
+    await db.execute("DEALLOCATE claim_plan")
     await db.execute("RESET plan_cache_mode")
 
-    # Not just an index: it yields the claimer's best task (the expired hold: same priority, oldest),
+    # Not just an index: it takes the claimer's best task (the expired hold: same priority, oldest),
     # never a backlog row.
-    async with db.transaction():
-        row = await db.fetchrow(Q["claim_pick"], seeded)
-        assert row is not None and row["expired"] is True
-        assert await db.fetchval("SELECT route_id FROM tasks WHERE id = $1", row["id"]) in seeded
-
-
-async def _nested_plans(db: asyncpg.Connection, sql: str, *args: Any) -> list[dict[str, Any]]:
-    """The plans of every statement `sql` runs, functions' statements included (auto_explain)."""
-    seen: list[str] = []
-
-    def hear(_conn: Any, msg: Any) -> None:
-        seen.append(str(msg.message))
-
-    await db.execute("LOAD 'auto_explain'")
-    for setting in ("auto_explain.log_min_duration = 0", "auto_explain.log_nested_statements = on",
-                    "auto_explain.log_format = json", "client_min_messages = log"):
-        await db.execute(f"SET {setting}")
-    db.add_log_listener(hear)
-    try:
+    with contextlib.suppress(_Rollback):
         async with db.transaction():
-            await db.fetch(sql, *args)
+            row = await db.fetchrow(Q["claim"], *args)
+            assert row["verdict"] == "take" and json.loads(row["event"])["data"]["reclaimed"] is True
+            assert await db.fetchval("SELECT route_id FROM tasks WHERE id = $1", row["candidate"]) in seeded
             raise _Rollback
-    except _Rollback:
-        pass
-    finally:
-        db.remove_log_listener(hear)
-        await db.execute("RESET client_min_messages")
-        await db.execute("RESET auto_explain.log_min_duration")
-    return [json.loads(m.split("plan:", 1)[1]) for m in seen if "plan:" in m]
 
 
 class _Rollback(Exception):
     pass
 
 
-async def test_claim_fast_probes_the_same_indexes(seeded: list[int], db: asyncpg.Connection):
-    """The one-round-trip claim (migration 0007) runs the same probes: its nested plans read tasks only
-    through tasks_ready and tasks_lease, one range per eligible route. The function pins generic plans
-    (migration 0008), so the session's plan_cache_mode does not change them; both are tried anyway."""
-    assert "plan_cache_mode=force_generic_plan" in await db.fetchval(
-        "SELECT array_to_string(proconfig, ',') FROM pg_proc WHERE proname = 'claim_fast'")
-    sub, family = await db.fetchrow("SELECT sub, family_key FROM agents WHERE family_key = 'wide'")
-    feats = await db.fetchval("SELECT array_agg(feature ORDER BY feature) FROM family_features "
-                              "WHERE family_key = 'wide'")
-    for mode in ("force_custom_plan", "force_generic_plan"):
-        await db.execute(f"SET plan_cache_mode = {mode}")
-        plans = await _nested_plans(db, Q["claim_fast"], sub, family, feats, "dev", 5, 64)
-        picks = [p for p in plans if "CROSS JOIN LATERAL" in p.get("Query Text", "")]
-        assert len(picks) == 1, f"{mode}: expected one nested pick statement, saw {len(plans)} plans"
-        _assert_probes([picks[0]])
-        scans = [n for p in plans for n in _nodes(p["Plan"])
-                 if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
-        assert not scans, f"{mode}: a statement of claim_fast scans tasks: {scans}"
-    await db.execute("RESET plan_cache_mode")
+def _literal(value: Any) -> str:
+    """A SQL literal for a test value (text, int or a list of them)."""
+    if isinstance(value, list):
+        return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::" + ("text[]" if value else "int[]")
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ainarres_api import __version__
 from ainarres_api.server import logs
 from ainarres_api.server.api import admin as admin_api
-from ainarres_api.server.api import fastverbs, mcp_server, problems
+from ainarres_api.server.api import mcp_server, problems, verbs
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
@@ -114,11 +114,8 @@ class PublishWakes:
             await self.app(scope, receive, publishing)
 
 
-def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool = True) -> FastAPI:
-    """Build the service for one database; `dsn` overrides settings.database_url.
-
-    `fast_verbs=False` leaves the agent verbs to FastAPI's routes (the equivalence tests compare both).
-    """
+def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
+    """Build the service for one database; `dsn` overrides settings.database_url."""
     target = dsn or settings.database_url
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
@@ -207,6 +204,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
             await conn.fetchval("SELECT 1")
         return {"status": "ok", "version": __version__}
 
+    app.include_router(verbs.build_router())  # first: the hot routes are matched first
     app.include_router(tasks_api.router)
     app.include_router(admin_api.router)
     app.include_router(oversight_api.router)
@@ -214,8 +212,6 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
     app.include_router(web_api.router)
     app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
-    if fast_verbs:  # innermost: inside the body limit, the wake publication, the metrics and the log
-        app.add_middleware(fastverbs.FastVerbs, state=lambda: app.state.ainarres)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)

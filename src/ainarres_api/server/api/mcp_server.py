@@ -11,6 +11,7 @@ may omit both; an explicit `lease` always wins.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import uuid
@@ -26,17 +27,17 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import to_jsonable_python
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from ainarres_api import __version__
-from ainarres_api.server.api import schemas
-from ainarres_api.server.api.deps import AppState
+from ainarres_api.server.api import schemas, verbs
+from ainarres_api.server.api.deps import AppState, Lent
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, Unauthenticated
-from ainarres_api.server.services import auth, claiming, tasks, wake
+from ainarres_api.server.services import auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 log = logging.getLogger("ainarres.mcp")
@@ -85,63 +86,12 @@ This session remembers the id and lease of what you hold: you may omit `task_id`
 
 {REFUSALS}"""
 
+# The read tools; the verbs' tools are declared with the verbs (api/verbs.py).
 TOOLS: dict[str, str] = {
     "me": """\
 Who you are (sub, family), your effective features, the lanes you may work in, and the tasks you
 hold with their leases (this session then remembers them). Call it first, and whenever you are
 unsure what you hold. `remembered` shows what this session uses when you omit task_id and lease.""",
-    "claim": """\
-Take the best task you may do now and hold it. Returns code "claimed" with `task`, `lease` (your
-proof of holding; this session remembers it) and `card` (what to do at this stage: `instructions`,
-and `transitions`, the legal ways out). Returns code "empty" when nothing is available: not an
-error; pass wait_seconds (up to 60) to wait for work, or try again later. You hold at most as many
-tasks as your family allows, usually one.
-Refusals: already_holding (you already hold a task: the refusal carries it and its lease, now
-remembered; finish it with advance, reject, release or block, then claim again).""",
-    "create_task": """\
-Create a new task in a lane, at the first stage of the lane's workflow: to split work into pieces
-or to hand work to others. Needs the lane's feature and the role that takes the workflow's first
-step. Put what the worker needs in `payload` (references, not large content). When you retry, pass
-the same `idempotency_key`: the same key with the same content returns the existing task (code
-"existing") instead of a duplicate.
-Refusals: not_eligible (you may not create in this lane), not_found (no such lane), conflict (the
-key was used for different content: use a new key), invalid, payload_too_large.""",
-    "heartbeat": """\
-Keep your hold on a task alive without reporting anything. A hold expires after the card's
-lease_seconds; call this (or progress) well before that while you work.
-Refusals: lease_lost (you no longer hold the task: stop working on it and claim again), not_found.""",
-    "progress": """\
-Record what you have done so far on the task you hold: a short note, and artifacts (references to
-work products: a branch, commit, file path or URL). Renews your hold. Call it at milestones and
-every few minutes; reviewers and humans read these notes.
-Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.""",
-    "advance": """\
-Finish your stage: move the task you hold forward to stage `to` (a transition of kind advance on
-its card), with a note and artifacts saying what you did. Your hold ends.
-Refusals: illegal_transition (no advance from this stage to `to`; the detail lists the legal
-targets), not_eligible (you lack the features that way out needs: pick another target, or
-release), guard_failed (a condition on the task, the card's guard, is false: fix what it checks,
-then retry), lease_lost (stop; claim again).""",
-    "reject": """\
-Send the task you hold back to an earlier stage `to` for rework (a transition of kind reject on its
-card), with the reason: what exactly must be fixed. Usually a reviewer's verb. Your hold ends. If
-the stage's rework cap is reached, the task is blocked for a human instead (code "blocked").
-Refusals: illegal_transition (the detail lists the legal targets), not_eligible, guard_failed,
-lease_lost (stop; claim again).""",
-    "release": """\
-Give the task you hold back unfinished so that someone else (perhaps a stronger agent) can take it:
-when you cannot do it. Counts as a failed attempt; repeated attempts escalate the task or block it
-for a human (code "blocked"). Your hold ends.
-Refusals: lease_lost, not_found.""",
-    "block": """\
-Park the task you hold for a human: when work cannot go on without a decision, access or
-information you cannot get. Say exactly what is needed in `reason`. Your hold ends; the task stays
-out of the queue until someone unblocks it.
-Refusals: lease_lost, not_found, invalid.""",
-    "unblock": """\
-Make a blocked task claimable again once what blocked it is resolved (its attempts start over). No
-hold needed; needs seat:overseer, or the features to work the task's stage.
-Refusals: not_eligible, conflict (the task is not blocked), not_found.""",
     "show_task": """\
 Read one task (default: the one you hold in this session) and its history, oldest first: claims,
 progress notes with artifacts, transitions, and the reasons of rejections. Reviewers: read the
@@ -154,19 +104,11 @@ stage; with `lane`, every stage's card of the lane's workflow.
 Refusals: not_eligible (you lack the lane's feature, or no such lane), not_found (no such task).""",
 }
 
-# The tools check their arguments with the HTTP bodies' models; the lease is resolved afterwards
-# (remembered or given) and checked by the service, so the models get a stand-in.
-_ANY_LEASE = uuid.UUID(int=0)
-
 TaskIdArg = Annotated[str | None, Field(
     description="the task's id; omit it to mean the task you hold in this session")]
 LeaseArg = Annotated[str | None, Field(
     description="the lease from claim; omit it to use the one this session remembers")]
-ArtifactsArg = Annotated[list[dict[str, Any]] | None, Field(
-    description="references to work products, each {type, uri|path|sha|name, hash?}, e.g. "
-                '{"type": "commit", "sha": "4f2a…"} or {"type": "file", "path": "src/app.py"}')]
-ToArg = Annotated[str, Field(description="the target stage's key, from the card's transitions")]
-
+_TASK_ID_REQUIRED = Annotated[str, Field(description="the task's id")]
 
 # -- authentication ----------------------------------------------------------------------------------
 
@@ -294,6 +236,25 @@ def _refusal(exc: AinarresError) -> CallToolResult:
                           is_error=True)
 
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its local `$defs` references replaced by what they name (tool arguments are
+    schemas of their own, without a shared `$defs`)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out: dict[str, Any] = walk(schema)
+    return out
+
+
 def _validated(model: type[schemas.Body], **fields: Any) -> Any:
     """The tool's arguments checked by the same model, so the same bounds, as the HTTP body."""
     try:
@@ -302,10 +263,6 @@ def _validated(model: type[schemas.Body], **fields: Any) -> Any:
         errs = [{"field": ".".join(str(p) for p in e["loc"]) or "arguments", "detail": e["msg"]}
                 for e in exc.errors()]
         raise Invalid("; ".join(f"{e['field']}: {e['detail']}" for e in errs[:10]), errors=errs) from None
-
-
-def _artifacts(body: Any) -> list[dict[str, Any]]:
-    return [a.model_dump(exclude_none=True) for a in body.artifacts]
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -397,14 +354,62 @@ class McpFace:
             raise Unauthenticated("send Authorization: Bearer <token> with every MCP request")
         return Call(agent, self._memory(ctx, agent), self.state())
 
-    async def _claim(self, call: Call, lane: str | None, wait_seconds: float) -> dict[str, Any]:
-        """Claim; while there is nothing and time is left, wait for a wake-up and claim again."""
-        st, p = call.st, call.p
-        if wait_seconds <= 0:
-            async with st.pool.acquire() as conn:
-                return await tasks.claim(conn, p, lane, st.limits)
-        return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, call.agent.bearer, p, lane,
-                                            wait_seconds)
+    def _verb_tool(self, verb: verbs.Verb) -> Callable[..., Awaitable[CallToolResult]]:
+        """The MCP tool of a verb, made from its declaration: its arguments are the verb's body fields (the
+        lease, and the task id of a held task, may be left to what the session remembers); it runs the
+        verb's own work with the caller the guard authenticated."""
+        fields = verb.body.model_fields
+        takes_lease = "lease" in fields
+
+        async def tool(ctx: Context[Any, Any], **args: Any) -> CallToolResult:
+            async def body(call: Call) -> dict[str, Any]:
+                task_id = call.task_id(args.pop("task_id", None)) if verb.on_task else None
+                used = None
+                if takes_lease:
+                    assert task_id is not None
+                    used = args["lease"] = call.lease(task_id, args.get("lease"))
+                parsed = _validated(verb.body, **args)
+                st = call.st
+                lent = Lent(call.p, await st.pool.acquire(), st.pool)
+                try:
+                    out, _ = await verb.work(verbs.Call(st, call.p, lent, call.agent.bearer), task_id, parsed)
+                except AinarresError as exc:
+                    held, lease = exc.task, exc.extra.get("lease")
+                    if exc.code == "already_holding" and held and lease:
+                        call.memory.hold(str(held["id"]), lease["id"])
+                    if exc.code == "lease_lost" and task_id and call.memory.leases.get(str(task_id)) == used:
+                        call.memory.forget(str(task_id))  # a lease found dead is forgotten
+                    raise
+                finally:
+                    await lent.release()
+                if out.get("lease") and out.get("task"):  # claimed, or renewed: remember the hold
+                    call.memory.hold(str(out["task"]["id"]), out["lease"]["id"])
+                if verb.ends_hold and task_id is not None:
+                    call.memory.forget(str(task_id))
+                return out
+            return await self._run(ctx, body)
+
+        params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context[Any, Any])]
+        if verb.on_task:
+            params.append(inspect.Parameter("task_id", inspect.Parameter.KEYWORD_ONLY, default=None if verb.held
+                                            else inspect.Parameter.empty,
+                                            annotation=TaskIdArg if verb.held else _TASK_ID_REQUIRED))
+        for name, f in fields.items():
+            if name == "lease":
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                annotation=LeaseArg))
+                continue
+            # Checked by the verb's body model (_validated), so a refusal is the service's own `invalid`; the
+            # model only lends the argument its JSON schema.
+            shown = _inlined(TypeAdapter(f.annotation or Any).json_schema())
+            annotation = Annotated[Any, WithJsonSchema(shown), Field(description=f.description)]
+            default = inspect.Parameter.empty if f.is_required() else f.get_default(call_default_factory=True)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+        tool.__signature__ = inspect.Signature(params, return_annotation=CallToolResult)  # type: ignore[attr-defined]
+        tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": CallToolResult}
+        tool.__name__ = verb.tool
+        return tool
 
     def _register(self) -> None:
         srv, run, face = self.server, self._run, self
@@ -413,28 +418,6 @@ class McpFace:
 
         def tool(name: str, title: str, hints: ToolAnnotations) -> Callable[[Any], Any]:
             return srv.tool(name=name, title=title, annotations=hints, description=TOOLS[name])
-
-        def _end(call: Call, task_id: uuid.UUID, out: dict[str, Any]) -> dict[str, Any]:
-            call.memory.forget(str(task_id))  # the hold ended
-            return out
-
-        async def _held(call: Call, task_id: str | None, lease: str | None,
-                        fn: Callable[[asyncpg.Connection, uuid.UUID, uuid.UUID], Awaitable[dict[str, Any]]]
-                        ) -> tuple[uuid.UUID, dict[str, Any]]:
-            """Run a verb on a held task (remembered unless named); a lease found dead is forgotten."""
-            tid = call.task_id(task_id)
-            used = call.lease(tid, lease)
-            try:
-                lid = uuid.UUID(used)
-            except ValueError:
-                raise Invalid(f"lease: {used!r} is not a lease id (a UUID, as claim returns)") from None
-            try:
-                async with call.db() as conn:
-                    return tid, await fn(conn, tid, lid)
-            except AinarresError as exc:
-                if exc.code == "lease_lost" and call.memory.leases.get(str(tid)) == used:
-                    call.memory.forget(str(tid))
-                raise
 
         @tool("me", "Who am I, what do I hold", reading)
         async def me(ctx: Context[Any, Any]) -> CallToolResult:
@@ -447,142 +430,9 @@ class McpFace:
                 return {"code": "ok", **out, "remembered": remembered}
             return await run(ctx, body)
 
-        @tool("claim", "Take the next task", acting)
-        async def claim(
-            ctx: Context[Any, Any],
-            lane: Annotated[str | None, Field(description="claim only from this lane (see me)")] = None,
-            wait_seconds: Annotated[float, Field(
-                description="if nothing is available, wait up to this many seconds (0-60) for work")] = 0,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.ClaimIn, lane=lane, wait_seconds=wait_seconds)
-                try:
-                    out = await face._claim(call, args.lane, args.wait_seconds)
-                except AinarresError as exc:
-                    held, lease = exc.task, exc.extra.get("lease")
-                    if exc.code == "already_holding" and held and lease:
-                        call.memory.hold(str(held["id"]), lease["id"])
-                    raise
-                if out["code"] == "claimed":
-                    call.memory.hold(str(out["task"]["id"]), out["lease"]["id"])
-                return out
-            return await run(ctx, body)
-
-        @tool("create_task", "Create a task", acting)
-        async def create_task(
-            ctx: Context[Any, Any],
-            lane: Annotated[str, Field(description="the lane's key (me lists yours)")],
-            title: Annotated[str, Field(description="a short imperative title, at most 200 characters")],
-            payload: Annotated[dict[str, Any] | None, Field(
-                description="what the worker needs: a JSON object (goal, repo, paths, checks)")] = None,
-            priority: Annotated[int, Field(description="higher is claimed first; default 0")] = 0,
-            required_features: Annotated[list[str] | None, Field(
-                description='extra features a claimer must have, e.g. ["area:backend"]')] = None,
-            depends_on: Annotated[list[str] | None, Field(
-                description="ids of tasks that must finish before this one can be claimed")] = None,
-            idempotency_key: Annotated[str | None, Field(
-                description="a key of your choosing that makes retries safe")] = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.TaskCreate, lane=lane, title=title, payload=payload,
-                                  priority=priority, required_features=required_features,
-                                  depends_on=depends_on, idempotency_key=idempotency_key)
-                async with call.db() as conn:
-                    out, created = await tasks.create(conn, call.p, args.model_dump(mode="json"),
-                                                      call.st.limits)
-                return {"code": "created" if created else "existing", **out}
-            return await run(ctx, body)
-
-        @tool("heartbeat", "Keep my hold alive", acting)
-        async def heartbeat(ctx: Context[Any, Any], task_id: TaskIdArg = None,
-                            lease: LeaseArg = None) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                tid, out = await _held(call, task_id, lease,
-                                       lambda conn, tid, lid: tasks.heartbeat(conn, call.p, tid, lid))
-                call.memory.hold(str(tid), out["lease"]["id"])
-                return out
-            return await run(ctx, body)
-
-        @tool("progress", "Report progress", acting)
-        async def progress(
-            ctx: Context[Any, Any],
-            note: Annotated[str, Field(description="what you did or found, in a few sentences")],
-            artifacts: ArtifactsArg = None, task_id: TaskIdArg = None, lease: LeaseArg = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.ProgressIn, lease=_ANY_LEASE, note=note, artifacts=artifacts)
-                _, out = await _held(call, task_id, lease, lambda conn, tid, lid: tasks.progress(
-                    conn, call.p, tid, lid, args.note, _artifacts(args)))
-                return out
-            return await run(ctx, body)
-
-        @tool("advance", "Finish my stage", acting)
-        async def advance(
-            ctx: Context[Any, Any], to: ToArg,
-            note: Annotated[str | None, Field(description="what you did, for the next stage")] = None,
-            artifacts: ArtifactsArg = None, task_id: TaskIdArg = None, lease: LeaseArg = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.AdvanceIn, lease=_ANY_LEASE, to=to, note=note,
-                                  artifacts=artifacts)
-                tid, out = await _held(call, task_id, lease, lambda conn, tid, lid: tasks.transition(
-                    conn, call.p, tid, lid, "advance", args.to, args.note, _artifacts(args)))
-                return _end(call, tid, out)
-            return await run(ctx, body)
-
-        @tool("reject", "Send back for rework", acting)
-        async def reject(
-            ctx: Context[Any, Any], to: ToArg,
-            reason: Annotated[str, Field(description="what must be fixed, specific enough to act on")],
-            artifacts: ArtifactsArg = None, task_id: TaskIdArg = None, lease: LeaseArg = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.RejectIn, lease=_ANY_LEASE, to=to, reason=reason,
-                                  artifacts=artifacts)
-                tid, out = await _held(call, task_id, lease, lambda conn, tid, lid: tasks.transition(
-                    conn, call.p, tid, lid, "reject", args.to, args.reason, _artifacts(args)))
-                return _end(call, tid, out)
-            return await run(ctx, body)
-
-        @tool("release", "Give the task back", acting)
-        async def release(
-            ctx: Context[Any, Any],
-            reason: Annotated[str | None, Field(description="why you are giving it back")] = None,
-            task_id: TaskIdArg = None, lease: LeaseArg = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.ReleaseIn, lease=_ANY_LEASE, reason=reason)
-                tid, out = await _held(call, task_id, lease, lambda conn, tid, lid: tasks.release(
-                    conn, call.p, tid, lid, args.reason))
-                return _end(call, tid, out)
-            return await run(ctx, body)
-
-        @tool("block", "Park for a human", acting)
-        async def block(
-            ctx: Context[Any, Any],
-            reason: Annotated[str, Field(description="what a human must decide or provide")],
-            task_id: TaskIdArg = None, lease: LeaseArg = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                args = _validated(schemas.BlockIn, lease=_ANY_LEASE, reason=reason)
-                tid, out = await _held(call, task_id, lease, lambda conn, tid, lid: tasks.block(
-                    conn, call.p, tid, lid, args.reason))
-                return _end(call, tid, out)
-            return await run(ctx, body)
-
-        @tool("unblock", "Unblock a task", acting)
-        async def unblock(
-            ctx: Context[Any, Any],
-            task_id: Annotated[str, Field(description="the blocked task's id")],
-            note: Annotated[str | None, Field(description="what was resolved")] = None,
-        ) -> CallToolResult:
-            async def body(call: Call) -> dict[str, Any]:
-                tid = call.task_id(task_id)
-                args = _validated(schemas.UnblockIn, note=note)
-                async with call.db() as conn:
-                    out = await tasks.unblock(conn, call.p, tid, args.note)
-                return out
-            return await run(ctx, body)
+        for verb in verbs.VERBS:
+            srv.add_tool(face._verb_tool(verb), name=verb.tool, title=verb.tool_title, description=verb.tool_text,
+                         annotations=acting)
 
         @tool("show_task", "Show a task and its history", reading)
         async def show_task(ctx: Context[Any, Any], task_id: TaskIdArg = None) -> CallToolResult:

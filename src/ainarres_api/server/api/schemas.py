@@ -94,54 +94,83 @@ class Artifact(Body):
 
 
 Artifacts = Annotated[list[Artifact], Field(max_length=50)]
+_ARTIFACTS = ("references to work products, each {type, uri|path|sha|name, hash?}, e.g. "
+              '{"type": "commit", "sha": "4f2a…"} or {"type": "file", "path": "src/app.py"}')
 
 
 class TaskCreate(Body):
-    lane: Key
-    title: Annotated[str, Field(min_length=1, max_length=200)]
-    payload: dict[str, Any] = Field(default_factory=dict)
-    priority: Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)] = 0
-    required_features: Features = Field(default_factory=list)
-    depends_on: Annotated[list[uuid.UUID], Field(max_length=100)] = Field(default_factory=list)
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """A new task, at the first stage of its lane's workflow."""
+
+    lane: Key = Field(description="the lane's key (GET /v1/me lists yours)")
+    title: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="a short imperative title, at most 200 characters")
+    payload: dict[str, Any] = Field(default_factory=dict, description=(
+        "what the worker needs: a JSON object of references (goal, repo, paths, checks), not content"))
+    priority: Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)] = Field(
+        default=0, description="higher is claimed first")
+    required_features: Features = Field(default_factory=list, description=(
+        'registered features a claimer must hold besides the lane\'s, e.g. ["area:backend"]'))
+    depends_on: Annotated[list[uuid.UUID], Field(max_length=100)] = Field(
+        default_factory=list, description="ids of tasks that must finish before this one can be claimed")
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="a key of your choosing that makes retries safe: the same key and content "
+                                  "answer the task made the first time")
 
 
 class ClaimIn(Body):
-    lane: Key | None = None
-    wait_seconds: Annotated[float, Field(ge=0, le=60)] = 0
+    """What to claim from, and how long to wait for work."""
+
+    lane: Key | None = Field(default=None, description="claim only from this lane (default: any of yours)")
+    wait_seconds: Annotated[float, Field(ge=0, le=60)] = Field(
+        default=0, description="if nothing is available, wait up to this many seconds (0-60) for work")
 
 
 class LeaseIn(Body):
-    lease: uuid.UUID
+    """The lease of the hold the verb acts under."""
+
+    lease: uuid.UUID = Field(description="the lease id the claim returned")
 
 
 class ProgressIn(LeaseIn):
-    note: Note
-    artifacts: Artifacts = Field(default_factory=list)
+    """A progress report on a held task."""
+
+    note: Note = Field(description="what you did or found, in a few sentences")
+    artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
 class AdvanceIn(LeaseIn):
-    to: Key
-    note: Note | None = None
-    artifacts: Artifacts = Field(default_factory=list)
+    """Move a held task forward."""
+
+    to: Key = Field(description="the target stage's key, from the card's transitions")
+    note: Note | None = Field(default=None, description="what you did, for the next stage")
+    artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
 class RejectIn(LeaseIn):
-    to: Key
-    reason: Note
-    artifacts: Artifacts = Field(default_factory=list)
+    """Send a held task back for rework."""
+
+    to: Key = Field(description="the target stage's key, from the card's transitions")
+    reason: Note = Field(description="what must be fixed, specific enough to act on")
+    artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
 class ReleaseIn(LeaseIn):
-    reason: Note | None = None
+    """Give a held task back."""
+
+    reason: Note | None = Field(default=None, description="why you are giving it back")
 
 
 class BlockIn(LeaseIn):
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    """Park a held task for a human."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=2000)] = Field(
+        description="what a human must decide or provide")
 
 
 class UnblockIn(Body):
-    note: Note | None = None
+    """Make a blocked task claimable again."""
+
+    note: Note | None = Field(default=None, description="what was resolved")
 
 
 class FeatureIn(Body):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
-import re
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import (
+    AinarresError,
     AlreadyHolding,
     Conflict,
     GuardFailed,
@@ -24,11 +23,10 @@ from ainarres_api.server.errors import (
     NotEligible,
     NotFound,
 )
-from ainarres_api.server.services import auth, wake
-from ainarres_api.server.services.auth import Principal, Signer
+from ainarres_api.server.services import wake
+from ainarres_api.server.services.auth import Principal
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
-_TIER = re.compile(r"^tier:(\d+)$")
 # One claim never walks more than this many recovery steps (blocks/escalations) before answering.
 _MAX_CLAIM_STEPS = 32
 
@@ -51,9 +49,12 @@ def _lease_out(lease_id: Any, expires_at: Any) -> dict[str, Any]:
     return {"id": str(lease_id), "expires_at": expires_at.isoformat() if expires_at else None}
 
 
-def _check_visible(p: Principal, lane_key: str) -> None:
-    if not (p.has(f"lane:{lane_key}") or p.oversees):
-        raise NotFound("no such task visible to you; check the id, or ask for the lane's feature")
+async def _visible(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> asyncpg.Record:
+    """The task (task_get), if the caller may see it (may_see)."""
+    row = await conn.fetchrow(Q["task_get"], task_id, sorted(p.features), p.oversees)
+    if row is None or not row["visible"]:
+        raise _refused("not_found", None)
+    return row
 
 
 async def _route(conn: asyncpg.Connection, lane_id: Any, lane_key: str, stage_id: Any,
@@ -179,180 +180,100 @@ async def eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | No
     return [r["id"] for r in await conn.fetch(Q["eligible_routes"], sorted(p.features), lane)]
 
 
-async def _eligible_routes(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
-                           prefer: Collection[int] = ()) -> list[int]:
-    return _capped(await eligible_routes(conn, p, lane), limits, prefer)
+# Why a held-task verb changed nothing, by the verdict its statement gave (lease_state, not_found).
+_LEASE_WORDS = {
+    "expired": "your lease on it expired (it has not been taken over yet)",
+    "foreign": "it is held by another agent under that lease; present your own lease",
+    "ended": "you no longer hold it under that lease (the hold ended: finished, released, blocked, or taken "
+             "over after it expired)",
+}
 
 
-def _capped(routes: list[int], limits: Limits, prefer: Collection[int]) -> list[int]:
-    if len(routes) > limits.max_routes:
-        # Too many queues to probe in one claim: the routes a waiting claim was woken for first,
-        # then a random subset of the rest, so that over a few claims every queue is visited
-        # (documented in docs/operations.md).
-        first = [r for r in routes if r in prefer][:limits.max_routes]
-        rest = [r for r in routes if r not in prefer]
-        routes = first + random.sample(rest, limits.max_routes - len(first))
-    return routes
+def _refused(verdict: str, task: dict[str, Any] | None) -> AinarresError:
+    """The refusal for a held-task verb's verdict (not_found or a lease_state)."""
+    if verdict == "not_found":
+        return NotFound("no such task visible to you; check the id")
+    return LeaseLost(f"{_LEASE_WORDS[verdict]}; nothing was changed. Claim again (POST /v1/claims) to get work",
+                     task=task)
 
 
 async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
                 prefer: Collection[int] = ()) -> dict[str, Any]:
     """Take the best task the caller may do, recovering expired leases on the way."""
-    # The common case in one round trip; the function answers NULL for everything it leaves to the
-    # statement-by-statement path below (recovery, the max_active refusal, sampling many routes).
-    fast = await conn.fetchrow(Q["claim_fast"], p.sub, p.family, sorted(p.features), lane, p.max_active,
-                               limits.max_routes)
-    if (out := await _claim_decided(conn, fast)) is not None:
-        return out
-    return await _claim_by_statements(conn, p, lane, limits, prefer)
-
-
-async def claim_as(conn: asyncpg.Connection, signer: Signer, token: str, lane: str | None, limits: Limits
-                   ) -> dict[str, Any]:
-    """`claim` for a bearer token, its database read folded into the claim's one round trip; a token
-    or an agent that is not in order is authenticated statement by statement (and refused there)."""
-    jti, sub, family = auth.identity(signer, token)
-    fast = await conn.fetchrow(Q["claim_by_token"], jti, sub, family, lane, limits.max_routes)
-    if (out := await _claim_decided(conn, fast)) is not None:
-        return out
-    return await _claim_by_statements(conn, await auth.authenticate(conn, signer, token), lane, limits, ())
-
-
-async def _claim_decided(conn: asyncpg.Connection, fast: asyncpg.Record | None) -> dict[str, Any] | None:
-    """The answer of claim_fast / claim_by_token, or None where they left the claim to the statements."""
-    if fast is None or fast["code"] is None:
-        return None
-    if fast["code"] == "empty":
-        return {"code": "empty", "task": None, "lease": None}
-    return {"code": "claimed", "task": fast["task"], "lease": _lease_out(fast["lease_id"], fast["lease_expires_at"]),
-            "card": await stage_card(conn, fast["stage_id"]), "event": fast["event"]}
-
-
-async def _claim_by_statements(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
-                               prefer: Collection[int]) -> dict[str, Any]:
-    async with conn.transaction():
-        # Lock (reading the eligible routes in the same round trip), then count the agent's holds
-        # in a later statement: a statement that took the lock would count from a snapshot taken
-        # before the lock was granted and miss a claim this agent committed meanwhile. The count
-        # rides in claim_take (the usual case: one fewer round trip) or, when there is nothing to
-        # take, in agent_held.
-        locked = await conn.fetchrow(Q["agent_lock_routes"], p.sub, sorted(p.features), lane)
-        routes = _capped(list(locked["routes"]) if locked else [], limits, prefer)
-        for _ in range(_MAX_CLAIM_STEPS):
-            cand = await conn.fetchrow(Q["claim_pick"], routes) if routes else None
-            if cand is None:
-                await _check_room(conn, p)
-                return {"code": "empty", "task": None, "lease": None}
-            extra: dict[str, Any] = {}
-            bump = 0
-            if cand["expired"]:
-                attempts = cand["attempts"] + 1
-                prev = {"previous_holder": cand["holder"], "previous_lease": str(cand["lease_id"])}
-                if await _exhausted_or_escalated(conn, p, cand, attempts, prev):
-                    # An escalation may have opened a route this caller may take (the task itself).
-                    routes = await _eligible_routes(conn, p, lane, limits, prefer)
-                    continue
-                bump = 1
-                extra = {"reclaimed": True, **prev}
-            take = (Q["claim_take"], cand["id"], p.sub, bump, p.family, extra, cand["stage_key"], p.max_active)
-            row = await conn.fetchrow(*take)
-            if row is None:
-                # At max_active: _check_room raises, and the rollback undoes any recovery above.
-                # Otherwise one of the agent's holds ended between the two statements (holds only
-                # grow through claims, which agent_lock_routes serialises): the take now succeeds.
-                await _check_room(conn, p)
-                row = await conn.fetchrow(*take)
-                assert row is not None
-            return {"code": "claimed", "task": row["task"], "lease": _lease_out(row["lease_id"],
-                                                                             row["lease_expires_at"]),
-                    "card": await stage_card(conn, cand["stage_id"]), "event": row["event"]}
-        await _check_room(conn, p)
+    features = sorted(p.features)
+    for _ in range(_MAX_CLAIM_STEPS):
+        row = await conn.fetchrow(Q["claim"], p.sub, p.family, features, lane, p.max_active, limits.max_routes,
+                                  list(prefer))
+        verdict = row["verdict"]
+        if verdict == "take":
+            return {"code": "claimed", "task": row["task"],
+                    "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
+                    "card": await stage_card(conn, row["stage_id"]), "event": row["event"]}
+        if verdict == "empty":
+            return {"code": "empty", "task": None, "lease": None}
+        if verdict == "full":
+            await _refuse_if_full(conn, p)  # counted again with a fresh snapshot: a hold may have ended
+        elif verdict == "recover":
+            await _recover(conn, p, row["candidate"])
+        # stale (a claim of this agent committed meanwhile), or recovered: claim again with a new snapshot
     return {"code": "empty", "task": None, "lease": None}
 
 
-async def _check_room(conn: asyncpg.Connection, p: Principal) -> None:
-    """Refuse the claim if the agent already holds max_active live leases (after agent_lock_routes)."""
-    held = list(await conn.fetchval(Q["agent_held"], p.sub))
-    if len(held) >= p.max_active:
-        rows = await conn.fetch(Q["held_by_agent"], p.sub)
-        first = rows[0] if rows else None
+async def _refuse_if_full(conn: asyncpg.Connection, p: Principal) -> None:
+    """Refuse the claim if the agent holds max_active live leases (read in a statement of its own)."""
+    rows = await conn.fetch(Q["held_by_agent"], p.sub)
+    if len(rows) >= p.max_active:
+        first = rows[0]
         raise AlreadyHolding(
-            f"you already hold {len(held)} task(s) and family {p.family} allows {p.max_active}; "
+            f"you already hold {len(rows)} task(s) and family {p.family} allows {p.max_active}; "
             "finish one (advance, reject, release or block) before claiming another",
-            task=first["task"] if first else None,
-            lease=_lease_out(first["lease_id"], first["lease_expires_at"]) if first else None,
+            task=first["task"], lease=_lease_out(first["lease_id"], first["lease_expires_at"]),
         )
 
 
-async def _exhausted_or_escalated(conn: asyncpg.Connection, p: Principal | None, cand: Mapping[str, Any],
-                                  attempts: int, ctx: dict[str, Any]) -> bool:
-    """Apply max attempts and escalation after a failed hold; True if the task left the claimer."""
-    if attempts >= cand["max_attempts"]:
-        await conn.fetchval(Q["task_set_blocked"], cand["id"], MAX_ATTEMPTS_REASON, attempts)
-        await _event(conn, cand["id"], "blocked", p, {"reason": MAX_ATTEMPTS_REASON, "attempts": attempts,
-                                                     **ctx})
-        return True
-    esc = cand["escalate_after"]
-    if esc is not None and attempts >= esc:
-        current = max((int(m.group(1)) for f in cand["required_features"] if (m := _TIER.match(f))),
-                      default=1)
-        nxt = f"tier:{current + 1}"
-        if await conn.fetchval(Q["tier_exists"], nxt):
-            required = _canonical([f for f in cand["required_features"] if not _TIER.match(f)] + [nxt])
-            route = await _route(conn, cand["lane_id"], cand["lane_key"], cand["stage_id"], required)
-            await conn.execute(Q["task_remember_base"], cand["id"])
-            await conn.fetchval(Q["task_set_ready"], cand["id"], route, required, False, attempts,
-                                dict(cand["rework_by_stage"]))
-            wake.ready(route)
-            await _event(conn, cand["id"], "escalated", p, {"from_tier": current, "to_tier": current + 1,
-                                                           "attempts": attempts, **ctx})
-            return True
-    return False
+async def _recover(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> None:
+    """Apply what an expired hold a claim met is due (recovery_due: block or escalate)."""
+    async with conn.transaction():
+        cand = await conn.fetchrow(Q["claim_recover"], task_id)
+        if cand is None or cand["due"] is None:  # someone else recovered it, or nothing is due any more
+            return
+        prev = {"previous_holder": cand["holder"], "previous_lease": str(cand["lease_id"])}
+        await _apply_due(conn, p, cand, cand["attempts"], prev)
 
 
-async def _locked(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> asyncpg.Record:
-    row = await conn.fetchrow(Q["task_lock"], task_id)
-    if row is None:
-        # After a lock wait PostgreSQL rechecks the join to the stage with the stage row it read before
-        # the wait, so a task another call moved to a new stage meanwhile drops out of the result
-        # (still locked by us). Read it again, in a new statement, before calling it missing: the
-        # late caller then gets lease_lost, not not_found.
-        row = await conn.fetchrow(Q["task_lock"], task_id)
-    if row is None:
-        raise NotFound("no such task visible to you; check the id")
-    _check_visible(p, row["lane_key"])
-    return row
-
-
-def _check_lease(p: Principal, row: asyncpg.Record, lease: uuid.UUID) -> None:
-    same = row["lease_id"] is not None and str(row["lease_id"]) == str(lease)
-    if not (row["state"] == "held" and row["holder"] == p.sub and same and row["lease_live"]):
-        why = ("its lease expired" if row["state"] == "held" and same
-               else "you do not hold it under that lease")
-        raise LeaseLost(f"{why}; nothing was changed. Claim again (POST /v1/claims) to get work",
-                        task=row["task"])
+async def _apply_due(conn: asyncpg.Connection, p: Principal | None, row: Mapping[str, Any], attempts: int,
+                     ctx: dict[str, Any]) -> dict[str, Any]:
+    """Block or escalate a task after a failed hold, as `row["due"]` says; returns the event."""
+    if row["due"] == "block":
+        await conn.fetchval(Q["task_set_blocked"], row["id"], MAX_ATTEMPTS_REASON, attempts)
+        return await _event(conn, row["id"], "blocked", p, {"reason": MAX_ATTEMPTS_REASON, "attempts": attempts,
+                                                           **ctx})
+    required = list(row["escalated"])
+    route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
+    await conn.fetchval(Q["task_escalate"], row["id"], route, required, attempts)
+    wake.ready(route)
+    return await _event(conn, row["id"], "escalated", p, {"from_tier": row["tier"], "to_tier": row["tier"] + 1,
+                                                         "attempts": attempts, **ctx})
 
 
 async def heartbeat(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID
                     ) -> dict[str, Any]:
     """Extend a held lease by its stage's lease length."""
-    async with conn.transaction():
-        row = await _locked(conn, p, task_id)
-        _check_lease(p, row, lease)
-        r = await conn.fetchrow(Q["task_renew"], task_id, row["lease_seconds"], False)
+    r = await conn.fetchrow(Q["renew"], task_id, lease, p.sub, p.family, False, None, [],
+                            sorted(p.features), p.oversees)
+    if r["verdict"] != "ok":
+        raise _refused(r["verdict"], r["task"])
     return {"code": "ok", "lease": _lease_out(r["lease_id"], r["lease_expires_at"]), "task": r["task"]}
 
 
 async def progress(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
                    note: str, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
     """Record progress on a held task and renew its lease."""
-    async with conn.transaction():
-        row = await _locked(conn, p, task_id)
-        _check_lease(p, row, lease)
-        r = await conn.fetchrow(Q["task_renew"], task_id, row["lease_seconds"], True)
-        ev = await _event(conn, task_id, "progress", p, {"note": note, "artifacts": artifacts,
-                                                       "lease": str(lease), "stage": row["stage_key"]})
-    return {"code": "ok", "task": r["task"], "event": ev,
+    r = await conn.fetchrow(Q["renew"], task_id, lease, p.sub, p.family, True, note, artifacts,
+                            sorted(p.features), p.oversees)
+    if r["verdict"] != "ok":
+        raise _refused(r["verdict"], r["task"])
+    return {"code": "ok", "task": r["task"], "event": r["event"],
             "lease": _lease_out(r["lease_id"], r["lease_expires_at"])}
 
 
@@ -360,100 +281,48 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
                      kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
                      ) -> dict[str, Any]:
     """Advance or reject a held task to stage `to`, releasing the hold."""
-    # The common case in one round trip; NULL: a refusal, a guard, the rework cap or a new route,
-    # which the statement-by-statement path below decides and words.
-    fast = await conn.fetchrow(Q["transition_fast"], task_id, lease, kind, to, text, artifacts, p.sub, p.family,
-                               sorted(p.features), p.oversees)
-    if (out := _transition_decided(fast)) is not None:
-        return out
-    return await _transition_by_statements(conn, p, task_id, lease, kind, to, text, artifacts)
+    args = (task_id, lease, kind, to, text, artifacts, p.sub, p.family, sorted(p.features), p.oversees)
+    for _ in range(3):
+        r = await conn.fetchrow(Q["transition"], *args, False)
+        verdict = r["verdict"]
+        if verdict == "no_route":  # routes are append-only: creating one ahead of the move is harmless
+            async with conn.transaction():
+                await _route(conn, r["lane_id"], r["lane_key"], r["to_stage_id"], list(r["base_required"]))
+            continue
+        if verdict == "dependents":
+            # Finishing a prerequisite: its dependents are locked and promoted in the same transaction, in a
+            # statement after the lock, whose snapshot sees every prerequisite that finished meanwhile.
+            async with conn.transaction():
+                r = await conn.fetchrow(Q["transition"], *args, True)
+                if r["verdict"] == "ok":
+                    await _promote_dependents(conn, task_id)
+            if r["verdict"] in ("no_route", "dependents"):
+                continue
+        return _transitioned(r, kind, to)
+    raise AssertionError("transition: the target route was not found after creating it")
 
 
-async def transition_as(conn: asyncpg.Connection, signer: Signer, token: str, task_id: uuid.UUID,
-                        lease: uuid.UUID, kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
-                        ) -> dict[str, Any]:
-    """`transition` for a bearer token, its database read folded into the one round trip (see claim_as)."""
-    jti, sub, family = auth.identity(signer, token)
-    fast = await conn.fetchrow(Q["transition_by_token"], jti, sub, family, list(auth.OVERSIGHT), task_id, lease,
-                               kind, to, text, artifacts)
-    if (out := _transition_decided(fast)) is not None:
-        return out
-    p = await auth.authenticate(conn, signer, token)
-    return await _transition_by_statements(conn, p, task_id, lease, kind, to, text, artifacts)
-
-
-def _transition_decided(fast: asyncpg.Record | None) -> dict[str, Any] | None:
-    """The answer of transition_fast / transition_by_token (recording the wake-ups), or None."""
-    if fast is None or fast["task"] is None:
-        return None
-    if fast["route_id"] is not None:
-        wake.ready(fast["route_id"])
-    for route in fast["promoted"] or ():
-        wake.ready(route)
-    return {"code": "ok", "task": fast["task"], "event": fast["event"]}
-
-
-async def _transition_by_statements(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
-                                    kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
-                                    ) -> dict[str, Any]:
-    async with conn.transaction():
-        # task_lock with the transitions to `to` (and their routes) in the same round trip.
-        row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)
-        if row is None:  # see _locked: a task moved to another stage while we waited for its lock
-            row = await conn.fetchrow(Q["task_lock_transition"], task_id, kind, to)
-        if row is None:
-            raise NotFound("no such task visible to you; check the id")
-        _check_visible(p, row["lane_key"])
-        _check_lease(p, row, lease)
-        base = row["base_required_features"]
-        required = list(base if base is not None else row["required_features"])
-        options = row["options"]
-        if not options:
-            targets = [r["key"] for r in await conn.fetch(Q["transition_targets"], row["stage_id"], kind)]
-            hint = f"legal {kind} targets from {row['stage_key']}: {', '.join(targets)}" if targets \
-                else f"no {kind} leads out of {row['stage_key']}"
-            raise IllegalTransition(f"no {kind} from {row['stage_key']} to {to!r}; {hint}", task=row["task"])
-        chosen = next((o for o in options if set(o["required_features"]) <= p.features), None)
-        if chosen is None:
-            closest = min(options, key=lambda o: len(set(o["required_features"]) - p.features))
-            raise NotEligible(f"{kind} {row['stage_key']} → {to} needs "
-                              f"{', '.join(p.missing(closest['required_features']))}", task=row["task"])
-        if chosen["has_guard"] and not await conn.fetchval(Q["guard_holds"], task_id, chosen["id"]):
-            raise GuardFailed(f"the guard on {row['stage_key']} → {to} is false for this task; "
-                              "fix what it checks (GET /v1/workflows shows it) and try again", task=row["task"])
-        from_stage = row["stage_key"]
-        rework = dict(row["rework_by_stage"])
-        data: dict[str, Any] = {"kind": kind, "from": from_stage, "to": to, "artifacts": artifacts,
-                                "lease": str(lease)}
-        if kind == "reject":
-            data["reason"] = text
-            done_here = int(rework.get(from_stage, 0))
-            cap = row["max_rework"]
-            if cap is not None and done_here + 1 > cap:
-                reason = (f"rework cap reached: {done_here} reject(s) out of {from_stage} already "
-                          f"(cap {cap}); a human must decide")
-                task = await conn.fetchval(Q["task_set_blocked"], task_id, reason, row["attempts"])
-                ev = await _event(conn, task_id, "blocked", p, {"reason": reason, "rework_cap": cap,
-                                                              "refused": data})
-                return {"code": "blocked", "task": task, "event": ev}
-            rework[from_stage] = done_here + 1
-        else:
-            data["note"] = text
-        if chosen["to_terminal"]:
-            state, route = "done", None
-        else:
-            state = "ready"
-            route = chosen["route_id"]  # the route, found with the transition; created if new
-            if route is None:
-                route = await _route(conn, row["lane_id"], row["lane_key"], chosen["to_stage_id"], required)
-        r = await conn.fetchrow(Q["task_transition_event"], task_id, chosen["to_stage_id"], route, state,
-                                1 if kind == "reject" else 0, rework, p.sub, p.family, data)
-        task, ev = r["task"], r["event"]
-        if state == "done":
-            await _promote_dependents(conn, task_id)
-        else:
-            wake.ready(route)
-    return {"code": "ok", "task": task, "event": ev}
+def _transitioned(r: asyncpg.Record, kind: str, to: str) -> dict[str, Any]:
+    """The answer to a transition statement's verdict (recording the wake-up), or its refusal."""
+    verdict, task, stage = r["verdict"], r["task"], r["stage_key"]
+    if verdict == "ok":
+        if r["route_id"] is not None:
+            wake.ready(r["route_id"])
+        return {"code": "ok", "task": task, "event": r["event"]}
+    if verdict == "rework_cap":
+        return {"code": "blocked", "task": task, "event": r["event"]}
+    if verdict == "illegal_transition":
+        targets = list(r["targets"] or [])
+        hint = f"legal {kind} targets from {stage}: {', '.join(targets)}" if targets \
+            else f"no {kind} leads out of {stage}"
+        raise IllegalTransition(f"no {kind} from {stage} to {to!r}; {hint}", task=task)
+    if verdict == "not_eligible":
+        closest = min((set(o) for o in r["options"]), key=len)
+        raise NotEligible(f"{kind} {stage} → {to} needs {', '.join(sorted(closest))}", task=task)
+    if verdict == "guard_failed":
+        raise GuardFailed(f"the guard on {stage} → {to} is false for this task; fix what it checks "
+                          "(the card shows it) and try again", task=task)
+    raise _refused(verdict, task)
 
 
 async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
@@ -463,54 +332,56 @@ async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> N
             wake.ready(r["route_id"])
 
 
+async def _lock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID | None
+                ) -> asyncpg.Record:
+    """The task locked (task_lock), refused if the caller may not see it or (with a lease) does not hold it."""
+    row = await conn.fetchrow(Q["task_lock"], task_id, p.sub, lease, sorted(p.features), p.oversees)
+    if row is None or not row["visible"]:
+        raise _refused("not_found", None)
+    if lease is not None and row["lease"] != "ok":
+        raise _refused(row["lease"], row["task"])
+    return row
+
+
 async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
                   reason: str | None) -> dict[str, Any]:
     """Give a held task back: attempts +1, which may escalate it or block it for a human."""
     async with conn.transaction():
-        row = await _locked(conn, p, task_id)
-        _check_lease(p, row, lease)
+        row = await _lock(conn, p, task_id, lease)
         attempts = row["attempts"] + 1
-        ctx = {"reason": reason, "lease": str(lease)}
-        cand = {"id": task_id, "max_attempts": row["max_attempts"], "escalate_after": row["escalate_after"],
-                "required_features": row["required_features"], "lane_id": row["lane_id"],
-                "lane_key": row["lane_key"], "stage_id": row["stage_id"],
-                "rework_by_stage": row["rework_by_stage"]}
-        if attempts >= row["max_attempts"]:
-            task = await conn.fetchval(Q["task_set_blocked"], task_id, MAX_ATTEMPTS_REASON, attempts)
-            ev = await _event(conn, task_id, "blocked", p, {"reason": MAX_ATTEMPTS_REASON,
-                                                          "attempts": attempts, "release_reason": reason,
-                                                          "lease": str(lease)})
-            return {"code": "blocked", "task": task, "event": ev}
-        escalated = await _exhausted_or_escalated(conn, p, cand, attempts, ctx)
-        if not escalated:
-            route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"],
-                                 list(row["required_features"]))
-            await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
-                                attempts, dict(row["rework_by_stage"]))
-            wake.ready(route)
+        if row["due"] is not None:
+            ev = await _apply_due(conn, p, row, attempts, {"release_reason" if row["due"] == "block" else "reason":
+                                                            reason, "lease": str(lease)})
+            task = (await conn.fetchrow(Q["task_get"], task_id, [], True))["task"]
+            if row["due"] == "block":
+                return {"code": "blocked", "task": task, "event": ev}
+            released = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
+                                                                   "lease": str(lease), "escalated": True})
+            return {"code": "ok", "task": task, "event": released}
+        required = list(row["required_features"])
+        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
+        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, attempts,
+                                   dict(row["rework_by_stage"]))
+        wake.ready(route)
         ev = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
-                                                       "lease": str(lease), "escalated": escalated})
-        task = (await conn.fetchrow(Q["task_get"], task_id))["task"]
+                                                       "lease": str(lease), "escalated": False})
     return {"code": "ok", "task": task, "event": ev}
 
 
 async def block(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
                 reason: str) -> dict[str, Any]:
     """Park a held task for a human: not claimable until unblocked; the hold is released."""
-    async with conn.transaction():
-        row = await _locked(conn, p, task_id)
-        _check_lease(p, row, lease)
-        task = await conn.fetchval(Q["task_set_blocked"], task_id, reason, row["attempts"])
-        ev = await _event(conn, task_id, "blocked", p, {"reason": reason, "lease": str(lease),
-                                                      "stage": row["stage_key"]})
-    return {"code": "ok", "task": task, "event": ev}
+    r = await conn.fetchrow(Q["block_held"], task_id, lease, p.sub, p.family, reason, sorted(p.features), p.oversees)
+    if r["verdict"] != "ok":
+        raise _refused(r["verdict"], r["task"])
+    return {"code": "ok", "task": r["task"], "event": r["event"]}
 
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None
                   ) -> dict[str, Any]:
     """Make a blocked task claimable again; attempts and this stage's rework count start over."""
     async with conn.transaction():
-        row = await _locked(conn, p, task_id)
+        row = await _lock(conn, p, task_id, None)
         if not p.has("seat:overseer"):
             lane_feature = f"lane:{row['lane_key']}"
             bundles = [set(r["required_features"]) | set(row["required_features"]) | {lane_feature}
@@ -521,12 +392,11 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
                                   f"missing {', '.join(p.missing(closest))}", task=row["task"])
         if row["state"] != "blocked":
             raise Conflict("the task is not blocked; nothing to do", task=row["task"])
-        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"],
-                             list(row["required_features"]))
+        required = list(row["required_features"])
+        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
         rework = dict(row["rework_by_stage"])
         rework.pop(row["stage_key"], None)
-        task = await conn.fetchval(Q["task_set_ready"], task_id, route, list(row["required_features"]), True,
-                                   0, rework)
+        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, 0, rework)
         wake.ready(route)
         ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"]})
     return {"code": "ok", "task": task, "event": ev}
@@ -549,10 +419,7 @@ async def stage_card(conn: asyncpg.Connection, stage_id: Any) -> dict[str, Any]:
 
 async def card_of(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
     """The role card for a task's current stage, if the caller may see the task."""
-    row = await conn.fetchrow(Q["task_get"], task_id)
-    if row is None:
-        raise NotFound("no such task visible to you; check the id")
-    _check_visible(p, row["lane_key"])
+    row = await _visible(conn, p, task_id)
     return {"task_id": str(task_id), **await stage_card(conn, row["stage_id"])}
 
 
@@ -572,11 +439,7 @@ async def lane_cards(conn: asyncpg.Connection, p: Principal, lane_key: str) -> d
 
 async def get(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
     """One task, if the caller may see its lane."""
-    row = await conn.fetchrow(Q["task_get"], task_id)
-    if row is None:
-        raise NotFound("no such task visible to you; check the id")
-    _check_visible(p, row["lane_key"])
-    task: dict[str, Any] = row["task"]
+    task: dict[str, Any] = (await _visible(conn, p, task_id))["task"]
     return task
 
 

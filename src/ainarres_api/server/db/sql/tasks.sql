@@ -1,74 +1,91 @@
 -- Tasks: the nine verbs and their reads. Every state change also appends an event in the same
 -- transaction (the service opens it). Names in alphabetical order.
 
--- name: agent_held
--- The tasks an agent holds under a live lease. Run it after agent_lock_routes, as its own statement: in
--- READ COMMITTED a statement's snapshot is taken when it starts, so only a statement that starts
--- after the lock is granted sees the claims the agent's other calls committed while we waited.
-SELECT array(SELECT t.id FROM tasks t
-              WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
-              ORDER BY t.held_since) AS held;
+-- name: block_held
+-- Park a held task for a human, one statement: $1 task, $2 lease, $3 sub, $4 family, $5 reason,
+-- $6 features, $7 oversees. Verdict as for renew.
+WITH locked AS (
+    SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
+), x AS (
+    SELECT k.lk, (k.lk).id AS id, s.key AS stage_key,
+           CASE WHEN NOT may_see($6::text[], $7, l.key) THEN 'not_found' ELSE lease_state(k.lk, $3, $2) END AS v
+      FROM locked k
+      JOIN lanes l ON l.id = (k.lk).lane_id
+      JOIN stages s ON s.id = (k.lk).stage_id
+), u AS (
+    UPDATE tasks t
+       SET state = 'blocked', blocked_reason = $5, holder = NULL, lease_id = NULL, lease_expires_at = NULL,
+           held_since = NULL, updated_at = now()
+      FROM x
+     WHERE t.id = x.id AND x.v = 'ok'
+ RETURNING t
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (u.t).id, 'blocked', $3, $4, jsonb_build_object('reason', $5::text, 'lease', $2::uuid, 'stage', x.stage_key)
+      FROM u, x
+ RETURNING events
+)
+SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS task, event_json(e.events) AS event
+  FROM (SELECT 1) one
+  LEFT JOIN x ON true
+  LEFT JOIN u ON true
+  LEFT JOIN e ON true;
 
--- name: agent_lock_routes
--- Serialises one agent's claims (a cheap row lock on its own agents row) so that two concurrent
--- claims by one agent cannot both pass the max_active check (agent_held / claim_take, read
--- afterwards) — and in the same round trip the routes the caller may claim from (eligible_routes:
--- $2 = the caller's features, sorted; $3 = a lane or NULL). The route tables are append-only, so
--- reading them under this statement's snapshot is as good as reading them before it. The held
--- count is NOT read here: this statement's snapshot predates the lock grant (see agent_held);
--- claim_take counts the holds, in a statement that starts after the lock.
-SELECT a.sub,
-       array(SELECT r.id
-               FROM routes r
-               JOIN lanes l ON l.id = r.lane_id
-              WHERE ($3::text IS NULL OR l.key = $3)
-                AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $2::text[])
-              ORDER BY r.id) AS routes
-  FROM agents a WHERE a.sub = $1 FOR UPDATE OF a;
-
--- name: claim_by_token
--- claim_fast with the caller's database read folded in (migration 0009): code NULL, take the full path.
-SELECT * FROM claim_by_token($1, $2, $3, $4, $5);
-
--- name: claim_fast
--- The common claim in one round trip (migration 0007): code NULL means "take the full path".
-SELECT * FROM claim_fast($1, $2, $3, $4, $5, $6);
-
--- name: claim_pick
--- (claim_fast in migration 0007 runs the same two probes: change them together.)
--- The claim: one O(log n) probe of the ready index per route the caller may take, plus one probe
--- of the lease index per route for an expired hold (lazy recovery), best candidate by priority
--- then age.
--- $1 = route ids the caller is eligible for (capped by the service).
--- Each LATERAL probe takes FOR UPDATE SKIP LOCKED on the head of its route, so concurrent claimers
--- step over each other's candidates instead of queueing on them; the locks of the candidates not
--- picked are held only until this transaction ends.
--- Written as LATERAL probes, not `route_id = ANY($1)`: PostgreSQL cannot merge per-key ranges in
--- order and would sort every match (claim-path.md §2, design D).
-WITH ready AS (
+-- name: claim
+-- The claim, one statement (its own transaction when the service runs it alone). $1 the agent's sub,
+-- $2 its family, $3 its effective features (sorted), $4 a lane or NULL, $5 the family's max_active,
+-- $6 how many routes one claim probes, $7 routes to probe first (what woke a waiting claim).
+-- The verdict says what happened; only 'take' changed anything:
+--   take     the best candidate is now held by the caller (task, event, lease below)
+--   empty    nothing the caller may take (and it has room)
+--   full     the caller already holds max_active live leases (counted with this snapshot)
+--   stale    a claim of the same agent committed after this statement's snapshot: run it again
+--   recover  the best candidate is an expired hold whose recovery blocks or escalates it (due):
+--            the service applies that (claim_recover) and claims again
+WITH me AS (
+    -- Serialises one agent's claims on its own row. A row we waited for is read in its newest version
+    -- (READ COMMITTED), while a plain read sees this statement's snapshot: if the two claim counts
+    -- differ, a claim of the same agent committed after the snapshot and the holds counted below may
+    -- miss it.
+    SELECT a.claims = (SELECT s.claims FROM agents s WHERE s.sub = $1) AS fresh
+      FROM agents a WHERE a.sub = $1
+       FOR UPDATE
+), eligible AS (
+    -- Routes (lane, stage, required set) the caller may take from: the small, append-only route tables
+    -- alone decide it. Over $6 routes, the woken ones first, then a random subset, so that over a few
+    -- claims every queue is visited (docs/operations.md).
+    SELECT r.id
+      FROM routes r
+      JOIN lanes l ON l.id = r.lane_id
+     WHERE (SELECT fresh FROM me)
+       AND ($4::text IS NULL OR l.key = $4)
+       AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $3::text[])
+     ORDER BY r.id = ANY ($7::int[]) DESC, random()
+     LIMIT $6
+), ready AS (
+    -- One O(log n) probe of the ready index per route; FOR UPDATE SKIP LOCKED on the head of each, so
+    -- concurrent claimers step over each other's candidates instead of queueing on them (the heads not
+    -- picked stay locked only until this statement ends). LATERAL probes, not `route_id = ANY(...)`:
+    -- PostgreSQL cannot merge per-route ranges in order and would sort every match (claim-path.md §2).
+    -- Columns come from the locked row version itself.
     SELECT x.*, false AS expired
-      FROM unnest($1::int[]) AS r(id)
+      FROM eligible r
      CROSS JOIN LATERAL (
-           -- Columns come from the locked row version itself, never a re-read with the statement's
-           -- older snapshot.
            SELECT t.id, t.priority, t.available_at, t.attempts, t.holder, t.lease_id, t.required_features,
-                  t.lane_id, t.rework_by_stage, t.stage_id
+                  t.stage_id, t.lane_id
              FROM tasks t
             WHERE t.state = 'ready' AND t.route_id = r.id
             ORDER BY t.priority DESC, t.available_at, t.id
             LIMIT 1
               FOR UPDATE SKIP LOCKED) x
 ), expired AS (
-    -- The same per-route probe of the lease index (route_id, lease_expires_at): only holds of
-    -- this route whose lease ran out are read (a range of the index), then the best of them by
-    -- priority and age, so recovered work keeps the claim order of SPEC §3. Costs O(expired holds
-    -- of the route), which every claim drains. A walk of all expired holds filtered by route made
-    -- the planner read every held row and sort (0002).
+    -- The same probe of the lease index (route_id, lease_expires_at) for a hold whose lease ran out
+    -- (lazy recovery): recovered work keeps its place in the claim order (SPEC §3).
     SELECT x.*, true AS expired
-      FROM unnest($1::int[]) AS r(id)
+      FROM eligible r
      CROSS JOIN LATERAL (
            SELECT t.id, t.priority, t.available_at, t.attempts, t.holder, t.lease_id, t.required_features,
-                  t.lane_id, t.rework_by_stage, t.stage_id
+                  t.stage_id, t.lane_id
              FROM tasks t
             WHERE t.state = 'held' AND t.route_id = r.id AND t.lease_expires_at < now()
             ORDER BY t.priority DESC, t.available_at, t.id
@@ -80,41 +97,64 @@ WITH ready AS (
     SELECT * FROM expired
      ORDER BY priority DESC, available_at, id
      LIMIT 1
-)
-SELECT b.expired, b.id, b.attempts, b.holder, b.lease_id, b.required_features, b.lane_id,
-       b.rework_by_stage, s.id AS stage_id, s.key AS stage_key, s.max_attempts, s.escalate_after,
-       l.key AS lane_key
-  FROM best b
-  JOIN stages s ON s.id = b.stage_id
-  JOIN lanes l ON l.id = b.lane_id;
-
--- name: claim_take
--- Takes the picked row (already locked by claim_pick): a fresh lease, and the claimed event —
--- only if the agent holds fewer than $7 (its family's max_active) live leases. That count is the
--- agent_held rule: this statement starts after agent_lock_routes was granted, so it sees every claim the
--- agent's other calls committed. No row: the agent is at its limit (the caller rolls back).
-WITH u AS (
+), c AS (
+    SELECT b.*, s.key AS stage_key, s.lease_seconds,
+           CASE WHEN b.expired
+                THEN recovery_due(b.required_features, b.attempts + 1, s.max_attempts, s.escalate_after) END AS due
+      FROM best b
+      JOIN stages s ON s.id = b.stage_id
+), verdict AS (
+    SELECT CASE
+        WHEN NOT coalesce((SELECT fresh FROM me), false) THEN 'stale'
+        WHEN (SELECT count(*) FROM tasks h
+               WHERE h.holder = $1 AND h.state = 'held' AND h.lease_expires_at > now()) >= $5 THEN 'full'
+        WHEN NOT EXISTS (SELECT 1 FROM c) THEN 'empty'
+        WHEN (SELECT due FROM c) IS NOT NULL THEN 'recover'
+        ELSE 'take'
+    END AS v
+), u AS (
     UPDATE tasks t
-       SET state = 'held', holder = $2, lease_id = gen_random_uuid(),
-           lease_expires_at = now() + make_interval(secs => s.lease_seconds),
-           held_since = now(), progress_at = NULL, attempts = t.attempts + $3, updated_at = now()
-      FROM stages s
-     WHERE t.id = $1 AND s.id = t.stage_id
-       AND (SELECT count(*) FROM tasks h
-             WHERE h.holder = $2 AND h.state = 'held' AND h.lease_expires_at > now()) < $7::int
+       SET state = 'held', holder = $1, lease_id = gen_random_uuid(),
+           lease_expires_at = now() + make_interval(secs => c.lease_seconds),
+           held_since = now(), progress_at = NULL, attempts = t.attempts + CASE WHEN c.expired THEN 1 ELSE 0 END,
+           updated_at = now()
+      FROM c, verdict
+     WHERE t.id = c.id AND verdict.v = 'take'
  RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
-    SELECT (u.t).id, 'claimed', $2, $4,
+    SELECT (u.t).id, 'claimed', $1, $2,
            jsonb_build_object('lease', (u.t).lease_id, 'lease_expires_at', (u.t).lease_expires_at,
-                              'attempts', (u.t).attempts, 'stage', $6::text)
-           || $5::jsonb
-      FROM u
+                              'attempts', (u.t).attempts, 'stage', c.stage_key)
+           || CASE WHEN c.expired
+                   THEN jsonb_build_object('reclaimed', true, 'previous_holder', c.holder,
+                                           'previous_lease', c.lease_id)
+                   ELSE '{}'::jsonb END
+      FROM u, c
  RETURNING events
+), counted AS (
+    UPDATE agents SET claims = claims + 1 WHERE sub = $1 AND EXISTS (SELECT 1 FROM u)
 )
-SELECT task_json(u.t) AS task, event_json(e.events) AS event,
-       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at
-  FROM u, e;
+SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
+       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at,
+       c.id AS candidate, c.stage_id, c.due
+  FROM verdict v
+  LEFT JOIN c ON true
+  LEFT JOIN u ON true
+  LEFT JOIN e ON true;
+
+-- name: claim_recover
+-- An expired hold a claim met whose recovery is due ('block' or 'escalate', recovery_due), locked if
+-- nobody else is recovering it and it is still expired; with what applying the recovery needs.
+SELECT t.id, t.attempts + 1 AS attempts, t.holder, t.lease_id, t.required_features, t.rework_by_stage,
+       t.lane_id, l.key AS lane_key, t.stage_id, s.key AS stage_key, escalated(t.required_features) AS escalated,
+       task_tier(t.required_features) AS tier,
+       recovery_due(t.required_features, t.attempts + 1, s.max_attempts, s.escalate_after) AS due
+  FROM tasks t
+  JOIN lanes l ON l.id = t.lane_id
+  JOIN stages s ON s.id = t.stage_id
+ WHERE t.id = $1 AND t.state = 'held' AND t.lease_expires_at < now()
+   FOR UPDATE OF t SKIP LOCKED;
 
 -- name: dependencies_state
 -- Locks the prerequisites FOR KEY SHARE so a prerequisite finishing concurrently (its verb holds it
@@ -205,6 +245,40 @@ SELECT l.id AS lane_id, s.id AS stage_id
 -- name: registered_features
 SELECT name FROM features WHERE name = ANY ($1::text[]);
 
+-- name: renew
+-- Heartbeat ($5 false) and progress ($5 true, with its event): push a held lease out by its stage's
+-- lease length. $1 task, $2 lease, $3 sub, $4 family, $6 note, $7 artifacts, $8 features, $9 oversees.
+-- Verdict 'ok', or why nothing changed (not_found, or the lease: lease_state).
+WITH locked AS (
+    SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
+), x AS (
+    SELECT k.lk, (k.lk).id AS id, s.key AS stage_key, s.lease_seconds,
+           CASE WHEN NOT may_see($8::text[], $9, l.key) THEN 'not_found' ELSE lease_state(k.lk, $3, $2) END AS v
+      FROM locked k
+      JOIN lanes l ON l.id = (k.lk).lane_id
+      JOIN stages s ON s.id = (k.lk).stage_id
+), u AS (
+    UPDATE tasks t
+       SET lease_expires_at = now() + make_interval(secs => x.lease_seconds), updated_at = now(),
+           progress_at = CASE WHEN $5 THEN now() ELSE t.progress_at END
+      FROM x
+     WHERE t.id = x.id AND x.v = 'ok'
+ RETURNING t
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (u.t).id, 'progress', $3, $4,
+           jsonb_build_object('note', $6::text, 'artifacts', $7::jsonb, 'lease', $2::uuid, 'stage', x.stage_key)
+      FROM u, x
+     WHERE $5
+ RETURNING events
+)
+SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS task, event_json(e.events) AS event,
+       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at
+  FROM (SELECT 1) one
+  LEFT JOIN x ON true
+  LEFT JOIN u ON true
+  LEFT JOIN e ON true;
+
 -- name: route_find
 SELECT id FROM routes WHERE lane_id = $1 AND stage_id = $2 AND required_features = $3::text[];
 
@@ -226,12 +300,46 @@ WITH r AS (
 )
 SELECT id FROM r;
 
+-- name: stage_card
+-- The role card of a stage: what its holder must do and which verbs end it. Immutable (workflow
+-- versions never change), so the service caches it by stage id.
+SELECT w.key AS workflow, w.version AS workflow_version, s.key AS stage, s.initial, s.terminal,
+       s.instructions, s.lease_seconds, s.max_attempts, s.escalate_after,
+       coalesce(s.max_rework, w.max_rework) AS max_rework,
+       coalesce(jsonb_agg(jsonb_build_object('kind', tr.kind, 'to', ts.key,
+                                             'required_features', to_jsonb(tr.required_features),
+                                             'guard', tr.guard::text, 'instructions', tr.instructions)
+                          ORDER BY tr.position) FILTER (WHERE tr.id IS NOT NULL), '[]') AS transitions
+  FROM stages s
+  JOIN workflows w ON w.id = s.workflow_id
+  LEFT JOIN transitions tr ON tr.from_stage = s.id
+  LEFT JOIN stages ts ON ts.id = tr.to_stage
+ WHERE s.id = $1
+ GROUP BY w.id, s.id;  -- the primary keys: every other column selected depends on them
+
 -- name: task_by_idempotency
 SELECT task_json(t) AS task, t.request_hash FROM tasks t
  WHERE t.lane_id = $1 AND t.idempotency_key = $2;
 
+-- name: task_escalate
+-- Raise a task's tier in its stage (recovery_due said 'escalate'): remember what it required before the
+-- first escalation in this stage (a transition restores it), put it in the queue of its new route,
+-- keeping its place. $1 task, $2 route, $3 required features, $4 attempts.
+UPDATE tasks t
+   SET base_required_features = coalesce(t.base_required_features, t.required_features),
+       state = CASE WHEN EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
+                    THEN 'waiting' ELSE 'ready' END,
+       route_id = $2, required_features = $3::text[], attempts = $4,
+       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL,
+       updated_at = now()
+ WHERE t.id = $1
+RETURNING task_json(t) AS task;
+
 -- name: task_get
-SELECT task_json(t) AS task, l.key AS lane_key, t.stage_id FROM tasks t JOIN lanes l ON l.id = t.lane_id WHERE t.id = $1;
+-- One task, and whether the caller ($2 features, $3 oversees) may see it.
+SELECT task_json(t) AS task, l.key AS lane_key, t.stage_id, may_see($2::text[], $3, l.key) AS visible
+  FROM tasks t JOIN lanes l ON l.id = t.lane_id
+ WHERE t.id = $1;
 
 -- name: task_insert
 WITH i AS (
@@ -251,60 +359,21 @@ WITH i AS (
 SELECT task_json(i.tasks) AS task, event_json(e.events) AS event FROM i, e;
 
 -- name: task_lock
--- The row every held-task verb starts from, locked, with what the rules need to decide.
-SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_live,
-       t.attempts, t.rework_by_stage, t.required_features, t.base_required_features, t.lane_id, t.stage_id, t.depends_on,
-       l.key AS lane_key, s.key AS stage_key, s.lease_seconds, s.max_attempts, s.escalate_after,
-       coalesce(s.max_rework, w.max_rework) AS max_rework, task_json(t) AS task
-  FROM tasks t
-  JOIN lanes l ON l.id = t.lane_id
-  JOIN stages s ON s.id = t.stage_id
-  JOIN workflows w ON w.id = s.workflow_id
- WHERE t.id = $1
-   FOR UPDATE OF t;
-
--- name: transition_by_token
--- transition_fast with the caller's database read folded in (migration 0009): task NULL, full path.
-SELECT * FROM transition_by_token($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
-
--- name: transition_fast
--- The common advance/reject in one round trip (migration 0007): task NULL means "take the full path".
-SELECT * FROM transition_fast($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
-
--- name: task_lock_transition
--- task_lock for advance and reject, with the transitions of kind $2 from the current stage to the
--- stage named $3 (most specific first) in the same round trip, each with the id of the route it
--- would put the task in if that route exists already (route_id NULL: create it). Computed from the
--- locked row version (the target list is re-evaluated on the newest version after a lock wait).
-SELECT t.id, t.state, t.holder, t.lease_id, t.lease_expires_at > now() AS lease_live,
-       t.attempts, t.rework_by_stage, t.required_features, t.base_required_features, t.lane_id, t.stage_id, t.depends_on,
-       l.key AS lane_key, s.key AS stage_key, s.lease_seconds, s.max_attempts, s.escalate_after,
-       coalesce(s.max_rework, w.max_rework) AS max_rework, task_json(t) AS task,
-       coalesce((SELECT jsonb_agg(jsonb_build_object(
-                    'id', tr.id, 'required_features', to_jsonb(tr.required_features),
-                    'has_guard', tr.guard IS NOT NULL, 'to_stage_id', ts.id, 'to_terminal', ts.terminal,
-                    'route_id', (SELECT r.id FROM routes r
-                                  WHERE r.lane_id = t.lane_id AND r.stage_id = ts.id
-                                    AND r.required_features = coalesce(t.base_required_features,
-                                                                       t.required_features)))
-                    ORDER BY cardinality(tr.required_features) DESC, tr.position)
-                   FROM transitions tr
-                   JOIN stages ts ON ts.id = tr.to_stage
-                  WHERE tr.from_stage = t.stage_id AND tr.kind = $2 AND ts.key = $3), '[]'::jsonb) AS options
-  FROM tasks t
-  JOIN lanes l ON l.id = t.lane_id
-  JOIN stages s ON s.id = t.stage_id
-  JOIN workflows w ON w.id = s.workflow_id
- WHERE t.id = $1
-   FOR UPDATE OF t;
-
--- name: task_renew
--- Heartbeat and progress: push the lease out by the stage's lease length.
-UPDATE tasks t
-   SET lease_expires_at = now() + make_interval(secs => $2::int), updated_at = now(),
-       progress_at = CASE WHEN $3 THEN now() ELSE t.progress_at END
- WHERE t.id = $1
-RETURNING task_json(t) AS task, t.lease_id, t.lease_expires_at;
+-- The row release and unblock start from, locked, with what their rules need: $2 sub, $3 lease (NULL for
+-- unblock), $4 features, $5 oversees. The task row is locked alone and joined afterwards: after a lock
+-- wait it is re-read in its newest version (a join in the locking query would be rechecked against the
+-- stage row read before the wait). `due`: what one more attempt would be due (recovery_due).
+WITH locked AS (
+    SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
+)
+SELECT (k.lk).id, (k.lk).state, (k.lk).attempts, (k.lk).rework_by_stage, (k.lk).required_features, (k.lk).lane_id,
+       (k.lk).stage_id, l.key AS lane_key, s.key AS stage_key, task_json(k.lk) AS task,
+       may_see($4::text[], $5, l.key) AS visible, lease_state(k.lk, $2, $3) AS lease,
+       recovery_due((k.lk).required_features, (k.lk).attempts + 1, s.max_attempts, s.escalate_after) AS due,
+       escalated((k.lk).required_features) AS escalated, task_tier((k.lk).required_features) AS tier
+  FROM locked k
+  JOIN lanes l ON l.id = (k.lk).lane_id
+  JOIN stages s ON s.id = (k.lk).stage_id;
 
 -- name: task_set_blocked
 UPDATE tasks t
@@ -325,31 +394,116 @@ UPDATE tasks t
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
 
--- name: task_transition_event
--- task_transition and its `transition` event in one statement ($7 actor, $8 family, $9 data).
-WITH u AS (
+-- name: transition
+-- Advance or reject a held task, one statement. $1 task, $2 lease, $3 kind, $4 target stage key,
+-- $5 note (advance) or reason (reject), $6 artifacts, $7 the caller's sub, $8 its family, $9 its
+-- features (sorted), $10 whether it oversees (sees every lane), $11 whether the statement may finish a
+-- task that others wait on (only inside a transaction that then promotes them: dependents_lock).
+-- The verdict says what happened; only 'ok' and 'rework_cap' changed anything:
+--   ok                  moved to the target stage (route_id: the queue it is ready in; NULL when done)
+--   rework_cap          a reject past the stage's max_rework: blocked for a human instead
+--   not_found           no such task, or not visible to the caller
+--   ended, foreign, expired   the lease (lease_state)
+--   illegal_transition  no transition of kind $3 from the stage to $4 (targets: the legal ones)
+--   not_eligible        such transitions exist but the caller lacks their features (options)
+--   guard_failed        the chosen transition's guard is false for the task
+--   no_route            the target route does not exist yet: the service creates it and runs this again
+--   dependents          it would finish a task others wait on, and $11 is false
+WITH locked AS (
+    -- The task row alone: after a lock wait it is re-read in its newest version (a join here would be
+    -- rechecked against the stage row read before the wait, and a task moved meanwhile would vanish).
+    SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
+), x AS (
+    SELECT k.lk, (k.lk).id AS id, (k.lk).stage_id AS stage_id, (k.lk).lane_id AS lane_id,
+           coalesce((k.lk).base_required_features, (k.lk).required_features) AS base_required,
+           l.key AS lane_key, s.key AS stage_key, coalesce(s.max_rework, w.max_rework) AS max_rework,
+           coalesce(((k.lk).rework_by_stage ->> s.key)::int, 0) AS rework_here,
+           may_see($9::text[], $10, l.key) AS visible, lease_state(k.lk, $7, $2) AS lease
+      FROM locked k
+      JOIN lanes l ON l.id = (k.lk).lane_id
+      JOIN stages s ON s.id = (k.lk).stage_id
+      JOIN workflows w ON w.id = s.workflow_id
+), o AS (
+    -- The transitions of kind $3 from the task's stage to $4, the most specific first.
+    SELECT tr.id, tr.required_features, tr.guard, tr.position, ts.id AS to_stage_id, ts.terminal,
+           tr.required_features <@ $9::text[] AS eligible,
+           (SELECT r.id FROM routes r
+             WHERE r.lane_id = x.lane_id AND r.stage_id = ts.id AND r.required_features = x.base_required) AS route_id
+      FROM x
+      JOIN transitions tr ON tr.from_stage = x.stage_id AND tr.kind = $3
+      JOIN stages ts ON ts.id = tr.to_stage AND ts.key = $4
+), chosen AS (
+    SELECT * FROM o WHERE eligible ORDER BY cardinality(required_features) DESC, position LIMIT 1
+), verdict AS (
+    SELECT CASE
+        WHEN x.id IS NULL OR NOT x.visible THEN 'not_found'
+        WHEN x.lease <> 'ok' THEN x.lease
+        WHEN NOT EXISTS (SELECT 1 FROM o) THEN 'illegal_transition'
+        WHEN ch.id IS NULL THEN 'not_eligible'
+        WHEN ch.guard IS NOT NULL AND NOT coalesce(jsonb_path_match(task_json(x.lk), ch.guard, '{}', true), false)
+            THEN 'guard_failed'
+        WHEN $3 = 'reject' AND x.max_rework IS NOT NULL AND x.rework_here + 1 > x.max_rework THEN 'rework_cap'
+        WHEN NOT ch.terminal AND ch.route_id IS NULL THEN 'no_route'
+        WHEN ch.terminal AND NOT $11 AND EXISTS (SELECT 1 FROM tasks d
+                                                  WHERE d.depends_on @> ARRAY[x.id] AND d.state IN ('waiting', 'blocked'))
+            THEN 'dependents'
+        ELSE 'ok'
+    END AS v
+      FROM (SELECT 1) one
+      LEFT JOIN x ON true
+      LEFT JOIN chosen ch ON true
+), data AS (
+    SELECT jsonb_build_object('kind', $3::text, 'from', x.stage_key, 'to', $4::text, 'artifacts', $6::jsonb,
+                              'lease', $2::uuid)
+           || CASE WHEN $3 = 'reject' THEN jsonb_build_object('reason', $5::text)
+                   ELSE jsonb_build_object('note', $5::text) END AS d
+      FROM x
+), moved AS (
     UPDATE tasks t
-       SET stage_id = $2, route_id = $3, state = $4, rework_count = t.rework_count + $5,
-           required_features = coalesce(t.base_required_features, t.required_features),
-           base_required_features = NULL,
-           rework_by_stage = $6::jsonb, attempts = 0,
+       SET stage_id = ch.to_stage_id, route_id = ch.route_id,
+           state = CASE WHEN ch.terminal THEN 'done' ELSE 'ready' END,
+           rework_count = t.rework_count + CASE WHEN $3 = 'reject' THEN 1 ELSE 0 END,
+           rework_by_stage = CASE WHEN $3 = 'reject'
+                                  THEN t.rework_by_stage || jsonb_build_object(x.stage_key, x.rework_here + 1)
+                                  ELSE t.rework_by_stage END,
+           required_features = x.base_required, base_required_features = NULL, attempts = 0,
            holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, progress_at = NULL,
            available_at = now(), stage_entered_at = now(), updated_at = now()
-     WHERE t.id = $1
+      FROM x, chosen ch, verdict v
+     WHERE t.id = x.id AND v.v = 'ok'
+ RETURNING t
+), capped AS (
+    -- A reject past the rework cap blocks the task for a human instead of sending it back.
+    UPDATE tasks t
+       SET state = 'blocked',
+           blocked_reason = format('rework cap reached: %s reject(s) out of %s already (cap %s); a human must decide',
+                                   x.rework_here, x.stage_key, x.max_rework),
+           holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, updated_at = now()
+      FROM x, verdict v
+     WHERE t.id = x.id AND v.v = 'rework_cap'
  RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
-    SELECT (u.t).id, 'transition', $7, $8, $9::jsonb FROM u
+    SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data
+    UNION ALL
+    SELECT (c.t).id, 'blocked', $7, $8,
+           jsonb_build_object('reason', (c.t).blocked_reason, 'rework_cap', x.max_rework, 'refused', data.d)
+      FROM capped c, x, data
  RETURNING events
 )
-SELECT task_json(u.t) AS task, event_json(e.events) AS event FROM u, e;
-
--- name: task_remember_base
--- Before the first escalation in a stage, remember what the task required (see task_transition).
-UPDATE tasks SET base_required_features = coalesce(base_required_features, required_features) WHERE id = $1;
-
--- name: tier_exists
-SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
+SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task, event_json(e.events) AS event, m.t IS NOT NULL AS moved,
+       (m.t).route_id AS route_id, (m.t).state AS state, x.stage_key, x.lane_key, x.lane_id,
+       x.base_required, ch.to_stage_id,
+       (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o) AS options,
+       (SELECT array_agg(DISTINCT ts.key ORDER BY ts.key) FROM x x2
+          JOIN transitions tr ON tr.from_stage = x2.stage_id AND tr.kind = $3
+          JOIN stages ts ON ts.id = tr.to_stage) AS targets
+  FROM verdict v
+  LEFT JOIN x ON true
+  LEFT JOIN chosen ch ON true
+  LEFT JOIN moved m ON true
+  LEFT JOIN capped c ON true
+  LEFT JOIN e ON true;
 
 -- name: transition_targets
 SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
@@ -357,26 +511,3 @@ SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
 
 -- name: transitions_from_stage
 SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $1 ORDER BY tr.position;
-
--- name: guard_holds
--- A guard is a jsonpath predicate over the task as callers see it: data, never SQL text.
-SELECT coalesce(jsonb_path_match(task_json(t), tr.guard, '{}', true), false)
-  FROM tasks t, transitions tr
- WHERE t.id = $1 AND tr.id = $2;
-
--- name: stage_card
--- The role card of a stage: what its holder must do and which verbs end it. Immutable (workflow
--- versions never change), so the service caches it by stage id.
-SELECT w.key AS workflow, w.version AS workflow_version, s.key AS stage, s.initial, s.terminal,
-       s.instructions, s.lease_seconds, s.max_attempts, s.escalate_after,
-       coalesce(s.max_rework, w.max_rework) AS max_rework,
-       coalesce(jsonb_agg(jsonb_build_object('kind', tr.kind, 'to', ts.key,
-                                             'required_features', to_jsonb(tr.required_features),
-                                             'guard', tr.guard::text, 'instructions', tr.instructions)
-                          ORDER BY tr.position) FILTER (WHERE tr.id IS NOT NULL), '[]') AS transitions
-  FROM stages s
-  JOIN workflows w ON w.id = s.workflow_id
-  LEFT JOIN transitions tr ON tr.from_stage = s.id
-  LEFT JOIN stages ts ON ts.id = tr.to_stage
- WHERE s.id = $1
- GROUP BY w.id, s.id;  -- the primary keys: every other column selected depends on them

@@ -1,0 +1,412 @@
+"""The nine agent verbs, each declared once.
+
+A `Verb` holds everything about one verb: its path, its request body, its answer, the refusals it can
+give, its words for a developer (/docs) and for a model (the MCP tool), and its work: one call into the
+services. `router` (the documented FastAPI routes) and the MCP tools (api/mcp_server.py) are both
+derived from `VERBS`; both authenticate with the same dependency function (deps.lent_caller /
+deps.authenticated) and run the same `work`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi import Body as BodyParam
+from pydantic import BaseModel
+from starlette.types import Receive
+
+from ainarres_api.server.api import contract, envelopes
+from ainarres_api.server.api.deps import AppState, FastJSONResponse, Lent, LentCaller, Token
+from ainarres_api.server.api.schemas import (
+    AdvanceIn,
+    BlockIn,
+    Body,
+    ClaimIn,
+    LeaseIn,
+    ProgressIn,
+    RejectIn,
+    ReleaseIn,
+    TaskCreate,
+    UnblockIn,
+)
+from ainarres_api.server.errors import (
+    AinarresError,
+    AlreadyHolding,
+    Conflict,
+    GuardFailed,
+    IllegalTransition,
+    LeaseLost,
+    NotEligible,
+    NotFound,
+)
+from ainarres_api.server.services import claiming, tasks
+from ainarres_api.server.services.auth import Principal
+
+
+@dataclass
+class Call:
+    """One call of a verb, whatever the entry point: the caller, its connection, the shared state."""
+
+    st: AppState
+    caller: Principal
+    lent: Lent
+    token: str
+    gone: asyncio.Future[Any] | None = None  # completes when an HTTP client disconnects (long poll)
+
+    @property
+    def conn(self) -> Any:
+        """The caller's pooled connection."""
+        return self.lent.conn
+
+
+Work = Callable[[Call, uuid.UUID | None, Any], Awaitable[tuple[dict[str, Any], int]]]
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One agent verb: the single declaration the HTTP route and the MCP tool are made from."""
+
+    name: str
+    path: str
+    body: type[Body]
+    answer: type[BaseModel]
+    refusals: tuple[type[AinarresError], ...]
+    summary: str
+    description: str
+    tool: str  # the MCP tool's name
+    tool_title: str
+    tool_text: str  # for a model that has never seen AINARRES
+    work: Work
+    example: dict[str, Any]
+    answer_example: dict[str, Any]
+    status: int = 200
+    on_task: bool = False  # POST /v1/tasks/{task_id}/<verb>
+    held: bool = False  # presents a lease (the MCP session may remember it)
+    ends_hold: bool = False
+    extra_statuses: dict[int, str] = field(default_factory=dict)
+
+
+def _artifacts(body: Any) -> list[dict[str, Any]]:
+    return [a.model_dump(exclude_none=True) for a in body.artifacts]
+
+
+async def _create(c: Call, _: uuid.UUID | None, body: TaskCreate) -> tuple[dict[str, Any], int]:
+    out, created = await tasks.create(c.conn, c.caller, body.model_dump(mode="json"), c.st.limits)
+    return {"code": "created" if created else "existing", **out}, 201 if created else 200
+
+
+async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str, Any], int]:
+    if body.wait_seconds <= 0:
+        return await tasks.claim(c.conn, c.caller, body.lane, c.st.limits), 200
+    await c.lent.release()  # a long poll holds no connection while it waits
+    st = c.st
+    return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
+                                        body.wait_seconds, c.gone), 200
+
+
+async def _heartbeat(c: Call, task_id: uuid.UUID | None, body: LeaseIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.heartbeat(c.conn, c.caller, task_id, body.lease), 200
+
+
+async def _progress(c: Call, task_id: uuid.UUID | None, body: ProgressIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.progress(c.conn, c.caller, task_id, body.lease, body.note, _artifacts(body)), 200
+
+
+async def _advance(c: Call, task_id: uuid.UUID | None, body: AdvanceIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.transition(c.conn, c.caller, task_id, body.lease, "advance", body.to, body.note,
+                                  _artifacts(body)), 200
+
+
+async def _reject(c: Call, task_id: uuid.UUID | None, body: RejectIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.transition(c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason,
+                                  _artifacts(body)), 200
+
+
+async def _release(c: Call, task_id: uuid.UUID | None, body: ReleaseIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.release(c.conn, c.caller, task_id, body.lease, body.reason), 200
+
+
+async def _block(c: Call, task_id: uuid.UUID | None, body: BlockIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.block(c.conn, c.caller, task_id, body.lease, body.reason), 200
+
+
+async def _unblock(c: Call, task_id: uuid.UUID | None, body: UnblockIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await tasks.unblock(c.conn, c.caller, task_id, body.note), 200
+
+
+_TASK = {"id": "0b6a7c1e-3f2d-4c1a-9e8b-2d4f6a8c0e12", "project": "demo", "lane": "backend", "stage": "review",
+         "state": "ready", "title": "Add a /health endpoint", "payload": {"issue": 42}, "priority": 0,
+         "required_features": [], "depends_on": [], "attempts": 0, "rework_count": 0, "blocked": False,
+         "blocked_reason": None, "holder": None, "lease_expires_at": None,
+         "created_at": "2026-12-03T10:00:00+00:00", "updated_at": "2026-12-03T10:05:00+00:00"}
+_HELD = {**_TASK, "stage": "todo", "state": "held", "holder": "opencode+qwen3.5f1c2a",
+         "lease_expires_at": "2026-12-03T10:15:00+00:00"}
+_LEASE = {"id": "7d1f0c2a-5b3e-4a6d-8c9f-0e1d2c3b4a59", "expires_at": "2026-12-03T10:15:00+00:00"}
+_EVENT = {"id": 1041, "task_id": _TASK["id"], "type": "transition", "actor": "opencode+qwen3.5f1c2a",
+          "family": "opencode+qwen3", "data": {"kind": "advance", "from": "todo", "to": "review",
+                                               "note": "handler and tests", "lease": _LEASE["id"],
+                                               "artifacts": [{"type": "branch", "name": "feat/health"}]},
+          "created_at": "2026-12-03T10:05:00+00:00"}
+_CARD = {"workflow": "dev-review", "workflow_version": 1, "stage": "todo", "initial": True, "terminal": False,
+         "instructions": "Implement it on a branch; advance to review with the branch as an artifact.",
+         "lease_seconds": 600, "max_attempts": 3, "escalate_after": None, "max_rework": None,
+         "transitions": [{"kind": "advance", "to": "review", "required_features": ["role:dev"], "guard": None,
+                          "instructions": ""}]}
+_LEASED = {"lease": _LEASE["id"]}
+
+_HELD_REFUSALS = (NotFound, LeaseLost)
+
+VERBS: tuple[Verb, ...] = (
+    Verb(
+        name="create", path="/v1/tasks", body=TaskCreate, answer=envelopes.Created, status=201,
+        refusals=(NotEligible, NotFound, Conflict),
+        summary="create a task at its lane's initial stage",
+        description=(
+            "Creates a task in `lane`, at the first stage of the lane's workflow. Needs the lane's feature and "
+            "the role that takes the workflow's first step. Answers `201 created`; the same `idempotency_key` "
+            "with the same content answers `200 existing` with the task made the first time (a different "
+            "content: `409 conflict`). `depends_on` tasks must finish before this one becomes claimable."),
+        tool="create_task", tool_title="Create a task",
+        tool_text="""\
+Create a new task in a lane, at the first stage of the lane's workflow: to split work into pieces
+or to hand work to others. Needs the lane's feature and the role that takes the workflow's first
+step. Put what the worker needs in `payload` (references, not large content). When you retry, pass
+the same `idempotency_key`: the same key with the same content returns the existing task (code
+"existing") instead of a duplicate.
+Refusals: not_eligible (you may not create in this lane), not_found (no such lane), conflict (the
+key was used for different content: use a new key), invalid, payload_too_large.""",
+        work=_create,
+        example={"lane": "backend", "title": "Add a /health endpoint", "payload": {"issue": 42},
+                 "idempotency_key": "issue-42"},
+        answer_example={"code": "created", "task": {**_TASK, "stage": "todo"},
+                        "event": {**_EVENT, "type": "created", "data": {"lane": "backend", "stage": "todo"}}},
+        extra_statuses={200: "An idempotent repeat: the task the same `idempotency_key` made (code `existing`)."},
+    ),
+    Verb(
+        name="claim", path="/v1/claims", body=ClaimIn, answer=envelopes.Claimed,
+        refusals=(AlreadyHolding,),
+        summary="claim the best task you may do (optionally wait for one)",
+        description=(
+            "Takes the best task the caller may do now (priority, then age) and holds it under a lease: "
+            "`claimed` with the task, the `lease` to present with every verb on it, the stage's role `card` "
+            "and the `claimed` event. `empty` when there is nothing: with `wait_seconds` (up to 60) the call "
+            "waits for work to appear (a long poll, holding no database connection). A hold whose lease ran "
+            "out is recovered by the claim that meets it (attempts +1; escalated or blocked when due)."),
+        tool="claim", tool_title="Take the next task",
+        tool_text="""\
+Take the best task you may do now and hold it. Returns code "claimed" with `task`, `lease` (your
+proof of holding; this session remembers it) and `card` (what to do at this stage: `instructions`,
+and `transitions`, the legal ways out). Returns code "empty" when nothing is available: not an
+error; pass wait_seconds (up to 60) to wait for work, or try again later. You hold at most as many
+tasks as your family allows, usually one.
+Refusals: already_holding (you already hold a task: the refusal carries it and its lease, now
+remembered; finish it with advance, reject, release or block, then claim again).""",
+        work=_claim,
+        example={"lane": "backend", "wait_seconds": 30},
+        answer_example={"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,
+                        "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}}},
+    ),
+    Verb(
+        name="heartbeat", path="/v1/tasks/{task_id}/heartbeat", body=LeaseIn, answer=envelopes.Renewed,
+        refusals=_HELD_REFUSALS, on_task=True, held=True,
+        summary="keep your lease alive",
+        description="Pushes the lease out by the stage's `lease_seconds`, recording nothing else.",
+        tool="heartbeat", tool_title="Keep my hold alive",
+        tool_text="""\
+Keep your hold on a task alive without reporting anything. A hold expires after the card's
+lease_seconds; call this (or progress) well before that while you work.
+Refusals: lease_lost (you no longer hold the task: stop working on it and claim again), not_found.""",
+        work=_heartbeat, example=_LEASED, answer_example={"code": "ok", "lease": _LEASE, "task": _HELD},
+    ),
+    Verb(
+        name="progress", path="/v1/tasks/{task_id}/progress", body=ProgressIn, answer=envelopes.Progressed,
+        refusals=_HELD_REFUSALS, on_task=True, held=True,
+        summary="report progress (renews the lease)",
+        description="Records a note and artifacts (references to work products) on the held task, and renews "
+                    "the lease.",
+        tool="progress", tool_title="Report progress",
+        tool_text="""\
+Record what you have done so far on the task you hold: a short note, and artifacts (references to
+work products: a branch, commit, file path or URL). Renews your hold. Call it at milestones and
+every few minutes; reviewers and humans read these notes.
+Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.""",
+        work=_progress,
+        example={**_LEASED, "note": "handler written, tests next",
+                 "artifacts": [{"type": "file", "path": "app/health.py"}]},
+        answer_example={"code": "ok", "task": _HELD, "lease": _LEASE,
+                        "event": {**_EVENT, "type": "progress", "data": {"note": "handler written, tests next"}}},
+    ),
+    Verb(
+        name="advance", path="/v1/tasks/{task_id}/advance", body=AdvanceIn, answer=envelopes.Moved,
+        refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
+        ends_hold=True,
+        summary="move a held task forward; releases the hold",
+        description=(
+            "Moves the held task to stage `to` by an `advance` transition of its workflow whose features the "
+            "caller holds (the most specific first). None from this stage to `to`: `409 illegal_transition` "
+            "(the detail lists the legal targets); one exists but the caller lacks its features: `403 "
+            "not_eligible`; its guard is false: `409 guard_failed`. Finishing a task makes the tasks waiting "
+            "on it claimable."),
+        tool="advance", tool_title="Finish my stage",
+        tool_text="""\
+Finish your stage: move the task you hold forward to stage `to` (a transition of kind advance on
+its card), with a note and artifacts saying what you did. Your hold ends.
+Refusals: illegal_transition (no advance from this stage to `to`; the detail lists the legal
+targets), not_eligible (you lack the features that way out needs: pick another target, or
+release), guard_failed (a condition on the task, the card's guard, is false: fix what it checks,
+then retry), lease_lost (stop; claim again).""",
+        work=_advance,
+        example={**_LEASED, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/health"}]},
+        answer_example={"code": "ok", "task": _TASK, "event": _EVENT},
+    ),
+    Verb(
+        name="reject", path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.Moved,
+        refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
+        ends_hold=True,
+        summary="send a held task back for rework; releases the hold",
+        description=(
+            "Sends the held task to stage `to` by a `reject` transition, with the `reason` (what to fix); its "
+            "rework count goes up. A reject past the stage's `max_rework` blocks the task for a human instead "
+            "(code `blocked`). Refusals as for advance."),
+        tool="reject", tool_title="Send back for rework",
+        tool_text="""\
+Send the task you hold back to an earlier stage `to` for rework (a transition of kind reject on its
+card), with the reason: what exactly must be fixed. Usually a reviewer's verb. Your hold ends. If
+the stage's rework cap is reached, the task is blocked for a human instead (code "blocked").
+Refusals: illegal_transition (the detail lists the legal targets), not_eligible, guard_failed,
+lease_lost (stop; claim again).""",
+        work=_reject,
+        example={**_LEASED, "to": "todo", "reason": "no test for the 503 case"},
+        answer_example={"code": "ok", "task": {**_TASK, "stage": "todo", "rework_count": 1},
+                        "event": {**_EVENT, "data": {"kind": "reject", "from": "review", "to": "todo",
+                                                     "reason": "no test for the 503 case"}}},
+    ),
+    Verb(
+        name="release", path="/v1/tasks/{task_id}/release", body=ReleaseIn, answer=envelopes.Moved,
+        refusals=_HELD_REFUSALS, on_task=True, held=True, ends_hold=True,
+        summary="give a held task back (attempts +1)",
+        description=(
+            "Gives the held task back to its queue. Counts as a failed attempt: at the stage's "
+            "`escalate_after` the task is escalated to the next tier, at its `max_attempts` it is blocked for "
+            "a human (code `blocked`)."),
+        tool="release", tool_title="Give the task back",
+        tool_text="""\
+Give the task you hold back unfinished so that someone else (perhaps a stronger agent) can take it:
+when you cannot do it. Counts as a failed attempt; repeated attempts escalate the task or block it
+for a human (code "blocked"). Your hold ends.
+Refusals: lease_lost, not_found.""",
+        work=_release,
+        example={**_LEASED, "reason": "context window full"},
+        answer_example={"code": "ok", "task": {**_TASK, "stage": "todo", "attempts": 1},
+                        "event": {**_EVENT, "type": "released", "data": {"reason": "context window full"}}},
+    ),
+    Verb(
+        name="block", path="/v1/tasks/{task_id}/block", body=BlockIn, answer=envelopes.Moved,
+        refusals=_HELD_REFUSALS, on_task=True, held=True, ends_hold=True,
+        summary="park a held task for a human",
+        description="Parks the held task for a human with the `reason`: not claimable until unblocked.",
+        tool="block", tool_title="Park for a human",
+        tool_text="""\
+Park the task you hold for a human: when work cannot go on without a decision, access or
+information you cannot get. Say exactly what is needed in `reason`. Your hold ends; the task stays
+out of the queue until someone unblocks it.
+Refusals: lease_lost, not_found, invalid.""",
+        work=_block,
+        example={**_LEASED, "reason": "needs credentials for the staging database"},
+        answer_example={"code": "ok", "task": {**_TASK, "state": "blocked", "blocked": True,
+                                               "blocked_reason": "needs credentials for the staging database"},
+                        "event": {**_EVENT, "type": "blocked"}},
+    ),
+    Verb(
+        name="unblock", path="/v1/tasks/{task_id}/unblock", body=UnblockIn, answer=envelopes.Moved,
+        refusals=(NotFound, NotEligible, Conflict), on_task=True,
+        summary="make a blocked task claimable again",
+        description=(
+            "Puts a blocked task back in its queue; its attempts and the stage's rework count start over. "
+            "Needs `seat:overseer`, or the lane's feature and the features of a way out of the task's stage. "
+            "A task that is not blocked: `409 conflict`."),
+        tool="unblock", tool_title="Unblock a task",
+        tool_text="""\
+Make a blocked task claimable again once what blocked it is resolved (its attempts start over). No
+hold needed; needs seat:overseer, or the features to work the task's stage.
+Refusals: not_eligible, conflict (the task is not blocked), not_found.""",
+        work=_unblock,
+        example={"note": "credentials added to the vault"},
+        answer_example={"code": "ok", "task": _TASK, "event": {**_EVENT, "type": "unblocked"}},
+    ),
+)
+
+BY_NAME = {v.name: v for v in VERBS}
+
+TaskId = Annotated[uuid.UUID, Path(description="the task's id")]
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has disconnected (the request body has been read by then)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
+    """The FastAPI endpoint of a verb: the body and the caller solved by FastAPI, then the verb's work."""
+
+    async def endpoint(request: Request, lent: LentCaller, token: Token, body: Any,
+                       task_id: uuid.UUID | None = None) -> Response:
+        gone: asyncio.Future[Any] | None = None
+        if verb.name == "claim" and body.wait_seconds > 0:
+            gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            out, status = await verb.work(Call(request.app.state.ainarres, lent.caller, lent, token, gone),
+                                          task_id, body)
+        finally:
+            if gone is not None:
+                gone.cancel()
+        return FastJSONResponse(out, status_code=status)
+
+    params = [
+        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter("lent", inspect.Parameter.KEYWORD_ONLY, annotation=LentCaller),
+        inspect.Parameter("token", inspect.Parameter.KEYWORD_ONLY, annotation=Token),
+        inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            verb.body, BodyParam(openapi_examples={verb.name: {"summary": verb.summary, "value": verb.example}})]),
+    ]
+    if verb.on_task:
+        params.insert(1, inspect.Parameter("task_id", inspect.Parameter.KEYWORD_ONLY, annotation=TaskId))
+    endpoint.__signature__ = inspect.Signature(params, return_annotation=Response)  # type: ignore[attr-defined]
+    endpoint.__name__ = verb.name
+    return endpoint
+
+
+def _responses(verb: Verb) -> dict[int | str, Any]:
+    answer = {"model": verb.answer, "description": verb.answer.__doc__ or "",
+              "content": {"application/json": {"example": verb.answer_example}}}
+    out: dict[int | str, Any] = {verb.status: answer}
+    for status, desc in verb.extra_statuses.items():
+        out[status] = {"model": verb.answer, "description": desc}
+    out.update(contract.refusals(*contract.AUTHENTICATED, *contract.WITH_BODY, *verb.refusals))
+    return out
+
+
+def build_router() -> APIRouter:
+    """The documented routes of the verbs, made from VERBS."""
+    router = APIRouter(tags=["agent verbs"])
+    for verb in VERBS:
+        router.add_api_route(
+            verb.path, _endpoint(verb), methods=["POST"], status_code=verb.status, response_model=None,
+            summary=verb.summary, description=verb.description, operation_id=verb.name,
+            responses=_responses(verb),
+        )
+    return router
