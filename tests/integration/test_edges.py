@@ -112,18 +112,18 @@ async def test_a_crash_answers_with_the_request_id_its_log_line_carries(
             raise RuntimeError("the state is broken")
 
     async def broken() -> Any:
-        return Broken()
+        raise RuntimeError("the caller is broken")
 
     h = {"Authorization": f"Bearer {dev.token}"}
     crashes = []
-    app.dependency_overrides[deps.state_of] = broken  # a FastAPI route crashes
+    app.dependency_overrides[deps.agent_call] = broken  # a read's dependency crashes
     try:
         crashes.append(await loose.get("/v1/me", headers={**h, "X-Request-ID": "edge-crash-1"}))
         crashes.append(await loose.get("/v1/me", headers=h))
     finally:
         app.dependency_overrides.clear()
     real = app.state.ainarres
-    app.state.ainarres = Broken()  # the dispatcher's claim crashes
+    app.state.ainarres = Broken()  # a verb's claim crashes
     try:
         crashes.append(await loose.post("/v1/claims", json={}, headers={**h, "X-Request-ID": "edge-crash-2"}))
     finally:

@@ -23,7 +23,7 @@ from ainarres_api.server.api import mcp_server, problems, verbs
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
-from ainarres_api.server.api.deps import AppState, FastJSONResponse
+from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
 from ainarres_api.server.errors import AinarresError, PayloadTooLarge
@@ -212,6 +212,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(web_api.router)
     app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
+    app.add_middleware(ReleaseLent)  # innermost: an agent endpoint's connection goes back before wake-ups
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)

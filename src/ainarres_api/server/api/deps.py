@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ainarres_api.server.errors import NotEligible, Unauthenticated
 from ainarres_api.server.services import auth
@@ -65,11 +66,19 @@ _bearer = HTTPBearer(auto_error=False, description="a token minted by POST /v1/t
 _NO_TOKEN = "send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens"
 
 
-async def bearer_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-    """The bearer token the request carries."""
+def token_of(creds: HTTPAuthorizationCredentials | None) -> str:
+    """The bearer token of the request's credentials (HTTPBearer's reading of Authorization), or 401."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise Unauthenticated(_NO_TOKEN)
     return creds.credentials
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def bearer_token(creds: Credentials) -> str:
+    """The bearer token the request carries."""
+    return token_of(creds)
 
 
 def bearer_of(authorization: str | None) -> str:
@@ -92,24 +101,15 @@ async def current_caller(st: State, token: Token) -> Principal:
 Caller = Annotated[Principal, Depends(current_caller)]
 
 
-async def caller_on_conn(st: State, token: Token, conn: Conn) -> Principal:
-    """The caller, authenticated on the request's own pooled connection (`Conn`), so a verb takes
-    one connection from the pool for authentication and work instead of two. Only for handlers
-    that take `Conn` anyway and answer at once (never a long-lived stream or a long poll)."""
-    return await auth.authenticate(conn, st.signer, token)
-
-
-Agent = Annotated[Principal, Depends(caller_on_conn)]
-
-
 class Lent:
-    """The authenticated caller and the pooled connection it was authenticated on, which the
-    handler may give back early (a long poll does, before it waits)."""
+    """An authenticated caller and the pooled connection it was authenticated on, which the handler works
+    on or gives back early (a long poll does, before it waits)."""
 
-    def __init__(self, caller: Principal, conn: asyncpg.Connection, pool: asyncpg.Pool) -> None:
-        self.caller = caller
+    def __init__(self, conn: asyncpg.Connection, pool: asyncpg.Pool, token: str) -> None:
         self._conn: asyncpg.Connection | None = conn
         self._pool = pool
+        self.token = token
+        self.caller: Principal
 
     @property
     def conn(self) -> asyncpg.Connection:
@@ -124,22 +124,39 @@ class Lent:
             await self._pool.release(conn)
 
 
-async def lent_caller(st: State, token: Token) -> AsyncIterator[Lent]:
-    """Authenticate before the body is validated (as every call does), on a connection the
-    handler then works on or gives back."""
-    conn = await st.pool.acquire()
-    lent: Lent | None = None
-    try:
-        lent = Lent(await auth.authenticate(conn, st.signer, token), conn, st.pool)
-        yield lent
-    finally:
-        if lent is not None:
-            await lent.release()
-        else:
-            await st.pool.release(conn)
+_LENT = "ainarres.lent"
 
 
-LentCaller = Annotated[Lent, Depends(lent_caller)]
+async def agent_call(request: Request, creds: Credentials) -> Lent:
+    """The authenticated caller of an agent endpoint, on a pooled connection its work then uses: the token
+    checked, its features read from the database now (services.auth.authenticate), before the body is
+    judged. One dependency (and the HTTPBearer scheme under it) on purpose: FastAPI solves each dependency
+    on every request, and these routes are the hot path. `ReleaseLent` gives the connection back when the
+    request ends, whatever happened, so it is not a `yield` dependency."""
+    token = token_of(creds)
+    st: AppState = request.app.state.ainarres
+    lent = Lent(await st.pool.acquire(), st.pool, token)
+    request.scope[_LENT] = lent
+    lent.caller = await auth.authenticate(lent.conn, st.signer, token)
+    return lent
+
+
+Agent = Annotated[Lent, Depends(agent_call)]
+
+
+class ReleaseLent:
+    """Gives back the connection an agent endpoint's caller was authenticated on, when the request ends."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lent = scope.pop(_LENT, None)
+            if lent is not None:
+                await lent.release()
 
 
 def require(*any_of: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:

@@ -370,7 +370,8 @@ class McpFace:
                     used = args["lease"] = call.lease(task_id, args.get("lease"))
                 parsed = _validated(verb.body, **args)
                 st = call.st
-                lent = Lent(call.p, await st.pool.acquire(), st.pool)
+                lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer)
+                lent.caller = call.p
                 try:
                     out, _ = await verb.work(verbs.Call(st, call.p, lent, call.agent.bearer), task_id, parsed)
                 except AinarresError as exc:

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.server.api.deps import AppState, bearer_of, bearer_token
+from ainarres_api.server.api.deps import AppState, _bearer, bearer_of
 from ainarres_api.server.errors import AinarresError, PayloadTooLarge
 from ainarres_api.server.services import auth
 
@@ -94,7 +94,7 @@ async def caller_refused(request: Request) -> JSONResponse | None:
 
 def _takes_caller(dependant: Any) -> bool:
     """Whether a FastAPI route's dependencies read the bearer token (every endpoint but the public ones)."""
-    return dependant is not None and any(d.call is bearer_token or _takes_caller(d) for d in dependant.dependencies)
+    return dependant is not None and any(d.call is _bearer or _takes_caller(d) for d in dependant.dependencies)
 
 
 def crash(exc: Exception, path: str) -> JSONResponse:

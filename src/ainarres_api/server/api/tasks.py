@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response
 
 from ainarres_api.server.api import contract, envelopes
-from ainarres_api.server.api.deps import Agent, Conn, FastJSONResponse
+from ainarres_api.server.api.deps import Agent, FastJSONResponse
 from ainarres_api.server.api.verbs import TaskId
 from ainarres_api.server.errors import Invalid, NotEligible, NotFound
 from ainarres_api.server.services import tasks
@@ -23,16 +23,16 @@ def _answers(model: type[Any], *refused: Any) -> dict[int | str, Any]:
 @router.get("/tasks/{task_id}", summary="read one task", response_model=None, operation_id="get_task",
             description="The task as it is now, if the caller may see its lane (its feature, or a seat).",
             responses=_answers(envelopes.Task, NotFound, Invalid))
-async def get_task(task_id: TaskId, caller: Agent, conn: Conn) -> Response:
-    return FastJSONResponse(await tasks.get(conn, caller, task_id))
+async def get_task(task_id: TaskId, lent: Agent) -> Response:
+    return FastJSONResponse(await tasks.get(lent.conn, lent.caller, task_id))
 
 
 @router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage", response_model=None,
             operation_id="get_task_card",
             description="What the holder of the task's current stage must do, and the ways out of it.",
             responses=_answers(envelopes.TaskCard, NotFound, Invalid))
-async def task_card(task_id: TaskId, caller: Agent, conn: Conn) -> Response:
-    return FastJSONResponse(await tasks.card_of(conn, caller, task_id))
+async def task_card(task_id: TaskId, lent: Agent) -> Response:
+    return FastJSONResponse(await tasks.card_of(lent.conn, lent.caller, task_id))
 
 
 @router.get("/lanes/{key}/cards", summary="every stage's role card for the lane's workflow", response_model=None,
@@ -40,9 +40,8 @@ async def task_card(task_id: TaskId, caller: Agent, conn: Conn) -> Response:
             description="The cards of every stage of the workflow version the lane is bound to, in order. Needs "
                         "the lane's feature (or a seat).",
             responses=_answers(envelopes.LaneCards, NotEligible, NotFound, Invalid))
-async def lane_cards(key: Annotated[str, Path(max_length=96, description="the lane's key")], caller: Agent,
-                     conn: Conn) -> Response:
-    return FastJSONResponse(await tasks.lane_cards(conn, caller, key))
+async def lane_cards(key: Annotated[str, Path(max_length=96, description="the lane's key")], lent: Agent) -> Response:
+    return FastJSONResponse(await tasks.lane_cards(lent.conn, lent.caller, key))
 
 
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first", response_model=None,
@@ -50,11 +49,11 @@ async def lane_cards(key: Annotated[str, Path(max_length=96, description="the la
             description="Pages of the task's append-only history; continue with `after=<next>`.",
             responses=_answers(envelopes.EventPage, NotFound, Invalid))
 async def task_events(
-    task_id: TaskId, caller: Agent, conn: Conn,
+    task_id: TaskId, lent: Agent,
     after: Annotated[int, Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many events")] = 200,
 ) -> Response:
-    items = await tasks.events(conn, caller, task_id, after, limit)
+    items = await tasks.events(lent.conn, lent.caller, task_id, after, limit)
     return FastJSONResponse({"items": items, "next": items[-1]["id"] if len(items) == limit else None})
 
 
@@ -62,5 +61,5 @@ async def task_events(
             operation_id="me",
             description="The caller's sub and family, its effective features now, its lanes and its holds.",
             responses=_answers(envelopes.Me))
-async def me(caller: Agent, conn: Conn) -> Response:
-    return FastJSONResponse(await tasks.me(conn, caller))
+async def me(lent: Agent) -> Response:
+    return FastJSONResponse(await tasks.me(lent.conn, lent.caller))

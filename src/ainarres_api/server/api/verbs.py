@@ -3,8 +3,8 @@
 A `Verb` holds everything about one verb: its path, its request body, its answer, the refusals it can
 give, its words for a developer (/docs) and for a model (the MCP tool), and its work: one call into the
 services. `router` (the documented FastAPI routes) and the MCP tools (api/mcp_server.py) are both
-derived from `VERBS`; both authenticate with the same dependency function (deps.lent_caller /
-deps.authenticated) and run the same `work`.
+derived from `VERBS`; both authenticate with the same function (services.auth.authenticate, behind the
+`deps.agent_call` dependency and the MCP guard) and run the same `work`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.types import Receive
 
 from ainarres_api.server.api import contract, envelopes
-from ainarres_api.server.api.deps import AppState, FastJSONResponse, Lent, LentCaller, Token
+from ainarres_api.server.api.deps import Agent, AppState, FastJSONResponse, Lent
 from ainarres_api.server.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -363,13 +363,12 @@ async def _disconnected(receive: Receive) -> None:
 def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
     """The FastAPI endpoint of a verb: the body and the caller solved by FastAPI, then the verb's work."""
 
-    async def endpoint(request: Request, lent: LentCaller, token: Token, body: Any,
-                       task_id: uuid.UUID | None = None) -> Response:
+    async def endpoint(request: Request, lent: Agent, body: Any, task_id: uuid.UUID | None = None) -> Response:
         gone: asyncio.Future[Any] | None = None
         if verb.name == "claim" and body.wait_seconds > 0:
             gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            out, status = await verb.work(Call(request.app.state.ainarres, lent.caller, lent, token, gone),
+            out, status = await verb.work(Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone),
                                           task_id, body)
         finally:
             if gone is not None:
@@ -378,8 +377,7 @@ def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
 
     params = [
         inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-        inspect.Parameter("lent", inspect.Parameter.KEYWORD_ONLY, annotation=LentCaller),
-        inspect.Parameter("token", inspect.Parameter.KEYWORD_ONLY, annotation=Token),
+        inspect.Parameter("lent", inspect.Parameter.KEYWORD_ONLY, annotation=Agent),
         inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             verb.body, BodyParam(openapi_examples={verb.name: {"summary": verb.summary, "value": verb.example}})]),
     ]
