@@ -36,27 +36,6 @@ class _PauseBeforeDependents:
             await self._gate.wait()
         return await self._c.fetch(query, *args)
 
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        if query == Q["transition_fast"]:
-            return None  # as if the one-round-trip function declined: the statement-by-statement path
-        return await self._c.fetchrow(query, *args)
-
-
-class _Seen:
-    """A connection that notes whether transition_fast decided the call itself."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._c, self.fast_took = conn, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._c, name)
-
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        row = await self._c.fetchrow(query, *args)
-        if query == Q["transition_fast"] and row is not None and row["task"] is not None:
-            self.fast_took = True
-        return row
-
 
 async def _wait_for_lock(observer: asyncpg.Connection, pid: int, what: str) -> None:
     for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
@@ -111,35 +90,6 @@ async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_
             await conn.close()
     assert done["task"]["state"] == "done"
     assert created[0]["task"]["state"] == "waiting"  # B is still open
-
-
-async def test_the_one_round_trip_advance_does_not_deadlock_with_that_create_either(app, admin, dsn):
-    """The same race against transition_fast (migration 0007), paused inside the function: a share
-    lock on events holds the advance after it locked A and before it locks A's dependents."""
-    dev, a, b, c = await _prerequisite_race(admin)
-    st = app.state.ainarres
-    conns = await _three_connections(dsn)
-    c1, c2, observer = conns
-    try:
-        p = await auth.authenticate(c1, st.signer, dev.token)
-        pause = observer.transaction()
-        await pause.start()
-        await observer.execute("LOCK TABLE events IN SHARE MODE")
-        seen = _Seen(c1)
-        advance = asyncio.create_task(tasks.transition(seen, p, uuid.UUID(a), uuid.UUID(c["lease"]["id"]),
-                                                       "advance", "done", None, []))
-        await _wait_for_lock(observer, c1.get_server_pid(), "the advance")  # holds A, wants events
-        create = asyncio.create_task(tasks.create(c2, p, {"lane": "flat", "title": "C", "depends_on": [a, b]},
-                                                  st.limits))
-        await _wait_for_lock(observer, c2.get_server_pid(), "the create")  # holds B, wants A
-        await pause.rollback()
-        done, created = await asyncio.wait_for(asyncio.gather(advance, create), 30)
-        assert seen.fast_took  # the function's path, not the statement-by-statement fallback
-    finally:
-        for conn in conns:
-            await conn.close()
-    assert done["task"]["state"] == "done"
-    assert created[0]["task"]["state"] == "waiting"
 
 
 async def test_an_escalation_stays_in_the_stage_where_the_work_failed(admin):

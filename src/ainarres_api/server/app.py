@@ -171,7 +171,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await problems.caller_refused(request) or problems.invalid(exc.errors(), request.url.path)
+        return await problems.caller_refused(request) or problems.invalid(
+            exc.errors(), request.url.path, request.headers.get("content-type") if request.method != "GET" else "")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

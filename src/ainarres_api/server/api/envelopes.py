@@ -81,12 +81,21 @@ class Card(BaseModel):
     escalate_after: int | None
     max_rework: int | None
     transitions: list[CardTransition]
+    when_stuck: str = Field(description="what to do when the instructions cannot be followed")
+
+
+class WhereWorkLives(BaseModel):
+    """The project's and the lane's context: where the work's truth lives (repository, rules)."""
+
+    project: dict[str, Any] = Field(description="{slug, context}")
+    lane: dict[str, Any] = Field(description="{key, context}")
 
 
 class TaskCard(Card):
-    """The role card of a task's current stage."""
+    """The role card of a task's current stage, with where its work lives."""
 
     task_id: uuid.UUID
+    context: WhereWorkLives
 
 
 class LaneCards(BaseModel):
@@ -96,6 +105,7 @@ class LaneCards(BaseModel):
     workflow: str | None
     workflow_version: int | None
     cards: list[Card]
+    context: WhereWorkLives
 
 
 class Created(BaseModel):
@@ -106,6 +116,14 @@ class Created(BaseModel):
     event: Event | None = Field(description="the `created` event (null for an idempotent repeat)")
 
 
+class Pending(BaseModel):
+    """Work in the routes the caller may claim from that it may not take yet (each count capped at 1000)."""
+
+    held: int = Field(description="held by other agents (comes back if they release it or their lease runs out)")
+    waiting: int = Field(description="waiting for the tasks it depends on to finish")
+    blocked: int = Field(description="blocked for a human")
+
+
 class Claimed(BaseModel):
     """The answer to claim: a task you now hold, or `empty`."""
 
@@ -114,6 +132,9 @@ class Claimed(BaseModel):
     lease: Lease | None
     card: Card | None = Field(default=None, description="the stage's role card (claimed only)")
     event: Event | None = Field(default=None, description="the `claimed` event (claimed only)")
+    context: WhereWorkLives | None = Field(default=None, description="where the work lives (claimed only)")
+    pending: Pending | None = Field(default=None, description="empty only: work you may not take yet")
+    hint: str | None = Field(default=None, description="empty only: whether waiting can help")
 
 
 class Renewed(BaseModel):

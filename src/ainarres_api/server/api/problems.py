@@ -43,19 +43,30 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
-def invalid(errors: Sequence[Mapping[str, Any]], path: str) -> JSONResponse:
+def invalid(errors: Sequence[Mapping[str, Any]], path: str, content_type: str | None = None) -> JSONResponse:
     """FastAPI-style validation errors (loc, msg, type) as a 422 naming each field."""
     out = []
+    not_json = content_type is not None and not _json_type(content_type)
     for e in errors:
         field = _field(e.get("loc", ()))
         msg = e.get("msg", "invalid")
         if e.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
             field = "body"
+        elif field == "body" and (not_json or content_type is None) and e.get("type") in (
+                "model_attributes_type", "dict_type", "missing"):
+            # A body sent without Content-Type: application/json (curl -d sends a form) is not read as JSON.
+            msg = (f"the body was not read as JSON (Content-Type: {content_type or 'none'}); send it with "
+                   "Content-Type: application/json")
         out.append({"field": field, "detail": msg})
     detail = "; ".join(f"{e['field']}: {e['detail']}" for e in out[:10]) or "invalid request"
     return problem(422, "invalid", "Invalid request", detail + " (see /docs for the request's shape)", path,
                    errors=out)
+
+
+def _json_type(content_type: str) -> bool:
+    main = content_type.split(";", 1)[0].strip().lower()
+    return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
 
 
 def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:

@@ -103,7 +103,10 @@ async def _create(c: Call, _: uuid.UUID | None, body: TaskCreate) -> tuple[dict[
 
 async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str, Any], int]:
     if body.wait_seconds <= 0:
-        return await tasks.claim(c.conn, c.caller, body.lane, c.st.limits), 200
+        out = await tasks.claim(c.conn, c.caller, body.lane, c.st.limits)
+        if out["code"] == "empty":  # refused if it can never match; else what may come
+            out = await tasks.prospects(c.conn, c.caller, body.lane)
+        return out, 200
     await c.lent.release()  # a long poll holds no connection while it waits
     st = c.st
     return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
@@ -197,23 +200,30 @@ key was used for different content: use a new key), invalid, payload_too_large."
     ),
     Verb(
         name="claim", path="/v1/claims", body=ClaimIn, answer=envelopes.Claimed,
-        refusals=(AlreadyHolding,),
+        refusals=(AlreadyHolding, NotEligible),
         summary="claim the best task you may do (optionally wait for one)",
         description=(
             "Takes the best task the caller may do now (priority, then age) and holds it under a lease: "
             "`claimed` with the task, the `lease` to present with every verb on it, the stage's role `card` "
-            "and the `claimed` event. `empty` when there is nothing: with `wait_seconds` (up to 60) the call "
-            "waits for work to appear (a long poll, holding no database connection). A hold whose lease ran "
-            "out is recovered by the claim that meets it (attempts +1; escalated or blocked when due)."),
+            "the `claimed` event, and the project's and lane's `context` (where the work lives). `empty` when "
+            "there is nothing, with `pending` (work you may not take yet: held by others, waiting on dependencies, "
+            "blocked) and a `hint` on whether waiting can help; with `wait_seconds` (up to 60) the call waits for "
+            "work to appear (a long poll, holding no database connection). A claim that can never match (a lane "
+            "unknown or not held, every way out of the lane's stages needing a feature the caller lacks or is "
+            "denied) is refused with `403 not_eligible` naming the cause, at once. A hold whose lease ran out is "
+            "recovered by the claim that meets it (attempts +1; escalated or blocked when due)."),
         tool="claim", tool_title="Take the next task",
         tool_text="""\
 Take the best task you may do now and hold it. Returns code "claimed" with `task`, `lease` (your
 proof of holding; this session remembers it) and `card` (what to do at this stage: `instructions`,
-and `transitions`, the legal ways out). Returns code "empty" when nothing is available: not an
-error; pass wait_seconds (up to 60) to wait for work, or try again later. You hold at most as many
-tasks as your family allows, usually one.
+and `transitions`, the legal ways out) and `context` (where the work lives: the project's and lane's
+context, e.g. the repository). Returns code "empty" when nothing is available: not an error; its
+`pending` counts work you may not take yet and `hint` says whether waiting helps; pass wait_seconds
+(up to 60) to wait for work, or try again later. You hold at most as many tasks as your family
+allows, usually one.
 Refusals: already_holding (you already hold a task: the refusal carries it and its lease, now
-remembered; finish it with advance, reject, release or block, then claim again).""",
+remembered; finish it with advance, reject, release or block, then claim again), not_eligible (no
+claim of yours can ever match here: the detail names what is missing; stop and tell your operator).""",
         work=_claim,
         example={"lane": "backend", "wait_seconds": 30},
         answer_example={"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,

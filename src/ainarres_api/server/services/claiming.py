@@ -32,6 +32,9 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
                     out = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
+                    if out["code"] == "empty" and first:
+                        # A claim that can never match is refused now, not after the wait.
+                        out = await tasks.prospects(conn, caller, lane)
             hub.publish(rec)  # what the claim made claimable on its way (escalations)
             first = False
             if out["code"] != "empty":
@@ -39,7 +42,8 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
             w.found_nothing()
             remaining = deadline - loop.time()
             if remaining <= 0 or hub.closed:
-                return out
+                async with pool.acquire() as conn:
+                    return await tasks.prospects(conn, caller, lane)
             woken = asyncio.ensure_future(w.wait(remaining))
             waits: set[asyncio.Future[Any]] = {woken} if gone is None else {woken, gone}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

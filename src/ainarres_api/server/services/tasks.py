@@ -117,7 +117,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
     async with conn.transaction():
         # The feature first: an outsider learns nothing about which lanes exist.
         if not p.has(f"lane:{lane_key}"):
-            raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}")
+            raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}"
+                              f"{await _why_missing(conn, p, [f'lane:{lane_key}'])}")
         lane = await conn.fetchrow(Q["lane_for_create"], lane_key)
         if lane is None:
             raise NotFound(f"no lane {lane_key!r}; GET /v1/me shows the lanes your features name")
@@ -208,7 +209,8 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
         if verdict == "take":
             return {"code": "claimed", "task": row["task"],
                     "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
-                    "card": await stage_card(conn, row["stage_id"]), "event": row["event"]}
+                    "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
+                    "context": row["context"]}
         if verdict == "empty":
             return {"code": "empty", "task": None, "lease": None}
         if verdict == "full":
@@ -217,6 +219,48 @@ async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits
             await _recover(conn, p, row["candidate"])
         # stale (a claim of this agent committed meanwhile), or recovered: claim again with a new snapshot
     return {"code": "empty", "task": None, "lease": None}
+
+
+async def prospects(conn: asyncpg.Connection, p: Principal, lane: str | None) -> dict[str, Any]:
+    """After a claim found nothing: refuse a claim that can never match (a lane unknown or not held, every way
+    out of the lane's stages needing a feature the caller lacks), else say what work exists that the caller
+    may not take yet, so that a harness can decide to wait or stop."""
+    row = await conn.fetchrow(Q["claim_prospects"], sorted(p.features), lane)
+    if row["lanes"] == 0:
+        if lane is not None:
+            # Unknown and unheld lanes answer alike: no lane enumeration.
+            raise NotEligible(f"claiming from lane {lane} needs feature lane:{lane}"
+                              f"{await _why_missing(conn, p, [f'lane:{lane}'])}; GET /v1/me lists your lanes")
+        raise NotEligible("you hold no lane feature (lane:<key>), so no claim can ever match; ask an admin to "
+                          "provision your family with a lane")
+    ways = row["ways"]
+    if ways and not any(not w["missing"] for w in ways):
+        closest = min(ways, key=lambda w: len(w["missing"]))
+        where = f"lane {lane}" if lane else "any of your lanes"
+        raise NotEligible(
+            f"no claim in {where} can ever match: every way out of its stages needs a feature you lack; the "
+            f"closest, {closest['kind']} out of {closest['lane']}/{closest['stage']}, needs "
+            f"{', '.join(closest['missing'])}{await _why_missing(conn, p, closest['missing'])}")
+    pending = {"held": row["held"], "waiting": row["waiting"], "blocked": row["blocked"]}
+    if pending["held"] or pending["waiting"]:
+        hint = ("work exists that you may not take yet (held by others, or waiting on dependencies): wait for it "
+                "(wait_seconds) or claim again later")
+    elif pending["blocked"]:
+        hint = "the only work left is blocked for a human; nothing will come until someone unblocks it"
+    else:
+        hint = "no work is queued for you now; new tasks wake a waiting claim (wait_seconds)"
+    return {"code": "empty", "task": None, "lease": None, "pending": pending, "hint": hint}
+
+
+async def _why_missing(conn: asyncpg.Connection, p: Principal, features: list[str]) -> str:
+    """Why the caller lacks features its family may hold: the active denials among them, worded."""
+    rows = await conn.fetch(Q["denials_of"], p.family, features)
+    if not rows:
+        return ""
+    parts = [f"{r['feature']} is denied to family {p.family}"
+             + (f" until {r['expires_at'].isoformat()}" if r["expires_at"] else "") + f" ({r['reason']})"
+             for r in rows]
+    return " — " + "; ".join(parts)
 
 
 async def _refuse_if_full(conn: asyncpg.Connection, p: Principal) -> None:
@@ -404,13 +448,19 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
 
 _CARDS: dict[Any, dict[str, Any]] = {}
 
+# On every card: what to do when its instructions cannot be followed.
+WHEN_STUCK = ("If these instructions cannot be followed (access, information or a decision you cannot get), block "
+              "the task with a reason that says exactly what is needed: a human will see it. Release it instead "
+              "only if another agent could do it and you cannot (it counts as a failed attempt). Never advance work "
+              "you did not do.")
+
 
 async def stage_card(conn: asyncpg.Connection, stage_id: Any) -> dict[str, Any]:
     """The role card of a stage (its instructions and ways out); cached, since it never changes."""
     card = _CARDS.get(stage_id)
     if card is None:
         row = await conn.fetchrow(Q["stage_card"], stage_id)
-        card = dict(row) if row else {}
+        card = {**dict(row), "when_stuck": WHEN_STUCK} if row else {}
         if len(_CARDS) > 10_000:
             _CARDS.clear()
         _CARDS[stage_id] = card
@@ -420,7 +470,8 @@ async def stage_card(conn: asyncpg.Connection, stage_id: Any) -> dict[str, Any]:
 async def card_of(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
     """The role card for a task's current stage, if the caller may see the task."""
     row = await _visible(conn, p, task_id)
-    return {"task_id": str(task_id), **await stage_card(conn, row["stage_id"])}
+    return {"task_id": str(task_id), **await stage_card(conn, row["stage_id"]),
+            "context": await conn.fetchval(Q["lane_context_of"], row["lane_key"])}
 
 
 async def lane_cards(conn: asyncpg.Connection, p: Principal, lane_key: str) -> dict[str, Any]:
@@ -434,7 +485,8 @@ async def lane_cards(conn: asyncpg.Connection, p: Principal, lane_key: str) -> d
     cards = [await stage_card(conn, r["stage_id"]) for r in rows if r["stage_id"] is not None]
     head = cards[0] if cards else {}
     return {"lane": lane_key, "workflow": head.get("workflow"),
-            "workflow_version": head.get("workflow_version"), "cards": cards}
+            "workflow_version": head.get("workflow_version"), "cards": cards,
+            "context": await conn.fetchval(Q["lane_context_of"], lane_key)}
 
 
 async def get(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:

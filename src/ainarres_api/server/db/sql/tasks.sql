@@ -137,11 +137,42 @@ WITH me AS (
 )
 SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
        (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at,
-       c.id AS candidate, c.stage_id, c.due
+       c.id AS candidate, c.stage_id, c.due, CASE WHEN (u.t).id IS NOT NULL THEN lane_context(c.lane_id) END AS context
   FROM verdict v
   LEFT JOIN c ON true
   LEFT JOIN u ON true
   LEFT JOIN e ON true;
+
+-- name: claim_prospects
+-- Why a claim by a caller with features $1 (sorted), optionally in lane $2, found nothing. Run only when
+-- it did. `lane_known`: lane $2 exists; `lanes`: lanes the caller's features name (of $2 if given);
+-- `ways`: for those lanes, every way out of a non-terminal stage with the features the caller lacks for it
+-- (a claim can only ever take work where one lacks nothing); `held`, `waiting`, `blocked`: work in the
+-- routes the caller may claim from that it may not take yet (each count capped at 1000).
+WITH mine AS (
+    SELECT l.id, l.key, l.workflow_id FROM lanes l
+     WHERE ('lane:' || l.key) = ANY ($1::text[]) AND ($2::text IS NULL OR l.key = $2)
+), eligible AS (
+    SELECT r.id FROM routes r
+     WHERE r.lane_id IN (SELECT id FROM mine)
+       AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $1::text[])
+)
+SELECT EXISTS (SELECT 1 FROM lanes WHERE key = $2) AS lane_known,
+       (SELECT count(*) FROM mine) AS lanes,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                    'lane', m.key, 'stage', s.key, 'kind', tr.kind,
+                    'missing', to_jsonb(array(SELECT f FROM unnest(tr.required_features) f
+                                               WHERE NOT f = ANY ($1::text[]) ORDER BY f)))
+                    ORDER BY m.key, s.position, tr.position)
+                   FROM mine m
+                   JOIN stages s ON s.workflow_id = m.workflow_id AND NOT s.terminal
+                   JOIN transitions tr ON tr.from_stage = s.id), '[]'::jsonb) AS ways,
+       (SELECT count(*) FROM (SELECT 1 FROM eligible e JOIN tasks t ON t.route_id = e.id AND t.state = 'held'
+                              LIMIT 1000) x) AS held,
+       (SELECT count(*) FROM (SELECT 1 FROM eligible e JOIN tasks t ON t.route_id = e.id AND t.state = 'waiting'
+                              LIMIT 1000) x) AS waiting,
+       (SELECT count(*) FROM (SELECT 1 FROM eligible e JOIN tasks t ON t.route_id = e.id AND t.state = 'blocked'
+                              LIMIT 1000) x) AS blocked;
 
 -- name: claim_recover
 -- An expired hold a claim met whose recovery is due ('block' or 'escalate', recovery_due), locked if
@@ -155,6 +186,12 @@ SELECT t.id, t.attempts + 1 AS attempts, t.holder, t.lease_id, t.required_featur
   JOIN stages s ON s.id = t.stage_id
  WHERE t.id = $1 AND t.state = 'held' AND t.lease_expires_at < now()
    FOR UPDATE OF t SKIP LOCKED;
+
+-- name: denials_of
+-- The family's active denials of the given features (to say why a feature is missing).
+SELECT feature, reason, expires_at FROM denials
+ WHERE family_key = $1 AND feature = ANY ($2::text[]) AND (expires_at IS NULL OR expires_at > now())
+ ORDER BY feature;
 
 -- name: dependencies_state
 -- Locks the prerequisites FOR KEY SHARE so a prerequisite finishing concurrently (its verb holds it
@@ -211,6 +248,10 @@ SELECT task_json(t) AS task, t.lease_id, t.lease_expires_at
   FROM tasks t
  WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
  ORDER BY t.held_since;
+
+-- name: lane_context_of
+-- The project's and lane's context of lane $1 (by key), as lane_context gives it.
+SELECT lane_context(l.id) FROM lanes l WHERE l.key = $1;
 
 -- name: lane_for_create
 -- The lane, its workflow's initial stage, and the advance transitions out of it (the starter role).
@@ -491,7 +532,7 @@ WITH locked AS (
       FROM capped c, x, data
  RETURNING events
 )
-SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task, event_json(e.events) AS event, m.t IS NOT NULL AS moved,
+SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task, event_json(e.events) AS event,
        (m.t).route_id AS route_id, (m.t).state AS state, x.stage_key, x.lane_key, x.lane_id,
        x.base_required, ch.to_stage_id,
        (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o) AS options,

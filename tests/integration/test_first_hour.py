@@ -1,0 +1,98 @@
+"""The first hour of an agent (issue 13, items 0–4): it sees where the work lives, a claim that can never
+match is refused with its cause, an empty claim says whether waiting helps, and refusals say what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.helpers import Api, make_world
+
+
+async def _world_with_context(admin: Api) -> Any:
+    await admin.post("/v1/features", {"name": "role:dev"}, None)
+    await admin.post("/v1/features", {"name": "role:reviewer"}, None)
+    w = await make_world(admin)
+    await admin.post("/v1/projects", {"slug": "calc", "context": {"repo": "https://example.com/calc.git"}}, 201)
+    await admin.post("/v1/lanes", {"project": "calc", "key": "calc", "workflow": "dev",
+                                   "context": {"branch_prefix": "calc/"}}, 201)
+    await admin.post("/v1/families", {"key": "calcdev", "features": ["lane:calc", "role:dev"]}, 201)
+    return w
+
+
+# 0. An agent token with only the lane's features reads the project's and lane's context.
+async def test_the_claim_and_the_cards_carry_where_the_work_lives(admin: Api) -> None:
+    w = await _world_with_context(admin)
+    dev = await w.agent("calcdev")
+    tid = (await dev.create("calc", "add"))["task"]["id"]
+    c = await dev.claim("calc")
+    want = {"project": {"slug": "calc", "context": {"repo": "https://example.com/calc.git"}},
+            "lane": {"key": "calc", "context": {"branch_prefix": "calc/"}}}
+    assert c["context"] == want
+    assert "block" in c["card"]["when_stuck"]
+    assert (await dev.get(f"/v1/tasks/{tid}/card"))["context"] == want
+    assert (await dev.get("/v1/lanes/calc/cards"))["context"] == want
+
+
+# 1. A claim that can never match is refused, naming the cause; the same in a long poll, at once.
+async def test_a_claim_that_can_never_match_is_refused_with_its_cause(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    for body in ({"lane": "backnd"}, {"lane": "backnd", "wait_seconds": 30}):
+        r = await dev.call("POST", "/v1/claims", body, 403)
+        assert r.json()["code"] == "not_eligible" and "lane:backnd" in r.json()["detail"]
+    # Unknown and unheld lanes answer alike (no lane enumeration).
+    await admin.post("/v1/projects", {"slug": "other"}, 201)
+    await admin.post("/v1/lanes", {"project": "other", "key": "secret", "workflow": "dev"}, 201)
+    r = await dev.call("POST", "/v1/claims", {"lane": "secret"}, 403)
+    assert r.json()["detail"].replace("secret", "backnd") == (
+        await dev.call("POST", "/v1/claims", {"lane": "backnd"}, 403)).json()["detail"]
+    # A family whose role is denied: every way out of the lane's stages needs what it lacks.
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "too many rejects"}, 201)
+    await admin.post("/v1/families", {"key": "idle", "features": ["lane:dev"]}, 201)
+    for who in (dev, await w.agent("idle")):
+        r = await who.call("POST", "/v1/claims", {"lane": "dev", "wait_seconds": 30}, 403)
+        assert "can ever match" in r.json()["detail"] and "role:" in r.json()["detail"], r.text
+    r = await dev.call("POST", "/v1/claims", {}, 403)
+    assert "role:dev is denied to family cheap" in r.json()["detail"] and "too many rejects" in r.json()["detail"]
+
+
+async def test_an_empty_claim_says_whether_work_may_come(admin: Api) -> None:
+    w = await make_world(admin)
+    dev, other = await w.agent("cheap"), await w.agent("cheap")
+    first = (await dev.create("dev", "first"))["task"]["id"]
+    await dev.create("dev", "after", depends_on=[first])
+    assert (await other.claim("dev"))["task"]["id"] == first
+    empty = await dev.claim("dev")
+    assert empty["code"] == "empty" and empty["pending"] == {"held": 1, "waiting": 1, "blocked": 0}
+    assert "wait" in empty["hint"]
+
+
+# 2. Another agent's live lease is named as such, not as expired.
+async def test_presenting_another_agents_lease_says_so(admin: Api) -> None:
+    w = await make_world(admin)
+    dev, thief = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await dev.create("dev", "mine"))["task"]["id"]
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    r = await thief.call("POST", f"/v1/tasks/{tid}/heartbeat", {"lease": lease}, 409)
+    assert r.json()["code"] == "lease_lost" and "another agent" in r.json()["detail"]
+    assert "expired" not in r.json()["detail"]
+
+
+# 3. A body sent without Content-Type: application/json is told to send it.
+async def test_a_body_without_the_json_content_type_is_told_what_to_send(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    r = await dev.client.post("/v1/claims", content=b'{"lane": "dev"}',
+                              headers={"Authorization": f"Bearer {dev.token}",
+                                       "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"], r.text
+
+
+# 4. A create refused while the lane is denied names the denial and its reason.
+async def test_a_denied_lane_is_named_as_denied(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    await admin.post("/v1/families/cheap/denials", {"feature": "lane:dev", "reason": "audit in progress"}, 201)
+    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "x"}, 403)
+    detail = r.json()["detail"]
+    assert "lane:dev is denied to family cheap" in detail and "audit in progress" in detail
