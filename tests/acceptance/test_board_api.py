@@ -75,3 +75,30 @@ async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
     out = await overseer.post("/v1/families/cheap/enable", expect=200)
     assert out["disabled"] is False
     assert (await cheap.get("/v1/me"))["family"] == "cheap"
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+async def test_the_front_door_sends_a_browser_to_the_board_and_a_program_to_the_api(admin: Api) -> None:
+    r = await admin.client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert r.status_code == 303 and r.headers["location"] == "/board"
+    assert "accept" in r.headers["vary"].lower()
+    for accept in (None, "*/*", "application/json", "application/json, text/html;q=0.5",
+                   "text/html;q=0, */*"):
+        headers = {"Accept": accept} if accept else {}
+        r = await admin.client.get("/", headers=headers)
+        assert r.status_code == 200, (accept, r.status_code)
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        assert body["service"] == "AINARRES" and body["version"]
+        assert body["links"] == {"openapi": "/openapi.json", "docs": "/docs", "board": "/board",
+                                 "health": "/healthz"}
+        for link in body["links"].values():   # every link leads somewhere
+            assert (await admin.client.get(link)).status_code == 200, link
+
+    doc = (await admin.client.get("/openapi.json")).json()
+    op = doc["paths"]["/"]["get"]
+    assert op["summary"] and "Accept" in op["description"]
+    assert {"200", "303"} <= set(op["responses"])
+    assert "/board" not in doc["paths"], "the board's page is not part of the API"
