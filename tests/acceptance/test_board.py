@@ -392,7 +392,8 @@ def test_the_board_fits_a_laptop_and_a_phone(sized: tuple[str, Any], live: Live)
     tid = w.dev.create(w.lane, long_title, priority=2)
     for t in ("Add the lease index", "Metrics endpoint", "Board drawer"):
         w.dev.create(w.lane, t)
-    blocked, lease = w.dev.claim(w.lane)
+    blocked, lease = w.dev.claim(w.lane)   # the highest priority: the long title
+    assert blocked == tid
     w.dev.verb(blocked, "block", lease=lease, reason="needs a DBA's approval for the migration")
     moved, lease = w.dev.claim(w.lane)
     w.dev.verb(moved, "advance", lease=lease, to="review", note="done")
@@ -435,7 +436,8 @@ def test_the_board_fits_a_laptop_and_a_phone(sized: tuple[str, Any], live: Live)
     drawer = page.locator("#drawer")
     expect(drawer).to_be_visible()
     expect(page.locator("#drawer-title")).to_have_text(long_title)
-    expect(page.locator("#timeline li")).to_have_count(1)
+    expect(page.locator("#timeline li")).to_have_count(3)
+    expect(page.locator(".blockbox")).to_contain_text("needs a DBA's approval")
     dbox = drawer.bounding_box()
     _inside(dbox, vp, "the drawer")
     assert dbox is not None and dbox["y"] + dbox["height"] <= vp["h"] + 0.5
