@@ -372,8 +372,8 @@ def _no_sideways_scroll(page: Any, expected_width: int) -> dict[str, float]:
 
 CONTRAST = """el => {
   const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 4).map(Number);
-  const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
-                               return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  const lum = ([r, g, b]) => 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
   let bg = null;   // the first opaque background from the element up
   for (let n = el; n && !bg; n = n.parentElement) {
     const c = rgb(getComputedStyle(n).backgroundColor);

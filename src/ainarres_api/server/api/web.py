@@ -13,7 +13,6 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from ainarres_api import __version__
-
 from ainarres_api.server.api.deps import Conn, Governor, require
 from ainarres_api.server.errors import Conflict, NotFound
 from ainarres_api.server.services import admin, layout
