@@ -504,10 +504,14 @@ def test_disabling_a_family_asks_first_and_no_changes_nothing(page: Any, live: L
     expect(fam.locator(".confirm")).to_have_count(0)
     assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is False
 
-    # Yes: disabled, and its agents are refused.
+    # Yes (from the keyboard): disabled, its agents are refused, and the focus stays on the row.
     ask.click()
-    fam.get_by_role("button", name=f"yes, disable family {key}").click()
+    expect(no).to_be_focused()
+    page.keyboard.press("Shift+Tab")
+    expect(fam.get_by_role("button", name=f"yes, disable family {key}")).to_be_focused()
+    page.keyboard.press("Enter")
     expect(fam.locator(".badge.blocked")).to_have_text("disabled")
+    expect(fam.get_by_role("button", name=f"enable family {key}")).to_be_focused()
     assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is True
     w.rev.call("GET", "/v1/me", expect=401)
     # Enabling again is one plain click.

@@ -21,7 +21,8 @@ const S = {
   escalated: new Set(),    // task ids with an escalated event
   lastEventId: 0,
   openTask: null,
-  asking: null,            // the family whose "Disable …?" confirmation is open
+  asking: null,
+  refocus: null,           // the aria-label of the family button to focus after the next render            // the family whose "Disable …?" confirmation is open
   returnFocus: null,
   stream: null,            // AbortController of the live stream
   timers: [],
@@ -580,7 +581,8 @@ function renderAgents(rows) {
 
 function renderFamilies(rows) {
   // The panel refreshes under the reader: keep an open confirmation and the keyboard's place.
-  const focused = $("#families").contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  let focused = $("#families").contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  if (S.refocus) { focused = S.refocus; S.refocus = null; }
   $("#families").replaceChildren(...rows.map((f) => {
     const li = el("li", { "data-family": f.key },
       el("strong", { text: f.key }), f.disabled ? el("span", { class: "badge blocked", text: "disabled" }) : null,
@@ -598,10 +600,13 @@ function renderFamilies(rows) {
 function familyButton(f) {
   const box = el("div", { class: "famact" });
   const act = async (verb) => {
+    const hadFocus = box.contains(document.activeElement);
     box.querySelectorAll("button").forEach((b) => { b.disabled = true; });
     try {
       await api("POST", `/v1/families/${encodeURIComponent(f.key)}/${verb}`);
       toast(`family ${f.key} ${verb}d`);
+      // The row's next button (Enable after a disable) takes the focus the pressed one had.
+      if (hadFocus) S.refocus = `${verb === "disable" ? "enable" : "disable"} family ${f.key}`;
     } catch (err) {
       toast(`could not ${verb} ${f.key}: ${err.message}`, "error");
     }
@@ -613,7 +618,7 @@ function familyButton(f) {
       ? el("button", { type: "button", class: "quiet", text: "Enable", "aria-label": `enable family ${f.key}`,
                        onclick: () => act("enable") })
       : el("button", { type: "button", class: "quiet", text: "Disable…", "aria-label": `disable family ${f.key}`,
-                       "aria-expanded": "false", onclick: () => ask() });
+                       onclick: () => ask() });
     box.replaceChildren(btn);
     return btn;
   };
