@@ -291,10 +291,10 @@ def test_stuck_demand_and_families_panels_show_what_the_api_says(page: Any, live
             expect(row.locator("td").nth(3)).to_have_text("no capable agent")
     assert any(not d["capable"] and "area:gpu" in d["features"] for d in demand)
 
-    # Disabling a family from the page takes two clicks and refuses its agents from then on.
+    # Disabling a family from the page asks first and refuses its agents from then on.
     fam = page.locator(f'#families li[data-family="{w.project}-rev"]')
     fam.get_by_role("button", name=f"disable family {w.project}-rev").click()
-    fam.get_by_role("button", name=f"disable family {w.project}-rev").click()
+    fam.get_by_role("button", name=f"yes, disable family {w.project}-rev").click()
     expect(fam.locator(".badge.blocked")).to_have_text("disabled")
     assert live.admin("GET", f"/v1/families/{w.project}-rev", expect=200)["disabled"] is True
     w.rev.call("GET", "/v1/me", expect=401)
@@ -325,3 +325,219 @@ def test_board_screenshot(page: Any, live: Live) -> None:
     expect(page.locator("#timeline li")).to_have_count(5)
     page.screenshot(path=str(ARTIFACTS / "board-drawer.png"))
     assert (ARTIFACTS / "board.png").stat().st_size > 10_000
+
+
+# -- the board on a laptop and on a phone ------------------------------------------------------------
+
+VIEWPORTS = {"laptop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+
+
+@pytest.fixture(params=sorted(VIEWPORTS))
+def sized(request: pytest.FixtureRequest, live: Live, browser: Any) -> Iterator[tuple[str, Any]]:
+    """A page at a laptop's or a phone's viewport (the phone as a phone: mobile, touch, scale 3)."""
+    name = request.param
+    phone = name == "phone"
+    ctx = browser.new_context(viewport=VIEWPORTS[name], base_url=live.url, is_mobile=phone, has_touch=phone,
+                              device_scale_factor=3 if phone else 1)
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    pg.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    pg.set_default_timeout(WAIT_MS)
+    try:
+        yield name, pg
+        assert not errors, errors
+    finally:
+        ctx.close()
+
+
+def _viewport(page: Any) -> dict[str, float]:
+    out: dict[str, float] = page.evaluate(
+        "({w: innerWidth, h: innerHeight, sw: document.scrollingElement.scrollWidth})")
+    return out
+
+
+def _inside(box: dict[str, float] | None, vp: dict[str, float], what: str) -> None:
+    assert box is not None, f"{what} is not rendered"
+    assert box["x"] >= -0.5 and box["x"] + box["width"] <= vp["w"] + 0.5, f"{what} {box} leaves the viewport {vp}"
+    assert box["y"] >= -0.5, f"{what} {box} starts above the viewport"
+
+
+def _no_sideways_scroll(page: Any, expected_width: int) -> dict[str, float]:
+    vp = _viewport(page)
+    assert vp["w"] == expected_width, f"the layout viewport grew to {vp['w']}: the page overflows"
+    assert vp["sw"] <= vp["w"], f"the page is {vp['sw']} px wide in a {vp['w']} px viewport: it scrolls sideways"
+    return vp
+
+
+CONTRAST = """el => {
+  const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 4).map(Number);
+  const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  const lum = ([r, g, b]) => 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  let bg = null;   // the first opaque background from the element up
+  for (let n = el; n && !bg; n = n.parentElement) {
+    const c = rgb(getComputedStyle(n).backgroundColor);
+    if (c.length < 4 || c[3] > 0.9) bg = c;
+  }
+  const fg = lum(rgb(getComputedStyle(el).color)), b = lum(bg || [255, 255, 255]);
+  return (Math.max(fg, b) + 0.05) / (Math.min(fg, b) + 0.05);
+}"""
+
+
+def test_the_board_fits_a_laptop_and_a_phone(sized: tuple[str, Any], live: Live) -> None:
+    name, page = sized
+    width = VIEWPORTS[name]["width"]
+    w = World(live)
+    long_title = "Rewrite the claim query so that it probes the ready index once per eligible route"
+    tid = w.dev.create(w.lane, long_title, priority=2)
+    for t in ("Add the lease index", "Metrics endpoint", "Board drawer"):
+        w.dev.create(w.lane, t)
+    blocked, lease = w.dev.claim(w.lane)   # the highest priority: the long title
+    assert blocked == tid
+    w.dev.verb(blocked, "block", lease=lease, reason="needs a DBA's approval for the migration")
+    moved, lease = w.dev.claim(w.lane)
+    w.dev.verb(moved, "advance", lease=lease, to="review", note="done")
+
+    page.goto(f"/board/{w.project}")
+    expect(page.locator("#signin")).to_be_visible()
+    # Before signing in the connection state is neutral, not an alarm.
+    live_state = page.locator("#live")
+    expect(live_state).to_have_text("not signed in")
+    expect(live_state).to_have_class(re.compile(r"\bidle\b"))
+    _no_sideways_scroll(page, width)
+    page.fill("#token", live.admin_token)
+    page.press("#token", "Enter")
+    expect(live_state).to_have_text("live")
+    expect(card(page, tid)).to_be_visible()
+    expect(page.locator(f'#stuck li[data-task-id="{blocked}"]')).to_be_visible()
+
+    vp = _no_sideways_scroll(page, width)
+    header = page.locator("header.top")
+    hbox = header.bounding_box()
+    _inside(hbox, vp, "the header")
+    assert hbox is not None and hbox["x"] <= 0.5 and hbox["width"] >= vp["w"] - 0.5, \
+        f"the header {hbox} does not span the {vp['w']} px viewport"
+    signout = page.locator("#signout")
+    expect(signout).to_be_visible()
+    sbox = signout.bounding_box()
+    _inside(sbox, vp, "Sign out")
+    assert sbox is not None and hbox["y"] <= sbox["y"] and sbox["y"] + sbox["height"] <= hbox["y"] + hbox["height"], \
+        "Sign out sits outside the header"
+    for control in ("#signout", "#home", "#live"):
+        ratio = page.locator(control).evaluate(CONTRAST)
+        assert ratio >= 4.5, f"{control} has a contrast of {ratio:.2f} against its background"
+    # The lane's columns scroll inside the lane when they do not fit, never the page.
+    cols = page.locator(f'.lane[data-lane="{w.lane}"] .columns')
+    _inside(cols.bounding_box(), vp, "the lane's columns")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"board-{name}.png"), full_page=True)
+
+    card(page, tid).click()
+    drawer = page.locator("#drawer")
+    expect(drawer).to_be_visible()
+    expect(page.locator("#drawer-title")).to_have_text(long_title)
+    expect(page.locator("#timeline li")).to_have_count(3)
+    expect(page.locator(".blockbox")).to_contain_text("needs a DBA's approval")
+    dbox = drawer.bounding_box()
+    _inside(dbox, vp, "the drawer")
+    assert dbox is not None and dbox["y"] + dbox["height"] <= vp["h"] + 0.5
+    if name == "phone":   # a full-width sheet
+        assert dbox["x"] <= 0.5 and dbox["width"] >= vp["w"] - 0.5, dbox
+    _inside(page.locator("#drawer-close").bounding_box(), vp, "the drawer's close button")
+    _no_sideways_scroll(page, width)
+    page.screenshot(path=str(ARTIFACTS / f"board-{name}-drawer.png"))
+    page.locator("#drawer-close").click()
+    expect(drawer).to_be_hidden()
+
+
+def test_a_blocked_task_is_in_the_stuck_panel_with_its_reason(page: Any, live: Live) -> None:
+    w = World(live)
+    tid = w.dev.create(w.lane, "Migrate the ledger")
+    _, lease = w.dev.claim(w.lane)
+    w.dev.verb(tid, "block", lease=lease, reason="needs the finance team's sign-off")
+    sign_in(page, live, w.project)
+
+    api = live.admin("GET", f"/v1/stuck?project={w.project}", expect=200)["items"]
+    assert [(s["id"], s["kind"], s["blocked_reason"], s["blocked_by_family"]) for s in api] == [
+        (tid, "blocked", "needs the finance team's sign-off", f"{w.project}-dev")]
+    row = page.locator(f'#stuck li[data-task-id="{tid}"]')
+    expect(row).to_have_attribute("data-kind", "blocked")
+    expect(row.locator(".badge.blocked")).to_have_text("blocked")
+    expect(row).to_contain_text("Migrate the ledger")
+    expect(row).to_contain_text("needs the finance team's sign-off")
+    expect(row.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT"))
+    expect(row).to_contain_text(f"by {w.project}-dev")
+    expect(page.locator("#stuck-count")).to_have_text("1")
+
+    # Unblocked, it leaves the panel.
+    card(page, tid).click()
+    page.click("#unblock")
+    expect(row).to_have_count(0)
+    expect(page.locator("#stuck")).to_contain_text("nothing stuck or blocked")
+    page.keyboard.press("Escape")
+
+
+def test_disabling_a_family_asks_first_and_no_changes_nothing(page: Any, live: Live) -> None:
+    w = World(live)
+    sign_in(page, live, w.project)
+    key = f"{w.project}-rev"
+    fam = page.locator(f'#families li[data-family="{key}"]')
+    ask = fam.get_by_role("button", name=f"disable family {key}")
+    expect(ask).to_be_visible()
+    assert "danger" not in (ask.get_attribute("class") or ""), "every row shows a red button"
+
+    # No: nothing changes.
+    ask.click()
+    expect(fam.locator(".confirm")).to_contain_text(f"Disable {key}?")
+    no = fam.get_by_role("button", name=f"keep family {key} enabled")
+    expect(no).to_be_focused()
+    no.click()
+    expect(fam.locator(".confirm")).to_have_count(0)
+    expect(ask).to_be_focused()
+    assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is False
+    w.rev.call("GET", "/v1/me", expect=200)
+
+    # Escape is No too.
+    ask.click()
+    expect(fam.locator(".confirm")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(fam.locator(".confirm")).to_have_count(0)
+    assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is False
+
+    # Yes (from the keyboard): disabled, its agents are refused, and the focus stays on the row.
+    ask.click()
+    expect(no).to_be_focused()
+    page.keyboard.press("Shift+Tab")
+    expect(fam.get_by_role("button", name=f"yes, disable family {key}")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(fam.locator(".badge.blocked")).to_have_text("disabled")
+    expect(fam.get_by_role("button", name=f"enable family {key}")).to_be_focused()
+    assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is True
+    w.rev.call("GET", "/v1/me", expect=401)
+    # Enabling again is one plain click.
+    fam.get_by_role("button", name=f"enable family {key}").click()
+    expect(fam.locator(".badge.blocked")).to_have_count(0)
+    assert live.admin("GET", f"/v1/families/{key}", expect=200)["disabled"] is False
+
+
+OUTLINE = "el => { const s = getComputedStyle(el); return [s.outlineStyle, parseFloat(s.outlineOffset)]; }"
+
+
+def test_a_clicked_card_has_no_focus_ring_and_the_keyboard_one_is_not_clipped(page: Any, live: Live) -> None:
+    w = World(live)
+    first = w.dev.create(w.lane, "First card", priority=2)
+    second = w.dev.create(w.lane, "Second card", priority=1)
+    sign_in(page, live, w.project)
+    c = card(page, first)
+    c.click()
+    expect(page.locator("#drawer")).to_be_visible()
+    page.locator("#drawer-close").click()
+    expect(page.locator("#drawer")).to_be_hidden()
+    expect(c).to_be_focused()
+    assert c.evaluate(OUTLINE)[0] == "none", "a clicked card keeps a focus ring"
+    # From the keyboard the ring shows, drawn inside the card so the scrolling column cannot clip it.
+    page.keyboard.press("Tab")
+    nxt = card(page, second)
+    expect(nxt).to_be_focused()
+    style, offset = nxt.evaluate(OUTLINE)
+    assert style == "solid" and offset < 0, (style, offset)

@@ -3,6 +3,11 @@ overseer's disable / enable of a family."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
 from tests.helpers import DEV_WORKFLOW, Api, make_world
 
 
@@ -75,3 +80,85 @@ async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
     out = await overseer.post("/v1/families/cheap/enable", expect=200)
     assert out["disabled"] is False
     assert (await cheap.get("/v1/me"))["family"] == "cheap"
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+async def test_the_front_door_sends_a_browser_to_the_board_and_a_program_to_the_api(admin: Api) -> None:
+    r = await admin.client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert r.status_code == 303 and r.headers["location"] == "/board"
+    assert "accept" in r.headers["vary"].lower()
+    for accept in (None, "*/*", "application/json", "application/json, text/html;q=0.5",
+                   "text/html;q=0, */*"):
+        headers = {"Accept": accept} if accept else {}
+        r = await admin.client.get("/", headers=headers)
+        assert r.status_code == 200, (accept, r.status_code)
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        assert body["service"] == "AINARRES" and body["version"]
+        assert body["links"] == {"openapi": "/openapi.json", "docs": "/docs", "board": "/board",
+                                 "health": "/healthz"}
+        for link in body["links"].values():   # every link leads somewhere
+            assert (await admin.client.get(link)).status_code == 200, link
+
+    doc = (await admin.client.get("/openapi.json")).json()
+    op = doc["paths"]["/"]["get"]
+    assert op["summary"] and "Accept" in op["description"]
+    assert {"200", "303"} <= set(op["responses"])
+    assert "/board" not in doc["paths"], "the board's page is not part of the API"
+
+
+def _at(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+async def test_stuck_lists_blocked_tasks_beside_silent_holds(admin: Api, db: asyncpg.Connection) -> None:
+    """The board's Stuck panel reads /v1/stuck: tasks blocked for a human are in it, with why, since when
+    and by whom; the hold fields are null for them; kind, family and paging cover both kinds."""
+    w = await make_world(admin)
+    cheap, capable = await w.agent("cheap"), await w.agent("capable")
+    silent = (await cheap.create("dev", "silent"))["task"]["id"]
+    parked = (await cheap.create("dev", "parked"))["task"]["id"]
+    c = await cheap.claim("dev")
+    assert c["task"]["id"] == silent
+    d = await capable.claim("dev")
+    assert d["task"]["id"] == parked
+    out = await capable.verb(parked, "block", lease=d["lease"]["id"], reason="needs a human decision")
+    blocked_at = out["event"]["created_at"]
+    # The hold has been silent 40 s of its 60 s lease (time travel, behind the API).
+    await db.execute("UPDATE tasks SET held_since = now() - interval '40 seconds', "
+                     "lease_expires_at = now() + interval '20 seconds' WHERE id = $1", silent)
+
+    items = (await admin.get("/v1/stuck"))["items"]
+    assert [(s["id"], s["kind"]) for s in items] == [(silent, "silent_hold"), (parked, "blocked")]
+    hold, block = items
+    assert hold["blocked_reason"] is None and hold["since"] == hold["held_since"]
+    assert block["blocked_reason"] == "needs a human decision" and block["blocked_by_family"] == "capable"
+    assert _at(block["blocked_since"]) == _at(blocked_at) == _at(block["since"])
+    assert (block["holder"], block["held_since"], block["lease_expires_at"], block["silent_for_seconds"]) == (
+        None, None, None, None)
+    assert (block["lane"], block["stage"], block["title"]) == ("dev", "todo", "parked")
+
+    async def ids(**params: Any) -> list[str]:
+        return [s["id"] for s in (await admin.get("/v1/stuck", params=params))["items"]]
+
+    assert await ids(kind="blocked") == [parked]
+    assert await ids(kind="silent_hold") == [silent]
+    assert await ids(kind="treadmill") == []
+    assert await ids(family="capable") == [parked]   # the family that blocked it
+    assert await ids(family="cheap") == [silent]
+    assert await ids(stage="review") == []
+    seen, cursor = [], None
+    while True:
+        page = await admin.get("/v1/stuck", params={"limit": 1, **({"cursor": cursor} if cursor else {})})
+        seen += [s["id"] for s in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == [silent, parked]
+    assert (await admin.get("/v1/stuck", params={"kind": "stale"}, expect=422))["code"] == "invalid"
+
+    # Unblocked, it leaves the list.
+    await admin.post(f"/v1/tasks/{parked}/unblock", {})
+    assert await ids() == [silent]

@@ -101,25 +101,31 @@ class FeedEvent(BaseModel):
 
 
 class StuckHold(BaseModel):
-    """A live hold going nowhere: `kind` is silent_hold or treadmill (the worse of the two)."""
+    """Work going nowhere: a live hold (`kind` silent_hold or treadmill, the worse of the two) or a task
+    blocked for a human (`kind` blocked: the hold fields are null, `blocked_*` say why, since when and
+    by whom)."""
 
     id: uuid.UUID
     title: str
     project: str
     lane: str
     stage: str
-    holder: str
+    holder: str | None = Field(description="the holding agent's sub; null when blocked")
     holder_family: str | None
-    held_since: datetime
+    held_since: datetime | None
     progress_at: datetime | None
-    lease_expires_at: datetime
+    lease_expires_at: datetime | None
     lease_seconds: int
     attempts: int
-    held_for_seconds: float
-    silent_for_seconds: float = Field(description="since the last progress, or since the claim")
-    extended_by_seconds: float = Field(description="how far heartbeats pushed the lease past what the "
-                                                   "claim or last progress granted")
-    kind: Literal["silent_hold", "treadmill"]
+    held_for_seconds: float | None
+    silent_for_seconds: float | None = Field(description="since the last progress, or since the claim")
+    extended_by_seconds: float | None = Field(description="how far heartbeats pushed the lease past what "
+                                                          "the claim or last progress granted")
+    kind: Literal["silent_hold", "treadmill", "blocked"]
+    blocked_reason: str | None = Field(description="why it is blocked (kind blocked)")
+    blocked_since: datetime | None = Field(description="when it was blocked (kind blocked)")
+    blocked_by_family: str | None = Field(description="the family whose call blocked it (kind blocked)")
+    since: datetime = Field(description="held_since, or blocked_since: the list's order")
 
 
 class Closest(BaseModel):
@@ -229,10 +235,11 @@ async def feed(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, st
 
 @router.get("/stuck", response_model=Page[StuckHold],
             summary="stuck: live holds silent for over half a lease (silent_hold) or kept alive past a "
-                    "whole lease by heartbeats alone (treadmill)",
-            description="Longest held first. Filters: project, lane, stage, family (the holder's), kind.")
+                    "whole lease by heartbeats alone (treadmill), and tasks blocked for a human (blocked)",
+            description="Oldest first (by `since`). Filters: project, lane, stage, family (the holder's, or "
+                        "the blocker's), kind.")
 async def stuck(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
-                family: Key = None, kind: Literal["silent_hold", "treadmill"] | None = None,
+                family: Key = None, kind: Literal["silent_hold", "treadmill", "blocked"] | None = None,
                 cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
     return await oversight.stuck(conn, Filters(project, lane, stage, family), kind, cursor, limit)
 

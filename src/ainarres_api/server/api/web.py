@@ -1,22 +1,25 @@
 """The web board: a static page, a plain JS module and CSS shipped in the package (ADR 0007), plus the
 two reads and acts it needs that the JSON API had only for admins: the lanes' layout for the seats,
-and disabling / re-enabling a family for overseers."""
+and disabling / re-enabling a family for overseers. And `/`, the front door: a browser is sent to the
+board, a program gets where the API is described."""
 
 from __future__ import annotations
 
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
-from fastapi.responses import Response
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel, Field
 
+from ainarres_api import __version__
 from ainarres_api.server.api.deps import Conn, Governor, require
 from ainarres_api.server.errors import Conflict, NotFound
 from ainarres_api.server.services import admin, layout
 from ainarres_api.server.services.auth import Principal
 
 router = APIRouter(prefix="/v1", tags=["oversight"])
-pages = APIRouter(include_in_schema=False)
+pages = APIRouter()
 
 Watcher = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "seat:admin"))]
 
@@ -60,19 +63,81 @@ async def enable_family(key: Annotated[str, Path(max_length=200)], _: Governor, 
     return await admin.update_family(conn, key, None, False, None, None)
 
 
-@pages.get("/board")
+@pages.get("/board", include_in_schema=False)
 async def board_index() -> Response:
     return Response(_asset("board.html"), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
 
 
-@pages.get("/board/static/{name}")
+@pages.get("/board/static/{name}", include_in_schema=False)
 async def board_asset(name: str) -> Response:
     if name not in ASSETS:
         raise NotFound("no such board asset")
     return Response(_asset(name), media_type=ASSETS[name], headers=SECURITY_HEADERS)
 
 
-@pages.get("/board/{project}")
+@pages.get("/board/{project}", include_in_schema=False)
 async def board_page(project: Annotated[str, Path(max_length=200)]) -> Response:
     # The same page: the script reads the project from the path.
     return Response(_asset("board.html"), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+
+class Links(BaseModel):
+    """Where to go from here."""
+
+    openapi: str = Field(description="the OpenAPI description of the API")
+    docs: str = Field(description="the same, as a readable page")
+    board: str = Field(description="the live board (a page for people; sign in with a seat's token)")
+    health: str = Field(description="liveness and database reachability")
+
+
+class Index(BaseModel):
+    """The service's front door for programs."""
+
+    service: str
+    version: str
+    links: Links
+
+
+INDEX = Index(service="AINARRES", version=__version__,
+              links=Links(openapi="/openapi.json", docs="/docs", board="/board", health="/healthz"))
+
+
+def _quality(accept: str, media: str) -> float:
+    """The q a client's Accept header gives `media` (the most specific range that matches it wins)."""
+    kind = media.split("/")[0]
+    best: tuple[int, float] = (-1, 0.0)
+    for part in accept.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        rng = fields[0].lower()
+        q = 1.0
+        for param in fields[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = max(0.0, min(1.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        specificity = 2 if rng == media else 1 if rng == f"{kind}/*" else 0 if rng == "*/*" else -1
+        if specificity > best[0]:
+            best = (specificity, q)
+    return best[1]
+
+
+def prefers_html(accept: str | None) -> bool:
+    """A browser asks for text/html above JSON; `*/*` alone (curl, httpx, most clients) is not a browser."""
+    if not accept:
+        return False
+    html = _quality(accept, "text/html")
+    return html > 0 and html > _quality(accept, "application/json") and "text/html" in accept.lower()
+
+
+@pages.get("/", tags=["operations"], response_model=Index,
+           summary="the front door: a browser goes to the board, a program gets links to the API's description",
+           description="Content negotiation on `Accept`: when it prefers `text/html` over JSON (a browser), "
+                       "303 See Other to `/board`; otherwise this JSON document, naming the service and "
+                       "linking `/openapi.json`, `/docs`, `/board` and `/healthz`.",
+           responses={303: {"description": "a browser: see the board at `/board` (`Location`)"}})
+async def index(request: Request) -> Response:
+    if prefers_html(request.headers.get("accept")):
+        return RedirectResponse("/board", status_code=303, headers={"Vary": "Accept"})
+    return Response(INDEX.model_dump_json(), media_type="application/json", headers={"Vary": "Accept"})

@@ -24,7 +24,7 @@ log = logging.getLogger("ainarres.oversight")
 
 STATES = ("waiting", "ready", "held", "blocked", "done")
 NO_CAPABLE_AGENT = "no capable agent"
-StuckKind = Literal["silent_hold", "treadmill"]
+StuckKind = Literal["silent_hold", "treadmill", "blocked"]
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,12 @@ async def feed(conn: asyncpg.Connection, f: Filters, type_: str | None, task_id:
 
 async def stuck(conn: asyncpg.Connection, f: Filters, kind: StuckKind | None, cursor: str | None,
                 limit: int) -> dict[str, Any]:
-    """Live holds with no progress for half a lease (silent_hold) or past a whole one (treadmill)."""
+    """Live holds with no progress for half a lease (silent_hold) or past a whole one (treadmill), and
+    tasks blocked for a human (blocked); the oldest first."""
     since, last = _time_id_cursor(cursor)
     rows = await conn.fetch(Q["stuck_page"], f.project, f.lane, f.stage, f.family, kind, since, last,
                             limit + 1)
-    return _page([dict(r) for r in rows], limit, "held_since", "id")
+    return _page([dict(r) for r in rows], limit, "since", "id")
 
 
 def _capable(bundle: set[str], families: list[asyncpg.Record]) -> list[str]:

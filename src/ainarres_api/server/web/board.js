@@ -21,6 +21,8 @@ const S = {
   escalated: new Set(),    // task ids with an escalated event
   lastEventId: 0,
   openTask: null,
+  asking: null,
+  refocus: null,           // the aria-label of the family button to focus after the next render            // the family whose "Disable …?" confirmation is open
   returnFocus: null,
   stream: null,            // AbortController of the live stream
   timers: [],
@@ -167,7 +169,7 @@ function stop() {
   S.stream = null;
   S.timers.forEach(clearInterval);
   S.timers = [];
-  setLive(false, "offline");
+  if (S.token) setLive("idle", "connecting…"); else setLive("idle", "not signed in");
 }
 
 $("#signin").addEventListener("submit", async (e) => {
@@ -392,9 +394,10 @@ function tick() {
 
 // ---------------------------------------------------------------- the live stream
 
-function setLive(on, text) {
+// "on": streaming; "off": lost the stream, retrying; "idle": not signed in or not started (neutral).
+function setLive(state, text) {
   const live = $("#live");
-  live.className = `live ${on ? "on" : "off"}`;
+  live.className = `live ${state}`;
   live.textContent = text;
 }
 
@@ -412,12 +415,12 @@ function startStream() {
         });
         if (resp.status === 401) { signOut("your token is no longer valid"); return; }
         if (!resp.ok || !resp.body) throw new Error(`stream: HTTP ${resp.status}`);
-        setLive(true, "live");
+        setLive("on", "live");
         await readFrames(resp.body, ctl);
       } catch (err) {
         if (ctl.signal.aborted) return;
       }
-      setLive(false, "reconnecting…");
+      setLive("off", "reconnecting…");
       await new Promise((r) => setTimeout(r, RETRY_MS));
     }
   })();
@@ -518,16 +521,33 @@ function taskLink(id, title) {
                    onclick: (e) => { e.preventDefault(); openDrawer(id, e.currentTarget); } });
 }
 
+function stuckLine(r) {
+  if (r.kind === "blocked") {
+    return el("li", { "data-task-id": r.id, "data-kind": r.kind },
+      el("span", { class: "badge blocked", text: "blocked" }), " ",
+      taskLink(r.id, r.title),
+      el("div", { class: "stuck-why", text: r.blocked_reason || "blocked for a human" }),
+      el("div", { class: "muted" },
+        el("span", { text: `${r.lane} · ${r.stage} · blocked ` }),
+        el("time", { datetime: r.blocked_since, title: new Date(r.blocked_since).toLocaleString(),
+                     text: `${ago(r.blocked_since)} ago` }),
+        r.blocked_by_family ? el("span", { text: ` by ${r.blocked_by_family}` }) : null,
+        el("span", { text: " · needs a human to unblock" })));
+  }
+  return el("li", { "data-task-id": r.id, "data-kind": r.kind },
+    el("span", { class: "badge stuck", text: r.kind.replace("_", " ") }), " ",
+    taskLink(r.id, r.title),
+    el("div", { class: "muted", text: `${r.lane} · ${r.stage} · ${r.holder_family || "?"} ${agentName(r.holder, r.holder_family)} · silent ${duration(r.silent_for_seconds)}, held ${duration(r.held_for_seconds)}` }));
+}
+
 function renderStuck(rows) {
   const before = new Set(S.stuck.keys());
   S.stuck = new Map(rows.map((r) => [r.id, r]));
   $("#stuck-count").textContent = String(rows.length);
-  $("#stuck").replaceChildren(...(rows.length ? rows.map((r) =>
-    el("li", { "data-task-id": r.id },
-       el("span", { class: `badge ${r.kind === "treadmill" ? "stuck" : "stuck"}`, text: r.kind.replace("_", " ") }), " ",
-       taskLink(r.id, r.title),
-       el("div", { class: "muted", text: `${r.lane} · ${r.stage} · ${r.holder_family || "?"} ${agentName(r.holder, r.holder_family)} · silent ${duration(r.silent_for_seconds)}, held ${duration(r.held_for_seconds)}` })))
-    : [el("li", { class: "muted", text: "nothing stuck" })]));
+  // Blocked work waits on a person: it comes first.
+  const ordered = [...rows.filter((r) => r.kind === "blocked"), ...rows.filter((r) => r.kind !== "blocked")];
+  $("#stuck").replaceChildren(...(ordered.length ? ordered.map(stuckLine)
+    : [el("li", { class: "muted", text: "nothing stuck or blocked" })]));
   for (const id of new Set([...before, ...S.stuck.keys()])) {
     const t = S.tasks.get(id);
     if (t) placeCard(t);
@@ -560,6 +580,9 @@ function renderAgents(rows) {
 }
 
 function renderFamilies(rows) {
+  // The panel refreshes under the reader: keep an open confirmation and the keyboard's place.
+  let focused = $("#families").contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  if (S.refocus) { focused = S.refocus; S.refocus = null; }
   $("#families").replaceChildren(...rows.map((f) => {
     const li = el("li", { "data-family": f.key },
       el("strong", { text: f.key }), f.disabled ? el("span", { class: "badge blocked", text: "disabled" }) : null,
@@ -569,30 +592,50 @@ function renderFamilies(rows) {
     if (oversees() && f.key !== S.me.family) li.append(familyButton(f));
     return li;
   }));
+  if (focused) [...$("#families").querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused)?.focus();
 }
 
+// Enabling is harmless; disabling refuses every agent of the family from its next call, so it asks
+// first, inline: "Disable X? [Yes, disable] [No]" (No has the focus; Escape is No).
 function familyButton(f) {
-  const act = f.disabled ? "enable" : "disable";
-  const btn = el("button", { type: "button", class: f.disabled ? "" : "danger", text: f.disabled ? "Enable" : "Disable",
-                             "aria-label": `${act} family ${f.key}` });
-  let armed = false;
-  btn.addEventListener("click", async () => {
-    if (!armed && act === "disable") {   // two steps: a disable refuses every agent of the family at once
-      armed = true;
-      btn.textContent = `Confirm: disable ${f.key}`;
-      setTimeout(() => { armed = false; btn.textContent = "Disable"; }, 6000);
-      return;
-    }
-    btn.disabled = true;
+  const box = el("div", { class: "famact" });
+  const act = async (verb) => {
+    const hadFocus = box.contains(document.activeElement);
+    box.querySelectorAll("button").forEach((b) => { b.disabled = true; });
     try {
-      await api("POST", `/v1/families/${encodeURIComponent(f.key)}/${act}`);
-      toast(`family ${f.key} ${act}d`);
+      await api("POST", `/v1/families/${encodeURIComponent(f.key)}/${verb}`);
+      toast(`family ${f.key} ${verb}d`);
+      // The row's next button (Enable after a disable) takes the focus the pressed one had.
+      if (hadFocus) S.refocus = `${verb === "disable" ? "enable" : "disable"} family ${f.key}`;
     } catch (err) {
-      toast(`could not ${act} ${f.key}: ${err.message}`, "error");
+      toast(`could not ${verb} ${f.key}: ${err.message}`, "error");
     }
     refreshPanels();
-  });
-  return btn;
+  };
+  const idle = () => {
+    if (S.asking === f.key) S.asking = null;
+    const btn = f.disabled
+      ? el("button", { type: "button", class: "quiet", text: "Enable", "aria-label": `enable family ${f.key}`,
+                       onclick: () => act("enable") })
+      : el("button", { type: "button", class: "quiet", text: "Disable…", "aria-label": `disable family ${f.key}`,
+                       onclick: () => ask() });
+    box.replaceChildren(btn);
+    return btn;
+  };
+  const ask = (focus = true) => {
+    S.asking = f.key;
+    const no = el("button", { type: "button", class: "cancel", text: "No", "aria-label": `keep family ${f.key} enabled`,
+                              onclick: () => idle().focus() });
+    const yes = el("button", { type: "button", class: "danger confirm-yes", text: "Yes, disable",
+                               "aria-label": `yes, disable family ${f.key}`, onclick: () => act("disable") });
+    const q = el("div", { class: "confirm", role: "group", "aria-label": `confirm disabling ${f.key}`,
+                          onkeydown: (e) => { if (e.key === "Escape") { e.stopPropagation(); idle().focus(); } } },
+      el("span", { text: `Disable ${f.key}? Its agents are refused from their next call. ` }), yes, " ", no);
+    box.replaceChildren(q);
+    if (focus) no.focus();
+  };
+  if (S.asking === f.key && !f.disabled) ask(false); else idle();
+  return box;
 }
 
 async function loadFeed() {

@@ -195,12 +195,15 @@ SELECT e.id,
  LIMIT $5;
 
 -- name: stuck_page
--- Live holds going nowhere. A silent hold: no progress (or, without any, no claim) for more than
--- half the stage's lease. A treadmill: held longer than one whole lease and no progress since the
--- claim — only heartbeats can keep such a hold alive. Every treadmill is also silent; `kind`
--- names the worse. `extended_by_seconds` is how far heartbeats pushed the lease past what the last
--- claim or progress granted. Reads the lease index (held rows only).
--- $1 project, $2 lane, $3 stage, $4 holder's family, $5 kind, $6/$7 cursor (held_since, id), $8 limit.
+-- Work going nowhere. A silent hold: a live hold with no progress (or, without any, no claim) for
+-- more than half the stage's lease. A treadmill: held longer than one whole lease and no progress
+-- since the claim — only heartbeats can keep such a hold alive. Every treadmill is also silent;
+-- `kind` names the worse. `extended_by_seconds` is how far heartbeats pushed the lease past what the
+-- last claim or progress granted. Blocked: parked for a human, with the reason and, from its last
+-- `blocked` event, since when and by which family (the one `family` filters on). `since` (the hold's
+-- start or the block) orders the list. Reads the lease index for holds, blocked rows for the rest.
+-- $1 project, $2 lane, $3 stage, $4 holder's (or blocker's) family, $5 kind, $6/$7 cursor (since, id),
+-- $8 limit.
 SELECT * FROM (
     SELECT t.id, t.title, p.slug AS project, l.key AS lane, s.key AS stage, t.holder, a.family_key AS holder_family,
            t.held_since, t.progress_at, t.lease_expires_at, s.lease_seconds, t.attempts,
@@ -210,7 +213,9 @@ SELECT * FROM (
                     - s.lease_seconds, 0)::float8 AS extended_by_seconds,
            CASE WHEN now() - t.held_since > make_interval(secs => s.lease_seconds)
                      AND (t.progress_at IS NULL OR t.progress_at < t.held_since)
-                THEN 'treadmill' ELSE 'silent_hold' END AS kind
+                THEN 'treadmill' ELSE 'silent_hold' END AS kind,
+           NULL::text AS blocked_reason, NULL::timestamptz AS blocked_since, NULL::text AS blocked_by_family,
+           t.held_since AS since
       FROM tasks t
       JOIN lanes l ON l.id = t.lane_id
       JOIN projects p ON p.id = l.project_id
@@ -222,10 +227,30 @@ SELECT * FROM (
        AND ($2::text IS NULL OR l.key = $2)
        AND ($3::text IS NULL OR s.key = $3)
        AND ($4::text IS NULL OR a.family_key = $4)
-       AND ($6::timestamptz IS NULL OR (t.held_since, t.id) > ($6::timestamptz, $7::uuid))
+       AND ($5::text IS NULL OR $5 <> 'blocked')
+    UNION ALL
+    SELECT t.id, t.title, p.slug, l.key, s.key, NULL, NULL, NULL, t.progress_at, NULL, s.lease_seconds,
+           t.attempts, NULL, NULL, NULL, 'blocked', t.blocked_reason, b.created_at, b.family,
+           b.created_at
+      FROM tasks t
+      JOIN lanes l ON l.id = t.lane_id
+      JOIN projects p ON p.id = l.project_id
+      JOIN stages s ON s.id = t.stage_id
+     CROSS JOIN LATERAL (
+           SELECT coalesce(max(e.created_at), t.updated_at) AS created_at,
+                  (array_agg(e.family ORDER BY e.id DESC))[1] AS family
+             FROM events e
+            WHERE e.task_id = t.id AND e.type = 'blocked') b
+     WHERE t.state = 'blocked'
+       AND ($1::text IS NULL OR p.slug = $1)
+       AND ($2::text IS NULL OR l.key = $2)
+       AND ($3::text IS NULL OR s.key = $3)
+       AND ($5::text IS NULL OR $5 = 'blocked')
 ) x
  WHERE ($5::text IS NULL OR x.kind = $5)
- ORDER BY x.held_since, x.id
+   AND ($4::text IS NULL OR x.holder_family = $4 OR x.blocked_by_family = $4)
+   AND ($6::timestamptz IS NULL OR (x.since, x.id) > ($6::timestamptz, $7::uuid))
+ ORDER BY x.since, x.id
  LIMIT $8;
 
 -- name: track_record_page
