@@ -522,7 +522,7 @@ async def test_unknown_routes_and_wrong_methods(scene: Scene) -> None:
                 ("GET", "/v1/nope"),
                 ("GET", "/v2/tasks"),
                 ("POST", f"/v1/tasks/{s.task}/explode"),
-                ("GET", "/"),
+                ("GET", "/nope"),
                 ("GET", "/v1/tasks/a/b/c/d"),
             ]:
                 refused(await who.call(method, path, {}), 404, "not_found")
