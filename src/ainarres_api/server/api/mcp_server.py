@@ -94,8 +94,9 @@ hold with their leases (this session then remembers them). Call it first, and wh
 unsure what you hold. `remembered` shows what this session uses when you omit task_id and lease.""",
     "show_task": """\
 Read one task (default: the one you hold in this session) and its history, oldest first: claims,
-progress notes with artifacts, transitions, and the reasons of rejections. Reviewers: read the
-worker's notes and artifacts here.
+progress notes with artifacts, transitions, and the reasons of rejections; the card of its stage; and
+`context`, where the work lives (the project's and lane's context: repository, rules). Reviewers:
+read the worker's notes and artifacts here.
 Refusals: not_found.""",
     "show_card": """\
 Read role cards: a stage's instructions and its legal ways out (transitions, with the features they
@@ -442,7 +443,8 @@ class McpFace:
                 async with call.db() as conn:
                     task = await tasks.get(conn, call.p, tid)
                     history = await tasks.events(conn, call.p, tid, 0, 200)
-                return {"code": "ok", "task": task, "events": history}
+                    card = await tasks.card_of(conn, call.p, tid)
+                return {"code": "ok", "task": task, "events": history, "card": card, "context": card["context"]}
             return await run(ctx, body)
 
         @tool("show_card", "Show a role card", reading)
