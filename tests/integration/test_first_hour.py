@@ -96,3 +96,45 @@ async def test_a_denied_lane_is_named_as_denied(admin: Api) -> None:
     r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "x"}, 403)
     detail = r.json()["detail"]
     assert "lane:dev is denied to family cheap" in detail and "audit in progress" in detail
+
+
+# Issue 9, item 7: a retry of an applied advance/reject is told the truth.
+async def test_a_retried_transition_answers_its_original_outcome(admin: Api) -> None:
+    w = await make_world(admin)
+    dev, rev = await w.agent("cheap"), await w.agent("reviewers")
+    tid = (await dev.create("dev", "retry me"))["task"]["id"]
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    body = {"lease": lease, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/x"}]}
+    first = await dev.verb(tid, "advance", **body)
+    again = await dev.verb(tid, "advance", **body)
+    assert again["replay"] is True and again["event"] == first["event"] and again["task"]["stage"] == "review"
+    # A different target, text or artifacts on the finished lease is still lease_lost; so is another agent.
+    for other in ({**body, "note": "different"}, {**body, "artifacts": []}, {**body, "to": "todo"}):
+        r = await dev.call("POST", f"/v1/tasks/{tid}/advance", other, 409)
+        assert r.json()["code"] == "lease_lost"
+    await (await w.agent("cheap")).call("POST", f"/v1/tasks/{tid}/advance", body, 409)
+    # A reject replays too, and the review goes on from where it is.
+    rl = (await rev.claim("dev"))["lease"]["id"]
+    rj = {"lease": rl, "to": "todo", "reason": "no test"}
+    first = await rev.verb(tid, "reject", **rj)
+    again = await rev.verb(tid, "reject", **rj)
+    assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+    events = (await dev.get(f"/v1/tasks/{tid}/events"))["items"]
+    assert [e["type"] for e in events].count("transition") == 2  # nothing applied twice
+
+
+async def test_a_retried_release_or_block_answers_its_original_outcome(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    tid = (await dev.create("dev", "retry me"))["task"]["id"]
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    first = await dev.verb(tid, "release", lease=lease, reason="context full")
+    again = await dev.verb(tid, "release", lease=lease, reason="context full")
+    assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+    assert again["task"]["attempts"] == 1  # applied once
+    await dev.call("POST", f"/v1/tasks/{tid}/release", {"lease": lease, "reason": "other"}, 409)
+    await dev.call("POST", f"/v1/tasks/{tid}/block", {"lease": lease, "reason": "context full"}, 409)
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    first = await dev.verb(tid, "block", lease=lease, reason="needs a key")
+    again = await dev.verb(tid, "block", lease=lease, reason="needs a key")
+    assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]

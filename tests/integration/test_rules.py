@@ -87,7 +87,9 @@ async def test_a_family_with_no_transition_out_of_the_stage_does_not_get_it(admi
     await admin.post("/v1/families", {"key": "watchers", "features": ["lane:dev"]}, 201)
     dev = await w.agent("cheap")
     await dev.create("dev")
-    assert (await (await w.agent("watchers")).claim())["code"] == "empty"
+    # A family that can take no way out of any stage can never claim here: refused, naming what it lacks.
+    r = await (await w.agent("watchers")).call("POST", "/v1/claims", {}, 403)
+    assert "can ever match" in r.json()["detail"] and "role:dev" in r.json()["detail"]
     assert (await (await w.agent("reviewers")).claim())["code"] == "empty"
 
 
@@ -299,6 +301,7 @@ async def test_a_denial_bites_on_the_holders_next_verb(admin, db):
     assert await db.fetchval(row, uuid.UUID(task["id"])) == before
     # It may still give the work back, and it gets no new work of that kind.
     await dev.verb(task["id"], "release", lease=c["lease"]["id"], reason="denied")
-    assert (await dev.claim())["code"] == "empty"
+    r = await dev.call("POST", "/v1/claims", {}, 403)  # nothing it may ever take now, and it is told why
+    assert "role:dev is denied to family cheap" in r.json()["detail"]
     await admin.delete("/v1/families/cheap/denials/role:dev")
     assert (await dev.claim())["task"]["id"] == task["id"]

@@ -141,7 +141,9 @@ async def test_claim_takes_a_task_and_returns_its_lease(admin, db):
 async def test_claim_empty_when_nothing_fits(admin):
     w = await make_world(admin)
     dev = await w.agent("cheap")
-    assert await dev.claim() == {"code": "empty", "task": None, "lease": None}
+    empty = await dev.claim()
+    assert (empty["code"], empty["task"], empty["lease"]) == ("empty", None, None)
+    assert empty["pending"] == {"held": 0, "waiting": 0, "blocked": 0}
     await dev.create("dev")
     rev = await w.agent("reviewers")
     # A todo task is nothing a reviewer may move; a task needing area:backend is nothing cheap holds.

@@ -355,6 +355,9 @@ def _transitioned(r: asyncpg.Record, kind: str, to: str) -> dict[str, Any]:
         return {"code": "ok", "task": task, "event": r["event"]}
     if verdict == "rework_cap":
         return {"code": "blocked", "task": task, "event": r["event"]}
+    if verdict == "replay":  # the same call, already applied: its outcome again, marked as a replay
+        return {"code": "blocked" if r["event"]["type"] == "blocked" else "ok", "task": task, "event": r["event"],
+                "replay": True}
     if verdict == "illegal_transition":
         targets = list(r["targets"] or [])
         hint = f"legal {kind} targets from {stage}: {', '.join(targets)}" if targets \
@@ -378,12 +381,10 @@ async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> N
 
 async def _lock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID | None
                 ) -> asyncpg.Record:
-    """The task locked (task_lock), refused if the caller may not see it or (with a lease) does not hold it."""
+    """The task locked (task_lock) with the state of `lease` on it; refused if the caller may not see it."""
     row = await conn.fetchrow(Q["task_lock"], task_id, p.sub, lease, sorted(p.features), p.oversees)
     if row is None or not row["visible"]:
         raise _refused("not_found", None)
-    if lease is not None and row["lease"] != "ok":
-        raise _refused(row["lease"], row["task"])
     return row
 
 
@@ -392,6 +393,12 @@ async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
     """Give a held task back: attempts +1, which may escalate it or block it for a human."""
     async with conn.transaction():
         row = await _lock(conn, p, task_id, lease)
+        if row["lease"] == "ended" and (ev := await _replay(conn, p, task_id, lease, ("released", "reason", reason),
+                                                            ("blocked", "release_reason", reason))):
+            return {"code": "blocked" if ev["type"] == "blocked" else "ok", "task": row["task"], "event": ev,
+                    "replay": True}
+        if row["lease"] != "ok":
+            raise _refused(row["lease"], row["task"])
         attempts = row["attempts"] + 1
         if row["due"] is not None:
             ev = await _apply_due(conn, p, row, attempts, {"release_reason" if row["due"] == "block" else "reason":
@@ -416,9 +423,22 @@ async def block(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, leas
                 reason: str) -> dict[str, Any]:
     """Park a held task for a human: not claimable until unblocked; the hold is released."""
     r = await conn.fetchrow(Q["block_held"], task_id, lease, p.sub, p.family, reason, sorted(p.features), p.oversees)
+    if r["verdict"] == "ended" and (ev := await _replay(conn, p, task_id, lease, ("blocked", "reason", reason))):
+        return {"code": "ok", "task": r["task"], "event": ev, "replay": True}
     if r["verdict"] != "ok":
         raise _refused(r["verdict"], r["task"])
     return {"code": "ok", "task": r["task"], "event": r["event"]}
+
+
+async def _replay(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+                  *calls: tuple[str, str, str | None]) -> dict[str, Any] | None:
+    """The event of the caller's own call that already ended its hold under `lease`, if the call is the same
+    (an event type, and the field of its data that must equal the call's text), for a retry to be told."""
+    for type_, key, value in calls:
+        ev: dict[str, Any] | None = await conn.fetchval(Q["replay_of"], task_id, p.sub, lease, type_, key, value)
+        if ev is not None:
+            return ev
+    return None
 
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None

@@ -450,6 +450,9 @@ RETURNING task_json(t) AS task;
 --   guard_failed        the chosen transition's guard is false for the task
 --   no_route            the target route does not exist yet: the service creates it and runs this again
 --   dependents          it would finish a task others wait on, and $11 is false
+--   replay              the caller's own hold under $2 already ended with this very call (same kind, target,
+--                       text and artifacts): `event` is that call's event, nothing changed (a retry whose
+--                       first answer was lost is told the truth)
 WITH locked AS (
     -- The task row alone: after a lock wait it is re-read in its newest version (a join here would be
     -- rechecked against the stage row read before the wait, and a task moved meanwhile would vanish).
@@ -475,9 +478,19 @@ WITH locked AS (
       JOIN stages ts ON ts.id = tr.to_stage AND ts.key = $4
 ), chosen AS (
     SELECT * FROM o WHERE eligible ORDER BY cardinality(required_features) DESC, position LIMIT 1
+), replay AS (
+    -- The event that ended the caller's hold under $2, if it records this very call (ended holds only).
+    SELECT ev FROM x, events ev, LATERAL (SELECT coalesce(ev.data -> 'refused', ev.data) AS d) call
+     WHERE x.lease = 'ended' AND ev.task_id = x.id AND ev.actor = $7 AND ev.type IN ('transition', 'blocked')
+       AND call.d ->> 'lease' = $2::text AND call.d ->> 'kind' = $3 AND call.d ->> 'to' = $4
+       AND call.d -> 'artifacts' = $6::jsonb
+       AND (call.d ->> CASE WHEN $3 = 'reject' THEN 'reason' ELSE 'note' END) IS NOT DISTINCT FROM $5
+     ORDER BY ev.id DESC
+     LIMIT 1
 ), verdict AS (
     SELECT CASE
         WHEN x.id IS NULL OR NOT x.visible THEN 'not_found'
+        WHEN EXISTS (SELECT 1 FROM replay) THEN 'replay'
         WHEN x.lease <> 'ok' THEN x.lease
         WHEN NOT EXISTS (SELECT 1 FROM o) THEN 'illegal_transition'
         WHEN ch.id IS NULL THEN 'not_eligible'
@@ -532,7 +545,9 @@ WITH locked AS (
       FROM capped c, x, data
  RETURNING events
 )
-SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task, event_json(e.events) AS event,
+SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task,
+       CASE WHEN (e.events).id IS NOT NULL THEN event_json(e.events)
+            ELSE event_json((SELECT ev FROM replay)) END AS event,
        (m.t).route_id AS route_id, (m.t).state AS state, x.stage_key, x.lane_key, x.lane_id,
        x.base_required, ch.to_stage_id,
        (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o) AS options,
@@ -552,3 +567,12 @@ SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
 
 -- name: transitions_from_stage
 SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $1 ORDER BY tr.position;
+
+-- name: replay_of
+-- The event with which agent $2 ended its hold of task $1 under lease $3 by this very call: an event of type
+-- $4 whose data field $5 equals $6 (NULL matches NULL). A retry of an applied release or block answers it.
+SELECT event_json(ev) AS event FROM events ev
+ WHERE ev.task_id = $1 AND ev.actor = $2 AND ev.type = $4 AND ev.data ->> 'lease' = ($3::uuid)::text
+   AND (ev.data ->> $5::text) IS NOT DISTINCT FROM $6::text
+ ORDER BY ev.id DESC
+ LIMIT 1;
