@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from ainarres_api.server.api.deps import Caller, Conn, State, require
-from ainarres_api.server.errors import AinarresError, Invalid
+from ainarres_api.server.errors import AinarresError
 from ainarres_api.server.metrics import Metrics, waiters_of
 from ainarres_api.server.services import auth, oversight
 from ainarres_api.server.services.auth import Principal
