@@ -61,7 +61,7 @@ def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
     return head + body
 
 
-_HEAD, _BODY, _IDLE = "head", "body", "idle"
+_HEAD, _BODY, _IDLE, _REFUSED = "head", "body", "idle", "refused"
 
 
 class _Guard:
@@ -79,7 +79,7 @@ class _Guard:
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self._state = _HEAD
-        self._head_bytes = 0
+        self._head_bytes = self._parsed_head = 0
         self._timer: asyncio.TimerHandle | None = None
         self._arm(self.head_timeout)
 
@@ -88,6 +88,8 @@ class _Guard:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
+        if self._state == _REFUSED:
+            return
         if self._state == _IDLE:  # the next request on a kept-alive connection begins
             self._state, self._head_bytes = _HEAD, 0
             self._arm(self.head_timeout)
@@ -102,12 +104,35 @@ class _Guard:
         elif self._state == _BODY:
             self._arm(self.body_timeout)  # an idle time-out: each piece of the body restarts it
 
+    def on_message_begin(self) -> None:
+        self._parsed_head = 0
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_head += len(url)
+        super().on_url(url)  # type: ignore[misc]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_head += len(name) + len(value) + 4
+        super().on_header(name, value)  # type: ignore[misc]
+
     def on_headers_complete(self) -> None:
+        # A head that arrived whole in one read: measured from what the parser handed over.
+        if self._parsed_head > self.max_head_bytes:
+            self._refuse(431, "Request Header Fields Too Large", "payload_too_large",
+                         f"the request line and headers are limited to {self.max_head_bytes} bytes")
+            return
         self._state = _BODY
         self._arm(self.body_timeout)
         super().on_headers_complete()  # type: ignore[misc]
 
+    def on_body(self, body: bytes) -> None:
+        if self._state != _REFUSED:
+            super().on_body(body)  # type: ignore[misc]
+
     def on_message_complete(self) -> None:
+        if self._state == _REFUSED:
+            return
         self._state = _IDLE
         self._disarm()
         super().on_message_complete()  # type: ignore[misc]
@@ -147,6 +172,7 @@ class _Guard:
 
     def _refuse(self, status: int, reason: str, code: str, detail: str) -> None:
         self._disarm()
+        self._state = _REFUSED
         running = self._busy()
         if not (running and self.cycle.response_started):
             self.transport.write(_raw_problem(status, reason, code, detail))
