@@ -322,3 +322,18 @@ async def test_a_database_outage_is_503_unavailable_logged_once(settings: Settin
             lines = [rec for rec in caplog.records if "database unavailable" in rec.getMessage()]
             assert len(lines) == 4, [rec.getMessage() for rec in caplog.records]
             assert not any(rec.exc_info for rec in caplog.records if rec.name in ("ainarres", "ainarres.outage"))
+
+
+async def test_what_jsonb_hands_back_for_big_numbers_renders(app: Any, db: Any) -> None:
+    """The cause of the 500s on read: jsonb prints 1e300 as a 301-digit integer, which orjson refuses.
+    render.dumps (for FastJSONResponse) renders it as the float it stood for."""
+    import orjson
+
+    from ainarres_api.server.api import render
+
+    async with app.state.ainarres.pool.acquire() as conn:  # the service's own JSON codec
+        back = await conn.fetchval("SELECT '{\"a\": 1e300, \"b\": 123456789012345678901234567890}'::jsonb")
+    assert back["a"] == 10**300 and isinstance(back["a"], int)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(back)
+    assert json.loads(render.dumps(back)) == {"a": 1e300, "b": 1.2345678901234568e29}
