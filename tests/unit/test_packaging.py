@@ -105,7 +105,7 @@ def test_compose_config_resolves() -> None:
     assert api["command"][:1] == ["serve"] and "0.0.0.0" in api["command"]
     assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert [p["target"] for p in api["ports"]] == [8080]
-    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
     for svc in (migrate, api):
         assert svc["environment"]["AINARRES_DATABASE_URL"].startswith("postgresql://")
         assert "@postgres:5432/" in svc["environment"]["AINARRES_DATABASE_URL"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -17,16 +18,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__
-from ainarres_api.server import logs
+from ainarres_api.server import limits, logs
 from ainarres_api.server.api import admin as admin_api
-from ainarres_api.server.api import mcp_server, problems, verbs
+from ainarres_api.server.api import mcp_server, outage, problems, verbs
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
+from ainarres_api.server.api.contract import refusals
 from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
-from ainarres_api.server.errors import AinarresError, PayloadTooLarge
+from ainarres_api.server.errors import AinarresError, PayloadTooLarge, Unavailable
 from ainarres_api.server.metrics import Metrics, VerbMetrics
 from ainarres_api.server.services import admin, oversight, wake
 from ainarres_api.server.services.auth import Signer
@@ -192,17 +194,30 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        if (unavailable := outage.respond(exc, request.url.path)) is not None:
+            return unavailable
         if isinstance(exc, asyncpg.PostgresError):
             err = translate(exc)
             if err is not None:
                 return problems.refusal(err, request.url.path)
         return problems.crash(exc, request.url.path)
 
-    @app.get("/healthz", tags=["operations"], summary="liveness and database reachability")
-    async def healthz(request: Request) -> dict[str, Any]:
+    @app.get("/healthz", tags=["operations"], summary="liveness: the process answers (no database read)")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["operations"], summary="readiness: the database answers (503 unavailable if not)",
+             responses=refusals(Unavailable))
+    async def readyz(request: Request) -> Any:
         st: AppState = request.app.state.ainarres
-        async with st.pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
+        try:
+            async with asyncio.timeout(outage.RETRY_AFTER_SECONDS):
+                async with st.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except Exception as exc:
+            if (unavailable := outage.respond(exc, request.url.path)) is not None:
+                return unavailable
+            raise
         return {"status": "ok", "version": __version__}
 
     app.include_router(verbs.build_router())  # first: the hot routes are matched first
@@ -214,7 +229,9 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))
     app.add_middleware(ReleaseLent)  # innermost: an agent endpoint's connection goes back before wake-ups
+    app.add_middleware(outage.Outage)  # a database outage: 503 and one log line
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)
+    app.add_middleware(limits.RateLimit, settings=settings, signer=lambda: app.state.ainarres.signer)
     return app

@@ -45,5 +45,20 @@ class Settings(BaseSettings):
     max_feature_sets: int = Field(default=64, ge=1, le=1000)
     # Distinct required_features sets task creates may use per lane (each is a queue claims probe).
     max_required_sets_per_lane: int = Field(default=1000, ge=1, le=100_000)
+    # One event's note (or reason) and artifacts together, as stored (413 above it). The verb bodies
+    # enforce schemas.DEFAULT_MAX_EVENT_BYTES unless validated with context={"max_event_bytes": this}.
+    max_event_bytes: int = Field(default=16_384, ge=1024, le=1_048_576)
+    # A page of events (feed, stream batch, a task's events) stops early, with its cursor, past this.
+    max_read_bytes: int = Field(default=1_048_576, ge=65_536)
+
+    # At the door (uvicorn, `ainarres serve`; see server/limits.py and docs/operations.md "Limits").
+    http_max_header_bytes: int = Field(default=16_384, ge=1024, le=1_048_576)
+    http_header_timeout_seconds: float = Field(default=10, gt=0, le=600)
+    http_body_timeout_seconds: float = Field(default=30, gt=0, le=3600)
+    http_keepalive_seconds: int = Field(default=5, ge=1, le=600)
+    http_max_concurrency: int = Field(default=1000, ge=0)  # 0: no limit
+    # Requests per second per agent (a token's sub; unauthenticated: per client address), per process.
+    rate_limit_per_second: float = Field(default=200, ge=0)  # 0: no limit
+    rate_limit_burst: int = Field(default=2000, ge=1)
 
     log_level: str = "info"

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import asyncpg
-import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ainarres_api.server.api import render
 from ainarres_api.server.errors import NotEligible, Unauthenticated
 from ainarres_api.server.services import auth
 from ainarres_api.server.services.auth import Principal, Signer
@@ -28,7 +28,7 @@ class FastJSONResponse(JSONResponse):
     after the SQL. Verbs return it directly, which also skips FastAPI's response-model pass."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+        return render.dumps(content)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from ainarres_api.server.api import schemas, verbs
 from ainarres_api.server.api.deps import AppState, Lent
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, Unauthenticated
-from ainarres_api.server.services import auth, tasks, wake
+from ainarres_api.server.services import auth, pages, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 log = logging.getLogger("ainarres.mcp")
@@ -442,9 +442,11 @@ class McpFace:
                 tid = call.task_id(task_id)
                 async with call.db() as conn:
                     task = await tasks.get(conn, call.p, tid)
-                    history = await tasks.events(conn, call.p, tid, 0, 200)
+                    history, cut = pages.bounded(await tasks.events(conn, call.p, tid, 0, 200),
+                                                 call.st.settings.max_read_bytes)
                     card = await tasks.card_of(conn, call.p, tid)
-                return {"code": "ok", "task": task, "events": history, "card": card, "context": card["context"]}
+                return {"code": "ok", "task": task, "events": history, "more_events": cut, "card": card,
+                        "context": card["context"]}
             return await run(ctx, body)
 
         @tool("show_card", "Show a role card", reading)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from ainarres_api.server.api.deps import Caller, Conn, State, require
-from ainarres_api.server.errors import AinarresError, Invalid
+from ainarres_api.server.errors import AinarresError
 from ainarres_api.server.metrics import Metrics, waiters_of
 from ainarres_api.server.services import auth, oversight
 from ainarres_api.server.services.auth import Principal
@@ -226,11 +226,11 @@ async def board(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, s
             summary="feed: every event, newest first, with actor family, lane and stage",
             description="Filters: project, lane, stage (where the event happened), family (the actor's), "
                         "type, task, state (the task's now).")
-async def feed(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, stage: Key = None,
+async def feed(_: Watcher, conn: Conn, st: State, project: Key = None, lane: Key = None, stage: Key = None,
                family: Key = None, state: States = None, type: Key = None, task: uuid.UUID | None = None,
                cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
     f = Filters(project, lane, stage, family, _states(state))
-    return await oversight.feed(conn, f, type, task, cursor, limit)
+    return await oversight.feed(conn, f, type, task, cursor, limit, st.settings.max_read_bytes)
 
 
 @router.get("/stuck", response_model=Page[StuckHold],
@@ -277,10 +277,7 @@ async def track_record(_: Watcher, conn: Conn, project: Key = None, lane: Key = 
 
 def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
     if last_event_id is not None and last_event_id.strip():
-        raw = last_event_id.strip()
-        if not raw.isdigit():
-            raise Invalid("Last-Event-ID: send the id of the last event you received (a number)")
-        return int(raw)
+        return oversight.event_id(last_event_id.strip(), "Last-Event-ID")
     return after
 
 
@@ -299,7 +296,7 @@ def _frame(event: dict[str, Any]) -> str:
                         "an `event: error` frame ends it.",
             responses={200: {"content": {"text/event-stream": {}}}})
 async def stream(request: Request, caller: Caller, st: State,
-                 after: Annotated[int | None, Query(ge=0)] = None,
+                 after: Annotated[int | None, Query(ge=0, le=oversight.EVENT_ID_MAX)] = None,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
                  project: Key = None, lane: Key = None,
                  limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
@@ -321,19 +318,20 @@ async def stream(request: Request, caller: Caller, st: State,
             metrics.streams.inc()
         try:
             yield f": ainarres event stream after {start}\nretry: 2000\n\n"
-            with clock.watching():
+            with clock.watching(caller.jti):
                 while True:
                     async with st.pool.acquire() as conn:
-                        batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH)
+                        batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH,
+                                                             st.settings.max_read_bytes)
                     for ev in seq.take(batch, time.monotonic()):
                         yield _frame(ev)
                         sent += 1
                         if limit is not None and sent >= limit:
                             return
-                    if len(batch) == STREAM_BATCH and not seq.waiting:
+                    if (len(batch) == STREAM_BATCH or batch.more) and not seq.waiting and not clock.lapsed(caller.jti):
                         continue
                     now = time.monotonic()
-                    if now - checked >= REAUTH_SECONDS:
+                    if now - checked >= REAUTH_SECONDS or clock.lapsed(caller.jti):
                         checked = now
                         try:
                             async with st.pool.acquire() as conn:
@@ -354,7 +352,7 @@ async def stream(request: Request, caller: Caller, st: State,
                     else:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(max(due, 0.0)):
-                                await clock.wait_past(seq.cursor)
+                                await clock.wait_past(seq.cursor, caller.jti)
         finally:
             if metrics:
                 metrics.streams.dec()

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -15,10 +16,12 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
 
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
@@ -35,27 +38,46 @@ Context = Annotated[dict[str, Any], Field(description=f"at most {MAX_CONTEXT_BYT
 
 
 MAX_JSON_DEPTH = 64
+# Numbers must come back as they went in. orjson (the response renderer) refuses integers outside
+# 64 bits, and jsonb prints a float without an exponent (1e300 is read back as a 301-digit integer),
+# so a float of magnitude 2^63 or more, or an integer outside the signed 64-bit range, is refused.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = 2.0**63
 
 
 def _storable(value: Any) -> str | None:
-    """Why a value cannot be stored as given (NUL, lone surrogate, NaN/Infinity, too deep), or None."""
-    pending: list[tuple[Any, int]] = [(value, 0)]
+    """Why a value cannot be stored and read back as given (NUL, lone surrogate, a number that does not
+    round-trip, too deep), or None."""
+    pending: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 0, ())]
     while pending:  # iterative: a payload may be nested as deep as the JSON parser allows
-        v, depth = pending.pop()
+        v, depth, at = pending.pop()
         if depth > MAX_JSON_DEPTH:
             return f"JSON may nest at most {MAX_JSON_DEPTH} levels deep"
         if isinstance(v, str):
             if "\x00" in v or _UNSTORABLE.search(v):
-                return "text may not contain NUL (\\u0000) or lone surrogate characters"
+                return "text may not contain NUL (\\u0000) or lone surrogate characters" + _where(at)
+        elif isinstance(v, bool):
+            pass
+        elif isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                return ("integers must fit in 64 bits (-9223372036854775808 to 9223372036854775807); send "
+                        "larger numbers as strings" + _where(at))
         elif isinstance(v, float):
             if not math.isfinite(v):
-                return "numbers must be finite (no NaN or Infinity)"
+                return "numbers must be finite (no NaN or Infinity)" + _where(at)
+            if abs(v) >= _FLOAT_MAX:
+                return ("numbers must lie between -9.2e18 and 9.2e18 (larger ones cannot be read back "
+                        "exactly); send them as strings" + _where(at))
         elif isinstance(v, dict):
-            pending.extend((k, depth + 1) for k in v.keys())
-            pending.extend((x, depth + 1) for x in v.values())
+            pending.extend((k, depth + 1, at) for k in v.keys())
+            pending.extend((x, depth + 1, (*at, k)) for k, x in v.items())
         elif isinstance(v, list):
-            pending.extend((x, depth + 1) for x in v)
+            pending.extend((x, depth + 1, (*at, i)) for i, x in enumerate(v))
     return None
+
+
+def _where(at: tuple[Any, ...]) -> str:
+    return f" (at {'.'.join(str(p) for p in at)})" if at else ""
 
 
 # PostgreSQL text and jsonb cannot hold NUL, and UTF-8 cannot encode a lone surrogate.
@@ -131,14 +153,53 @@ class LeaseIn(Body):
     lease: uuid.UUID = Field(description="the lease id the claim returned")
 
 
-class ProgressIn(LeaseIn):
+DEFAULT_MAX_EVENT_BYTES = 16_384
+
+
+def event_bytes(text: str | None, artifacts: list[Artifact]) -> int:
+    """What an event's note (or reason) and artifacts weigh as stored: UTF-8 text plus compact JSON."""
+    size = len(text.encode("utf-8", "surrogatepass")) if text else 0
+    if artifacts:
+        size += len(orjson.dumps([a.model_dump(exclude_none=True) for a in artifacts]))
+    return size
+
+
+def check_event_bytes(body: BaseModel, max_bytes: int) -> None:
+    """Refuse (413 payload_too_large, naming the fields) a verb body whose note or reason and artifacts
+    together exceed `max_bytes` (settings.max_event_bytes). The verb bodies run it on validation with
+    DEFAULT_MAX_EVENT_BYTES, or with `context={"max_event_bytes": n}` when the caller passes one."""
+    field = "note" if "note" in type(body).model_fields else "reason"
+    text = getattr(body, field, None)
+    artifacts: list[Artifact] = getattr(body, "artifacts", None) or []
+    size = event_bytes(text, artifacts)
+    if size > max_bytes:
+        named = f"{field} and artifacts together" if artifacts else field
+        detail = (f"{named}: {size} bytes; one event holds at most {max_bytes}. Keep work products "
+                  "elsewhere and send short notes and references (artifacts)")
+        raise PayloadTooLarge(detail, errors=[{"field": field if not artifacts else f"{field}+artifacts",
+                                               "detail": detail}])
+
+
+class _EventBody(LeaseIn):
+    """A verb body that becomes an event: bounded in bytes as a whole (note/reason + artifacts)."""
+
+    @model_validator(mode="after")
+    def _bounded_event(self, info: ValidationInfo) -> Any:
+        # PayloadTooLarge is not a ValueError: pydantic lets it through, and every path that validates
+        # a verb body (FastAPI, the fast dispatcher, MCP) renders it as the 413 it is.
+        ctx = info.context if isinstance(info.context, dict) else {}
+        check_event_bytes(self, int(ctx.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES)))
+        return self
+
+
+class ProgressIn(_EventBody):
     """A progress report on a held task."""
 
     note: Note = Field(description="what you did or found, in a few sentences")
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class AdvanceIn(LeaseIn):
+class AdvanceIn(_EventBody):
     """Move a held task forward."""
 
     to: Key = Field(description="the target stage's key, from the card's transitions")
@@ -146,7 +207,7 @@ class AdvanceIn(LeaseIn):
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class RejectIn(LeaseIn):
+class RejectIn(_EventBody):
     """Send a held task back for rework."""
 
     to: Key = Field(description="the target stage's key, from the card's transitions")
@@ -154,13 +215,13 @@ class RejectIn(LeaseIn):
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class ReleaseIn(LeaseIn):
+class ReleaseIn(_EventBody):
     """Give a held task back."""
 
     reason: Note | None = Field(default=None, description="why you are giving it back")
 
 
-class BlockIn(LeaseIn):
+class BlockIn(_EventBody):
     """Park a held task for a human."""
 
     reason: Annotated[str, Field(min_length=1, max_length=2000)] = Field(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from ainarres_api.server.api import contract, envelopes
 from ainarres_api.server.api.deps import Agent, FastJSONResponse
 from ainarres_api.server.api.verbs import TaskId
 from ainarres_api.server.errors import Invalid, NotEligible, NotFound
-from ainarres_api.server.services import tasks
+from ainarres_api.server.services import pages, tasks
 
 router = APIRouter(prefix="/v1", tags=["agent reads"])
 
@@ -46,15 +46,18 @@ async def lane_cards(key: Annotated[str, Path(max_length=96, description="the la
 
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first", response_model=None,
             operation_id="list_task_events",
-            description="Pages of the task's append-only history; continue with `after=<next>`.",
+            description="Pages of the task's append-only history, bounded in rows (`limit`) and in bytes "
+                        "(AINARRES_MAX_READ_BYTES); continue with `after=<next>`.",
             responses=_answers(envelopes.EventPage, NotFound, Invalid))
 async def task_events(
-    task_id: TaskId, lent: Agent,
+    task_id: TaskId, lent: Agent, request: Request,
     after: Annotated[int, Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many events")] = 200,
 ) -> Response:
-    items = await tasks.events(lent.conn, lent.caller, task_id, after, limit)
-    return FastJSONResponse({"items": items, "next": items[-1]["id"] if len(items) == limit else None})
+    rows = await tasks.events(lent.conn, lent.caller, task_id, after, limit)
+    # Bounded in bytes as well as rows: a page stops early, with its cursor, once it passes the budget.
+    items, cut = pages.bounded(rows, request.app.state.ainarres.settings.max_read_bytes)
+    return FastJSONResponse({"items": items, "next": items[-1]["id"] if cut or len(rows) == limit else None})
 
 
 @router.get("/me", summary="who you are, what you may do now, what you hold", response_model=None,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from ainarres_api import __version__
 from ainarres_api.server.api.deps import Conn, Governor, require
-from ainarres_api.server.errors import Conflict, NotFound
+from ainarres_api.server.errors import NotFound
 from ainarres_api.server.services import admin, layout
 from ainarres_api.server.services.auth import Principal
 
@@ -52,15 +52,13 @@ async def get_layout(_: Watcher, conn: Conn,
                          "their leases running out.")
 async def disable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
                          ) -> dict[str, Any]:
-    if key == caller.family:
-        raise Conflict(f"{key} is your own family: disabling it would lock you out; ask another overseer "
-                       "or an admin")
-    return await admin.update_family(conn, key, None, True, None, None)
+    return await admin.set_family_disabled(conn, caller, key, True)
 
 
 @router.post("/families/{key}/enable", summary="re-enable a disabled family (seat:overseer or seat:admin)")
-async def enable_family(key: Annotated[str, Path(max_length=200)], _: Governor, conn: Conn) -> dict[str, Any]:
-    return await admin.update_family(conn, key, None, False, None, None)
+async def enable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
+                        ) -> dict[str, Any]:
+    return await admin.set_family_disabled(conn, caller, key, False)
 
 
 @pages.get("/board", include_in_schema=False)

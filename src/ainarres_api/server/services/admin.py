@@ -114,6 +114,29 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
         return await get_family(conn, key)
 
 
+async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, disabled: bool) -> dict[str, Any]:
+    """Disable or re-enable a family as a governance act (POST /v1/families/{key}/disable|enable).
+
+    ADR 0008: seats are an admin's decision, so a caller without seat:admin may neither disable nor
+    re-enable a family provisioned with a seat:* feature (an admin family among them); nobody disables
+    their own family (a lock-out) or the last enabled admin family."""
+    async with conn.transaction():
+        if await conn.fetchval(Q["family_lock"], key) is None:
+            raise NotFound(f"no family {key!r}; GET /v1/families lists them")
+        if disabled and key == p.family:
+            raise Conflict(f"{key} is your own family: disabling it would lock you out; ask another overseer "
+                           "or an admin")
+        if not p.has("seat:admin"):
+            seats = list(await conn.fetchval(Q["family_seats"], key))
+            if seats:
+                raise NotEligible(f"family {key} holds {', '.join(seats)}: only seat:admin may "
+                                  f"{'disable' if disabled else 're-enable'} a family that holds a seat")
+        if disabled:
+            await _keep_an_admin(conn, key)
+        await conn.execute(Q["family_update"], key, disabled, None, None)
+        return await get_family(conn, key)
+
+
 async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str,
                expires_at: datetime | None) -> dict[str, Any]:
     """Veto a feature for a family, now, until lifted or until it expires."""

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Invalid, NotEligible
+from ainarres_api.server.services import pages
 from ainarres_api.server.services.auth import Principal
 
 log = logging.getLogger("ainarres.oversight")
@@ -45,6 +47,21 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+_BAD_CURSOR = "cursor: pass back the `next` value of the previous page unchanged"
+# Text PostgreSQL cannot take (NUL) or UTF-8 cannot encode (a lone surrogate).
+_UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+EVENT_ID_MAX = 2**63 - 1
+
+
+def event_id(raw: str, name: str) -> int:
+    """An event id a client sent back (a cursor, Last-Event-ID): ASCII digits within bigint, else 422."""
+    if not _EVENT_ID.fullmatch(raw) or int(raw) > EVENT_ID_MAX:
+        raise Invalid(f"{name}: send back the id of the last event you received (a number from 0 to "
+                      f"{EVENT_ID_MAX})")
+    return int(raw)
+
+
 def _decode_cursor(cursor: str | None, n: int) -> list[str] | None:
     if not cursor:
         return None
@@ -52,8 +69,9 @@ def _decode_cursor(cursor: str | None, n: int) -> list[str] | None:
         parts = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error):
         parts = None
-    if not isinstance(parts, list) or len(parts) != n or not all(isinstance(p, str) for p in parts):
-        raise Invalid("cursor: pass back the `next` value of the previous page unchanged")
+    if (not isinstance(parts, list) or len(parts) != n
+            or not all(isinstance(p, str) and not _UNSENDABLE.search(p) for p in parts)):
+        raise Invalid(_BAD_CURSOR)
     return parts
 
 
@@ -64,7 +82,7 @@ def _time_id_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | No
     try:
         return datetime.fromisoformat(parts[0]), uuid.UUID(parts[1])
     except ValueError:
-        raise Invalid("cursor: pass back the `next` value of the previous page unchanged") from None
+        raise Invalid(_BAD_CURSOR) from None
 
 
 def _page(items: list[dict[str, Any]], limit: int, *keys: str) -> dict[str, Any]:
@@ -95,17 +113,17 @@ async def board(conn: asyncpg.Connection, f: Filters, abandoned: bool | None, cu
 
 
 async def feed(conn: asyncpg.Connection, f: Filters, type_: str | None, task_id: uuid.UUID | None,
-               cursor: str | None, limit: int) -> dict[str, Any]:
-    """Every event, newest first, with its actor's family, lane and stage."""
+               cursor: str | None, limit: int, max_bytes: int = pages.MAX_PAGE_BYTES) -> dict[str, Any]:
+    """Every event, newest first, with its actor's family, lane and stage; a page holds at most `limit`
+    events and stops early (with its `next`) past `max_bytes` of them."""
     parts = _decode_cursor(cursor, 1)
-    before = None
-    if parts is not None:
-        if not parts[0].isdigit():
-            raise Invalid("cursor: pass back the `next` value of the previous page unchanged")
-        before = int(parts[0])
+    before = event_id(parts[0], "cursor") if parts is not None else None
     rows = await conn.fetch(Q["feed_page"], f.project, f.lane, f.stage, f.family, type_, task_id,
-                            list(f.states) if f.states else None, before, limit + 1)
-    return _page([r["event"] for r in rows], limit, "id")
+                            list(f.states) if f.states else None, before, limit + 1, max_bytes)
+    items = [r["event"] for r in rows[:limit]]
+    if not rows or rows[0]["n_read"] <= len(items):
+        return {"items": items, "next": None}
+    return {"items": items, "next": encode_cursor(items[-1]["id"])}
 
 
 async def stuck(conn: asyncpg.Connection, f: Filters, kind: StuckKind | None, cursor: str | None,
@@ -202,19 +220,31 @@ async def last_event_id(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval(Q["events_max_id"]))
 
 
+class Batch(list[tuple[int, dict[str, Any] | None]]):
+    """Event ids (with the event, or None) read by events_after; `more`: rows were left out."""
+
+    more: bool = False
+
+
 async def events_after(conn: asyncpg.Connection, lanes: list[str] | None, after: int, project: str | None,
-                       lane: str | None, limit: int) -> list[tuple[int, dict[str, Any] | None]]:
-    """Every event id after `after`, oldest first, with the event if the caller may see it (else None)."""
-    rows = await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit)
-    return [(r["id"], r["event"]) for r in rows]
+                       lane: str | None, limit: int, max_bytes: int = pages.MAX_PAGE_BYTES) -> Batch:
+    """Event ids after `after`, oldest first, with the event if the caller may see it (else None): at most
+    `limit` of them, and stopping early past `max_bytes` of events (`more` is then set)."""
+    rows = await conn.fetch(Q["stream_after"], after, lanes, project, lane, limit, max_bytes)
+    batch = Batch((r["id"], r["event"]) for r in rows)
+    batch.more = bool(rows) and rows[0]["n_read"] > len(rows)
+    return batch
 
 
 class EventClock:
-    """The newest event id, read once per `interval` for every open event stream of one process.
+    """The newest event id, read once per `interval` for every open event stream of one process, and
+    which of those streams' tokens stopped being good.
 
     A stream reads its own events (filtered to what its caller may see) only when the clock has
     moved past its cursor, so open streams that have nothing to send cost one indexed `max(id)` per
-    interval per process, not a read each. Reading stops while no stream is open.
+    interval per process, not a read each. The same tick probes the tokens of the open streams (one
+    statement for all of them, by primary key): a revoked or expired token, or a disabled family,
+    wakes its streams within an interval. Reading stops while no stream is open.
     """
 
     def __init__(self, pool: asyncpg.Pool, interval: float) -> None:
@@ -227,6 +257,8 @@ class EventClock:
         self._users = 0
         self._has_users = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._tokens: dict[str, int] = {}
+        self._lapsed: set[str] = set()
 
     async def start(self) -> None:
         """Start reading (call once, from the app's lifespan)."""
@@ -245,26 +277,41 @@ class EventClock:
         self._moved.set()
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        """Hold the clock running while a stream is open."""
+    def watching(self, jti: str | None = None) -> Iterator[None]:
+        """Hold the clock running while a stream is open; with `jti`, probe that token every tick."""
         self._users += 1
         self._has_users.set()
+        if jti is not None:
+            self._tokens[jti] = self._tokens.get(jti, 0) + 1
         try:
             yield
         finally:
             self._users -= 1
             if not self._users:
                 self._has_users.clear()
+            if jti is not None:
+                self._tokens[jti] -= 1
+                if not self._tokens[jti]:
+                    del self._tokens[jti]
+                    self._lapsed.discard(jti)
 
-    async def wait_past(self, cursor: int) -> None:
-        """Return once an event newer than `cursor` is committed (or the clock stops); callers bound
-        the wait with asyncio.timeout."""
-        while self.latest <= cursor and not self.closed:
+    def lapsed(self, jti: str) -> bool:
+        """Whether the last probe found the token revoked, expired or gone, or its family disabled."""
+        return jti in self._lapsed
+
+    async def wait_past(self, cursor: int, jti: str | None = None) -> None:
+        """Return once an event newer than `cursor` is committed, the token `jti` lapsed, or the clock
+        stops; callers bound the wait with asyncio.timeout."""
+        while self.latest <= cursor and not self.closed and not (jti is not None and jti in self._lapsed):
             await self._moved.wait()
 
     async def next_read(self) -> None:
         """Return after the clock's next read (tests: observe that idle streams cost no reads)."""
         await self._read.wait()
+
+    def _wake(self) -> None:
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
 
     async def _run(self) -> None:
         while True:
@@ -272,13 +319,17 @@ class EventClock:
             try:
                 async with self.pool.acquire() as conn:
                     latest = await last_event_id(conn)
+                    watched = list(self._tokens)
+                    lapsed = ({str(r["jti"]) for r in await conn.fetch(Q["stream_tokens_lapsed"], watched)}
+                              if watched else set())
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("event clock: could not read the newest event id: %s", exc)
             else:
-                if latest != self.latest:
+                fresh = lapsed - self._lapsed
+                self._lapsed = lapsed & set(self._tokens)
+                if latest != self.latest or fresh:
                     self.latest = latest
-                    moved, self._moved = self._moved, asyncio.Event()
-                    moved.set()
+                    self._wake()
                 read, self._read = self._read, asyncio.Event()
                 read.set()
             await asyncio.sleep(self.interval)  # the polling period itself, not a synchronisation

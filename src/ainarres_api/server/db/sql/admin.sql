@@ -134,6 +134,11 @@ SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1));
 -- name: workflows_list
 SELECT DISTINCT ON (key) key, version FROM workflows WHERE key > $1 ORDER BY key, version DESC LIMIT $2;
 
+-- name: family_seats
+-- The seat:* features a family is provisioned with (ADR 0008: governing such a family is for admins).
+SELECT coalesce(array_agg(feature ORDER BY feature), '{}') FROM family_features
+ WHERE family_key = $1 AND feature LIKE 'seat:%';
+
 -- name: family_holds_admin
 -- Whether a family is provisioned with seat:admin and is enabled.
 SELECT EXISTS (SELECT 1 FROM family_features ff JOIN families f ON f.key = ff.family_key

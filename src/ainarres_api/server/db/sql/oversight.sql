@@ -118,25 +118,35 @@ SELECT f.key, f.disabled,
 -- the event happened: the event's own record of it when it has one (created, claimed, progress,
 -- block carry `stage`; a transition carries `from`), else the stage the task last entered before
 -- the event (a backward probe of events_by_task; COALESCE evaluates it only when needed).
+-- A page is bounded in bytes as well as rows: of the rows read, only those that fit in $10 bytes
+-- (as JSON text; always the first) leave the database; `n_read` tells the caller whether rows were
+-- left out, so that it hands out a cursor.
 -- $1 project, $2 lane, $3 stage, $4 family (the actor's), $5 type, $6 task id, $7 task state,
--- $8 cursor (events older than this id), $9 limit.
-SELECT event_json(e) || jsonb_build_object(
-           'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title) AS event
-  FROM events e
-  JOIN tasks t ON t.id = e.task_id
-  JOIN lanes l ON l.id = t.lane_id
-  JOIN projects p ON p.id = l.project_id
- CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
- WHERE ($1::text IS NULL OR p.slug = $1)
-   AND ($2::text IS NULL OR l.key = $2)
-   AND ($3::text IS NULL OR st.stage = $3)
-   AND ($4::text IS NULL OR e.family = $4)
-   AND ($5::text IS NULL OR e.type = $5)
-   AND ($6::uuid IS NULL OR e.task_id = $6)
-   AND ($7::text[] IS NULL OR t.state = ANY ($7::text[]))
-   AND ($8::bigint IS NULL OR e.id < $8)
- ORDER BY e.id DESC
- LIMIT $9;
+-- $8 cursor (events older than this id), $9 limit, $10 byte budget.
+SELECT s.event, s.n_read
+  FROM (SELECT page.id, page.event, count(*) OVER () AS n_read,
+               sum(z.size) OVER (ORDER BY page.id DESC ROWS UNBOUNDED PRECEDING) AS upto,
+               row_number() OVER (ORDER BY page.id DESC) AS n
+          FROM (SELECT e.id, event_json(e) || jsonb_build_object(
+                           'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title) AS event
+                  FROM events e
+                  JOIN tasks t ON t.id = e.task_id
+                  JOIN lanes l ON l.id = t.lane_id
+                  JOIN projects p ON p.id = l.project_id
+                 CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
+                 WHERE ($1::text IS NULL OR p.slug = $1)
+                   AND ($2::text IS NULL OR l.key = $2)
+                   AND ($3::text IS NULL OR st.stage = $3)
+                   AND ($4::text IS NULL OR e.family = $4)
+                   AND ($5::text IS NULL OR e.type = $5)
+                   AND ($6::uuid IS NULL OR e.task_id = $6)
+                   AND ($7::text[] IS NULL OR t.state = ANY ($7::text[]))
+                   AND ($8::bigint IS NULL OR e.id < $8)
+                 ORDER BY e.id DESC
+                 LIMIT $9) page
+         CROSS JOIN LATERAL (SELECT octet_length(page.event::text)::bigint AS size) z) s
+ WHERE s.n = 1 OR s.upto <= $10
+ ORDER BY s.id DESC;
 
 -- name: metrics_events_since
 -- Events recorded (by any replica) after an id, by type, for the scrape's counters. Walks the
@@ -176,23 +186,42 @@ SELECT l.key AS lane, s.key AS stage, sum(x.n)::bigint AS n
 -- (the stream needs the whole sequence to spot a gap: an id taken by a transaction that has not
 -- committed yet, or one that rolled back); the event itself only for those the caller may see and
 -- asked for, with where it happened and the task as it is now (a board redraws the card from it).
--- $1 event id, $2 visible lanes (NULL: every lane), $3 project, $4 lane, $5 limit.
-SELECT e.id,
-       CASE WHEN ($2::text[] IS NULL OR l.key = ANY ($2::text[]))
-                 AND ($3::text IS NULL OR p.slug = $3)
-                 AND ($4::text IS NULL OR l.key = $4)
-            THEN event_json(e) || jsonb_build_object(
-                     'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title,
-                     'task', task_json(t))
-       END AS event
-  FROM events e
-  JOIN tasks t ON t.id = e.task_id
-  JOIN lanes l ON l.id = t.lane_id
-  JOIN projects p ON p.id = l.project_id
- CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
- WHERE e.id > $1
- ORDER BY e.id
- LIMIT $5;
+-- Bounded in bytes as well as rows: an unbroken run of the rows read, as long as the events fit in
+-- $6 bytes (as JSON text; always the first row); `n_read` tells whether rows were left out.
+-- $1 event id, $2 visible lanes (NULL: every lane), $3 project, $4 lane, $5 limit, $6 byte budget.
+SELECT s.id, s.event, s.n_read
+  FROM (SELECT page.id, page.event, count(*) OVER () AS n_read,
+               sum(z.size) OVER (ORDER BY page.id ROWS UNBOUNDED PRECEDING) AS upto,
+               row_number() OVER (ORDER BY page.id) AS n
+          FROM (SELECT e.id,
+                       CASE WHEN ($2::text[] IS NULL OR l.key = ANY ($2::text[]))
+                                 AND ($3::text IS NULL OR p.slug = $3)
+                                 AND ($4::text IS NULL OR l.key = $4)
+                            THEN event_json(e) || jsonb_build_object(
+                                     'project', p.slug, 'lane', l.key, 'stage', st.stage, 'task_title', t.title,
+                                     'task', task_json(t))
+                       END AS event
+                  FROM events e
+                  JOIN tasks t ON t.id = e.task_id
+                  JOIN lanes l ON l.id = t.lane_id
+                  JOIN projects p ON p.id = l.project_id
+                 CROSS JOIN LATERAL (SELECT event_stage(e) AS stage) st
+                 WHERE e.id > $1
+                 ORDER BY e.id
+                 LIMIT $5) page
+         CROSS JOIN LATERAL (SELECT coalesce(octet_length(page.event::text), 0)::bigint AS size) z) s
+ WHERE s.n = 1 OR s.upto <= $6
+ ORDER BY s.id;
+
+-- name: stream_tokens_lapsed
+-- Of the tokens behind a process's open event streams, those no longer good: revoked, expired,
+-- unknown, or of a disabled family. Primary-key probes; one statement per event-clock tick for
+-- every open stream of the process. $1 the tokens' jtis.
+SELECT j.jti
+  FROM unnest($1::uuid[]) AS j (jti)
+  LEFT JOIN tokens t ON t.jti = j.jti
+  LEFT JOIN families f ON f.key = t.family_key
+ WHERE t.jti IS NULL OR t.revoked_at IS NOT NULL OR t.expires_at <= now() OR f.disabled IS NOT FALSE;
 
 -- name: stuck_page
 -- Work going nowhere. A silent hold: a live hold with no progress (or, without any, no claim) for

@@ -1,0 +1,91 @@
+"""The database out of reach is an outage, not a bug: 503 `unavailable` with Retry-After, one log line.
+
+asyncpg reports an unreachable or restarting server as an OSError (connection refused, reset, timed
+out), a PostgresConnectionError (ConnectionDoesNotExistError: the server went away mid-request), an
+operator-intervention error (CannotConnectNowError while it starts or stops, AdminShutdownError,
+CrashShutdownError), TooManyConnectionsError, or an InterfaceError on a connection or pool that closed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+from fastapi.responses import JSONResponse
+from starlette.datastructures import URL
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ainarres_api.server.api import problems
+from ainarres_api.server.errors import Unavailable
+
+log = logging.getLogger("ainarres.outage")
+
+RETRY_AFTER_SECONDS = 5
+DETAIL = (f"the database is unavailable; nothing was done. Retry after {RETRY_AFTER_SECONDS} seconds "
+          "(GET /readyz answers 200 once it is back)")
+
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, TimeoutError, socket.gaierror
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ConnectionFailureError, ...
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def as_unavailable(exc: BaseException) -> Unavailable | None:
+    """The 503 refusal for an exception that means the database cannot be reached now, else None."""
+    if isinstance(exc, _OUTAGES) or (
+            isinstance(exc, asyncpg.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))):
+        return Unavailable(DETAIL, retry_after=RETRY_AFTER_SECONDS)
+    return None
+
+
+def respond(exc: BaseException, path: str) -> JSONResponse | None:
+    """The 503 response for an outage (logged as one line, no traceback), else None."""
+    err = as_unavailable(exc)
+    if err is None:
+        return None
+    log.warning("database unavailable: %s: %s (path=%s)", type(exc).__name__, _one_line(exc), path)
+    resp = problems.refusal(err, path)
+    resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return resp
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+class Outage:
+    """Answers a request that met an outage with the 503 (or, if its response had started, ends it), and
+    writes one log line instead of the crash handler's traceback and the server's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            path = URL(scope=scope).path
+            if as_unavailable(exc) is None:
+                raise
+            if started:  # a stream: nothing more can be said; the client reconnects (SSE retry)
+                log.warning("database unavailable mid-response: %s: %s (path=%s)", type(exc).__name__,
+                            _one_line(exc), path)
+                return
+            resp = respond(exc, path)
+            assert resp is not None
+            await resp(scope, receive, send)
