@@ -128,7 +128,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         signer = Signer(settings)
         pool = await create_pool(target, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
-                                 pgbouncer=settings.pgbouncer)
+                                 pgbouncer=settings.pgbouncer, lock_timeout_ms=settings.lock_timeout_ms,
+                                 statement_timeout_ms=settings.statement_timeout_ms)
         try:
             async with pool.acquire() as conn:
                 await migrate.apply(conn)

@@ -15,6 +15,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AINARRES_", extra="ignore")
 
     database_url: str | None = None
+    # How long a statement waits for a row lock held by another transaction (then 503, Retry-After), and
+    # how long any statement may run (a guard's JSONPath included); 0 disables either.
+    lock_timeout_ms: int = Field(default=2000, ge=0)
+    statement_timeout_ms: int = Field(default=10_000, ge=0)
     data_dir: Path = Path(".ainarres")
     host: str = "127.0.0.1"
     port: int = 8080

@@ -35,7 +35,10 @@ def problem(status: int, code: str, title: str, detail: str, instance: str | Non
 
 def refusal(exc: AinarresError, path: str) -> JSONResponse:
     """A domain refusal as problem+json."""
-    return problem(exc.status, exc.code, exc.title, exc.detail, path, task=exc.task, **exc.extra)
+    resp = problem(exc.status, exc.code, exc.title, exc.detail, path, task=exc.task, **exc.extra)
+    if (after := exc.extra.get("retry_after")) is not None:
+        resp.headers["Retry-After"] = str(after)
+    return resp
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:

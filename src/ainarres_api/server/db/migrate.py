@@ -42,6 +42,8 @@ def available() -> list[Migration]:
 async def apply(conn: asyncpg.Connection) -> list[int]:
     """Apply every missing migration; safe to call from several replicas at once."""
     applied_now: list[int] = []
+    # Another replica may be migrating (wait for it), and a migration may take long: no session bounds here.
+    await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute(
@@ -64,4 +66,5 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
             applied_now.append(mig.version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute("RESET lock_timeout; RESET statement_timeout")
     return applied_now

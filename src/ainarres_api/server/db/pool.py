@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from ainarres_api.server.errors import AinarresError, Conflict, Invalid, NotFound
+from ainarres_api.server.errors import AinarresError, Conflict, Invalid, NotFound, Unavailable
 
 # Constraint name → the refusal a client should see. Anything unlisted is a bug and stays a 500.
 _CONSTRAINTS: dict[str, AinarresError] = {
@@ -39,6 +39,10 @@ def translate(exc: asyncpg.PostgresError) -> AinarresError | None:
         return type(proto)(proto.detail)
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return NotFound(f"a referenced row does not exist ({name})")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        # lock_timeout (AINARRES_LOCK_TIMEOUT_MS): another transaction holds a row this call needs.
+        return Unavailable("a row this call needs is locked by another transaction and the lock did not come in "
+                           "time; nothing was changed. Retry after Retry-After seconds", retry_after=1)
     if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
         return Conflict("the request collided with a concurrent change and was rolled back; nothing "
                         "changed. Send it again")
@@ -63,12 +67,23 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connections or in transactions), and asyncpg still rolls back a transaction left open."""
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool = False) -> asyncpg.Pool:
-    """A pool whose connections speak JSON natively; pooler-safe when asked."""
+async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool = False,
+                      lock_timeout_ms: int = 0, statement_timeout_ms: int = 0) -> asyncpg.Pool:
+    """A pool whose connections speak JSON natively; pooler-safe when asked.
+
+    `lock_timeout_ms`: how long a statement waits for a row lock before it fails (55P03, a 503 for the
+    caller) instead of holding its connection while another transaction sits on the row;
+    `statement_timeout_ms` bounds every statement (a guard's JSONPath included). 0: no bound. Both are
+    session defaults sent at connection start; behind PgBouncer, which refuses unknown startup
+    parameters, set them on the database role instead (docs/operations.md).
+    """
     kwargs: dict[str, Any] = {}
     if pgbouncer:
         # PgBouncer in transaction mode cannot keep named prepared statements across transactions.
         kwargs["statement_cache_size"] = 0
+    else:
+        kwargs["server_settings"] = {"lock_timeout": str(lock_timeout_ms),
+                                     "statement_timeout": str(statement_timeout_ms)}
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session, **kwargs
     )

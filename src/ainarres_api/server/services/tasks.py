@@ -327,7 +327,14 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
     """Advance or reject a held task to stage `to`, releasing the hold."""
     args = (task_id, lease, kind, to, text, artifacts, p.sub, p.family, sorted(p.features), p.oversees)
     for _ in range(3):
-        r = await conn.fetchrow(Q["transition"], *args, False)
+        try:
+            r = await conn.fetchrow(Q["transition"], *args, False)
+        except asyncpg.QueryCanceledError:
+            # The statement time-out: a transition's own work is a few index lookups, so what ran long is
+            # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.
+            raise GuardFailed(f"the guard on the way to {to!r} did not finish within the statement time-out "
+                              "(AINARRES_STATEMENT_TIMEOUT_MS); nothing was changed. Ask an admin to simplify the "
+                              "guard, or keep the payload it reads small") from None
         verdict = r["verdict"]
         if verdict == "no_route":  # routes are append-only: creating one ahead of the move is harmless
             async with conn.transaction():
