@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import signal
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,12 +279,13 @@ async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
     return end
 
 
-def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thread]:
+def _serve_in_thread(app: Any, sock: socket.socket, host: str, port: int) -> tuple[Any, threading.Thread]:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="ainarres-demo-server", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ainarres-demo-server",
+                              daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
@@ -293,7 +296,7 @@ def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thr
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo: serve, print the board's URL and a token, run the swarm, report."""
-    from ainarres_api.ops.runtime import database, exit_on_signal, mint
+    from ainarres_api.ops.runtime import PortBusy, bind, database, exit_on_signal, mint
     from ainarres_api.server.app import create_app
 
     # As in `serve`: a signal ends through SystemExit, so the server stops and the embedded
@@ -310,13 +313,19 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     host = args.host or settings.host
     port = args.port or settings.port
+    # Before anything else: on a busy port, fail having started nothing and printed no token.
+    try:
+        sock = bind(host, port)
+    except PortBusy as exc:
+        print(f"AINARRES demo: {exc}", file=sys.stderr, flush=True)
+        return 1
     dsn, pg = database(settings)
 
     def say(line: str) -> None:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
 
     app = create_app(settings, dsn=dsn)
-    server, thread = _serve_in_thread(app, host, port)
+    server, thread = _serve_in_thread(app, sock, host, port)
     url = f"http://{host}:{port}"
     try:
         admin = asyncio.run(mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
