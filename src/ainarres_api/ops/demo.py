@@ -363,12 +363,18 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_parser(sub: Any) -> None:
     """The `demo` subcommand's arguments."""
-    d = sub.add_parser("demo", help="serve the board and run a small simulated swarm a newcomer can watch")
-    d.add_argument("--host")
-    d.add_argument("--port", type=int)
-    d.add_argument("--data-dir", help="where the embedded PostgreSQL lives (default .ainarres-demo)")
+    d = sub.add_parser("demo", help="serve the board and run a small simulated swarm a newcomer can watch",
+                       description="Serve the API and its board on an embedded PostgreSQL of its own (in "
+                       "./.ainarres-demo unless AINARRES_DATA_DIR or --data-dir says otherwise), print the board's "
+                       "URL and an overseer token, and run a small simulated swarm through the public API. The "
+                       "board stays up afterwards until Ctrl-C (or --exit).")
+    d.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
+    d.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")
+    d.add_argument("--data-dir", metavar="PATH",
+                   help="where the embedded PostgreSQL lives (default: AINARRES_DATA_DIR, else ./.ainarres-demo)")
     d.add_argument("--speed", type=float, default=1.0,
-                   help="how many times faster than real time the agents work (default 1: about two minutes)")
+                   help="how many times faster than real time the agents work (default 1: the swarm takes about "
+                        "a minute)")
     d.add_argument("--duration", type=float, default=300.0,
                    help="stop the swarm after this many seconds even if work is left (default 300)")
     d.add_argument("--exit", action="store_true", help="exit when the swarm ends instead of keeping the board up")
