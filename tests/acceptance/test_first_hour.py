@@ -149,6 +149,7 @@ def start_serve(home: Path) -> tuple[subprocess.Popen[bytes], str]:
         assert proc.poll() is None, (home / f"serve-{port}.log").read_text()
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                assert "Warning" not in (home / f"serve-{port}.log").read_text()
                 return proc, url
         except httpx.TransportError:
             pass

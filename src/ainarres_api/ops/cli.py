@@ -1,4 +1,8 @@
-"""`ainarres`: serve the API, apply migrations, mint tokens."""
+"""`ainarres`: serve the API, apply migrations, mint tokens, run the demo; and, for agents, the verbs
+(`ainarres agent`) and a runner that turns any command into a worker (`ainarres work`).
+
+Start with `ainarres serve` (or `ainarres demo` to watch a simulated swarm); `ainarres COMMAND --help`
+says more about each."""
 
 from __future__ import annotations
 
@@ -100,7 +104,8 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = argparse.ArgumentParser(prog="ainarres", description=__doc__)
+    p = argparse.ArgumentParser(prog="ainarres", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="start the API (an embedded PostgreSQL unless AINARRES_DATABASE_URL is set)",
                        description="Start the API. Without AINARRES_DATABASE_URL it runs an embedded PostgreSQL whose "
@@ -123,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "AINARRES_DATA_DIR, default ./.ainarres), or set the service's AINARRES_DATABASE_URL and "
                        "AINARRES_JWT_SECRET. It never creates a database: with none there it says where it "
                        "looked and exits 1.")
-    t.add_argument("--family", required=True)
-    t.add_argument("--ttl", type=int, help="seconds")
-    t.add_argument("--scope", help="comma-separated features to narrow the token to")
+    t.add_argument("--family", required=True, help="the family the token's agent belongs to (e.g. admin)")
+    t.add_argument("--ttl", type=int, metavar="SECONDS",
+                   help="lifetime (default AINARRES_TOKEN_TTL_SECONDS, else 3600)")
+    t.add_argument("--scope", metavar="F1,F2", help="comma-separated kind:key features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
     from ainarres_api.ops import demo
