@@ -185,9 +185,9 @@ def test_claim_waits_for_work(world: World) -> None:
     assert dev.remembered()[out["task"]["id"]]["lease"] == got["lease"]["id"]
 
 
-def first_beat(agent: Agent, claimed: dict[str, Any]) -> None:
-    """Wait (bounded) until a background watch has beaten once: it renews the remembered lease's expiry."""
-    tid, before = claimed["task"]["id"], claimed["lease"]["expires_at"]
+def first_beat(agent: Agent, tid: str, before: str) -> None:
+    """Wait (bounded) until a background watch has beaten once: it renews the remembered lease's expiry
+    (`before`: the remembered expiry when the watch was started)."""
     deadline = time.monotonic() + 40
     while agent.remembered().get(tid, {}).get("expires_at") in (before, None):
         assert time.monotonic() < deadline, "the watch never beat"
@@ -206,10 +206,11 @@ def test_heartbeat_watch_is_bounded_and_ends_cleanly_when_the_agent_moves_the_ta
     # As the README runs it: a watch in the background on the remembered hold, then the same agent
     # advances the task. The hold ended the normal way: exit 0, a clear `ended` line, not a failure.
     env = world.live.env(AINARRES_STATE_DIR=str(dev.state), AINARRES_TOKEN=dev.token)
+    before = dev.remembered()[tid]["expires_at"]
     watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", "--watch", "--interval", "60", "--max", "1800"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first_beat(dev, c)
+        first_beat(dev, c["task"]["id"], before)
         rc, adv = dev.run("advance", "--to", "review", "--artifact", "branch:feat/x")
         assert rc == 0 and adv["task"]["stage"] == "review"
         stdout, stderr = watcher.communicate(timeout=40)
@@ -219,7 +220,7 @@ def test_heartbeat_watch_is_bounded_and_ends_cleanly_when_the_agent_moves_the_ta
     assert watcher.returncode == 0, out
     assert out["code"] == "ended" and out["watched"] is True, out
     assert out["event"]["type"] == "transition" and out["event"]["actor"] == dev.sub, out
-    assert "advance" in out["detail"] or "transition" in out["detail"], out
+    assert "advanced the task to review" in out["detail"], out
     assert dev.remembered() == {}
 
     # The same for a release by this agent, with an explicit task and lease.
@@ -228,11 +229,12 @@ def test_heartbeat_watch_is_bounded_and_ends_cleanly_when_the_agent_moves_the_ta
     rc, _ = dev.run("create", "--lane", world.lane, "--title", "u")
     rc, c = dev.run("claim")
     tid = c["task"]["id"]
+    before = dev.remembered()[tid]["expires_at"]
     watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", tid, "--lease", c["lease"]["id"], "--watch",
                                 "--interval", "0.2", "--max", "120"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        first_beat(dev, c)
+        first_beat(dev, c["task"]["id"], before)
         rc, _ = dev.run("release", "--reason", "handing over")
         assert rc == 0
         stdout, stderr = watcher.communicate(timeout=40)
@@ -240,6 +242,7 @@ def test_heartbeat_watch_is_bounded_and_ends_cleanly_when_the_agent_moves_the_ta
         watcher.kill()
     out = one_line(stdout, stderr)
     assert watcher.returncode == 0 and out["code"] == "ended" and out["event"]["type"] == "released", out
+    assert "released the task" in out["detail"], out
 
 
 def test_heartbeat_watch_still_fails_when_someone_else_takes_the_task(world: World) -> None:
@@ -252,10 +255,11 @@ def test_heartbeat_watch_still_fails_when_someone_else_takes_the_task(world: Wor
     rc, c = dev.run("claim")
     tid = c["task"]["id"]
     env = world.live.env(AINARRES_STATE_DIR=str(dev.state), AINARRES_TOKEN=dev.token)
+    before = dev.remembered()[tid]["expires_at"]
     watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", "--watch", "--interval", "0.5", "--max", "120"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first_beat(dev, c)
+        first_beat(dev, c["task"]["id"], before)
 
         async def expire() -> None:  # as if the lease had run out: the next claim recovers the task
             conn = await asyncpg.connect(world.live.server_env["AINARRES_DATABASE_URL"])

@@ -301,6 +301,14 @@ def _how_it_ended(ctx: Ctx, task_id: str, lease: str) -> dict[str, Any] | None:
     return None
 
 
+def _ending(event: Mapping[str, Any]) -> str:
+    data = event.get("data") or {}
+    how = {"released": "released the task", "blocked": "blocked the task"}.get(str(event.get("type")))
+    if how is None:
+        how = f"{'rejected' if data.get('kind') == 'reject' else 'advanced'} the task to {data.get('to')}"
+    return f"the hold ended normally: this agent {how}; nothing left to keep alive"
+
+
 def _watch(ctx: Ctx) -> dict[str, Any]:
     """Heartbeat until --max seconds have passed, the hold ends, a refusal, or SIGINT/SIGTERM; one line at
     the end. The hold ending because this agent moved the task on (advance, reject, release, block — e.g.
@@ -335,9 +343,7 @@ def _watch(ctx: Ctx) -> dict[str, Any]:
                         ctx.leases.forget(task_id)
                     ended = _how_it_ended(ctx, task_id, lease)
                     if ended is not None:
-                        return {"code": "ended", "watched": True, "beats": beats,
-                                "detail": f"the hold ended normally: this agent's {ended['type']} moved the "
-                                          "task on",
+                        return {"code": "ended", "watched": True, "beats": beats, "detail": _ending(ended),
                                 "event": ended, "task": exc.task}
                 exc.body.update({"beats": beats, "watched": True})
                 raise

@@ -81,9 +81,8 @@ def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
         with postgres_server.PostgresServer._lock:
             dead = forget_dead_handles(pgdata)
         if dead:
-            log.warning("the embedded PostgreSQL in %s was left running by process(es) %s, which ended without "
-                        "stopping it; this process takes it over and stops it when it exits",
-                        pgdata, ", ".join(map(str, dead)))
+            log.warning("process(es) %s ended (killed?) without letting go of the embedded PostgreSQL in %s; "
+                        "this process takes it over and stops it when it exits", ", ".join(map(str, dead)), pgdata)
     return postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
 
 
