@@ -13,8 +13,13 @@ def test_uvicorn_color_message_and_ansi_escapes_stay_out_of_json_lines() -> None
     out = io.StringIO()
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    # Other tests' in-process servers leave levels on these loggers (uvicorn's log_level="warning").
+    named = [logging.getLogger(n) for n in ("uvicorn.error", "ainarres")]
+    levels = [lg.level for lg in named]
     try:
         logs.configure("info", out)
+        for lg in named:
+            lg.setLevel(logging.NOTSET)
         # What uvicorn logs at start: the message, and a coloured copy of it for terminals.
         logging.getLogger("uvicorn.error").info(
             "Started server process [%d]", 42,
@@ -23,6 +28,8 @@ def test_uvicorn_color_message_and_ansi_escapes_stay_out_of_json_lines() -> None
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        for lg, lv in zip(named, levels, strict=True):
+            lg.setLevel(lv)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [ln["msg"] for ln in lines] == ["Started server process [42]", "red text"]
     assert all("color_message" not in ln for ln in lines), lines
