@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,7 +185,16 @@ def test_claim_waits_for_work(world: World) -> None:
     assert dev.remembered()[out["task"]["id"]]["lease"] == got["lease"]["id"]
 
 
-def test_heartbeat_watch_is_bounded_and_stops_at_the_first_refusal(world: World) -> None:
+def first_beat(agent: Agent, tid: str, before: str) -> None:
+    """Wait (bounded) until a background watch has beaten once: it renews the remembered lease's expiry
+    (`before`: the remembered expiry when the watch was started)."""
+    deadline = time.monotonic() + 40
+    while agent.remembered().get(tid, {}).get("expires_at") in (before, None):
+        assert time.monotonic() < deadline, "the watch never beat"
+        time.sleep(0.05)
+
+
+def test_heartbeat_watch_is_bounded_and_ends_cleanly_when_the_agent_moves_the_task_on(world: World) -> None:
     dev = world.agent()
     dev.run("create", "--lane", world.lane, "--title", "t")
     rc, c = dev.run("claim")
@@ -193,19 +203,81 @@ def test_heartbeat_watch_is_bounded_and_stops_at_the_first_refusal(world: World)
     assert rc == 0 and w["code"] == "ok" and w["stopped"] == "bound" and w["beats"] >= 2
     assert w["lease"]["id"] == c["lease"]["id"]
 
-    # A watcher with a long bound stops as soon as the lease is gone.
+    # As the README runs it: a watch in the background on the remembered hold, then the same agent
+    # advances the task. The hold ended the normal way: exit 0, a clear `ended` line, not a failure.
     env = world.live.env(AINARRES_STATE_DIR=str(dev.state), AINARRES_TOKEN=dev.token)
+    before = dev.remembered()[tid]["expires_at"]
+    watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", "--watch", "--interval", "60", "--max", "1800"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_beat(dev, c["task"]["id"], before)
+        rc, adv = dev.run("advance", "--to", "review", "--artifact", "branch:feat/x")
+        assert rc == 0 and adv["task"]["stage"] == "review"
+        stdout, stderr = watcher.communicate(timeout=40)
+    finally:
+        watcher.kill()
+    out = one_line(stdout, stderr)
+    assert watcher.returncode == 0, out
+    assert out["code"] == "ended" and out["watched"] is True, out
+    assert out["event"]["type"] == "transition" and out["event"]["actor"] == dev.sub, out
+    assert "advanced the task to review" in out["detail"], out
+    assert dev.remembered() == {}
+
+    # The same for a release by this agent, with an explicit task and lease.
+    rc, c = dev.run("claim", "--lane", world.lane)
+    assert rc == 0 and c["code"] == "empty"
+    rc, _ = dev.run("create", "--lane", world.lane, "--title", "u")
+    rc, c = dev.run("claim")
+    tid = c["task"]["id"]
+    before = dev.remembered()[tid]["expires_at"]
     watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", tid, "--lease", c["lease"]["id"], "--watch",
                                 "--interval", "0.2", "--max", "120"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
+        first_beat(dev, c["task"]["id"], before)
         rc, _ = dev.run("release", "--reason", "handing over")
         assert rc == 0
         stdout, stderr = watcher.communicate(timeout=40)
     finally:
         watcher.kill()
     out = one_line(stdout, stderr)
-    assert watcher.returncode == 1 and out["code"] == "lease_lost" and out["watched"] is True
+    assert watcher.returncode == 0 and out["code"] == "ended" and out["event"]["type"] == "released", out
+    assert "released the task" in out["detail"], out
+
+
+def test_heartbeat_watch_still_fails_when_someone_else_takes_the_task(world: World) -> None:
+    import asyncio
+
+    import asyncpg
+
+    dev, other = world.agent(), world.agent()
+    dev.run("create", "--lane", world.lane, "--title", "t")
+    rc, c = dev.run("claim")
+    tid = c["task"]["id"]
+    env = world.live.env(AINARRES_STATE_DIR=str(dev.state), AINARRES_TOKEN=dev.token)
+    before = dev.remembered()[tid]["expires_at"]
+    watcher = subprocess.Popen([*AINARRES, "agent", "heartbeat", "--watch", "--interval", "0.5", "--max", "120"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_beat(dev, c["task"]["id"], before)
+
+        async def expire() -> None:  # as if the lease had run out: the next claim recovers the task
+            conn = await asyncpg.connect(world.live.server_env["AINARRES_DATABASE_URL"])
+            try:
+                await conn.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' "
+                                   "WHERE id = $1", uuid.UUID(tid))
+            finally:
+                await conn.close()
+
+        asyncio.run(expire())
+        rc, taken = other.run("claim", "--lane", world.lane)
+        assert rc == 0 and taken["task"]["id"] == tid, taken
+        stdout, stderr = watcher.communicate(timeout=40)
+    finally:
+        watcher.kill()
+    out = one_line(stdout, stderr)
+    assert watcher.returncode == 1 and out["code"] == "lease_lost" and out["watched"] is True, out
+    assert dev.remembered() == {}
 
     rc, stale = dev.run("heartbeat", tid, "--lease", c["lease"]["id"], "--watch", "--max", "5")
     assert rc == 1 and stale["code"] == "lease_lost" and stale["beats"] == 0

@@ -27,6 +27,9 @@ URL_PLACEHOLDER = "http://127.0.0.1:8080"
 TOKEN_PLACEHOLDER = "paste-the-admin-token-here"
 START_BOUND_S = 90.0
 STOP_BOUND_S = 30.0
+PYTHON_CLIENT = "The Python client"
+WORK = "Turn a command into a worker: `ainarres work`"
+MARK = "== next README section =="
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
@@ -170,16 +173,44 @@ def test_walkthrough_runs_verbatim_against_ainarres_serve(served: Served):
     shell[0] = setup.replace(URL_PLACEHOLDER, served.url).replace(TOKEN_PLACEHOLDER, served.token)
     expected = [line.rstrip() for line in blocks(walk, "text")[-1].strip().splitlines()]
 
-    run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join(shell)], cwd=served.cwd,
-                         env=clean_env(), capture_output=True, text=True, timeout=120)
+    # Then, in the same shell, the Python-client and `ainarres work` sections, with the virtual environment
+    # active as they ask (its bin first on PATH: `python3` and `ainarres` are the installed ones).
+    script = "\n".join(shell)
+    later = {}
+    for heading in (PYTHON_CLIENT, WORK):
+        later[heading] = section(README.read_text(), heading)
+        script += f"\necho '{MARK}'\n" + "\n".join(blocks(later[heading], "sh"))
+    env = clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=served.cwd,
+                         env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, (f"walkthrough failed ({run.returncode})\nstdout:\n{run.stdout}\n"
                                  f"stderr:\n{run.stderr}\n{served.logs()}")
-    printed = [line.rstrip() for line in run.stdout.strip().splitlines()]
+    walked, client_out, work_out = run.stdout.split(MARK + "\n")
+    printed = [line.rstrip() for line in walked.strip().splitlines()]
     assert printed[-len(expected):] == expected, f"events listing differs from the README:\n{run.stdout}"
     assert [line.split()[0] for line in expected] == [
         "created", "claimed", "progress", "transition", "claimed", "transition",
         "claimed", "released", "claimed", "transition", "claimed", "transition",
     ]
+
+    # The Python client's block prints what the README says it prints.
+    said = [line.rstrip() for line in blocks(later[PYTHON_CLIENT], "text")[0].strip().splitlines()]
+    assert [line.rstrip() for line in client_out.strip().splitlines()] == said, client_out
+
+    # `ainarres work`: the runner's lines are the README's sample, ids aside ("…" stands for them).
+    sample_lines = [json.loads(line)
+                    for line in blocks(later[WORK], "text")[0].strip().splitlines()]
+    got = [json.loads(line) for line in work_out.strip().splitlines()]
+    assert [g["event"] for g in got] == [w["event"] for w in sample_lines], work_out
+    for want, line in zip(sample_lines, got, strict=True):
+        assert set(want) == set(line), (want, line)
+        for key, value in want.items():
+            if isinstance(value, str) and "…" in value:
+                assert str(line[key]).startswith(value.split("…", 1)[0]), (key, want, line)
+            else:
+                assert line[key] == value, (key, want, line)
+    verdict = json.loads(blocks(later[WORK], "json")[0].replace('"…"', '"x"'))
+    assert verdict["verb"] == "advance" and verdict["to"] == "review"
 
     # The first start prints what the README shows (its sample uses the default port).
     sample = blocks(section(README.read_text(), "Two commands"), "text")[0].splitlines()

@@ -158,7 +158,8 @@ class Ctx:
         self.args = args
         token = resolve_token(args.token, args.token_file, env)
         self.client = Client(resolve_url(args.url, env), token, timeout=args.timeout)
-        self.leases = Leases(state_root(env), token_sub(token))
+        self.sub = token_sub(token)
+        self.leases = Leases(state_root(env), self.sub)
 
     def task_id(self) -> str:
         """The task named on the command line, else the one remembered hold."""
@@ -277,14 +278,55 @@ class _Stop(Exception):
     pass
 
 
+# A hold ends with one of these events; by its holder, it ended normally.
+_ENDINGS = {"transition", "released", "blocked"}
+
+
+def _how_it_ended(ctx: Ctx, task_id: str, lease: str) -> dict[str, Any] | None:
+    """The event that ended the hold of `lease` if this agent ended it (advance, reject, release, block);
+    None if someone else did, it expired, or the history cannot be read: a real loss."""
+    after, claimed = 0, False
+    with contextlib.suppress(Refused, Unreachable):
+        for _page in range(50):
+            page = ctx.client.events(task_id, after=after, limit=200)
+            for e in page["items"]:
+                if not claimed:
+                    claimed = e.get("type") == "claimed" and str((e.get("data") or {}).get("lease")) == lease
+                elif e.get("type") in _ENDINGS or e.get("type") == "claimed":
+                    ours = e.get("type") in _ENDINGS and e.get("actor") == ctx.sub
+                    return dict(e) if ours else None
+            if not page.get("next"):
+                break
+            after = int(page["next"])
+    return None
+
+
+def _ending(event: Mapping[str, Any]) -> str:
+    data = event.get("data") or {}
+    how = {"released": "released the task", "blocked": "blocked the task"}.get(str(event.get("type")))
+    if how is None:
+        how = f"{'rejected' if data.get('kind') == 'reject' else 'advanced'} the task to {data.get('to')}"
+    return f"the hold ended normally: this agent {how}; nothing left to keep alive"
+
+
 def _watch(ctx: Ctx) -> dict[str, Any]:
-    """Heartbeat until --max seconds have passed, a refusal, or SIGINT/SIGTERM; one line at the end."""
+    """Heartbeat until --max seconds have passed, the hold ends, a refusal, or SIGINT/SIGTERM; one line at
+    the end. The hold ending because this agent moved the task on (advance, reject, release, block — e.g.
+    from another shell, with the same token) is the normal end of a watch: exit 0, code `ended`."""
     task_id = ctx.task_id()
     lease = ctx.lease(task_id)
     a = ctx.args
     deadline = time.monotonic() + a.max
     beats = 0
     last: dict[str, Any] = {}
+    # A finishing verb run by this agent's CLI forgets the remembered lease: noticed between beats, so the
+    # watch ends soon after the task moves on instead of a beat interval later.
+    rec = ctx.leases.get(task_id)
+    remembered = rec is not None and rec.get("lease") == lease
+
+    def forgotten() -> bool:
+        now = ctx.leases.get(task_id)
+        return remembered and (now is None or now.get("lease") != lease)
 
     def stop(_sig: int, _frame: Any) -> None:
         raise _Stop
@@ -296,8 +338,13 @@ def _watch(ctx: Ctx) -> dict[str, Any]:
             try:
                 last = dict(ctx.client.heartbeat(task_id, lease))
             except Refused as exc:
-                if exc.code == "lease_lost" and not a.lease:
-                    ctx.leases.forget(task_id)
+                if exc.code == "lease_lost":
+                    if not a.lease and not forgotten():  # else it may remember a newer hold of the task
+                        ctx.leases.forget(task_id)
+                    ended = _how_it_ended(ctx, task_id, lease)
+                    if ended is not None:
+                        return {"code": "ended", "watched": True, "beats": beats, "detail": _ending(ended),
+                                "event": ended, "task": exc.task}
                 exc.body.update({"beats": beats, "watched": True})
                 raise
             beats += 1
@@ -305,7 +352,9 @@ def _watch(ctx: Ctx) -> dict[str, Any]:
             pause = beat_interval(last["lease"], a.interval)
             if time.monotonic() + pause > deadline:
                 break
-            time.sleep(pause)
+            wake = time.monotonic() + pause
+            while (left := wake - time.monotonic()) > 0 and not forgotten():
+                time.sleep(min(left, 1.0))
     except _Stop:
         stopped = "signal"
     finally:
@@ -408,7 +457,8 @@ def build_parser(prog: str = "ainarres agent") -> JsonParser:
 
     s = add("heartbeat", "keep a held task's lease alive", cmd_heartbeat)
     _held(s)
-    s.add_argument("--watch", action="store_true", help="keep beating until --max seconds or a refusal")
+    s.add_argument("--watch", action="store_true", help="keep beating until --max seconds, the hold ends (exit 0, "
+                   "code ended: you advanced, rejected, released or blocked the task) or a refusal")
     s.add_argument("--interval", type=float, metavar="S", help="seconds between beats (default: a third of "
                    "the lease left)")
     s.add_argument("--max", type=float, default=600.0, metavar="M", help="stop watching after M seconds "

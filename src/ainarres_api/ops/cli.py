@@ -1,4 +1,8 @@
-"""`ainarres`: serve the API, apply migrations, mint tokens."""
+"""`ainarres`: serve the API, apply migrations, mint tokens, run the demo; and, for agents, the verbs
+(`ainarres agent`) and a runner that turns any command into a worker (`ainarres work`).
+
+Start with `ainarres serve` (or `ainarres demo` to watch a simulated swarm); `ainarres COMMAND --help`
+says more about each."""
 
 from __future__ import annotations
 
@@ -29,14 +33,26 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    # The port first: a busy one must fail before the embedded PostgreSQL starts and before a first start
+    # prints (and so spends) the one-time admin token.
+    try:
+        sock = runtime.bind(settings.host, settings.port)
+    except runtime.PortBusy as exc:
+        print(f"AINARRES: {exc}", file=sys.stderr, flush=True)
+        return 1
     dsn, server = runtime.database(settings)
     app = create_app(settings, dsn=dsn)
     base = f"http://{settings.host}:{settings.port}"
     print(f"AINARRES: serving {base}  (API docs: {base}/docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False, log_config=None)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                            log_level=settings.log_level, access_log=False, log_config=None)
+    web = uvicorn.Server(config)
+    try:
+        web.run(sockets=[sock])
+    finally:
+        sock.close()
     del server
-    return 0
+    return 0 if web.started else 3
 
 
 async def _migrate(dsn: str) -> list[int]:
@@ -51,7 +67,17 @@ async def _migrate(dsn: str) -> list[int]:
         await conn.close()
 
 
+def _refused(exc: Exception) -> int:
+    print(json.dumps({"code": "no_database", "detail": str(exc)}), flush=True)
+    return 1
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.init:
+        try:
+            runtime.require_existing(settings)
+        except runtime.NoDatabase as exc:
+            return _refused(exc)
     dsn, _server = runtime.database(settings)
     applied = asyncio.run(_migrate(dsn))
     print(json.dumps({"code": "ok", "applied": applied}))
@@ -61,6 +87,10 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     from ainarres_api.server.errors import AinarresError
 
+    try:
+        runtime.require_existing(settings, signing=True)
+    except runtime.NoDatabase as exc:
+        return _refused(exc)
     dsn, _server = runtime.database(settings)
     try:
         out = asyncio.run(runtime.mint(dsn, settings, args))
@@ -74,18 +104,34 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = argparse.ArgumentParser(prog="ainarres", description=__doc__)
+    p = argparse.ArgumentParser(prog="ainarres", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="start the API (an embedded PostgreSQL unless AINARRES_DATABASE_URL is set)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s = sub.add_parser("serve", help="start the API (an embedded PostgreSQL unless AINARRES_DATABASE_URL is set)",
+                       description="Start the API. Without AINARRES_DATABASE_URL it runs an embedded PostgreSQL whose "
+                       "data lives in AINARRES_DATA_DIR (default ./.ainarres), creating it on the first start, "
+                       "and stops it on exit (Ctrl-C or SIGTERM). The first start against an empty database "
+                       "prints an admin token once.")
+    s.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")
     s.set_defaults(func=cmd_serve)
-    m = sub.add_parser("migrate", help="apply pending migrations and exit")
+    m = sub.add_parser("migrate", help="apply pending migrations and exit",
+                       description="Apply pending migrations to the service's database and exit. Without "
+                       "AINARRES_DATABASE_URL it uses the embedded PostgreSQL in AINARRES_DATA_DIR (default "
+                       "./.ainarres) and refuses if there is none there, unless --init.")
+    m.add_argument("--init", action="store_true",
+                   help="create the embedded database in the data directory if there is none")
     m.set_defaults(func=cmd_migrate)
-    t = sub.add_parser("token", help="mint a token for a family (operator access to the database)")
-    t.add_argument("--family", required=True)
-    t.add_argument("--ttl", type=int, help="seconds")
-    t.add_argument("--scope", help="comma-separated features to narrow the token to")
+    t = sub.add_parser("token", help="mint a token for a family (operator access to the database)",
+                       description="Mint a token for a family and print it as JSON on stdout. It must see the "
+                       "service's database and signing key: run it where you ran `ainarres serve` (the same "
+                       "AINARRES_DATA_DIR, default ./.ainarres), or set the service's AINARRES_DATABASE_URL and "
+                       "AINARRES_JWT_SECRET. It never creates a database: with none there it says where it "
+                       "looked and exits 1.")
+    t.add_argument("--family", required=True, help="the family the token's agent belongs to (e.g. admin)")
+    t.add_argument("--ttl", type=int, metavar="SECONDS",
+                   help="lifetime (default AINARRES_TOKEN_TTL_SECONDS, else 3600)")
+    t.add_argument("--scope", metavar="F1,F2", help="comma-separated kind:key features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
     t.set_defaults(func=cmd_token)
     from ainarres_api.ops import demo

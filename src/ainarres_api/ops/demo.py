@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import signal
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,12 +279,13 @@ async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
     return end
 
 
-def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thread]:
+def _serve_in_thread(app: Any, sock: socket.socket, host: str, port: int) -> tuple[Any, threading.Thread]:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="ainarres-demo-server", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ainarres-demo-server",
+                              daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
@@ -293,7 +296,7 @@ def _serve_in_thread(app: Any, host: str, port: int) -> tuple[Any, threading.Thr
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo: serve, print the board's URL and a token, run the swarm, report."""
-    from ainarres_api.ops.runtime import database, exit_on_signal, mint
+    from ainarres_api.ops.runtime import PortBusy, bind, database, exit_on_signal, mint
     from ainarres_api.server.app import create_app
 
     # As in `serve`: a signal ends through SystemExit, so the server stops and the embedded
@@ -310,13 +313,19 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     host = args.host or settings.host
     port = args.port or settings.port
+    # Before anything else: on a busy port, fail having started nothing and printed no token.
+    try:
+        sock = bind(host, port)
+    except PortBusy as exc:
+        print(f"AINARRES demo: {exc}", file=sys.stderr, flush=True)
+        return 1
     dsn, pg = database(settings)
 
     def say(line: str) -> None:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
 
     app = create_app(settings, dsn=dsn)
-    server, thread = _serve_in_thread(app, host, port)
+    server, thread = _serve_in_thread(app, sock, host, port)
     url = f"http://{host}:{port}"
     try:
         admin = asyncio.run(mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
@@ -354,12 +363,18 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_parser(sub: Any) -> None:
     """The `demo` subcommand's arguments."""
-    d = sub.add_parser("demo", help="serve the board and run a small simulated swarm a newcomer can watch")
-    d.add_argument("--host")
-    d.add_argument("--port", type=int)
-    d.add_argument("--data-dir", help="where the embedded PostgreSQL lives (default .ainarres-demo)")
+    d = sub.add_parser("demo", help="serve the board and run a small simulated swarm a newcomer can watch",
+                       description="Serve the API and its board on an embedded PostgreSQL of its own (in "
+                       "./.ainarres-demo unless AINARRES_DATA_DIR or --data-dir says otherwise), print the board's "
+                       "URL and an overseer token, and run a small simulated swarm through the public API. The "
+                       "board stays up afterwards until Ctrl-C (or --exit).")
+    d.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
+    d.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")
+    d.add_argument("--data-dir", metavar="PATH",
+                   help="where the embedded PostgreSQL lives (default: AINARRES_DATA_DIR, else ./.ainarres-demo)")
     d.add_argument("--speed", type=float, default=1.0,
-                   help="how many times faster than real time the agents work (default 1: about two minutes)")
+                   help="how many times faster than real time the agents work (default 1: the swarm takes about "
+                        "a minute)")
     d.add_argument("--duration", type=float, default=300.0,
                    help="stop the swarm after this many seconds even if work is left (default 300)")
     d.add_argument("--exit", action="store_true", help="exit when the swarm ends instead of keeping the board up")

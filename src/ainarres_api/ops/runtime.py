@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ainarres_api.server.settings import Settings
+
+
+class NoDatabase(Exception):
+    """The command must not create the embedded database it would otherwise use; the message says why."""
+
+
+def _where(settings: Settings) -> str:
+    return str(settings.data_dir.resolve())
+
+
+def require_existing(settings: Settings, *, signing: bool = False) -> None:
+    """Refuse (NoDatabase) when the command would create a fresh embedded database, or a fresh signing
+    key, instead of finding the service's: an empty database and an unknown key are never what it meant."""
+    point = ("run it where you ran `ainarres serve`, or point it at the service's data with AINARRES_DATA_DIR=PATH "
+             "(or with AINARRES_DATABASE_URL and AINARRES_JWT_SECRET for a service on its own PostgreSQL)")
+    if not settings.database_url and not (settings.data_dir / "pgdata" / "PG_VERSION").is_file():
+        raise NoDatabase(f"no AINARRES_DATABASE_URL and no embedded database in {_where(settings)}/pgdata: "
+                         f"{point}")
+    if (signing and settings.jwt_algorithm == "HS256" and settings.jwt_secret is None
+            and not (settings.data_dir / "jwt-secret").is_file()):
+        raise NoDatabase(f"no AINARRES_JWT_SECRET and no signing key in {_where(settings)}/jwt-secret, so a token "
+                         f"minted here would be refused by the service: {point}")
 
 
 def database(settings: Settings) -> tuple[str, Any]:
@@ -18,9 +42,37 @@ def database(settings: Settings) -> tuple[str, Any]:
     from ainarres_api.ops import embedded
 
     # stderr: `ainarres token` and `ainarres migrate` print only JSON on stdout.
-    print("AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in "
-          f"{settings.data_dir.resolve()}", file=sys.stderr, flush=True)
+    print(f"AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in {_where(settings)}",
+          file=sys.stderr, flush=True)
     return embedded.resolve(settings.data_dir)
+
+
+class PortBusy(Exception):
+    """The address to listen on is taken; the message names it and the way to pick another."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, taken before anything else starts (the embedded PostgreSQL, the first
+    start's admin token), so that a busy port fails first and costs nothing; uvicorn serves on it."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise PortBusy(f"cannot listen on {host}:{port}: {exc.strerror}; pass --host ADDRESS "
+                       "(or set AINARRES_HOST)") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn binds: a port left in TIME_WAIT by a previous run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "is already in use (another `ainarres serve` or `ainarres demo`?)" \
+            if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
+        raise PortBusy(f"port {port} on {host} {why}; stop what holds it, or pick another port with "
+                       f"--port N (or AINARRES_PORT)") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def exit_on_signal(signum: int, _frame: FrameType | None) -> None:

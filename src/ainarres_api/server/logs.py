@@ -23,8 +23,10 @@ _INBOUND_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
 # is scrubbed before the line is written.
 _BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# color_message: uvicorn's copy of the message with ANSI colours, meant for a terminal, never for JSON.
 _STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime",
-                                                                                  "taskName"}
+                                                                                  "taskName", "color_message"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def redact(text: str) -> str:
@@ -40,7 +42,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _ANSI.sub("", record.getMessage()),
         }
         rid = getattr(record, "request_id", None) or request_id.get()
         if rid:

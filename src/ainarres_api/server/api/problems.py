@@ -80,6 +80,13 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
     detail = str(exc.detail)
     if exc.status_code == 404:
         detail = "no such endpoint; /docs lists them"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+        detail = (f"{path} does not take this method; it takes {allowed} (see /docs)" if allowed
+                  else f"{path} does not take this method (see /docs)")
+        resp = problem(405, code, "Method not allowed", detail, path)
+        resp.headers.update(exc.headers or {})
+        return resp
     if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
         return problem(422, "invalid", "Invalid request", "body: the body could not be parsed as JSON", path)
     resp = problem(exc.status_code, code, detail, detail, path)

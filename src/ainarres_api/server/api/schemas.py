@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
@@ -27,8 +28,22 @@ from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
 
 
-Feature = Annotated[str, Field(pattern=FEATURE_PATTERN, max_length=128,
-                               examples=["role:reviewer"], description="a registered kind:key feature")]
+_FEATURE = re.compile(FEATURE_PATTERN)
+
+
+def _feature(value: str) -> str:
+    # Said in words: the pattern itself, as pydantic would print it, tells a newcomer nothing.
+    if not _FEATURE.fullmatch(value):
+        hint = (f" (e.g. role:{value})" if ":" not in value and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}", value)
+                else " (e.g. role:reviewer)")
+        raise PydanticCustomError(
+            "feature", "a feature is kind:key{hint}: kind is lower-case letters, digits, - or _ (up to 32, "
+            "starting with a letter), key is letters, digits, _ . + or - (up to 96)", {"hint": hint})
+    return value
+
+
+Feature = Annotated[str, Field(max_length=128, examples=["role:reviewer"], description="a registered kind:key feature",
+                               json_schema_extra={"pattern": FEATURE_PATTERN}), AfterValidator(_feature)]
 Features = Annotated[list[Feature], Field(max_length=64)]
 Key = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$", max_length=96)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", max_length=64)]
