@@ -23,8 +23,8 @@ USER 10001:10001
 WORKDIR /var/lib/ainarres
 EXPOSE 8080
 # AINARRES_DATABASE_URL is expected (compose sets it); without it the service starts an embedded
-# PostgreSQL in AINARRES_DATA_DIR. /healthz also checks that the database answers.
+# PostgreSQL in AINARRES_DATA_DIR. /readyz checks that the database answers (/healthz is liveness only).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+  CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 ENTRYPOINT ["ainarres"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]

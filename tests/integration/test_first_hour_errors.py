@@ -40,3 +40,9 @@ async def test_a_feature_without_its_kind_is_told_kind_key(admin: Api, client: h
     # Still right for the right shape; and a trailing newline is not a feature.
     await admin.post("/v1/features", {"name": "role:reviewer"}, expect=201)
     await admin.post("/v1/features", {"name": "role:reviewer\n"}, expect=422)
+
+
+async def test_a_405_names_every_method_the_path_takes(client: httpx.AsyncClient) -> None:
+    r = await client.delete("/v1/features")
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    assert r.headers["Allow"] == "GET, POST" and "GET, POST" in r.json()["detail"]

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # imported in main: `ainarres agent` starts faster without py
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from ainarres_api.server import limits
     from ainarres_api.server.app import create_app
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; the default action would kill the
@@ -44,8 +45,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, dsn=dsn)
     base = f"http://{settings.host}:{settings.port}"
     print(f"AINARRES: serving {base}  (API docs: {base}/docs)", flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            log_level=settings.log_level, access_log=False, log_config=None)
+    # The limits at the door (header size, read time-outs, keep-alive, concurrency): server/limits.py.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", log_level=settings.log_level,
+                            access_log=False, log_config=None, **limits.uvicorn_options(settings))
     web = uvicorn.Server(config)
     try:
         web.run(sockets=[sock])

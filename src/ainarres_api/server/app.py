@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__
@@ -181,6 +181,11 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # a body FastAPI could not parse, judged before the route's caller
             return await problems.caller_refused(request) or problems.http_error(exc, request.url.path)
+        if exc.status_code == 405:  # the router names the methods of one route on the path: name them all
+            allowed = sorted({m.upper() for template, ops in app.openapi()["paths"].items()
+                              if compile_path(template)[0].match(request.url.path) for m in ops})
+            if allowed:
+                exc = StarletteHTTPException(405, headers={"Allow": ", ".join(allowed)})
         return problems.http_error(exc, request.url.path)
 
     # A constraint a client's request broke is a refusal, handled here (Starlette's ExceptionMiddleware).
