@@ -55,9 +55,24 @@ def translate(exc: asyncpg.PostgresError) -> AinarresError | None:
     return None
 
 
+# The integers a response can carry: orjson (api/deps.py FastJSONResponse) renders no integer outside them.
+_MIN_INT, _MAX_INT = -(2**63), 2**64 - 1
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer as read back from jsonb: PostgreSQL writes a number it stores as numeric in full
+    (a client's 1e300 comes back as 1 and 300 zeros), so one outside 64 bits is read as the float it was."""
+    value = int(text)
+    return value if _MIN_INT <= value <= _MAX_INT else float(text)
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, parse_int=_json_int)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=_json_loads, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
