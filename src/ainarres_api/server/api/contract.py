@@ -12,7 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, Unauthenticated
+from ainarres_api.server.errors import (
+    AinarresError,
+    Invalid,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 
 PROBLEM = "application/problem+json"
 PROBLEM_REF = "#/components/schemas/Problem"
@@ -88,4 +95,42 @@ def add_components(schema: dict[str, Any]) -> dict[str, Any]:
     for name, sub in defs.pop("$defs", {}).items():
         components.setdefault(name, sub)
     components["Problem"] = defs
+    return schema
+
+
+# What any operation can meet, whatever its route declares: the rate limit (not on the probes) and an outage.
+_EVERYWHERE_EXEMPT = {"/healthz", "/readyz", "/metrics"}
+
+
+def complete(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make every operation of an OpenAPI document tell the whole truth about refusals: FastAPI documents a
+    422 as its own JSON shape, which the service never sends (it sends problem+json `invalid`); every
+    operation may meet 503 `unavailable` (the database out of reach, a lock that did not come), every one
+    but the probes 429 `rate_limited`, and every one that takes a body 413 `payload_too_large`."""
+    add_components(schema)
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            answers = op["responses"]
+            extra: list[type[AinarresError]] = [Unavailable]
+            if path not in _EVERYWHERE_EXEMPT:
+                extra.append(RateLimited)
+            if "422" in answers or "requestBody" in op or op.get("parameters"):
+                extra.append(Invalid)
+            if "requestBody" in op:
+                extra.append(PayloadTooLarge)
+            if op.get("security"):
+                extra.append(Unauthenticated)
+            for status, answer in refusals(*extra).items():
+                key = str(status)
+                old = answers.get(key)
+                old_schema = (old or {}).get("content", {}).get(PROBLEM, {}).get("schema")
+                if old_schema is not None and old_schema.get("allOf"):
+                    codes = set(old_schema["allOf"][1]["properties"]["code"]["enum"])
+                    codes |= set(answer["content"][PROBLEM]["schema"]["allOf"][1]["properties"]["code"]["enum"])
+                    answer = refusals(extra={int(key): sorted(codes)})[int(key)]
+                answers[key] = answer
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
     return schema
