@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ainarres_api import __version__
 from ainarres_api.server import logs
 from ainarres_api.server.api import admin as admin_api
-from ainarres_api.server.api import fastverbs, mcp_server, problems
+from ainarres_api.server.api import docs, fastverbs, mcp_server, problems
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
@@ -165,7 +165,10 @@ def create_app(settings: Settings, *, dsn: str | None = None, fast_verbs: bool =
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
+        docs_url=None,
+        redoc_url=None,
     )
+    docs.install(app)
     app.state.metrics = metrics
 
     @app.exception_handler(AinarresError)
