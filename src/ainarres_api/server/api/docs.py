@@ -1,6 +1,7 @@
 """The API's own documentation: /openapi.json with the contract a client is built from, and /docs (Swagger UI)
-and /redoc (ReDoc) served with their scripts and styles from the installed `fastapi_offline` package, so
-they work with no internet.
+and /redoc (ReDoc) served with their scripts and styles from the installed `fastapi_standalone_docs`
+package (Swagger UI's dist and ReDoc's standalone bundle, patched there to take its logo from beside the
+page), so they work with no internet.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from ainarres_api.server.api import contract
 from ainarres_api.server.errors import AinarresError, Invalid, NotFound
 
 ASSETS_PATH = "/docs/static"
-# The assets the two pages load, and their media types; nothing else of the package is served.
+# The assets the two pages load: where each is in the package, and its media type; nothing else is served.
 ASSETS = {
-    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
-    "swagger-ui.css": "text/css; charset=utf-8",
-    "redoc.standalone.js": "text/javascript; charset=utf-8",
-    "favicon.png": "image/png",
+    "swagger-ui-bundle.js": ("swagger", "text/javascript; charset=utf-8"),
+    "swagger-ui.css": ("swagger", "text/css; charset=utf-8"),
+    "redoc.standalone.js": ("redoc", "text/javascript; charset=utf-8"),
+    "favicon.png": ("fastapi", "image/png"),
 }
+# The ReDoc bundle loads its logo from `<the page's path>/logo-mini.svg`.
+REDOC_LOGO = "logo-mini.svg"
+_CACHE = {"Cache-Control": "public, max-age=86400"}
 # Swagger UI would otherwise ask an online validator for a badge.
 SWAGGER_PARAMETERS = {"validatorUrl": None}
 
@@ -40,7 +44,7 @@ TAGS = [
 
 
 def _static_dir() -> Path:
-    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
+    return Path(str(importlib.resources.files("fastapi_standalone_docs") / "static"))
 
 
 def _error_table() -> str:
@@ -163,5 +167,9 @@ def install(app: FastAPI) -> None:
     async def docs_asset(name: str) -> FileResponse:
         if name not in ASSETS:
             raise NotFound("no such documentation asset; /docs and /redoc load what they need")
-        return FileResponse(static / name, media_type=ASSETS[name],
-                            headers={"Cache-Control": "public, max-age=86400"})
+        folder, media = ASSETS[name]
+        return FileResponse(static / folder / name, media_type=media, headers=_CACHE)
+
+    @app.get(f"/redoc/{REDOC_LOGO}", include_in_schema=False)
+    async def redoc_logo() -> FileResponse:
+        return FileResponse(static / "redoc" / REDOC_LOGO, media_type="image/svg+xml", headers=_CACHE)
