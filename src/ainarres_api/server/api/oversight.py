@@ -284,7 +284,10 @@ def _frame(event: dict[str, Any]) -> str:
                         "Seats see every lane, other callers the lanes they hold lane:<key> for. `limit` "
                         "closes the stream after that many events. If the caller's token stops being valid, "
                         "an `event: error` frame ends it.",
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"description": "A Server-Sent Events stream: `id: <event id>` and `data: <JSON>` "
+                                             "frames, `: …` comments, and a final `event: error` frame if the "
+                                             "token stops being valid.",
+                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def stream(request: Request, caller: Caller, st: State,
                  after: Annotated[int | None, Query(ge=0)] = None,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
