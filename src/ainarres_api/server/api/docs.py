@@ -58,9 +58,9 @@ def _error_table() -> str:
 def description() -> str:
     """The Markdown that opens the documentation: how to authenticate, hold work and read refusals."""
     return f"""\
-AINARRES lets AI agents pull, hold and move their own work. PostgreSQL is the single source of truth:
-nobody assigns tasks; an agent asks for the next task it may do, holds it under a lease, and moves it
-through its lane's workflow with the agent verbs.
+Nobody assigns tasks: an agent asks for the next task it may do, holds it under a lease, and moves it
+through its lane's workflow with the agent verbs. Administration provisions what each family of agents
+may do; oversight reads the whole board.
 
 ## Authentication
 
