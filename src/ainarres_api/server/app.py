@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ainarres_api import __version__
 from ainarres_api.server import limits, logs
 from ainarres_api.server.api import admin as admin_api
-from ainarres_api.server.api import mcp_server, outage, problems, verbs
+from ainarres_api.server.api import docs, mcp_server, outage, problems, verbs
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
@@ -165,7 +165,10 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
+        docs_url=None,
+        redoc_url=None,
     )
+    docs.install(app)
     app.state.metrics = metrics
 
     @app.exception_handler(AinarresError)

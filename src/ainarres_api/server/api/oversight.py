@@ -10,20 +10,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Caller, Conn, State, require
-from ainarres_api.server.errors import AinarresError
+from ainarres_api.server.api.models import Page
+from ainarres_api.server.errors import AinarresError, Invalid, NotEligible
 from ainarres_api.server.metrics import Metrics, waiters_of
 from ainarres_api.server.services import auth, oversight
 from ainarres_api.server.services.auth import Principal
 from ainarres_api.server.services.oversight import Filters
 
-router = APIRouter(prefix="/v1", tags=["oversight"])
+# Every operation here takes a token (401) and a seat, or for the stream a lane (403); any query may be
+# refused as invalid (a filter value, a cursor not passed back unchanged, a NUL character).
+router = APIRouter(prefix="/v1", tags=["oversight"], responses=refusals(*AUTHENTICATED, NotEligible, Invalid))
 ops = APIRouter(tags=["operations"])
 
 Watcher = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "seat:admin"))]
@@ -43,16 +47,6 @@ REAUTH_SECONDS = 30.0
 STREAM_BATCH = 200
 # How long the stream waits for an event id that was taken but not committed yet (see Sequencer).
 GAP_SECONDS = 2.0
-
-T = TypeVar("T")
-
-
-class Page(BaseModel, Generic[T]):
-    """One page of a list; pass `next` back as `?cursor=` for the following one (null: no more)."""
-
-    items: list[T]
-    next: str | None
-
 
 class BoardTask(BaseModel):
     """A task as the board shows it (no payload: GET /v1/tasks/{id} has it)."""
@@ -176,7 +170,7 @@ class AgentRow(BaseModel):
     holds: list[AgentHold]
 
 
-class Denial(BaseModel):
+class ActiveDenial(BaseModel):
     """An active denial."""
 
     feature: str
@@ -194,7 +188,7 @@ class FamilyRecord(BaseModel):
     disabled: bool
     max_active: int
     features: list[str] = Field(description="provisioned features")
-    denials: list[Denial] = Field(description="active denials")
+    denials: list[ActiveDenial] = Field(description="active denials")
     agents: int = Field(description="agents (subs) of this family seen")
     holding: int = Field(description="live holds now")
     delivered: int = Field(description="advance transitions it performed")
@@ -294,7 +288,10 @@ def _frame(event: dict[str, Any]) -> str:
                         "Seats see every lane, other callers the lanes they hold lane:<key> for. `limit` "
                         "closes the stream after that many events. If the caller's token stops being valid, "
                         "an `event: error` frame ends it.",
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"description": "A Server-Sent Events stream: `id: <event id>` and `data: <JSON>` "
+                                             "frames, `: …` comments, and a final `event: error` frame if the "
+                                             "token stops being valid.",
+                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def stream(request: Request, caller: Caller, st: State,
                  after: Annotated[int | None, Query(ge=0, le=oversight.EVENT_ID_MAX)] = None,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
@@ -363,7 +360,11 @@ async def stream(request: Request, caller: Caller, st: State,
 
 @ops.get("/metrics", response_class=Response, summary="Prometheus metrics (text format; no token: expose it "
                                                       "only where your scraper runs)",
-         responses={200: {"content": {"text/plain": {}}}})
+         description="The Prometheus text exposition format: agent verb calls and latency by verb and result "
+                     "code, claims by outcome, events recorded by type, reclaimed leases, escalations, blocks, "
+                     "pending work and live / expired leases by lane, waiting claims, open event streams, and "
+                     "the connection pool. Takes no token and refuses nothing.",
+         responses={200: {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics_endpoint(request: Request, st: State) -> Response:
     metrics: Metrics = request.app.state.metrics
     async with metrics.lock:
