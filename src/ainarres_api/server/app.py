@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ainarres_api import __version__
 from ainarres_api.server import limits, logs
 from ainarres_api.server.api import admin as admin_api
-from ainarres_api.server.api import docs, mcp_server, outage, problems, verbs
+from ainarres_api.server.api import docs, mcp_server, models, outage, problems, verbs
 from ainarres_api.server.api import oversight as oversight_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
@@ -211,11 +211,15 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
                 return problems.refusal(err, request.url.path)
         return problems.crash(exc, request.url.path)
 
-    @app.get("/healthz", tags=["operations"], summary="liveness: the process answers (no database read)")
+    @app.get("/healthz", tags=["operations"], summary="liveness: the process answers (no database read)",
+             description="For a supervisor's liveness probe: 200 while the process serves requests. It reads no "
+                         "database; /readyz does.", response_model=models.Health)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz", tags=["operations"], summary="readiness: the database answers (503 unavailable if not)",
+             description="For a load balancer's readiness probe: 200 when the database answers, 503 `unavailable` "
+                         "(with Retry-After) when it does not.", response_model=models.Health,
              responses=refusals(Unavailable))
     async def readyz(request: Request) -> Any:
         st: AppState = request.app.state.ainarres

@@ -5,6 +5,7 @@ board, a program gets where the API is described."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
 
@@ -13,8 +14,10 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from ainarres_api import __version__
+from ainarres_api.server.api import models
+from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Conn, Governor, require
-from ainarres_api.server.errors import NotFound
+from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import admin, layout
 from ainarres_api.server.services.auth import Principal
 
@@ -40,8 +43,37 @@ def _asset(name: str) -> bytes:
     return (resources.files("ainarres_api.server") / "web" / name).read_bytes()
 
 
+class LayoutLane(BaseModel):
+    """A lane with the workflow version it is bound to."""
+
+    key: str
+    feature: str = Field(description="the lane's feature, lane:<key>")
+    context: dict[str, Any]
+    created_at: datetime
+    workflow: models.Workflow
+
+
+class LayoutProject(BaseModel):
+    """A project and its lanes."""
+
+    slug: str
+    context: dict[str, Any]
+    lanes: list[LayoutLane]
+
+
+class Layout(BaseModel):
+    """What a board draws: projects, their lanes, and each lane's workflow."""
+
+    projects: list[LayoutProject]
+
+
+_GOVERN = refusals(*AUTHENTICATED, NotEligible, NotFound, Conflict, Invalid)
+
+
 @router.get("/layout", summary="projects, their lanes, and each lane's workflow (stages and transitions)",
-            description="What a board draws: readable with seat:overseer, seat:monitor or seat:admin.")
+            description="What a board draws: readable with seat:overseer, seat:monitor or seat:admin. With "
+                        "`project`, that project only (404 if there is none).",
+            response_model=Layout, responses=refusals(*AUTHENTICATED, NotEligible, NotFound, Invalid))
 async def get_layout(_: Watcher, conn: Conn,
                      project: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
     return await layout.layout(conn, project)
@@ -49,13 +81,18 @@ async def get_layout(_: Watcher, conn: Conn,
 
 @router.post("/families/{key}/disable", summary="disable a family: its agents are refused from their next call",
              description="A governance act for seat:overseer (or seat:admin). Held tasks come back through "
-                         "their leases running out.")
+                         "their leases running out. An overseer may not disable a family holding a seat, nor its "
+                         "own family (409); the last admin family cannot be disabled (409).",
+             response_model=models.Family, responses=_GOVERN)
 async def disable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
                          ) -> dict[str, Any]:
     return await admin.set_family_disabled(conn, caller, key, True)
 
 
-@router.post("/families/{key}/enable", summary="re-enable a disabled family (seat:overseer or seat:admin)")
+@router.post("/families/{key}/enable", summary="re-enable a disabled family (seat:overseer or seat:admin)",
+             description="Its agents may call again from their next call. An overseer may not re-enable a "
+                         "family holding a seat.",
+             response_model=models.Family, responses=_GOVERN)
 async def enable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
                         ) -> dict[str, Any]:
     return await admin.set_family_disabled(conn, caller, key, False)
