@@ -138,3 +138,20 @@ async def test_a_retried_release_or_block_answers_its_original_outcome(admin: Ap
     first = await dev.verb(tid, "block", lease=lease, reason="needs a key")
     again = await dev.verb(tid, "block", lease=lease, reason="needs a key")
     assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+
+
+async def test_a_retried_progress_records_one_event(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    tid = (await dev.create("dev", "note it"))["task"]["id"]
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    first = await dev.verb(tid, "progress", lease=lease, note="half", artifacts=[{"type": "file", "path": "a"}])
+    again = await dev.verb(tid, "progress", lease=lease, note="half", artifacts=[{"type": "file", "path": "a"}])
+    assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+    other = await dev.verb(tid, "progress", lease=lease, note="more")  # a new note is a new event
+    assert other["event"]["id"] > first["event"]["id"] and "replay" not in other
+    await dev.verb(tid, "advance", lease=lease, to="review")
+    again = await dev.verb(tid, "progress", lease=lease, note="more")  # its answer lost, the hold ended since
+    assert again["replay"] is True and again["event"]["id"] == other["event"]["id"]
+    types = [e["type"] for e in (await dev.get(f"/v1/tasks/{tid}/events"))["items"]]
+    assert types.count("progress") == 2

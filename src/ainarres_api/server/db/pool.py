@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ainarres_api.server.errors import AinarresError, Conflict, Invalid, NotFound, Unavailable
 
@@ -67,12 +68,24 @@ def _json_int(text: str) -> int | float:
 
 
 def _json_loads(text: str) -> Any:
-    return json.loads(text, parse_int=_json_int)
+    # orjson reads an integer beyond 64 bits as the float it stands for already, and is the hot path's
+    # decoder (every task and event a verb answers); the standard library only for what orjson refuses.
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_int=_json_int)
+
+
+def _json_dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(value)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, encoder=json.dumps, decoder=_json_loads, schema="pg_catalog")
+        await conn.set_type_codec(typ, encoder=_json_dumps, decoder=_json_loads, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -315,10 +315,11 @@ async def progress(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, l
     """Record progress on a held task and renew its lease."""
     r = await conn.fetchrow(Q["renew"], task_id, lease, p.sub, p.family, True, note, artifacts,
                             sorted(p.features), p.oversees)
-    if r["verdict"] != "ok":
+    if r["verdict"] not in ("ok", "replay"):
         raise _refused(r["verdict"], r["task"])
-    return {"code": "ok", "task": r["task"], "event": r["event"],
-            "lease": _lease_out(r["lease_id"], r["lease_expires_at"])}
+    out = {"code": "ok", "task": r["task"], "event": r["event"],
+           "lease": _lease_out(r["lease_id"], r["lease_expires_at"])}
+    return out | {"replay": True} if r["verdict"] == "replay" else out
 
 
 async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,

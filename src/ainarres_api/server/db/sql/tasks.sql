@@ -289,7 +289,9 @@ SELECT name FROM features WHERE name = ANY ($1::text[]);
 -- name: renew
 -- Heartbeat ($5 false) and progress ($5 true, with its event): push a held lease out by its stage's
 -- lease length. $1 task, $2 lease, $3 sub, $4 family, $6 note, $7 artifacts, $8 features, $9 oversees.
--- Verdict 'ok', or why nothing changed (not_found, or the lease: lease_state).
+-- Verdict 'ok'; 'replay' when this progress is the very one the caller recorded last under this lease (a
+-- retry whose answer was lost: no second event, the lease renewed if still held); or why nothing changed
+-- (not_found, or the lease: lease_state).
 WITH locked AS (
     SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
 ), x AS (
@@ -298,6 +300,16 @@ WITH locked AS (
       FROM locked k
       JOIN lanes l ON l.id = (k.lk).lane_id
       JOIN stages s ON s.id = (k.lk).stage_id
+), replay AS (
+    -- The caller's last progress under this lease, if it is this same one (note and artifacts).
+    SELECT ev FROM x, LATERAL (SELECT e FROM events e
+                                WHERE e.task_id = x.id AND e.type = 'progress' AND e.actor = $3
+                                  AND e.data ->> 'lease' = ($2::uuid)::text
+                                ORDER BY e.id DESC LIMIT 1) last(ev)
+     WHERE $5 AND x.v IN ('ok', 'ended') AND (last.ev).data ->> 'note' = $6::text
+       AND (last.ev).data -> 'artifacts' = $7::jsonb
+), verdict AS (
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM replay) THEN 'replay' ELSE x.v END AS v FROM x
 ), u AS (
     UPDATE tasks t
        SET lease_expires_at = now() + make_interval(secs => x.lease_seconds), updated_at = now(),
@@ -310,13 +322,17 @@ WITH locked AS (
     SELECT (u.t).id, 'progress', $3, $4,
            jsonb_build_object('note', $6::text, 'artifacts', $7::jsonb, 'lease', $2::uuid, 'stage', x.stage_key)
       FROM u, x
-     WHERE $5
+     WHERE $5 AND NOT EXISTS (SELECT 1 FROM replay)
  RETURNING events
 )
-SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS task, event_json(e.events) AS event,
-       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at
+SELECT coalesce(v.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS task,
+       CASE WHEN (e.events).id IS NOT NULL THEN event_json(e.events)
+            ELSE event_json((SELECT ev FROM replay)) END AS event,
+       coalesce((u.t).lease_id, (x.lk).lease_id) AS lease_id,
+       coalesce((u.t).lease_expires_at, (x.lk).lease_expires_at) AS lease_expires_at
   FROM (SELECT 1) one
   LEFT JOIN x ON true
+  LEFT JOIN verdict v ON true
   LEFT JOIN u ON true
   LEFT JOIN e ON true;
 
@@ -550,10 +566,15 @@ SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task,
             ELSE event_json((SELECT ev FROM replay)) END AS event,
        (m.t).route_id AS route_id, (m.t).state AS state, x.stage_key, x.lane_key, x.lane_id,
        x.base_required, ch.to_stage_id,
-       (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o) AS options,
-       (SELECT array_agg(DISTINCT ts.key ORDER BY ts.key) FROM x x2
-          JOIN transitions tr ON tr.from_stage = x2.stage_id AND tr.kind = $3
-          JOIN stages ts ON ts.id = tr.to_stage) AS targets
+       -- What a refusal names: only read for the refusals that need it.
+       CASE WHEN v.v = 'not_eligible' THEN
+           (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o)
+       END AS options,
+       CASE WHEN v.v = 'illegal_transition' THEN
+           (SELECT array_agg(DISTINCT ts.key ORDER BY ts.key) FROM x x2
+              JOIN transitions tr ON tr.from_stage = x2.stage_id AND tr.kind = $3
+              JOIN stages ts ON ts.id = tr.to_stage)
+       END AS targets
   FROM verdict v
   LEFT JOIN x ON true
   LEFT JOIN chosen ch ON true
