@@ -60,7 +60,7 @@ async def connection(st: State) -> AsyncIterator[asyncpg.Connection]:
 
 Conn = Annotated[asyncpg.Connection, Depends(connection)]
 
-_bearer = HTTPBearer(auto_error=False, description="a token minted by POST /v1/tokens")
+_bearer = HTTPBearer(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
 
 
 _NO_TOKEN = "send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens"
@@ -127,18 +127,26 @@ class Lent:
 _LENT = "ainarres.lent"
 
 
-async def agent_call(request: Request, creds: Credentials) -> Lent:
-    """The authenticated caller of an agent endpoint, on a pooled connection its work then uses: the token
-    checked, its features read from the database now (services.auth.authenticate), before the body is
-    judged. One dependency (and the HTTPBearer scheme under it) on purpose: FastAPI solves each dependency
-    on every request, and these routes are the hot path. `ReleaseLent` gives the connection back when the
-    request ends, whatever happened, so it is not a `yield` dependency."""
-    token = token_of(creds)
-    st: AppState = request.app.state.ainarres
-    lent = Lent(await st.pool.acquire(), st.pool, token)
-    request.scope[_LENT] = lent
-    lent.caller = await auth.authenticate(lent.conn, st.signer, token)
-    return lent
+class AgentAuth(HTTPBearer):
+    """The authentication of an agent endpoint, as one dependency that is also its security scheme: the bearer
+    token read as HTTPBearer reads it, checked, and the caller's features read from the database now
+    (services.auth.authenticate) on a pooled connection its work then uses — before the body is judged.
+
+    One dependency node on purpose: FastAPI solves each node of a route's dependency tree on every request,
+    and these routes are the hot path; being the HTTPBearer scheme itself, it is what /openapi.json shows
+    as the route's security requirement. `ReleaseLent` gives the connection back when the request ends,
+    whatever happened, so it is not a `yield` dependency."""
+
+    async def __call__(self, request: Request) -> Lent:  # type: ignore[override]
+        token = token_of(await super().__call__(request))
+        st: AppState = request.app.state.ainarres
+        lent = Lent(await st.pool.acquire(), st.pool, token)
+        request.scope[_LENT] = lent
+        lent.caller = await auth.authenticate(lent.conn, st.signer, token)
+        return lent
+
+
+agent_call = AgentAuth(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
 
 
 Agent = Annotated[Lent, Depends(agent_call)]

@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.server.api.deps import AppState, _bearer, bearer_of
+from ainarres_api.server.api.deps import AppState, bearer_of
 from ainarres_api.server.errors import AinarresError, PayloadTooLarge
 from ainarres_api.server.services import auth
 
@@ -115,7 +116,8 @@ async def caller_refused(request: Request) -> JSONResponse | None:
 
 def _takes_caller(dependant: Any) -> bool:
     """Whether a FastAPI route's dependencies read the bearer token (every endpoint but the public ones)."""
-    return dependant is not None and any(d.call is _bearer or _takes_caller(d) for d in dependant.dependencies)
+    return dependant is not None and any(isinstance(d.call, HTTPBearer) or _takes_caller(d)
+                                         for d in dependant.dependencies)
 
 
 def crash(exc: Exception, path: str) -> JSONResponse:
