@@ -98,6 +98,8 @@ def test_create_claim_progress_heartbeat_advance_with_remembered_lease(world: Wo
     rc, shown = dev.run("show", tid, "--events")
     assert rc == 0 and shown["task"]["holder"] == dev.sub and shown["remembered_lease"] == c["lease"]["id"]
     assert [e["type"] for e in shown["events"]] == ["created", "claimed", "progress"]
+    assert shown["context"]["project"]["slug"] and shown["card"]["stage"] == shown["task"]["stage"]
+    assert "block" in shown["card"]["when_stuck"]
     rc, me = dev.run("me")
     assert rc == 0 and me["sub"] == dev.sub and [h["task"]["id"] for h in me["held"]] == [tid]
     assert me["remembered"] == [tid]

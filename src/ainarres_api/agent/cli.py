@@ -370,6 +370,9 @@ def cmd_unblock(ctx: Ctx) -> dict[str, Any]:
 
 def cmd_show(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {"code": "ok", "task": ctx.client.task(ctx.args.task)}
+    card = ctx.client.card(ctx.args.task)  # what to do at its stage, and where the work lives
+    out["context"] = card.pop("context", None)
+    out["card"] = card
     if ctx.args.events:
         out["events"] = ctx.client.events(ctx.args.task)["items"]
     rec = ctx.leases.get(ctx.args.task)
@@ -464,7 +467,7 @@ def build_parser(prog: str = "ainarres agent") -> JsonParser:
     s.add_argument("--max", type=float, default=600.0, metavar="M", help="stop watching after M seconds "
                    "(default 600)")
 
-    s = add("show", "read a task (with --events, its history)", cmd_show)
+    s = add("show", "read a task, its stage's card and where its work lives (with --events, its history)", cmd_show)
     s.add_argument("task")
     s.add_argument("--events", action="store_true")
 
