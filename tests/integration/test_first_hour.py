@@ -155,3 +155,13 @@ async def test_a_retried_progress_records_one_event(admin: Api) -> None:
     assert again["replay"] is True and again["event"]["id"] == other["event"]["id"]
     types = [e["type"] for e in (await dev.get(f"/v1/tasks/{tid}/events"))["items"]]
     assert types.count("progress") == 2
+
+
+async def test_a_branch_artifact_can_name_its_repository(admin: Api) -> None:
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    tid = (await dev.create("dev", "branch"))["task"]["id"]
+    lease = (await dev.claim("dev"))["lease"]["id"]
+    art = {"type": "branch", "name": "feat/x", "repo": "https://example.com/calc.git"}
+    out = await dev.verb(tid, "advance", lease=lease, to="review", artifacts=[art])
+    assert out["event"]["data"]["artifacts"] == [art]

@@ -116,12 +116,16 @@ class Body(BaseModel):
 class Artifact(Body):
     """A reference to a work product that lives elsewhere."""
 
-    type: Annotated[str, Field(min_length=1, max_length=40, examples=["pr", "commit", "file", "branch"])]
-    uri: Annotated[str, Field(max_length=2048)] | None = None
-    path: Annotated[str, Field(max_length=2048)] | None = None
-    sha: Annotated[str, Field(max_length=128)] | None = None
-    name: Annotated[str, Field(max_length=512)] | None = None
-    hash: Annotated[str, Field(max_length=200)] | None = None
+    type: Annotated[str, Field(min_length=1, max_length=40, examples=["pr", "commit", "file", "branch"])] = Field(
+        description="what it is: pr, commit, branch, file, url, …")
+    uri: Annotated[str, Field(max_length=2048)] | None = Field(default=None, description="where it is (a URL)")
+    path: Annotated[str, Field(max_length=2048)] | None = Field(default=None, description="a file path")
+    sha: Annotated[str, Field(max_length=128)] | None = Field(default=None, description="a commit id")
+    name: Annotated[str, Field(max_length=512)] | None = Field(default=None, description="a branch or other name")
+    repo: Annotated[str, Field(max_length=2048)] | None = Field(
+        default=None, description="the repository a branch, commit or path belongs to (a clone URL); omitted, "
+                                  "it is the project's (the claim's `context`)")
+    hash: Annotated[str, Field(max_length=200)] | None = Field(default=None, description="a content hash")
 
     @model_validator(mode="after")
     def _locates_something(self) -> Artifact:
