@@ -352,7 +352,8 @@ async def test_narrowed_scope_really_narrows(admin):
     _assert_problem(
         await narrow.call("POST", "/v1/tasks", {"lane": "dev", "title": "x"}), 403, "not_eligible"
     )
-    assert (await narrow.claim("dev"))["code"] == "empty"
+    # The scope dropped every role: no claim of it can ever match, and it is told so.
+    assert "can ever match" in (await narrow.claim("dev", expect=403))["detail"]
     got = await full.claim("dev")
     assert got["code"] == "claimed" and got["task"]["id"] == task["id"]
     # A scope is still bounded by the family: provisioning taken away is gone from the scope too.
@@ -386,7 +387,7 @@ async def test_denial_mid_token_bites_next_call_and_lifting_restores(admin, db):
     await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "too many bugs"}, 201)
     me = await a.get("/v1/me")
     assert "role:dev" not in me["features"] and "lane:dev" in me["features"]
-    assert (await b.claim("dev"))["code"] == "empty"
+    assert "role:dev is denied" in (await b.claim("dev", expect=403))["detail"]  # no work it may take now
     events = await _count(db, "events")
     r = await a.call("POST", f"/v1/tasks/{t1['id']}/advance", {"lease": lease, "to": "review"})
     body = _assert_problem(r, 403, "not_eligible")
@@ -445,7 +446,7 @@ async def test_provisioning_change_takes_effect_next_call(admin):
     await a.create("dev", "one")
     await admin.patch("/v1/families/cheap", {"features": ["lane:dev"]})
     assert (await a.get("/v1/me"))["features"] == ["lane:dev"]
-    assert (await a.claim("dev"))["code"] == "empty"
+    await a.claim("dev", expect=403)  # no role left: no claim of it can ever match
     await admin.patch("/v1/families/cheap", {"features": ["lane:dev", "role:dev", "area:backend"]})
     assert (await a.get("/v1/me"))["features"] == ["area:backend", "lane:dev", "role:dev"]
     assert (await a.claim("dev"))["code"] == "claimed"
@@ -589,7 +590,7 @@ async def test_an_agent_cannot_see_or_touch_another_lanes_tasks(admin, db):
         assert problem.get("task") is None, "a 404 must not leak the task"
     r = await dev.call("POST", "/v1/tasks", {"lane": "ops", "title": "sneak in"})
     assert "lane:ops" in _assert_problem(r, 403, "not_eligible")["detail"]
-    assert (await dev.claim("ops"))["code"] == "empty"
+    assert "lane:ops" in (await dev.claim("ops", expect=403))["detail"]
     assert tid not in json.dumps(await dev.get("/v1/me"))
 
     assert await _count(db, "events") == events and await _count(db, "tasks") == tasks

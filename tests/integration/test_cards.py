@@ -39,7 +39,8 @@ async def test_claim_returns_the_card_with_its_instructions(admin: Api) -> None:
     assert card["lease_seconds"] == 60 and card["max_attempts"] == 3 and card["escalate_after"] == 2
     assert card["transitions"] == [{"kind": "advance", "to": "review", "required_features": ["role:dev"],
                                     "guard": None, "instructions": ""}]
-    assert await dev.get(f"/v1/tasks/{task['id']}/card") == {"task_id": task["id"], **card}
+    assert await dev.get(f"/v1/tasks/{task['id']}/card") == {"task_id": task["id"], **card,
+                                                            "context": c["context"]}
 
     await dev.verb(task["id"], "advance", lease=c["lease"]["id"], to="review")
     c2 = await rev.claim("dev")

@@ -333,7 +333,9 @@ async def test_what_jsonb_hands_back_for_big_numbers_renders(app: Any, db: Any) 
 
     async with app.state.ainarres.pool.acquire() as conn:  # the service's own JSON codec
         back = await conn.fetchval("SELECT '{\"a\": 1e300, \"b\": 123456789012345678901234567890}'::jsonb")
-    assert back["a"] == 10**300 and isinstance(back["a"], int)
+    # The codec (orjson) reads an integer beyond 64 bits as the float it stands for: reads never fail.
+    assert back == {"a": 1e300, "b": 1.2345678901234568e29}
+    # And what orjson refuses to render is widened by render.dumps, not a crash.
     with pytest.raises(orjson.JSONEncodeError):
-        orjson.dumps(back)
-    assert json.loads(render.dumps(back)) == {"a": 1e300, "b": 1.2345678901234568e29}
+        orjson.dumps({"a": 10**300})
+    assert json.loads(render.dumps({"a": 10**300})) == {"a": 1e300}

@@ -61,7 +61,7 @@ def test_dockerfile_builds_a_wheel_and_runs_it_unprivileged() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     assert re.search(r"^EXPOSE 8080$", text, re.MULTILINE)
     healthcheck = re.search(r"^HEALTHCHECK (?:.*\\\n)*.*", text, re.MULTILINE)
-    assert healthcheck and "/healthz" in healthcheck[0] and "urllib" in healthcheck[0]
+    assert healthcheck and "/readyz" in healthcheck[0] and "urllib" in healthcheck[0]
     assert "curl" not in text
     assert re.search(r'^CMD \["serve", "--host", "0\.0\.0\.0"', text, re.MULTILINE)
 

@@ -268,7 +268,7 @@ async def create_workflow(conn: asyncpg.Connection, key: str, description: str, 
                                 f"{exc.args[0] if exc.args else exc}")
     if problems:
         raise Invalid("the workflow was refused: " + "; ".join(problems),
-                      errors=[{"field": p.split(":", 1)[0], "detail": p.split(": ", 1)[-1]} for p in problems])
+                      errors=[{"field": p.split(":", 1)[0], "detail": p} for p in problems])
     async with conn.transaction():
         await conn.execute(Q["workflow_lock"], key)
         wf = await conn.fetchrow(Q["workflow_insert"], key, description, max_rework)
