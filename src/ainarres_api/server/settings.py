@@ -64,5 +64,11 @@ class Settings(BaseSettings):
     # Requests per second per agent (a token's sub; unauthenticated: per client address), per process.
     rate_limit_per_second: float = Field(default=200, ge=0)  # 0: no limit
     rate_limit_burst: int = Field(default=2000, ge=1)
+    # Per agent (its token's sub), per process: waiting claims (long polls) at once, and open MCP sessions;
+    # an MCP session idle this long is closed; at most this many MCP sessions per process in all.
+    max_long_polls_per_agent: int = Field(default=4, ge=1)
+    mcp_sessions_per_agent: int = Field(default=8, ge=1)
+    mcp_session_idle_seconds: float = Field(default=300, gt=0)
+    mcp_max_sessions: int = Field(default=10_000, ge=1)
 
     log_level: str = "info"

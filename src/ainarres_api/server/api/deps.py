@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import asyncpg
@@ -41,6 +41,7 @@ class AppState:
     limits: Limits
     wake: Wake
     events: EventClock
+    long_polls: dict[str, int] = field(default_factory=dict)  # waiting claims per agent sub, this process
 
 
 async def state_of(request: Request) -> AppState:

@@ -30,13 +30,13 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import to_jsonable_python
 from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ainarres_api import __version__
 from ainarres_api.server.api import schemas, verbs
 from ainarres_api.server.api.deps import AppState, Lent
 from ainarres_api.server.db.pool import translate
-from ainarres_api.server.errors import AinarresError, Invalid, Unauthenticated
+from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
 from ainarres_api.server.services import auth, pages, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
@@ -152,15 +152,35 @@ class _Guard:
                                       "mints tokens with POST /v1/tokens")
             async with st.pool.acquire() as conn:
                 principal = await auth.authenticate(conn, st.signer, token)
-        except Unauthenticated as exc:
-            body = {"type": f"urn:ainarres:problem:{exc.code}", "title": exc.title, "status": exc.status,
-                    "code": exc.code, "detail": exc.detail, "instance": scope.get("path")}
-            resp = JSONResponse(body, status_code=401, media_type="application/problem+json",
-                                headers={"WWW-Authenticate": 'Bearer realm="ainarres"'})
-            await resp(scope, receive, send)
+            opening = scope.get("method") == "POST" and not any(k == b"mcp-session-id" for k, _ in scope["headers"])
+            if opening:
+                self.face.admit(principal.sub, st.settings.mcp_sessions_per_agent)
+        except (Unauthenticated, RateLimited) as exc:
+            await _problem(exc, scope, receive, send)
             return
         scope["user"] = Agent(principal, token)
-        await self.face.manager_app(scope, receive, send)
+        if not opening:
+            await self.face.manager_app(scope, receive, send)
+            return
+
+        async def noting(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                for k, v in msg.get("headers") or []:
+                    if bytes(k).lower() == b"mcp-session-id":
+                        self.face.opened(principal.sub, bytes(v).decode("latin-1"))
+            await send(msg)
+
+        await self.face.manager_app(scope, receive, noting)
+
+
+async def _problem(exc: AinarresError, scope: Scope, receive: Receive, send: Send) -> None:
+    body = {"type": f"urn:ainarres:problem:{exc.code}", "title": exc.title, "status": exc.status,
+            "code": exc.code, "detail": exc.detail, "instance": scope.get("path")}
+    headers = {"WWW-Authenticate": 'Bearer realm="ainarres"'} if exc.status == 401 else {}
+    if (after := exc.extra.get("retry_after")) is not None:
+        headers["Retry-After"] = str(after)
+    resp = JSONResponse(body, status_code=exc.status, media_type="application/problem+json", headers=headers)
+    await resp(scope, receive, send)
 
 
 # -- what a session remembers ------------------------------------------------------------------------
@@ -284,13 +304,16 @@ class McpFace:
         root.handlers[:], root.level = saved
         self._register()
         self._manager_app: StreamableHTTPASGIApp | None = None
+        self._sessions: dict[str, set[str]] = {}  # agent sub → the MCP sessions it opened here
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Run the MCP session manager for the app's lifetime (call inside the app's lifespan)."""
         # A session manager runs once; each lifespan gets a new one, so an app may be restarted.
+        settings = self.state().settings
         self.server.streamable_http_app(
             streamable_http_path=PATH, stateless_http=False,
+            session_idle_timeout=settings.mcp_session_idle_seconds, max_sessions=settings.mcp_max_sessions,
             # Callers authenticate with a bearer token, never a cookie, so DNS rebinding gains an
             # attacker nothing; the Host header is left to the deployment (proxies rewrite it).
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
@@ -303,6 +326,7 @@ class McpFace:
             finally:
                 self._manager_app = None
                 self._memories.clear()
+                self._sessions.clear()
 
     async def manager_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._manager_app is None:
@@ -311,6 +335,27 @@ class McpFace:
             await resp(scope, receive, send)
             return
         await self._manager_app(scope, receive, send)
+
+    def admit(self, sub: str, cap: int) -> None:
+        """Refuse a new MCP session to an agent that already has `cap` open in this process (429)."""
+        if len(self._open_sessions(sub)) >= cap:
+            raise RateLimited(f"you already have {cap} MCP sessions open here (AINARRES_MCP_SESSIONS_PER_AGENT); "
+                              "reuse one (send its Mcp-Session-Id), or end one (DELETE) before opening another",
+                              retry_after=5)
+
+    def opened(self, sub: str, session_id: str) -> None:
+        """Note a session the SDK opened for an agent."""
+        self._sessions.setdefault(sub, set()).add(session_id)
+
+    def _open_sessions(self, sub: str) -> set[str]:
+        # The SDK ends sessions on its own (idle expiry, DELETE): keep only those it still runs.
+        live = getattr(self.server.session_manager, "_server_instances", {}) if self._manager_app else {}
+        mine = {sid for sid in self._sessions.get(sub, set()) if sid in live}
+        if mine:
+            self._sessions[sub] = mine
+        else:
+            self._sessions.pop(sub, None)
+        return mine
 
     def endpoint(self) -> _Guard:
         """The ASGI app to route PATH to."""

@@ -44,6 +44,7 @@ from ainarres_api.server.errors import (
     LeaseLost,
     NotEligible,
     NotFound,
+    RateLimited,
 )
 from ainarres_api.server.services import claiming, tasks
 from ainarres_api.server.services.auth import Principal
@@ -108,9 +109,20 @@ async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str,
             out = await tasks.prospects(c.conn, c.caller, body.lane)
         return out, 200
     await c.lent.release()  # a long poll holds no connection while it waits
-    st = c.st
-    return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
-                                        body.wait_seconds, c.gone), 200
+    st, sub = c.st, c.caller.sub
+    cap = st.settings.max_long_polls_per_agent
+    if st.long_polls.get(sub, 0) >= cap:
+        raise RateLimited(f"you already have {cap} waiting claims open here (AINARRES_MAX_LONG_POLLS_PER_AGENT); "
+                          "wait for one to answer before opening another", retry_after=1)
+    st.long_polls[sub] = st.long_polls.get(sub, 0) + 1
+    try:
+        return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
+                                            body.wait_seconds, c.gone), 200
+    finally:
+        if (left := st.long_polls[sub] - 1) > 0:
+            st.long_polls[sub] = left
+        else:
+            del st.long_polls[sub]
 
 
 async def _heartbeat(c: Call, task_id: uuid.UUID | None, body: LeaseIn) -> tuple[dict[str, Any], int]:
@@ -200,7 +212,7 @@ key was used for different content: use a new key), invalid, payload_too_large."
     ),
     Verb(
         name="claim", path="/v1/claims", body=ClaimIn, answer=envelopes.Claimed,
-        refusals=(AlreadyHolding, NotEligible),
+        refusals=(AlreadyHolding, NotEligible, RateLimited),
         summary="claim the best task you may do (optionally wait for one)",
         description=(
             "Takes the best task the caller may do now (priority, then age) and holds it under a lease: "
