@@ -321,3 +321,19 @@ async def test_a_thousand_waiters_hold_no_more_connections_than_the_pool(app, ad
             c.cancel()
         await asyncio.gather(*claims, return_exceptions=True)
     assert hub.waiting == 0
+
+
+async def test_a_waiting_claim_learns_of_its_revoked_token_within_a_tick(app, admin):
+    w = await make_world(admin)
+    rev = await w.agent("reviewers")  # nothing for it in the lane yet: its claim waits
+    waiting = asyncio.ensure_future(rev.call("POST", "/v1/claims", {"lane": "dev", "wait_seconds": 30}))
+    hub = hub_of(app)
+    for _ in range(2000):  # until the claim waits in the hub (no event tells a test this; bounded)
+        if hub.waiting:
+            break
+        await asyncio.sleep(0.01)
+    tok = await admin.get("/v1/tokens")
+    jti = next(t["jti"] for t in tok["items"] if t["sub"] == rev.sub)
+    await admin.delete(f"/v1/tokens/{jti}")
+    r = await asyncio.wait_for(waiting, 10)  # well before its 30 s deadline: within the event clock's tick
+    assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text

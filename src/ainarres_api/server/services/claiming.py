@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
 
 from ainarres_api.server.services import auth, tasks, wake
 from ainarres_api.server.services.auth import Principal, Signer
+from ainarres_api.server.services.oversight import EventClock
 from ainarres_api.server.services.tasks import Limits
 
 
 async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
                         caller: Principal, lane: str | None, wait_seconds: float,
-                        gone: asyncio.Future[Any] | None = None) -> dict[str, Any]:
+                        gone: asyncio.Future[Any] | None = None, clock: EventClock | None = None
+                        ) -> dict[str, Any]:
     """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again.
 
-    Returns the claim, or `empty` at the deadline, or as soon as `gone` completes (the client left).
+    Returns the claim, or `empty` at the deadline, or as soon as `gone` completes (the client left). With
+    `clock`, a token revoked (or expired, or its family disabled) while the claim waits is found within the
+    clock's tick, and the claim is refused then (401), not at its deadline.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
+    watching = clock.watching(caller.jti) if clock is not None else contextlib.nullcontext()
+    lapsed = asyncio.ensure_future(clock.until_lapsed(caller.jti)) if clock is not None else None
+    try:
+        with watching:
+            return await _claim_waiting(pool, signer, hub, limits, token, caller, lane, deadline, gone, lapsed)
+    finally:
+        if lapsed is not None:
+            lapsed.cancel()
+
+
+async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
+                         caller: Principal, lane: str | None, deadline: float, gone: asyncio.Future[Any] | None,
+                         lapsed: asyncio.Future[Any] | None) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
     with hub.waiter() as w:
         first = True
         while True:
@@ -45,8 +64,13 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
                 async with pool.acquire() as conn:
                     return await tasks.prospects(conn, caller, lane)
             woken = asyncio.ensure_future(w.wait(remaining))
-            waits: set[asyncio.Future[Any]] = {woken} if gone is None else {woken, gone}
+            waits: set[asyncio.Future[Any]] = {woken} | {f for f in (gone, lapsed) if f is not None}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if lapsed is not None and lapsed.done():  # the token lapsed (or the clock stopped): read it now
+                woken.cancel()
+                async with pool.acquire() as conn:
+                    await auth.authenticate(conn, signer, token)  # refused here if it really lapsed
+                lapsed = None  # still good (the clock stopped): wait on as before, unwatched
             if gone is not None and gone.done():  # nobody would receive a task
                 woken.cancel()
                 return out

@@ -305,6 +305,12 @@ class EventClock:
         while self.latest <= cursor and not self.closed and not (jti is not None and jti in self._lapsed):
             await self._moved.wait()
 
+    async def until_lapsed(self, jti: str) -> None:
+        """Return once a probe finds the token `jti` lapsed (revoked, expired, its family disabled) or the
+        clock stops; the caller holds `watching(jti)` meanwhile."""
+        while jti not in self._lapsed and not self.closed:
+            await self._moved.wait()
+
     async def next_read(self) -> None:
         """Return after the clock's next read (tests: observe that idle streams cost no reads)."""
         await self._read.wait()
