@@ -192,6 +192,16 @@ async def test_an_overseer_governs_work_families_only(admin: Api) -> None:
     # Work families stay the overseer's to govern; the last admin family stays enabled.
     assert (await overseer.post("/v1/families/cheap/disable", expect=200))["disabled"] is True
     assert (await overseer.post("/v1/families/cheap/enable", expect=200))["disabled"] is False
+    # ... but an admin's disable of a work family is the admin's to undo (via disable or PATCH).
+    for disable in (lambda: admin.post("/v1/families/cheap/disable", expect=200),
+                    lambda: admin.patch("/v1/families/cheap", {"disabled": True})):
+        assert (await disable())["disabled"] is True
+        r = await overseer.post("/v1/families/cheap/enable", expect=403)
+        assert r["code"] == "not_eligible" and "disabled by an admin" in r["detail"]
+        assert (await admin.post("/v1/families/cheap/enable", expect=200))["disabled"] is False
+    # An overseer's own disable the overseer may undo.
+    assert (await overseer.post("/v1/families/cheap/disable", expect=200))["disabled"] is True
+    assert (await overseer.post("/v1/families/cheap/enable", expect=200))["disabled"] is False
     assert (await admin.post("/v1/families/admin/disable", expect=409))["code"] == "conflict"
 
 

@@ -100,7 +100,7 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
                         ) -> dict[str, Any]:
     """Change what a family holds, or disable it; takes effect on its agents' next call."""
     async with conn.transaction():
-        if await conn.fetchval(Q["family_lock"], key) is None:
+        if await conn.fetchrow(Q["family_lock"], key) is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
         if disabled or (features is not None and "seat:admin" not in features):
             await _keep_an_admin(conn, key)
@@ -110,7 +110,7 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
                 raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
             await conn.execute(Q["family_features_clear"], key)
             await conn.execute(Q["family_features_add"], key, sorted(set(features)))
-        await conn.execute(Q["family_update"], key, disabled, max_active, description)
+        await conn.execute(Q["family_update"], key, disabled, max_active, description, True)
         return await get_family(conn, key)
 
 
@@ -121,8 +121,11 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
     re-enable a family provisioned with a seat:* feature (an admin family among them); nobody disables
     their own family (a lock-out) or the last enabled admin family."""
     async with conn.transaction():
-        if await conn.fetchval(Q["family_lock"], key) is None:
+        fam = await conn.fetchrow(Q["family_lock"], key)
+        if fam is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
+        if not disabled and fam["disabled_by_admin"] and not p.has("seat:admin"):
+            raise NotEligible(f"family {key} was disabled by an admin; only seat:admin may re-enable it")
         if disabled and key == p.family:
             raise Conflict(f"{key} is your own family: disabling it would lock you out; ask another overseer "
                            "or an admin")
@@ -133,7 +136,7 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
                                   f"{'disable' if disabled else 're-enable'} a family that holds a seat")
         if disabled:
             await _keep_an_admin(conn, key)
-        await conn.execute(Q["family_update"], key, disabled, None, None)
+        await conn.execute(Q["family_update"], key, disabled, None, None, p.has("seat:admin"))
         return await get_family(conn, key)
 
 

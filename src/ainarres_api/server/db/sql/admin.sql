@@ -42,12 +42,15 @@ SELECT f.key, f.description, f.max_active, f.disabled, f.created_at, f.updated_a
 INSERT INTO families (key, description, max_active) VALUES ($1, $2, $3);
 
 -- name: family_lock
-SELECT key FROM families WHERE key = $1 FOR UPDATE;
+-- The family's row, locked, with whether an admin disabled it.
+SELECT key, disabled_by_admin FROM families WHERE key = $1 FOR UPDATE;
 
 -- name: family_update
+-- $5: whether the caller holds seat:admin (a disable records it; an enable clears it).
 UPDATE families
    SET disabled = coalesce($2, disabled), max_active = coalesce($3, max_active),
-       description = coalesce($4, description), updated_at = now()
+       description = coalesce($4, description), updated_at = now(),
+       disabled_by_admin = CASE WHEN $2 IS NULL THEN disabled_by_admin ELSE $2 AND coalesce($5, false) END
  WHERE key = $1;
 
 -- name: feature_get
