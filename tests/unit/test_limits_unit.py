@@ -89,20 +89,21 @@ def test_render_never_fails_on_a_stored_number() -> None:
 
 def test_verb_bodies_are_bounded_in_bytes_as_a_whole() -> None:
     lease = str(uuid.uuid4())
-    schemas.ProgressIn.model_validate({"lease": lease, "note": "é" * 8000})  # 16,000 bytes: within 16 KiB
+    ok = schemas.ProgressIn.model_validate({"lease": lease, "note": "é" * 8000})  # 16,000 bytes
+    schemas.check_event_bytes(ok, 16_384)  # within 16 KiB
+    big = schemas.ProgressIn.model_validate({"lease": lease, "note": "é" * 8000,
+                                             "artifacts": [{"type": "pr", "uri": "u" * 1000}]})
     with pytest.raises(PayloadTooLarge) as exc:
-        schemas.ProgressIn.model_validate({"lease": lease, "note": "é" * 8000,
-                                           "artifacts": [{"type": "pr", "uri": "u" * 1000}]})
+        schemas.check_event_bytes(big, 16_384)
     assert exc.value.detail.startswith("note and artifacts together:")
-    with pytest.raises(PayloadTooLarge):
-        schemas.RejectIn.model_validate({"lease": lease, "to": "todo", "reason": "x" * 3000},
-                                        context={"max_event_bytes": 2048})
-    for model, text in ((schemas.AdvanceIn, "note"), (schemas.ReleaseIn, "reason"), (schemas.BlockIn, "reason")):
+    schemas.check_event_bytes(big, 65_536)  # the setting raises the bound as well as lowering it
+    for model, text in ((schemas.AdvanceIn, "note"), (schemas.ReleaseIn, "reason"), (schemas.BlockIn, "reason"),
+                        (schemas.RejectIn, "reason")):
         body = {"lease": lease, text: "€" * 1000}
-        if model is schemas.AdvanceIn:
+        if model in (schemas.AdvanceIn, schemas.RejectIn):
             body["to"] = "review"
         with pytest.raises(PayloadTooLarge) as exc:
-            model.model_validate(body, context={"max_event_bytes": 1024})
+            schemas.check_event_bytes(model.model_validate(body), 1024)
         assert exc.value.detail.startswith(f"{text}:")
 
 

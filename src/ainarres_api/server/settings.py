@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     max_feature_sets: int = Field(default=64, ge=1, le=1000)
     # Distinct required_features sets task creates may use per lane (each is a queue claims probe).
     max_required_sets_per_lane: int = Field(default=1000, ge=1, le=100_000)
-    # One event's note (or reason) and artifacts together, as stored (413 above it). The verb bodies
-    # enforce schemas.DEFAULT_MAX_EVENT_BYTES unless validated with context={"max_event_bytes": this}.
+    # One event's note (or reason) and artifacts together, as stored (413 above it); every entry point
+    # checks it (api/verbs.py `run`).
     max_event_bytes: int = Field(default=16_384, ge=1024, le=1_048_576)
     # A page of events (feed, stream batch, a task's events) stops early, with its cursor, past this.
     max_read_bytes: int = Field(default=1_048_576, ge=65_536)

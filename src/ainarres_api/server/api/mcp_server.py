@@ -419,7 +419,7 @@ class McpFace:
                 lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer)
                 lent.caller = call.p
                 try:
-                    out, _ = await verb.work(verbs.Call(st, call.p, lent, call.agent.bearer), task_id, parsed)
+                    out, _ = await verbs.run(verb, verbs.Call(st, call.p, lent, call.agent.bearer), task_id, parsed)
                 except AinarresError as exc:
                     held, lease = exc.task, exc.extra.get("lease")
                     if exc.code == "already_holding" and held and lease:

@@ -16,7 +16,6 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -172,9 +171,6 @@ class LeaseIn(Body):
     lease: uuid.UUID = Field(description="the lease id the claim returned")
 
 
-DEFAULT_MAX_EVENT_BYTES = 16_384
-
-
 def event_bytes(text: str | None, artifacts: list[Artifact]) -> int:
     """What an event's note (or reason) and artifacts weigh as stored: UTF-8 text plus compact JSON."""
     size = len(text.encode("utf-8", "surrogatepass")) if text else 0
@@ -185,8 +181,7 @@ def event_bytes(text: str | None, artifacts: list[Artifact]) -> int:
 
 def check_event_bytes(body: BaseModel, max_bytes: int) -> None:
     """Refuse (413 payload_too_large, naming the fields) a verb body whose note or reason and artifacts
-    together exceed `max_bytes` (settings.max_event_bytes). The verb bodies run it on validation with
-    DEFAULT_MAX_EVENT_BYTES, or with `context={"max_event_bytes": n}` when the caller passes one."""
+    together exceed `max_bytes` (settings.max_event_bytes; api/verbs.py `run` calls it for every entry)."""
     field = "note" if "note" in type(body).model_fields else "reason"
     text = getattr(body, field, None)
     artifacts: list[Artifact] = getattr(body, "artifacts", None) or []
@@ -199,26 +194,19 @@ def check_event_bytes(body: BaseModel, max_bytes: int) -> None:
                                                "detail": detail}])
 
 
-class _EventBody(LeaseIn):
-    """A verb body that becomes an event: bounded in bytes as a whole (note/reason + artifacts)."""
-
-    @model_validator(mode="after")
-    def _bounded_event(self, info: ValidationInfo) -> Any:
-        # PayloadTooLarge is not a ValueError: pydantic lets it through, and every path that validates
-        # a verb body (FastAPI, the fast dispatcher, MCP) renders it as the 413 it is.
-        ctx = info.context if isinstance(info.context, dict) else {}
-        check_event_bytes(self, int(ctx.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES)))
-        return self
+class EventBody(LeaseIn):
+    """A verb body that becomes an event: bounded in bytes as a whole (note/reason + artifacts) by
+    `check_event_bytes`, which every entry point runs with AINARRES_MAX_EVENT_BYTES (api/verbs.py `run`)."""
 
 
-class ProgressIn(_EventBody):
+class ProgressIn(EventBody):
     """A progress report on a held task."""
 
     note: Note = Field(description="what you did or found, in a few sentences")
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class AdvanceIn(_EventBody):
+class AdvanceIn(EventBody):
     """Move a held task forward."""
 
     to: Key = Field(description="the target stage's key, from the card's transitions")
@@ -226,7 +214,7 @@ class AdvanceIn(_EventBody):
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class RejectIn(_EventBody):
+class RejectIn(EventBody):
     """Send a held task back for rework."""
 
     to: Key = Field(description="the target stage's key, from the card's transitions")
@@ -234,13 +222,13 @@ class RejectIn(_EventBody):
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
-class ReleaseIn(_EventBody):
+class ReleaseIn(EventBody):
     """Give a held task back."""
 
     reason: Note | None = Field(default=None, description="why you are giving it back")
 
 
-class BlockIn(_EventBody):
+class BlockIn(EventBody):
     """Park a held task for a human."""
 
     reason: Annotated[str, Field(min_length=1, max_length=2000)] = Field(

@@ -28,12 +28,14 @@ from ainarres_api.server.api.schemas import (
     BlockIn,
     Body,
     ClaimIn,
+    EventBody,
     LeaseIn,
     ProgressIn,
     RejectIn,
     ReleaseIn,
     TaskCreate,
     UnblockIn,
+    check_event_bytes,
 )
 from ainarres_api.server.errors import (
     AinarresError,
@@ -91,6 +93,14 @@ class Verb:
     held: bool = False  # presents a lease (the MCP session may remember it)
     ends_hold: bool = False
     extra_statuses: dict[int, str] = field(default_factory=dict)
+
+
+async def run(verb: Verb, call: Call, task_id: uuid.UUID | None, body: Any) -> tuple[dict[str, Any], int]:
+    """Run a verb for any entry point (the HTTP route, the MCP tool): the checks every entry shares that need
+    the settings, then its work."""
+    if isinstance(body, EventBody):
+        check_event_bytes(body, call.st.settings.max_event_bytes)
+    return await verb.work(call, task_id, body)
 
 
 def _artifacts(body: Any) -> list[dict[str, Any]]:
@@ -390,7 +400,7 @@ def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
         if verb.name == "claim" and body.wait_seconds > 0:
             gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            out, status = await verb.work(Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone),
+            out, status = await run(verb, Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone),
                                           task_id, body)
         finally:
             if gone is not None:
