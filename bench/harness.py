@@ -97,7 +97,8 @@ def start_service(dsn: str, *, pool_max: int = 20, extra_env: dict[str, str] | N
         "AINARRES_POOL_MAX_SIZE": str(pool_max),
         "AINARRES_LOG_LEVEL": "warning",
         # A load generator is one client hammering the API: the per-agent rate limit would measure itself.
-        "AINARRES_RATE_LIMIT_PER_SECOND": "0",
+        # BENCH_RATE_LIMIT_PER_SECOND=200 runs with the service's default, to measure what the limit costs.
+        "AINARRES_RATE_LIMIT_PER_SECOND": os.environ.get("BENCH_RATE_LIMIT_PER_SECOND", "0"),
         **(extra_env or {}),
     }
     log = open(ROOT / f"service-{port}.log", "wb")
