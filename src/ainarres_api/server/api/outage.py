@@ -4,6 +4,11 @@ asyncpg reports an unreachable or restarting server as an OSError (connection re
 out), a PostgresConnectionError (ConnectionDoesNotExistError: the server went away mid-request), an
 operator-intervention error (CannotConnectNowError while it starts or stops, AdminShutdownError,
 CrashShutdownError), TooManyConnectionsError, or an InterfaceError on a connection or pool that closed.
+
+And one more, from a pooled connection the server terminated while it sat idle (a restart, a fast shutdown):
+the FATAL arrives outside any query and leaves asyncpg's protocol consuming an error (state 2), so the next
+query on it raises InternalClientError "cannot switch to state N; another operation (2) is in progress"
+before the socket's close is noticed (MagicStack/asyncpg#1069). The pool then discards that connection.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 def as_unavailable(exc: BaseException) -> Unavailable | None:
     """The 503 refusal for an exception that means the database cannot be reached now, else None."""
     if isinstance(exc, _OUTAGES) or (
-            isinstance(exc, asyncpg.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))):
+            isinstance(exc, asyncpg.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))) or (
+            isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc)):
         return Unavailable(DETAIL, retry_after=RETRY_AFTER_SECONDS)
     return None
 
