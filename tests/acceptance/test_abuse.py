@@ -4,11 +4,24 @@ claiming and advancing. Real HTTP, a real uvicorn, the official MCP client for t
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
+import pytest
 
+from ainarres_api.server.settings import Settings
 from tests.acceptance.test_mcp import WITHIN, Served, mcp_client, ok, served  # noqa: F401 - the fixture
+from tests.conftest import TEST_SECRET
 from tests.helpers import make_world
+
+RATE, BURST = 5.0, 20
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """A low per-agent request rate, so that a flood is seen within a few dozen requests."""
+    return Settings(database_url=None, data_dir=tmp_path, jwt_secret=TEST_SECRET, pool_min_size=1,
+                    pool_max_size=10, rate_limit_per_second=RATE, rate_limit_burst=BURST)
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "abuser", "version": "0"}}}
@@ -30,6 +43,13 @@ async def test_one_agent_flooding_cannot_stop_another(served: Served) -> None:  
         r = await http.post("/mcp", json=INIT, headers={**ACCEPT, **auth})
         assert r.status_code == 429 and r.json()["code"] == "rate_limited" and r.headers["retry-after"], r.text
 
+        # A flood of requests: past its burst the abuser gets 429 with Retry-After.
+        flood = [await http.get("/v1/me", headers=auth) for _ in range(BURST + 5)]
+        limited = [r for r in flood if r.status_code == 429]
+        assert limited and limited[0].json()["code"] == "rate_limited" and limited[0].headers["retry-after"]
+        # The bucket refills with time alone: wait until it is full again (the limit is a rate, time is its event).
+        await asyncio.sleep(BURST / RATE)
+
         # Long polls: up to the per-agent bound waiting at once, then 429 at once.
         body = {"lane": "dev", "wait_seconds": 30}
         polls = [asyncio.create_task(http.post("/v1/claims", json=body, headers=auth))
@@ -41,6 +61,7 @@ async def test_one_agent_flooding_cannot_stop_another(served: Served) -> None:  
             await asyncio.sleep(0.01)
         r = await http.post("/v1/claims", json=body, headers=auth)
         assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+        assert "waiting claims" in r.json()["detail"], r.text  # the long-poll bound, not the request rate
 
         # Meanwhile another agent works, over MCP and over HTTP.
         async with mcp_client(served.url, worker.token) as client:

@@ -54,7 +54,11 @@ The detail says what to do next. The codes:
   pick another target from the card, or release the task.
 - not_found: no such task or lane visible to you. Check the id (claim, me and show_task show ids).
 - lease_lost: you no longer hold the task (your hold expired, or it was finished or taken over).
-  Stop working on it; nothing you sent was applied. Call claim for new work.
+  Stop working on it; nothing you sent was applied. Call claim for new work. (Retrying a call whose
+  answer you lost is safe: if it was applied, the same call answers its outcome with "replay": true.)
+- rate_limited: too many calls, waiting claims or sessions at once; wait the retry_after seconds.
+- unavailable: the service could not reach its database, or a row stayed locked; nothing was changed.
+  Wait a few seconds and send the same call again.
 - already_holding: you already hold as many tasks as you may. The refusal carries the task and its
   lease (now remembered): finish it with advance, reject, release or block, then claim again.
 - illegal_transition: no such way out of the task's stage; the detail lists the legal targets.
