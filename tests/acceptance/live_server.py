@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from ainarres_api.ops import embedded
 
@@ -138,3 +140,23 @@ def serve(dsn: str, data_dir: Path) -> Iterator[Live]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium under Playwright (never a browser Playwright downloads), closed afterwards."""
+    from playwright import sync_api as playwright_sync
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (scripts/test installs Debian's package)")
+    with playwright_sync.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--headless", "--no-sandbox", "--disable-gpu",
+                                     "--disable-background-networking"])
+        try:
+            yield b
+        finally:
+            b.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +17,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.acceptance.live_server import Live, clone_database, serve
+from tests.acceptance.live_server import Live, chromium, clone_database, serve
 from tests.helpers import review_flow
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 WAIT_MS = 15_000
 
@@ -88,16 +86,8 @@ def live(pg_server: Any, template_db: str, tmp_path_factory: pytest.TempPathFact
 def browser(live: Live) -> Iterator[Any]:
     # Playwright's sync API runs an event loop in this thread from here on: `live` (which uses
     # asyncio.run) is set up first, and later database work runs in a thread of its own.
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (scripts/test installs Debian's package)")
-    with playwright_sync.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                               args=["--headless", "--no-sandbox", "--disable-gpu",
-                                     "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

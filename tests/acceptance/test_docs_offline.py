@@ -3,20 +3,17 @@ request to anything but the server aborted: the pages need nothing from the inte
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.acceptance.live_server import Live, clone_database, serve
+from tests.acceptance.live_server import Live, chromium, clone_database, serve
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WAIT_MS = 20_000
 
 
@@ -29,16 +26,8 @@ def live(pg_server: Any, template_db: str, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def browser(live: Live) -> Iterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (scripts/test installs Debian's package)")
-    with playwright_sync.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                               args=["--headless", "--no-sandbox", "--disable-gpu",
-                                     "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "data lives in AINARRES_DATA_DIR (default ./.ainarres), creating it on the first start, "
                        "and stops it on exit (Ctrl-C or SIGTERM). The first start against an empty database "
                        "prints an admin token once.")
-    s.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")
+    runtime.listen_arguments(s)
     s.set_defaults(func=cmd_serve)
     m = sub.add_parser("migrate", help="apply pending migrations and exit",
                        description="Apply pending migrations to the service's database and exit. Without "

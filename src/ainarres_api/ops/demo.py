@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ainarres_api.agent.client import AsyncClient, Refused
+from ainarres_api.ops.runtime import listen_arguments
 
 if TYPE_CHECKING:
     from ainarres_api.server.settings import Settings
@@ -368,8 +369,7 @@ def add_parser(sub: Any) -> None:
                        "./.ainarres-demo unless AINARRES_DATA_DIR or --data-dir says otherwise), print the board's "
                        "URL and an overseer token, and run a small simulated swarm through the public API. The "
                        "board stays up afterwards until Ctrl-C (or --exit).")
-    d.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
-    d.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")
+    listen_arguments(d)
     d.add_argument("--data-dir", metavar="PATH",
                    help="where the embedded PostgreSQL lives (default: AINARRES_DATA_DIR, else ./.ainarres-demo)")
     d.add_argument("--speed", type=float, default=1.0,

@@ -97,3 +97,9 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
                                           args.ttl or settings.token_ttl_seconds, scope, args.sub)
     finally:
         await pool.close()
+
+
+def listen_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --host and --port options `serve` and `demo` share."""
+    parser.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default AINARRES_PORT, else 8080)")

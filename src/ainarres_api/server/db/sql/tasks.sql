@@ -582,10 +582,6 @@ SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task,
   LEFT JOIN capped c ON true
   LEFT JOIN e ON true;
 
--- name: transition_targets
-SELECT DISTINCT ts.key FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
- WHERE tr.from_stage = $1 AND tr.kind = $2 ORDER BY ts.key;
-
 -- name: transitions_from_stage
 SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $1 ORDER BY tr.position;
 
