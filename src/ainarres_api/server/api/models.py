@@ -167,3 +167,106 @@ class Health(BaseModel):
 
     status: Literal["ok"]
     version: str
+
+
+# -- governance (ADR 0015) ------------------------------------------------------------------------------
+
+
+class Policy(BaseModel):
+    """Governance thresholds of one scope. Null fields inherit: feature → workflow → system."""
+
+    scope: Literal["system", "workflow", "feature"]
+    key: str = Field(description="`*` for system; a workflow key; a role:/capability: feature")
+    strike_threshold: int | None = Field(description="rejects of a family's work in a role that ban it")
+    ban_base_seconds: int | None = Field(description="the first reflexive ban's length; each next one doubles")
+    ban_cap_seconds: int | None = Field(description="no reflexive ban lasts longer")
+    recommend_after_bans: int | None = Field(description="reflexive bans after which a permanent ban is recommended")
+    recommend_after_flags: int | None = Field(description="open auditor flags after which one is recommended")
+    updated_by: str | None
+    updated_at: datetime
+
+
+class Strike(BaseModel):
+    """Strikes of a family in a role (rejects of work it produced) and its reflexive bans so far."""
+
+    family: str
+    feature: str = Field(description="the role (role:<x>) the rejected work was produced in")
+    strikes: int = Field(description="since the last ban (or lift)")
+    threshold: int = Field(description="the threshold in force at the last strike")
+    bans: int = Field(description="reflexive bans so far")
+    last_strike_at: datetime
+    last_ban_at: datetime | None
+    banned: bool = Field(description="a denial of the feature is in force now")
+    banned_until: datetime | None = Field(description="when it ends; null with banned: until a human lifts it")
+    ban_kind: Literal["reflexive", "permanent"] | None = Field(description="null: an ordinary denial")
+
+
+class Ban(BaseModel):
+    """An active denial; `governance` says who made it: reflexive (the substrate, expiring), permanent (a
+    human on the trail), null (an ordinary denial)."""
+
+    family: str
+    feature: str
+    reason: str
+    expires_at: datetime | None = Field(description="null: until lifted")
+    created_by: str | None
+    created_at: datetime
+    governance: Literal["reflexive", "permanent"] | None
+
+
+class Recommendation(BaseModel):
+    """The substrate recommends a permanent ban; a human accepts (the ban) or dismisses it."""
+
+    id: int
+    family: str
+    feature: str | None = Field(description="null: about the family as a whole (from operational flags)")
+    reason: str
+    status: Literal["open", "accepted", "dismissed"]
+    created_at: datetime
+    decided_by: str | None
+    decided_at: datetime | None
+    decision_note: str | None
+
+
+class Flag(BaseModel):
+    """An auditor's flag. It never denies anything; it feeds recommendations and the board."""
+
+    id: int
+    kind: Literal["quality", "spinning", "overspending", "health", "integrity"]
+    family: str
+    feature: str | None
+    task_id: uuid.UUID | None
+    note: str
+    raised_by: str
+    raised_at: datetime
+    dismissed_by: str | None
+    dismissed_at: datetime | None
+    dismiss_note: str | None
+    recommendation: int | None = Field(default=None, description="the recommendation this flag made, if any")
+
+
+class TrailEntry(BaseModel):
+    """One governance act, by a human (its sub) or by the substrate (`substrate`). Append-only."""
+
+    id: int
+    at: datetime
+    actor: str
+    actor_family: str | None
+    action: Literal["reflexive_ban", "recommend", "permanent_ban", "lift", "unblock", "flag", "dismiss_flag",
+                    "accept_recommendation", "dismiss_recommendation", "policy"]
+    family: str | None
+    feature: str | None
+    task_id: uuid.UUID | None
+    reason: str
+    data: dict[str, Any]
+
+
+class GovernanceStatus(BaseModel):
+    """What the governance panel and the Needs-you inbox show."""
+
+    policies: list[Policy]
+    strikes: list[Strike]
+    bans: list[Ban] = Field(description="every active denial")
+    recommendations: list[Recommendation] = Field(description="open ones, newest first")
+    flags: list[Flag] = Field(description="open ones, newest first")
+    trail: list[TrailEntry] = Field(description="the newest entries, newest first (GET /v1/governance/trail pages)")

@@ -454,6 +454,11 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
     """Make a blocked task claimable again; attempts and this stage's rework count start over."""
     async with conn.transaction():
         row = await _lock(conn, p, task_id, None)
+        if row["state"] == "blocked" and row["blocked_by"] == "substrate" and not p.has("seat:overseer"):
+            # The substrate parked it (max attempts, the rework cap): a human decides whether it goes on.
+            raise NotEligible(f"the substrate blocked this task ({row['blocked_reason']}); a human must lift it: only "
+                              "seat:overseer may unblock it (the board's Needs you inbox, or POST "
+                              "/v1/governance/unblock)", task=row["task"])
         if not p.has("seat:overseer"):
             lane_feature = f"lane:{row['lane_key']}"
             bundles = [set(r["required_features"]) | set(row["required_features"]) | {lane_feature}

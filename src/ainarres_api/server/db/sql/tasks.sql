@@ -14,7 +14,7 @@ WITH locked AS (
       JOIN stages s ON s.id = (k.lk).stage_id
 ), u AS (
     UPDATE tasks t
-       SET state = 'blocked', blocked_reason = $5, holder = NULL, lease_id = NULL, lease_expires_at = NULL,
+       SET state = 'blocked', blocked_reason = $5, blocked_by = 'agent', holder = NULL, lease_id = NULL, lease_expires_at = NULL,
            held_since = NULL, updated_at = now()
       FROM x
      WHERE t.id = x.id AND x.v = 'ok'
@@ -387,7 +387,7 @@ UPDATE tasks t
        state = CASE WHEN EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
                     THEN 'waiting' ELSE 'ready' END,
        route_id = $2, required_features = $3::text[], attempts = $4,
-       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL,
+       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL, blocked_by = NULL,
        updated_at = now()
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
@@ -423,7 +423,7 @@ SELECT task_json(i.tasks) AS task, event_json(e.events) AS event FROM i, e;
 WITH locked AS (
     SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
 )
-SELECT (k.lk).id, (k.lk).state, (k.lk).attempts, (k.lk).rework_by_stage, (k.lk).required_features, (k.lk).lane_id,
+SELECT (k.lk).id, (k.lk).state, (k.lk).blocked_by, (k.lk).blocked_reason, (k.lk).attempts, (k.lk).rework_by_stage, (k.lk).required_features, (k.lk).lane_id,
        (k.lk).stage_id, l.key AS lane_key, s.key AS stage_key, task_json(k.lk) AS task,
        may_see($4::text[], $5, l.key) AS visible, lease_state(k.lk, $2, $3) AS lease,
        recovery_due((k.lk).required_features, (k.lk).attempts + 1, s.max_attempts, s.escalate_after) AS due,
@@ -434,7 +434,7 @@ SELECT (k.lk).id, (k.lk).state, (k.lk).attempts, (k.lk).rework_by_stage, (k.lk).
 
 -- name: task_set_blocked
 UPDATE tasks t
-   SET state = 'blocked', blocked_reason = $2, attempts = $3, holder = NULL, lease_id = NULL,
+   SET state = 'blocked', blocked_reason = $2, blocked_by = 'substrate', attempts = $3, holder = NULL, lease_id = NULL,
        lease_expires_at = NULL, held_since = NULL, updated_at = now()
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
@@ -446,7 +446,7 @@ UPDATE tasks t
    SET state = CASE WHEN EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
                     THEN 'waiting' ELSE 'ready' END,
        route_id = $2, required_features = $3::text[], attempts = $5, rework_by_stage = $6::jsonb,
-       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL,
+       holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, blocked_reason = NULL, blocked_by = NULL,
        available_at = CASE WHEN $4 THEN now() ELSE t.available_at END, updated_at = now()
  WHERE t.id = $1
 RETURNING task_json(t) AS task;
@@ -466,6 +466,9 @@ RETURNING task_json(t) AS task;
 --   guard_failed        the chosen transition's guard is false for the task
 --   no_route            the target route does not exist yet: the service creates it and runs this again
 --   dependents          it would finish a task others wait on, and $11 is false
+-- With 'ok' and 'rework_cap' it also keeps the governance books in the same statement (ADR 0015): the track
+-- record's counters (credit), and for a reject a strike for the producer of the rejected work, which at
+-- the policy's threshold writes an expiring denial of its role, a trail entry and maybe a recommendation.
 --   replay              the caller's own hold under $2 already ended with this very call (same kind, target,
 --                       text and artifacts): `event` is that call's event, nothing changed (a retry whose
 --                       first answer was lost is told the truth)
@@ -477,6 +480,7 @@ WITH locked AS (
     SELECT k.lk, (k.lk).id AS id, (k.lk).stage_id AS stage_id, (k.lk).lane_id AS lane_id,
            coalesce((k.lk).base_required_features, (k.lk).required_features) AS base_required,
            l.key AS lane_key, s.key AS stage_key, coalesce(s.max_rework, w.max_rework) AS max_rework,
+           w.key AS workflow_key,
            coalesce(((k.lk).rework_by_stage ->> s.key)::int, 0) AS rework_here,
            may_see($9::text[], $10, l.key) AS visible, lease_state(k.lk, $7, $2) AS lease
       FROM locked k
@@ -522,9 +526,13 @@ WITH locked AS (
       FROM (SELECT 1) one
       LEFT JOIN x ON true
       LEFT JOIN chosen ch ON true
+), mover_role AS (
+    -- The role this move exercises: the role:* feature the chosen transition requires ('' for none).
+    SELECT coalesce((SELECT min(f) FROM chosen ch, unnest(ch.required_features) f WHERE f LIKE 'role:%'), '') AS role
 ), data AS (
     SELECT jsonb_build_object('kind', $3::text, 'from', x.stage_key, 'to', $4::text, 'artifacts', $6::jsonb,
                               'lease', $2::uuid)
+           || coalesce((SELECT jsonb_build_object('role', ro.role) FROM mover_role ro WHERE ro.role <> ''), '{}')
            || CASE WHEN $3 = 'reject' THEN jsonb_build_object('reason', $5::text)
                    ELSE jsonb_build_object('note', $5::text) END AS d
       FROM x
@@ -545,13 +553,115 @@ WITH locked AS (
 ), capped AS (
     -- A reject past the rework cap blocks the task for a human instead of sending it back.
     UPDATE tasks t
-       SET state = 'blocked',
+       SET state = 'blocked', blocked_by = 'substrate',
            blocked_reason = format('rework cap reached: %s reject(s) out of %s already (cap %s); a human must decide',
                                    x.rework_here, x.stage_key, x.max_rework),
            holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, updated_at = now()
       FROM x, verdict v
      WHERE t.id = x.id AND v.v = 'rework_cap'
  RETURNING t
+), producer AS (
+    -- Governance (ADR 0015), in the transaction of the move. The producer of the work under this verdict:
+    -- the family, and the role it exercised, whose advance last brought the task into its stage. A task
+    -- still in the stage it was created in has none: nobody is credited or struck.
+    SELECT ev.family,
+           coalesce(ev.data ->> 'role',
+                    (SELECT min(f) FROM transitions tr
+                       JOIN stages fs ON fs.id = tr.from_stage AND fs.key = ev.data ->> 'from'
+                      CROSS JOIN unnest(tr.required_features) f
+                      WHERE tr.to_stage = x.stage_id AND tr.kind = 'advance' AND f LIKE 'role:%'), '') AS role
+      FROM x, verdict v, events ev
+     WHERE v.v IN ('ok', 'rework_cap') AND ev.task_id = x.id AND ev.type = 'transition'
+       AND ev.data ->> 'kind' = 'advance' AND ev.data ->> 'to' = x.stage_key AND ev.family IS NOT NULL
+     ORDER BY ev.id DESC
+     LIMIT 1
+), credit AS (
+    -- The track record's counters (track_counts), in the shard of this backend: the mover's delivery or
+    -- reject, the producer's reviewed / rejected.
+    INSERT INTO track_counts AS tc (family_key, role, shard, deliveries, rejects_made, rejected, reviewed,
+                                    reviewed_cross, stage_hist)
+    SELECT c.family_key, c.role, pg_backend_pid() % 16, sum(c.deliveries), sum(c.rejects_made), sum(c.rejected),
+           sum(c.reviewed), sum(c.reviewed_cross),
+           coalesce(jsonb_object_agg(c.bucket::text, 1) FILTER (WHERE c.bucket IS NOT NULL), '{}')
+      FROM (SELECT $8::text AS family_key, ro.role, (v.v = 'ok' AND $3 = 'advance')::int AS deliveries,
+                   ($3 = 'reject')::int AS rejects_made, 0 AS rejected, 0 AS reviewed, 0 AS reviewed_cross,
+                   CASE WHEN v.v = 'ok' AND $3 = 'advance'
+                        THEN stage_bucket(extract(epoch FROM now() - (x.lk).stage_entered_at)::float8) END AS bucket
+              FROM x, verdict v, mover_role ro
+             WHERE v.v IN ('ok', 'rework_cap')
+            UNION ALL
+            SELECT pr.family, pr.role, 0, 0, ($3 = 'reject')::int, 1, (pr.family IS DISTINCT FROM $8)::int, NULL
+              FROM producer pr) c
+     WHERE c.family_key IS NOT NULL AND EXISTS (SELECT 1 FROM families f WHERE f.key = c.family_key)
+     GROUP BY c.family_key, c.role
+    ON CONFLICT ON CONSTRAINT track_counts_pkey DO UPDATE
+       SET deliveries = tc.deliveries + excluded.deliveries, rejects_made = tc.rejects_made + excluded.rejects_made,
+           rejected = tc.rejected + excluded.rejected, reviewed = tc.reviewed + excluded.reviewed,
+           reviewed_cross = tc.reviewed_cross + excluded.reviewed_cross,
+           stage_hist = tc.stage_hist || (SELECT coalesce(jsonb_object_agg(j.k, coalesce((tc.stage_hist ->> j.k)::int, 0)
+                                                                              + j.n::int), '{}')
+                                            FROM jsonb_each_text(excluded.stage_hist) AS j(k, n))
+), strike AS (
+    -- A reject is a strike for (producer family, producer role), under the policy of that role and workflow.
+    SELECT pr.family, pr.role AS feature, pol.*
+      FROM producer pr, x, LATERAL governance_policy(pr.role, x.workflow_key) pol
+     WHERE $3 = 'reject' AND pr.role <> ''
+       AND EXISTS (SELECT 1 FROM features f WHERE f.name = pr.role)
+       AND EXISTS (SELECT 1 FROM families f WHERE f.key = pr.family)
+), struck AS (
+    -- At the threshold: one more ban, the strikes start over. The row lock orders concurrent strikes.
+    INSERT INTO governance_strikes AS g (family_key, feature, strikes, threshold, bans, last_strike_at, last_ban_at)
+    SELECT s.family, s.feature, CASE WHEN s.strike_threshold <= 1 THEN 0 ELSE 1 END, s.strike_threshold,
+           CASE WHEN s.strike_threshold <= 1 THEN 1 ELSE 0 END, now(),
+           CASE WHEN s.strike_threshold <= 1 THEN now() END
+      FROM strike s
+    ON CONFLICT ON CONSTRAINT governance_strikes_pkey DO UPDATE
+       SET strikes = CASE WHEN g.strikes + 1 >= excluded.threshold THEN 0 ELSE g.strikes + 1 END,
+           bans = g.bans + CASE WHEN g.strikes + 1 >= excluded.threshold THEN 1 ELSE 0 END,
+           last_ban_at = CASE WHEN g.strikes + 1 >= excluded.threshold THEN now() ELSE g.last_ban_at END,
+           threshold = excluded.threshold, last_strike_at = now()
+ RETURNING g.family_key, g.feature, g.bans, coalesce(g.last_ban_at = now(), false) AS banned
+), ban AS (
+    SELECT st.family_key, st.feature, st.bans, s.strike_threshold, s.recommend_after_bans,
+           least(s.ban_base_seconds * power(2, st.bans - 1), s.ban_cap_seconds)::int AS seconds
+      FROM struck st JOIN strike s ON s.family = st.family_key AND s.feature = st.feature
+     WHERE st.banned
+), denied AS (
+    -- The expiring denial. Governance only removes: it never shortens a longer denial and never touches a
+    -- permanent one (expires_at NULL).
+    INSERT INTO denials AS d (family_key, feature, reason, expires_at, created_by, governance)
+    SELECT b.family_key, b.feature,
+           format('reflexive ban #%s: %s rejected deliveries in %s (threshold %s); lifted automatically after %s s',
+                  b.bans, b.strike_threshold, b.feature, b.strike_threshold, b.seconds),
+           now() + make_interval(secs => b.seconds), 'governance', 'reflexive'
+      FROM ban b
+    ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
+       SET reason = excluded.reason, expires_at = excluded.expires_at, created_by = excluded.created_by,
+           created_at = now(), governance = 'reflexive'
+     WHERE d.expires_at IS NOT NULL AND d.expires_at < excluded.expires_at
+ RETURNING d.family_key, d.feature, d.expires_at
+), ban_trail AS (
+    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason, data)
+    SELECT 'substrate', 'reflexive_ban', b.family_key, b.feature, x.id,
+           format('%s strikes on work produced in %s (rejected by %s)', b.strike_threshold, b.feature, $8::text),
+           jsonb_build_object('bans', b.bans, 'seconds', b.seconds, 'applied', dn.family_key IS NOT NULL,
+                              'expires_at', dn.expires_at)
+      FROM ban b CROSS JOIN x LEFT JOIN denied dn ON true
+), recommended AS (
+    -- After enough reflexive bans the substrate recommends a permanent one; only a human decides.
+    INSERT INTO governance_recommendations AS r (family_key, feature, reason)
+    SELECT b.family_key, b.feature,
+           format('%s reflexive bans of %s from %s (recommend after %s); a human must decide',
+                  b.bans, b.family_key, b.feature, b.recommend_after_bans)
+      FROM ban b
+     WHERE b.bans >= b.recommend_after_bans
+       AND NOT EXISTS (SELECT 1 FROM denials p
+                        WHERE p.family_key = b.family_key AND p.feature = b.feature AND p.expires_at IS NULL)
+    ON CONFLICT (family_key, (coalesce(feature, ''))) WHERE status = 'open' DO NOTHING
+ RETURNING r.family_key, r.feature, r.reason
+), recommend_trail AS (
+    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason)
+    SELECT 'substrate', 'recommend', rc.family_key, rc.feature, x.id, rc.reason FROM recommended rc, x
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
     SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data

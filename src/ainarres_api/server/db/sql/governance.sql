@@ -1,0 +1,198 @@
+-- Governance (ADR 0015): policies, strikes, bans, flags, recommendations and the trail. The strikes and
+-- reflexive bans themselves are written by the transition statement (tasks.sql) in the move's
+-- transaction; these are the reads and the human acts. Names in alphabetical order.
+
+-- name: bans_active
+-- Every active denial (governance-made or not), with when it ends (NULL: until lifted).
+SELECT d.family_key AS family, d.feature, d.reason, d.expires_at, d.created_by, d.created_at, d.governance
+  FROM denials d
+ WHERE d.expires_at IS NULL OR d.expires_at > now()
+ ORDER BY d.family_key, d.feature;
+
+-- name: family_known
+SELECT EXISTS (SELECT 1 FROM families WHERE key = $1);
+
+-- name: feature_known
+SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
+
+-- name: flag_dismiss
+-- Dismiss an open flag: $1 id, $2 sub, $3 note. No row: no such flag, or not open (flag_get tells).
+UPDATE governance_flags SET dismissed_by = $2, dismissed_at = now(), dismiss_note = $3
+ WHERE id = $1 AND dismissed_at IS NULL
+RETURNING id, kind, family_key AS family, feature, task_id, note, raised_by, raised_at, dismissed_by, dismissed_at,
+          dismiss_note;
+
+-- name: flag_get
+SELECT id, dismissed_at FROM governance_flags WHERE id = $1;
+
+-- name: flag_insert
+-- A flag, and a recommendation when the open flags on (family, feature) reach the policy's count.
+-- $1 kind, $2 family, $3 feature, $4 task, $5 note, $6 sub. Flags never deny anything.
+WITH f AS (
+    INSERT INTO governance_flags (kind, family_key, feature, task_id, note, raised_by)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    RETURNING *
+), n AS (
+    -- Open flags before this one, plus this one (the statement's snapshot does not see its own insert).
+    SELECT count(*) + 1 AS open FROM governance_flags g
+     WHERE g.family_key = $2 AND g.feature IS NOT DISTINCT FROM $3 AND g.dismissed_at IS NULL
+), rec AS (
+    INSERT INTO governance_recommendations AS r (family_key, feature, reason)
+    SELECT $2, $3, format('%s open auditor flag(s) on %s%s (recommend after %s); a human must decide',
+                          n.open, $2::text, coalesce(' / ' || $3::text, ''), pol.recommend_after_flags)
+      FROM n, governance_policy($3, NULL) pol
+     WHERE n.open >= pol.recommend_after_flags
+       AND NOT EXISTS (SELECT 1 FROM denials p WHERE p.family_key = $2 AND p.feature = $3 AND p.expires_at IS NULL)
+    ON CONFLICT (family_key, (coalesce(feature, ''))) WHERE status = 'open' DO NOTHING
+    RETURNING r.id, r.reason
+), t AS (
+    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason, data)
+    SELECT $6, 'flag', $2, $3, $4, $5, jsonb_build_object('kind', $1::text, 'flag', f.id) FROM f
+    UNION ALL
+    SELECT 'substrate', 'recommend', $2, $3, $4, rec.reason, jsonb_build_object('recommendation', rec.id) FROM rec
+)
+SELECT f.id, f.kind, f.family_key AS family, f.feature, f.task_id, f.note, f.raised_by, f.raised_at,
+       f.dismissed_by, f.dismissed_at, f.dismiss_note, (SELECT id FROM rec) AS recommendation
+  FROM f;
+
+-- name: flags_open
+SELECT id, kind, family_key AS family, feature, task_id, note, raised_by, raised_at, dismissed_by, dismissed_at,
+       dismiss_note
+  FROM governance_flags
+ WHERE dismissed_at IS NULL
+ ORDER BY id DESC
+ LIMIT 500;
+
+-- name: lift
+-- Lift a family's denial of a feature (temporary or permanent) and start its strikes over, with a trail
+-- entry. $1 family, $2 feature, $3 sub, $4 actor family, $5 reason. No row: nothing was denied.
+WITH d AS (
+    DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND (expires_at IS NULL OR expires_at > now())
+    RETURNING family_key, feature, expires_at, governance
+), s AS (
+    UPDATE governance_strikes SET strikes = 0 WHERE family_key = $1 AND feature = $2 AND EXISTS (SELECT 1 FROM d)
+), t AS (
+    INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
+    SELECT $3, $4, 'lift', $1, $2, $5, jsonb_build_object('was', coalesce(d.governance, 'denial'),
+                                                          'expires_at', d.expires_at)
+      FROM d
+    RETURNING id, at, actor, actor_family, action, family_key AS family, feature, task_id, reason, data
+)
+SELECT t.* FROM t;
+
+-- name: permanent_ban
+-- A human's permanent ban: replaces any denial of the feature (an expiring one included), closes an open
+-- recommendation for it as accepted, and writes the trail. $1 family, $2 feature, $3 reason, $4 sub,
+-- $5 actor family, $6 recommendation id or NULL. No row: it is permanently banned already.
+WITH d AS (
+    INSERT INTO denials AS x (family_key, feature, reason, expires_at, created_by, governance)
+    VALUES ($1, $2, $3, NULL, $4, 'permanent')
+    ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
+       SET reason = excluded.reason, expires_at = NULL, created_by = excluded.created_by, created_at = now(),
+           governance = 'permanent'
+     WHERE x.expires_at IS NOT NULL
+    RETURNING x.family_key, x.feature
+), r AS (
+    UPDATE governance_recommendations
+       SET status = 'accepted', decided_by = $4, decided_at = now(), decision_note = $3
+     WHERE family_key = $1 AND status = 'open' AND (id = $6 OR feature = $2) AND EXISTS (SELECT 1 FROM d)
+    RETURNING id
+), t AS (
+    INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
+    SELECT $4, $5, CASE WHEN $6::bigint IS NULL THEN 'permanent_ban' ELSE 'accept_recommendation' END, $1, $2, $3,
+           jsonb_build_object('recommendations', coalesce((SELECT jsonb_agg(id) FROM r), '[]'))
+      FROM d
+    RETURNING id, at, actor, actor_family, action, family_key AS family, feature, task_id, reason, data
+)
+SELECT t.* FROM t;
+
+-- name: policies
+SELECT scope, key, strike_threshold, ban_base_seconds, ban_cap_seconds, recommend_after_bans,
+       recommend_after_flags, updated_by, updated_at
+  FROM governance_policies
+ ORDER BY scope = 'system' DESC, scope, key;
+
+-- name: policy_set
+-- Set a policy row (NULL fields inherit: feature → workflow → system), with a trail entry.
+-- $1 scope, $2 key, $3..$7 the thresholds, $8 sub, $9 actor family.
+WITH p AS (
+    INSERT INTO governance_policies AS g (scope, key, strike_threshold, ban_base_seconds, ban_cap_seconds,
+                                          recommend_after_bans, recommend_after_flags, updated_by)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT ON CONSTRAINT governance_policies_pkey DO UPDATE
+       SET strike_threshold = excluded.strike_threshold, ban_base_seconds = excluded.ban_base_seconds,
+           ban_cap_seconds = excluded.ban_cap_seconds, recommend_after_bans = excluded.recommend_after_bans,
+           recommend_after_flags = excluded.recommend_after_flags, updated_by = excluded.updated_by,
+           updated_at = now()
+    RETURNING g.*
+), t AS (
+    INSERT INTO governance_trail (actor, actor_family, action, reason, data)
+    SELECT $8, $9, 'policy', format('policy %s/%s set', p.scope, p.key),
+           jsonb_build_object('scope', p.scope, 'key', p.key, 'strike_threshold', p.strike_threshold,
+                              'ban_base_seconds', p.ban_base_seconds, 'ban_cap_seconds', p.ban_cap_seconds,
+                              'recommend_after_bans', p.recommend_after_bans,
+                              'recommend_after_flags', p.recommend_after_flags)
+      FROM p
+)
+SELECT scope, key, strike_threshold, ban_base_seconds, ban_cap_seconds, recommend_after_bans,
+       recommend_after_flags, updated_by, updated_at
+  FROM p;
+
+-- name: recommendation_decide
+-- Dismiss an open recommendation ($2 'dismissed') with a trail entry. $1 id, $3 sub, $4 actor family,
+-- $5 note. No row: no such open recommendation (recommendation_get tells which).
+WITH r AS (
+    UPDATE governance_recommendations
+       SET status = $2, decided_by = $3, decided_at = now(), decision_note = $5
+     WHERE id = $1 AND status = 'open'
+    RETURNING *
+), t AS (
+    INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
+    SELECT $3, $4, 'dismiss_recommendation', r.family_key, r.feature, $5, jsonb_build_object('recommendation', r.id)
+      FROM r
+)
+SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note FROM r;
+
+-- name: recommendation_get
+SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
+  FROM governance_recommendations WHERE id = $1;
+
+-- name: recommendations_open
+SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
+  FROM governance_recommendations
+ WHERE status = 'open'
+ ORDER BY id DESC
+ LIMIT 500;
+
+-- name: strikes
+-- Strikes and bans per (family, role), with the denial in force now if any.
+SELECT g.family_key AS family, g.feature, g.strikes, g.threshold, g.bans, g.last_strike_at, g.last_ban_at,
+       d.expires_at AS banned_until, d.governance AS ban_kind, d.family_key IS NOT NULL AS banned
+  FROM governance_strikes g
+  LEFT JOIN denials d ON d.family_key = g.family_key AND d.feature = g.feature
+                     AND (d.expires_at IS NULL OR d.expires_at > now())
+ ORDER BY g.family_key, g.feature;
+
+-- name: trail_flag_dismissed
+INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, task_id, reason, data)
+SELECT $2, $3, 'dismiss_flag', f.family_key, f.feature, f.task_id, $4, jsonb_build_object('flag', f.id)
+  FROM governance_flags f WHERE f.id = $1;
+
+-- name: trail_latest
+-- The newest trail entries first; $1 an id to read below (NULL: from the newest), $2 how many.
+SELECT id, at, actor, actor_family, action, family_key AS family, feature, task_id, reason, data
+  FROM governance_trail
+ WHERE $1::bigint IS NULL OR id < $1
+ ORDER BY id DESC
+ LIMIT $2;
+
+-- name: trail_unblock
+INSERT INTO governance_trail (actor, actor_family, action, task_id, reason, data)
+VALUES ($1, $2, 'unblock', $3, $4, jsonb_build_object('blocked_by', $5::text, 'blocked_reason', $6::text));
+
+-- name: task_block_of
+-- Whether a task exists, and who blocked it (tasks.blocked_by) and why, for the overseer's unblock.
+SELECT state, blocked_by, blocked_reason FROM tasks WHERE id = $1;
+
+-- name: task_known
+SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1);

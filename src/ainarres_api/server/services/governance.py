@@ -1,0 +1,175 @@
+"""Governance (ADR 0015): the human boundary and the auditor's flags.
+
+The substrate's own acts (strikes, reflexive bans, recommendations after bans) are written by the
+transition statement in the move's transaction (tasks.sql); this module holds what people do: set the
+thresholds (seat:admin), ban permanently, lift, unblock what the substrate blocked, decide on
+recommendations (seat:overseer), raise flags (role:auditor), and the governance reads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+
+from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
+from ainarres_api.server.services import tasks
+from ainarres_api.server.services.auth import Principal
+
+TRAIL_LATEST = 100
+POLICY_FIELDS = ("strike_threshold", "ban_base_seconds", "ban_cap_seconds", "recommend_after_bans",
+                 "recommend_after_flags")
+OPERATIONAL_KINDS = ("spinning", "overspending", "health", "integrity")
+
+
+def _may_govern(p: Principal, family: str, feature: str) -> None:
+    """ADR 0008: overseers govern other families' work features; seats and their own family are for admins."""
+    if p.has("seat:admin"):
+        return
+    if feature.startswith("seat:"):
+        raise NotEligible("only seat:admin may ban or lift a seat:* feature")
+    if family == p.family:
+        raise NotEligible("an overseer may not ban or lift features of its own family; ask another overseer "
+                          "or an admin")
+
+
+async def _known(conn: asyncpg.Connection, family: str, feature: str | None) -> None:
+    if not await conn.fetchval(Q["family_known"], family):
+        raise NotFound(f"no family {family!r}; GET /v1/track-record lists them")
+    if feature is not None and not await conn.fetchval(Q["feature_known"], feature):
+        raise NotFound(f"no feature {feature!r} is registered; GET /v1/features lists them")
+
+
+async def status(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Everything the governance panel and the Needs-you inbox show: policies, strikes, active bans, open
+    recommendations and flags, and the newest trail entries."""
+    return {
+        "policies": [dict(r) for r in await conn.fetch(Q["policies"])],
+        "strikes": [dict(r) for r in await conn.fetch(Q["strikes"])],
+        "bans": [dict(r) for r in await conn.fetch(Q["bans_active"])],
+        "recommendations": [dict(r) for r in await conn.fetch(Q["recommendations_open"])],
+        "flags": [dict(r) for r in await conn.fetch(Q["flags_open"])],
+        "trail": [dict(r) for r in await conn.fetch(Q["trail_latest"], None, TRAIL_LATEST)],
+    }
+
+
+async def trail(conn: asyncpg.Connection, before: int | None, limit: int) -> dict[str, Any]:
+    """The trail, newest first; `next` is the id to pass back as `before`."""
+    rows = [dict(r) for r in await conn.fetch(Q["trail_latest"], before, limit + 1)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"items": rows, "next": str(rows[-1]["id"]) if more and rows else None}
+
+
+async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: str, values: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """Set the thresholds of one scope (system `*`, a workflow key, or a role:/capability: feature)."""
+    if scope == "system":
+        if key != "*":
+            raise Invalid("key: the system policy's key is '*'")
+        missing = [f for f in POLICY_FIELDS if values.get(f) is None]
+        if missing:
+            raise Invalid("the system policy is the last resort and needs every threshold: missing "
+                          f"{', '.join(missing)}")
+    elif scope == "feature":
+        if not (key.startswith("role:") or key.startswith("capability:")):
+            raise Invalid("key: a feature policy is for a role:<x> or capability:<x> feature")
+        if not await conn.fetchval(Q["feature_known"], key):
+            raise NotFound(f"no feature {key!r} is registered; GET /v1/features lists them")
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["policy_set"], scope, key, *(values.get(f) for f in POLICY_FIELDS), p.sub, p.family)
+    return dict(row)
+
+
+async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str,
+              recommendation: int | None = None) -> dict[str, Any]:
+    """A human's permanent ban of a feature for a family (until lifted), on the trail."""
+    _may_govern(p, family, feature)
+    await _known(conn, family, feature)
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
+    if row is None:
+        raise Conflict(f"family {family} is permanently banned from {feature} already; lift it first to change it")
+    return dict(row)
+
+
+async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str) -> dict[str, Any]:
+    """Lift a ban (temporary or permanent) and start the family's strikes in that role over, on the trail."""
+    _may_govern(p, family, feature)
+    await _known(conn, family, feature)
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["lift"], family, feature, p.sub, p.family, reason)
+    if row is None:
+        raise NotFound(f"family {family} has no active ban or denial of {feature}; GET /v1/governance lists them")
+    return dict(row)
+
+
+async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str) -> dict[str, Any]:
+    """An overseer's unblock (what the substrate blocked included), with its note on the trail."""
+    block = await conn.fetchrow(Q["task_block_of"], task_id)
+    if block is None:
+        raise NotFound("no such task; check the id")
+    async with conn.transaction():
+        out = await tasks.unblock(conn, p, task_id, note)
+        await conn.execute(Q["trail_unblock"], p.sub, p.family, task_id, note, block["blocked_by"],
+                           block["blocked_reason"])
+    return out
+
+
+async def raise_flag(conn: asyncpg.Connection, p: Principal, kind: str, family: str, feature: str | None,
+                     task_id: uuid.UUID | None, note: str) -> dict[str, Any]:
+    """An auditor's flag: quality (anchored to a task, and a family or its capability) or operational (a
+    family). It never denies anything; enough open flags make a recommendation."""
+    if kind == "quality" and task_id is None:
+        raise Invalid("task_id: a quality flag is anchored to the task whose work it judges")
+    if kind in OPERATIONAL_KINDS and feature is not None:
+        raise Invalid(f"feature: a {kind} flag is about the family as a whole; leave feature out")
+    await _known(conn, family, feature)
+    if task_id is not None and not await conn.fetchval(Q["task_known"], task_id):
+        raise NotFound("task_id: no such task")
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["flag_insert"], kind, family, feature, task_id, note, p.sub)
+    return dict(row)
+
+
+async def dismiss_flag(conn: asyncpg.Connection, p: Principal, flag_id: int, note: str) -> dict[str, Any]:
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["flag_dismiss"], flag_id, p.sub, note)
+        if row is None:
+            if await conn.fetchrow(Q["flag_get"], flag_id) is None:
+                raise NotFound(f"no flag {flag_id}")
+            raise Conflict(f"flag {flag_id} was dismissed already")
+        await conn.execute(Q["trail_flag_dismissed"], flag_id, p.sub, p.family, note)
+    return dict(row) | {"recommendation": None}
+
+
+async def _open_recommendation(conn: asyncpg.Connection, rec_id: int) -> asyncpg.Record:
+    rec = await conn.fetchrow(Q["recommendation_get"], rec_id)
+    if rec is None:
+        raise NotFound(f"no recommendation {rec_id}")
+    if rec["status"] != "open":
+        raise Conflict(f"recommendation {rec_id} was {rec['status']} already")
+    return rec
+
+
+async def accept(conn: asyncpg.Connection, p: Principal, rec_id: int, reason: str, feature: str | None
+                 ) -> dict[str, Any]:
+    """Accept a recommendation: the permanent ban it recommends (a family-wide one names the feature)."""
+    rec = await _open_recommendation(conn, rec_id)
+    feature = rec["feature"] or feature
+    if feature is None:
+        raise Invalid("feature: this recommendation is about the family as a whole; name the feature to ban")
+    await ban(conn, p, rec["family"], feature, reason, rec_id)
+    return dict(await conn.fetchrow(Q["recommendation_get"], rec_id))
+
+
+async def dismiss(conn: asyncpg.Connection, p: Principal, rec_id: int, reason: str) -> dict[str, Any]:
+    """Dismiss a recommendation: nothing is banned; it stays on the trail."""
+    await _open_recommendation(conn, rec_id)
+    async with conn.transaction():
+        row = await conn.fetchrow(Q["recommendation_decide"], rec_id, "dismissed", p.sub, p.family, reason)
+    if row is None:
+        raise Conflict(f"recommendation {rec_id} was decided meanwhile")
+    return dict(row)
