@@ -222,9 +222,12 @@ async def test_rework_cap_blocks_for_a_human_and_unblock_resets_it(admin, db):
     assert capped["event"]["type"] == "blocked"
     assert (await (await w.agent("reviewers")).claim())["code"] == "empty"
 
-    # A reviewer (who may work the review stage) unblocks it; the cap counts afresh.
+    # The substrate made this block (ADR 0015): a reviewer (who may work the review stage) may not lift it,
+    # a human (seat:overseer) does; the cap counts afresh.
     rev = await w.agent("reviewers")
-    u = await rev.verb(task["id"], "unblock", note="one more round is fine")
+    refused = await rev.verb(task["id"], "unblock", 403, note="one more round is fine")
+    assert refused["code"] == "not_eligible" and "a human must lift it" in refused["detail"]
+    u = await admin.verb(task["id"], "unblock", note="one more round is fine")
     assert u["task"]["state"] == "ready" and u["task"]["stage"] == "review"
     c = await rev.claim()
     assert c["task"]["id"] == task["id"]

@@ -119,6 +119,9 @@ class StuckHold(BaseModel):
     blocked_reason: str | None = Field(description="why it is blocked (kind blocked)")
     blocked_since: datetime | None = Field(description="when it was blocked (kind blocked)")
     blocked_by_family: str | None = Field(description="the family whose call blocked it (kind blocked)")
+    blocked_by: Literal["agent", "substrate"] | None = Field(
+        description="kind blocked: who parked it — an agent's block, or the substrate (max attempts, rework cap)")
+    human_must_lift: bool = Field(description="the substrate blocked it: only seat:overseer may unblock it")
     since: datetime = Field(description="held_since, or blocked_since: the list's order")
 
 
@@ -144,6 +147,8 @@ class DemandRow(BaseModel):
                                                     "include the bundle")
     note: str | None = Field(description='"no capable agent" when no enabled family can take it')
     closest: Closest | None
+    banned_families: list[str] = Field(description="when nobody can take it: enabled families provisioned for the "
+                                                   "bundle that a ban (an active denial) keeps from it")
 
 
 class AgentHold(BaseModel):
@@ -171,13 +176,32 @@ class AgentRow(BaseModel):
 
 
 class ActiveDenial(BaseModel):
-    """An active denial."""
+    """An active denial; `governance`: made by the substrate (reflexive, expiring) or a human's permanent ban."""
 
     feature: str
     reason: str
     expires_at: datetime | None
     created_by: str | None
     created_at: datetime
+    governance: Literal["reflexive", "permanent"] | None = None
+
+
+class RoleRecord(BaseModel):
+    """A family's track record in one role (the role:* feature its moves exercised; null: moves needing none)."""
+
+    role: str | None
+    deliveries: int = Field(description="advances it performed in this role")
+    rejected: int = Field(description="rejects (or rework-cap blocks) of work it produced in this role")
+    rejects_made: int = Field(description="rejects it performed in this role")
+    reject_rate: float | None = Field(description="rejected / deliveries")
+    reviewed: int = Field(description="verdicts (advance or reject) on work it produced in this role")
+    reviewed_cross: int = Field(description="of those, made by another family")
+    cross_family_review_share: float | None = Field(description="reviewed_cross / reviewed")
+    median_stage_seconds: float | None = Field(description="median time its deliveries' tasks spent in the "
+                                                           "stage before it advanced them (to within ±9 %)")
+    strikes: int = Field(description="strikes since its last ban in this role (governance)")
+    bans: int = Field(description="reflexive bans so far in this role")
+    spend: float | None = Field(description="filled by usage (migration 0014); null: unknown, never zero")
 
 
 class FamilyRecord(BaseModel):
@@ -196,6 +220,8 @@ class FamilyRecord(BaseModel):
                                       "family whose advance brought the task into S")
     rejects_made: int = Field(description="reject transitions it performed")
     reject_rate: float | None = Field(description="rejected / delivered")
+    roles: list[RoleRecord] = Field(description="the same per role, with review share, stage time and strikes")
+    spend: float | None = Field(description="filled by usage (migration 0014); null: unknown, never zero")
 
 
 def _states(state: list[str] | None) -> tuple[str, ...] | None:
@@ -259,10 +285,12 @@ async def agents(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, 
 
 
 @router.get("/track-record", response_model=Page[FamilyRecord],
-            summary="families: provisioned features, active denials, tasks delivered / rejected",
+            summary="families: provisioned features, active denials, tasks delivered / rejected, per role",
             description="By key. delivered = advances the family performed; rejected = rejects (or "
                         "rework-cap blocks) of work it delivered, charged to the family whose advance "
-                        "brought the task into the rejecting stage; rejects_made = rejects it performed. "
+                        "brought the task into the rejecting stage; rejects_made = rejects it performed. `roles` has "
+                        "the same per role with the cross-family review share, the median stage time and the "
+                        "strikes; `spend` is null until usage is recorded. Read from rollups, never events. "
                         "Filters: family, lane / project (provisioned that lane / a lane of that project).")
 async def track_record(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
                        cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:

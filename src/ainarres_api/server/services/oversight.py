@@ -140,6 +140,12 @@ def _capable(bundle: set[str], families: list[asyncpg.Record]) -> list[str]:
     return [r["key"] for r in families if not r["disabled"] and bundle <= set(r["features"])]
 
 
+def _banned(bundle: set[str], families: list[asyncpg.Record]) -> list[str]:
+    """Enabled families provisioned for the bundle that an active denial (a ban) keeps from it."""
+    return [r["key"] for r in families
+            if not r["disabled"] and bundle <= set(r["provisioned"]) and not bundle <= set(r["features"])]
+
+
 def _closest(bundle: set[str], families: list[asyncpg.Record]) -> dict[str, Any] | None:
     enabled = [r for r in families if not r["disabled"]]
     if not enabled:
@@ -172,6 +178,7 @@ async def demand(conn: asyncpg.Connection, f: Filters, capable: bool | None, cur
             "capable": bool(able), "capable_families": able,
             "note": None if able else NO_CAPABLE_AGENT,
             "closest": None if able else _closest(bundle, families),
+            "banned_families": [] if able else _banned(bundle, families),
             "_key": key,
         })
         if len(items) > limit:
@@ -199,9 +206,41 @@ async def track_record(conn: asyncpg.Connection, f: Filters, cursor: str | None,
     items = []
     for r in rows:
         it = dict(r)
-        it["reject_rate"] = round(it["rejected"] / it["delivered"], 4) if it["delivered"] else None
+        it["reject_rate"] = _rate(it["rejected"], it["delivered"])
+        it["roles"] = [_role_record(x) for x in it["roles"]]
+        it["spend"] = None  # filled by usage (migration 0014): unknown, never zero
         items.append(it)
     return _page(items, limit, "key")
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _role_record(x: dict[str, Any]) -> dict[str, Any]:
+    """One role's rollup as the track record shows it: the shards' stage-time histograms merged into a median."""
+    hist: dict[int, int] = {}
+    for h in x.pop("hists") or []:
+        for bucket, n in (h or {}).items():
+            hist[int(bucket)] = hist.get(int(bucket), 0) + int(n)
+    return {**x, "reject_rate": _rate(x["rejected"], x["deliveries"]),
+            "cross_family_review_share": _rate(x["reviewed_cross"], x["reviewed"]),
+            "median_stage_seconds": median_of_buckets(hist),
+            "spend": None}  # filled by usage (migration 0014): unknown, never zero
+
+
+def median_of_buckets(hist: dict[int, int]) -> float | None:
+    """The median of values counted in buckets floor(4·log2(1 + seconds)) (SQL stage_bucket), as the middle of
+    its bucket (within ±9 %); None when nothing was counted."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    seen = 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen * 2 >= total:
+            return round(2 ** ((bucket + 0.5) / 4) - 1, 1)
+    return None  # unreachable: the loop reaches the total
 
 
 def visible_lanes(p: Principal) -> list[str] | None:

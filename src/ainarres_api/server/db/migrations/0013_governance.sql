@@ -116,8 +116,8 @@ CREATE TABLE governance_flags (
     CONSTRAINT governance_flags_kind_valid CHECK (kind IN ('quality', 'spinning', 'overspending', 'health', 'integrity')),
     CONSTRAINT governance_flags_quality_has_task CHECK (kind <> 'quality' OR task_id IS NOT NULL),
     CONSTRAINT governance_flags_note_length CHECK (length(note) BETWEEN 1 AND 2000),
-    CONSTRAINT governance_flags_family_fkey FOREIGN KEY (family_key) REFERENCES families (key) ON DELETE CASCADE,
-    CONSTRAINT governance_flags_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id)
+    -- task_id has no foreign key (the service checks it): tasks stay truncatable only together with events.
+    CONSTRAINT governance_flags_family_fkey FOREIGN KEY (family_key) REFERENCES families (key) ON DELETE CASCADE
 );
 CREATE INDEX governance_flags_open ON governance_flags (family_key, feature) WHERE dismissed_at IS NULL;
 

@@ -102,6 +102,8 @@ SELECT coalesce(max(id), 0)::bigint FROM events;
 -- Every family's effective features as a claim would see them (provisioned minus active
 -- denials; a token scope only narrows further), and whether it is enabled.
 SELECT f.key, f.disabled,
+       coalesce(array(SELECT ff.feature FROM family_features ff WHERE ff.family_key = f.key ORDER BY ff.feature),
+                '{}') AS provisioned,
        coalesce(array(
            SELECT ff.feature FROM family_features ff
             WHERE ff.family_key = f.key
@@ -244,7 +246,7 @@ SELECT * FROM (
                      AND (t.progress_at IS NULL OR t.progress_at < t.held_since)
                 THEN 'treadmill' ELSE 'silent_hold' END AS kind,
            NULL::text AS blocked_reason, NULL::timestamptz AS blocked_since, NULL::text AS blocked_by_family,
-           t.held_since AS since
+           NULL::text AS blocked_by, false AS human_must_lift, t.held_since AS since
       FROM tasks t
       JOIN lanes l ON l.id = t.lane_id
       JOIN projects p ON p.id = l.project_id
@@ -260,7 +262,7 @@ SELECT * FROM (
     UNION ALL
     SELECT t.id, t.title, p.slug, l.key, s.key, NULL, NULL, NULL, t.progress_at, NULL, s.lease_seconds,
            t.attempts, NULL, NULL, NULL, 'blocked', t.blocked_reason, b.created_at, b.family,
-           b.created_at
+           t.blocked_by, coalesce(t.blocked_by = 'substrate', false), b.created_at
       FROM tasks t
       JOIN lanes l ON l.id = t.lane_id
       JOIN projects p ON p.id = l.project_id
@@ -283,13 +285,17 @@ SELECT * FROM (
  LIMIT $8;
 
 -- name: track_record_page
--- Families with what they are provisioned, their active denials and what became of their work.
+-- Families with what they are provisioned, their active denials and what became of their work, per role
+-- and in total, read from the rollups the transition statement keeps (track_counts, governance_strikes;
+-- ADR 0015): events are never scanned, so it answers in milliseconds at any history.
 --   delivered     advance transitions the family performed;
 --   rejected      rejections its deliveries suffered: a reject out of stage S (or a reject the rework
 --                 cap turned into a block) is charged to the family whose advance last brought the
 --                 task into S — the work under review was theirs;
 --   rejects_made  reject transitions the family performed (reviewing others' work).
--- The counts scan transition events (and rework-cap blocks); an oversight read, not a hot path.
+-- `roles`: per role ('' for moves that needed none) the same counts, the verdicts on its work (reviewed,
+-- reviewed_cross: by another family), the stage-time histograms of its deliveries (one per shard) and
+-- its strikes and reflexive bans.
 -- $1 family, $2 lane (provisioned lane:<lane>), $3 project (provisioned a lane of it),
 -- $4 cursor key, $5 limit.
 WITH page AS (
@@ -300,40 +306,38 @@ WITH page AS (
        AND ($4::text IS NULL OR f.key > $4)
      ORDER BY f.key
      LIMIT $5
-), moves AS (
-    SELECT e.family, e.data ->> 'kind' AS kind, count(*)::bigint AS n
-      FROM events e
-     WHERE e.type = 'transition' AND e.family IN (SELECT key FROM page)
-     GROUP BY e.family, e.data ->> 'kind'
-), rejections AS (
-    SELECT src.family, count(*)::bigint AS n
-      FROM events r
-     CROSS JOIN LATERAL (
-           SELECT x.family
-             FROM events x
-            WHERE x.task_id = r.task_id AND x.id < r.id AND x.type = 'transition'
-              AND x.data ->> 'kind' = 'advance'
-              AND x.data ->> 'to' = coalesce(r.data ->> 'from', r.data -> 'refused' ->> 'from')
-            ORDER BY x.id DESC
-            LIMIT 1) src
-     WHERE (r.type = 'transition' AND r.data ->> 'kind' = 'reject')
-        OR (r.type = 'blocked' AND r.data -> 'refused' ->> 'kind' = 'reject')
-     GROUP BY src.family
+), roles AS (
+    SELECT tc.family_key, tc.role, sum(tc.deliveries)::bigint AS deliveries,
+           sum(tc.rejects_made)::bigint AS rejects_made, sum(tc.rejected)::bigint AS rejected,
+           sum(tc.reviewed)::bigint AS reviewed, sum(tc.reviewed_cross)::bigint AS reviewed_cross,
+           jsonb_agg(tc.stage_hist) AS hists
+      FROM track_counts tc
+     WHERE tc.family_key IN (SELECT key FROM page)
+     GROUP BY tc.family_key, tc.role
 )
 SELECT pg.key, pg.description, pg.disabled, pg.max_active,
        coalesce(array(SELECT ff.feature FROM family_features ff WHERE ff.family_key = pg.key
                       ORDER BY ff.feature), '{}') AS features,
        coalesce((SELECT jsonb_agg(jsonb_build_object('feature', d.feature, 'reason', d.reason,
                                                      'expires_at', d.expires_at, 'created_by', d.created_by,
-                                                     'created_at', d.created_at) ORDER BY d.feature)
+                                                     'created_at', d.created_at, 'governance', d.governance)
+                                  ORDER BY d.feature)
                    FROM denials d
                   WHERE d.family_key = pg.key AND (d.expires_at IS NULL OR d.expires_at > now())),
                 '[]'::jsonb) AS denials,
        (SELECT count(*) FROM agents a WHERE a.family_key = pg.key)::bigint AS agents,
        (SELECT count(*) FROM agents a JOIN tasks t ON t.holder = a.sub AND t.state = 'held'
          WHERE a.family_key = pg.key AND t.lease_expires_at > now())::bigint AS holding,
-       coalesce((SELECT m.n FROM moves m WHERE m.family = pg.key AND m.kind = 'advance'), 0) AS delivered,
-       coalesce((SELECT rj.n FROM rejections rj WHERE rj.family = pg.key), 0) AS rejected,
-       coalesce((SELECT m.n FROM moves m WHERE m.family = pg.key AND m.kind = 'reject'), 0) AS rejects_made
+       coalesce((SELECT sum(r.deliveries) FROM roles r WHERE r.family_key = pg.key), 0)::bigint AS delivered,
+       coalesce((SELECT sum(r.rejected) FROM roles r WHERE r.family_key = pg.key), 0)::bigint AS rejected,
+       coalesce((SELECT sum(r.rejects_made) FROM roles r WHERE r.family_key = pg.key), 0)::bigint AS rejects_made,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                    'role', nullif(r.role, ''), 'deliveries', r.deliveries, 'rejected', r.rejected,
+                    'rejects_made', r.rejects_made, 'reviewed', r.reviewed, 'reviewed_cross', r.reviewed_cross,
+                    'hists', r.hists, 'strikes', coalesce(g.strikes, 0), 'bans', coalesce(g.bans, 0))
+                    ORDER BY r.role)
+                   FROM roles r
+                   LEFT JOIN governance_strikes g ON g.family_key = r.family_key AND g.feature = r.role
+                  WHERE r.family_key = pg.key), '[]'::jsonb) AS roles
   FROM page pg
  ORDER BY pg.key;

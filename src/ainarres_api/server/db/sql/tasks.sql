@@ -584,7 +584,7 @@ WITH locked AS (
            sum(c.reviewed), sum(c.reviewed_cross),
            coalesce(jsonb_object_agg(c.bucket::text, 1) FILTER (WHERE c.bucket IS NOT NULL), '{}')
       FROM (SELECT $8::text AS family_key, ro.role, (v.v = 'ok' AND $3 = 'advance')::int AS deliveries,
-                   ($3 = 'reject')::int AS rejects_made, 0 AS rejected, 0 AS reviewed, 0 AS reviewed_cross,
+                   (v.v = 'ok' AND $3 = 'reject')::int AS rejects_made, 0 AS rejected, 0 AS reviewed, 0 AS reviewed_cross,
                    CASE WHEN v.v = 'ok' AND $3 = 'advance'
                         THEN stage_bucket(extract(epoch FROM now() - (x.lk).stage_entered_at)::float8) END AS bucket
               FROM x, verdict v, mover_role ro
