@@ -1,0 +1,391 @@
+"""Governance (ADR 0015): producer attribution, strikes and the reflexive ban ladder, the human boundary
+(permanent bans, lifts, substrate-made blocks), auditor flags, recommendations, the trail, and the
+track-record read at volume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ainarres_api.server.db.queries import Q
+from tests.helpers import Api, World, make_world, review_flow
+
+LOOP = review_flow("loop")  # todo → review → done; review rejects back to todo; no rework cap
+
+
+async def produce(maker: Api, task_id: str) -> None:
+    c = await maker.claim("dev")
+    assert c["code"] == "claimed" and c["task"]["id"] == task_id, c
+    await maker.verb(task_id, "advance", lease=c["lease"]["id"], to="review")
+
+
+async def reject(reviewer: Api, task_id: str, reason: str = "no tests") -> dict[str, Any]:
+    c = await reviewer.claim("dev")
+    assert c["code"] == "claimed" and c["task"]["id"] == task_id, c
+    out: dict[str, Any] = await reviewer.verb(task_id, "reject", lease=c["lease"]["id"], to="todo", reason=reason)
+    return out
+
+
+async def loop(maker: Api, reviewer: Api, task_id: str, times: int) -> None:
+    for _ in range(times):
+        await produce(maker, task_id)
+        await reject(reviewer, task_id)
+
+
+async def status(admin: Api) -> dict[str, Any]:
+    out: dict[str, Any] = await admin.get("/v1/governance")
+    return out
+
+
+def strike_of(st: dict[str, Any], family: str, feature: str) -> dict[str, Any] | None:
+    return next((s for s in st["strikes"] if s["family"] == family and s["feature"] == feature), None)
+
+
+async def ban_seconds(db: asyncpg.Connection, family: str, feature: str) -> float | None:
+    return await db.fetchval(  # type: ignore[no-any-return]
+        "SELECT extract(epoch FROM expires_at - now())::float8 FROM denials WHERE family_key = $1 AND feature = $2 "
+        "AND (expires_at IS NULL OR expires_at > now())", family, feature)
+
+
+async def expire_bans(db: asyncpg.Connection) -> None:
+    """The DB clock instead of a sleep: move every reflexive ban's end into the past."""
+    await db.execute("UPDATE denials SET expires_at = now() - interval '1 second' WHERE governance = 'reflexive'")
+
+
+async def auditor(w: World) -> Api:
+    await w.admin.post("/v1/features", {"name": "role:auditor"}, None)
+    await w.admin.post("/v1/families", {"key": "audit", "features": ["role:auditor"]}, 201)
+    return await w.agent("audit")
+
+
+# -- attribution and the track record ------------------------------------------------------------------
+
+
+async def test_a_reject_strikes_the_producer_not_the_reviewer(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    maker, reviewer = await w.agent("cheap"), await w.agent("reviewers")
+    t = (await maker.create("dev", "feature"))["task"]["id"]
+    await produce(maker, t)
+    rj = await reject(reviewer, t)
+    assert rj["event"]["data"]["role"] == "role:reviewer"
+    advance = await db.fetchval("SELECT data ->> 'role' FROM events WHERE task_id = $1 AND data ->> 'kind' = "
+                                "'advance'", t)
+    assert advance == "role:dev"
+
+    st = await status(admin)
+    assert strike_of(st, "cheap", "role:dev")["strikes"] == 1
+    assert strike_of(st, "reviewers", "role:reviewer") is None and len(st["strikes"]) == 1
+
+    # The producer advances again; this time the reviewer passes it: a verdict on cheap's work, not a reject.
+    await produce(maker, t)
+    c = await reviewer.claim("dev")
+    await reviewer.verb(t, "advance", lease=c["lease"]["id"], to="done")
+    recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
+    cheap = {r["role"]: r for r in recs["cheap"]["roles"]}["role:dev"]
+    assert (cheap["deliveries"], cheap["rejected"], cheap["reviewed"], cheap["reviewed_cross"]) == (2, 1, 2, 2)
+    assert cheap["reject_rate"] == 0.5 and cheap["cross_family_review_share"] == 1.0
+    assert cheap["median_stage_seconds"] is not None and cheap["median_stage_seconds"] >= 0
+    assert cheap["strikes"] == 1 and cheap["bans"] == 0
+    assert cheap["spend"] is None and recs["cheap"]["spend"] is None  # unknown, never zero
+    rev = {r["role"]: r for r in recs["reviewers"]["roles"]}["role:reviewer"]
+    assert (rev["deliveries"], rev["rejects_made"], rev["rejected"]) == (1, 1, 0)
+    assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"]) == (2, 1)
+    assert (recs["reviewers"]["delivered"], recs["reviewers"]["rejects_made"]) == (1, 1)
+
+
+async def test_no_resolvable_producer_strikes_nobody(admin, db):
+    wf = {"key": "noprod",
+          "stages": [{"key": "review", "initial": True}, {"key": "todo"}, {"key": "done", "terminal": True}],
+          "transitions": [
+              {"from": "review", "to": "done", "kind": "advance", "required_features": ["role:reviewer"]},
+              {"from": "review", "to": "todo", "kind": "reject", "required_features": ["role:reviewer"]},
+              {"from": "todo", "to": "review", "kind": "advance", "required_features": ["role:dev"]}]}
+    w = await make_world(admin, workflow=wf)
+    reviewer = await w.agent("reviewers")
+    t = (await reviewer.create("dev", "straight in review"))["task"]["id"]
+    await reject(reviewer, t)
+    assert await db.fetchval("SELECT count(*) FROM governance_strikes") == 0
+    assert (await status(admin))["strikes"] == []
+
+
+# -- the reflexive ban ladder ----------------------------------------------------------------------------
+
+
+async def test_the_ban_ladder_threshold_doubling_cap_expiry_reset(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev",
+                     {"strike_threshold": 2, "ban_base_seconds": 3600, "ban_cap_seconds": 7200}, 200)
+    maker, reviewer = await w.agent("cheap"), await w.agent("reviewers")
+    features_before = await db.fetch("SELECT * FROM family_features ORDER BY family_key, feature")
+    t = (await maker.create("dev", "sloppy"))["task"]["id"]
+
+    await loop(maker, reviewer, t, 1)
+    assert strike_of(await status(admin), "cheap", "role:dev")["strikes"] == 1
+    assert await ban_seconds(db, "cheap", "role:dev") is None  # below the threshold: no ban
+
+    await loop(maker, reviewer, t, 1)  # the threshold: banned for 1 h, strikes start over
+    st = await status(admin)
+    s = strike_of(st, "cheap", "role:dev")
+    assert (s["strikes"], s["bans"], s["banned"], s["ban_kind"]) == (0, 1, True, "reflexive")
+    assert 3500 < await ban_seconds(db, "cheap", "role:dev") <= 3600
+    ban = next(b for b in st["bans"] if b["family"] == "cheap")
+    assert ban["governance"] == "reflexive" and ban["expires_at"] is not None
+    assert [e["action"] for e in st["trail"]][:1] == ["reflexive_ban"]
+
+    # The banned family's next claim no longer sees that work; another family's does.
+    c = await maker.claim("dev", None)
+    assert c.get("code") in ("empty", "not_eligible") and c.get("task") is None
+    assert "role:dev" not in (await maker.get("/v1/me"))["features"]
+
+    await expire_bans(db)
+    await loop(maker, reviewer, t, 2)  # the second ban doubles: 2 h
+    assert 7100 < await ban_seconds(db, "cheap", "role:dev") <= 7200
+    await expire_bans(db)
+    await loop(maker, reviewer, t, 2)  # the third would be 4 h: capped at 2 h
+    assert 7100 < await ban_seconds(db, "cheap", "role:dev") <= 7200
+    s = strike_of(await status(admin), "cheap", "role:dev")
+    assert (s["strikes"], s["bans"]) == (0, 3)
+
+    # Three reflexive bans (the system default) make a recommendation; nothing permanent happens by itself.
+    recs = (await status(admin))["recommendations"]
+    assert [(r["family"], r["feature"], r["status"]) for r in recs] == [("cheap", "role:dev", "open")]
+    assert await db.fetchval("SELECT count(*) FROM denials WHERE expires_at IS NULL AND family_key = 'cheap'") == 0
+    # Governance only removes: provisioning is untouched.
+    assert await db.fetch("SELECT * FROM family_features ORDER BY family_key, feature") == features_before
+
+
+async def test_governance_never_shortens_or_replaces_a_permanent_ban(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/workflow/loop", {"strike_threshold": 2}, 200)
+    maker, reviewer = await w.agent("capable"), await w.agent("reviewers")
+    t = (await maker.create("dev", "x"))["task"]["id"]
+    await loop(maker, reviewer, t, 1)
+    await produce(maker, t)
+    await admin.post("/v1/governance/bans", {"family": "capable", "feature": "role:dev", "reason": "human call"}, 201)
+    await reject(reviewer, t)  # the second strike: the ladder would ban for 1 h
+    row = await db.fetchrow("SELECT expires_at, governance, reason FROM denials WHERE family_key = 'capable'")
+    assert (row["expires_at"], row["governance"], row["reason"]) == (None, "permanent", "human call")
+    s = strike_of(await status(admin), "capable", "role:dev")
+    assert s["bans"] == 1 and s["banned"] and s["banned_until"] is None and s["ban_kind"] == "permanent"
+    trail = (await status(admin))["trail"]
+    assert trail[0]["action"] == "reflexive_ban" and trail[0]["data"]["applied"] is False
+
+
+async def test_a_longer_manual_denial_is_not_shortened(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 1}, 200)
+    maker, reviewer = await w.agent("cheap"), await w.agent("reviewers")
+    t = (await maker.create("dev", "x"))["task"]["id"]
+    await produce(maker, t)
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "week off",
+                                                    "expires_at": "2999-01-01T00:00:00Z"}, 201)
+    await reject(reviewer, t)
+    row = await db.fetchrow("SELECT expires_at, governance FROM denials WHERE family_key = 'cheap'")
+    assert row["expires_at"].year == 2999 and row["governance"] is None
+
+
+# -- the human boundary ------------------------------------------------------------------------------------
+
+
+async def test_permanent_ban_and_lift_by_an_overseer_with_the_trail(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    maker = await w.agent("cheap")
+    t = (await maker.create("dev", "x"))["task"]["id"]
+    ban = await admin.post("/v1/governance/bans", {"family": "cheap", "feature": "role:dev",
+                                                   "reason": "keeps shipping untested code"}, 201)
+    assert ban["action"] == "permanent_ban" and ban["reason"] == "keeps shipping untested code"
+    again = await admin.post("/v1/governance/bans", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 409)
+    assert again["code"] == "conflict"
+    assert (await maker.claim("dev", None)).get("task") is None
+
+    lift = await admin.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev",
+                                                     "reason": "retrained"}, 200)
+    assert lift["action"] == "lift" and lift["data"]["was"] == "permanent"
+    c = await maker.claim("dev")
+    assert c["task"]["id"] == t
+    gone = await admin.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 404)
+    assert gone["code"] == "not_found"
+    trail = (await admin.get("/v1/governance/trail"))["items"]
+    assert [(e["action"], e["family"], e["reason"]) for e in trail[:2]] == [
+        ("lift", "cheap", "retrained"), ("permanent_ban", "cheap", "keeps shipping untested code")]
+
+    # The trail is append-only, like events.
+    for statement in ("UPDATE governance_trail SET reason = 'forged'", "DELETE FROM governance_trail",
+                      "TRUNCATE governance_trail"):
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            await db.execute(statement)
+    assert await db.fetchval("SELECT count(*) FROM governance_trail") == 2
+
+
+async def test_callers_without_the_seat_or_role_are_refused(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    agent = await w.agent("cheap")
+    body = {"family": "reviewers", "feature": "role:reviewer", "reason": "x"}
+    for path in ("/v1/governance/bans", "/v1/governance/lifts"):
+        assert (await agent.post(path, body, 403))["code"] == "not_eligible"
+    flag = {"kind": "health", "family": "reviewers", "note": "flaky"}
+    assert (await agent.post("/v1/governance/flags", flag, 403))["code"] == "not_eligible"
+    assert (await admin.post("/v1/governance/flags", flag, 403))["code"] == "not_eligible"  # no role:auditor
+    assert (await agent.get("/v1/governance", 403))["code"] == "not_eligible"
+    assert (await agent.call("PUT", "/v1/governance/policies/system/*", {}, 403)).json()["code"] == "not_eligible"
+    # An overseer without seat:admin may neither ban a seat nor its own family (ADR 0008).
+    await admin.post("/v1/families", {"key": "ovs", "features": ["seat:overseer", "role:dev"]}, 201)
+    ovs = await w.agent("ovs")
+    assert (await ovs.post("/v1/governance/bans", {"family": "ovs", "feature": "role:dev", "reason": "x"},
+                           403))["code"] == "not_eligible"
+    assert (await ovs.post("/v1/governance/bans", {"family": "cheap", "feature": "seat:admin", "reason": "x"},
+                           403))["code"] == "not_eligible"
+    assert (await admin.post("/v1/governance/bans", {"family": "nope", "feature": "role:dev", "reason": "x"},
+                             404))["code"] == "not_found"
+    # The system policy needs every threshold.
+    assert (await admin.call("PUT", "/v1/governance/policies/system/*", {"strike_threshold": 5},
+                             422)).json()["code"] == "invalid"
+    assert await db.fetchval("SELECT count(*) FROM governance_trail") == 0  # refusals changed nothing
+
+
+# -- flags and recommendations ---------------------------------------------------------------------------
+
+
+async def test_flags_never_deny_and_make_recommendations_at_the_threshold(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    aud = await auditor(w)
+    maker = await w.agent("cheap")
+    t = (await maker.create("dev", "x"))["task"]["id"]
+
+    q = await aud.post("/v1/governance/flags", {"kind": "quality", "family": "cheap", "feature": "role:dev",
+                                                "task_id": t, "note": "tests assert nothing"}, 201)
+    assert q["kind"] == "quality" and q["task_id"] == t and q["recommendation"] is None
+    no_task = await aud.post("/v1/governance/flags", {"kind": "quality", "family": "cheap", "note": "x"}, 422)
+    assert no_task["code"] == "invalid"
+
+    flags = []
+    for n in range(3):  # the system default: 3 open flags make a recommendation
+        flags.append(await aud.post("/v1/governance/flags", {"kind": "spinning", "family": "cheap",
+                                                             "note": f"holds without progress #{n}"}, 201))
+    assert [f["recommendation"] is not None for f in flags] == [False, False, True]
+    st = await status(admin)
+    assert [(r["family"], r["feature"]) for r in st["recommendations"]] == [("cheap", None)]
+    assert len(st["flags"]) == 4
+
+    # Flags never deny: no denial, every feature kept, the next claim still gets the work.
+    assert await db.fetchval("SELECT count(*) FROM denials") == 0
+    assert "role:dev" in (await maker.get("/v1/me"))["features"]
+    assert (await maker.claim("dev"))["task"]["id"] == t
+
+    # Dismissing a flag is a human's act; an auditor may not.
+    assert (await aud.post(f"/v1/governance/flags/{q['id']}/dismiss", {"reason": "x"}, 403))["code"] == \
+        "not_eligible"
+    d = await admin.post(f"/v1/governance/flags/{q['id']}/dismiss", {"reason": "looked fine to me"}, 200)
+    assert d["dismissed_by"] is not None
+    assert (await admin.post(f"/v1/governance/flags/{q['id']}/dismiss", {"reason": "x"}, 409))["code"] == "conflict"
+    assert (await admin.post("/v1/governance/flags/999999/dismiss", {"reason": "x"}, 404))["code"] == "not_found"
+
+    # A family-wide recommendation names the feature when accepted; accepted = the permanent ban.
+    rec = st["recommendations"][0]
+    need = await admin.post(f"/v1/governance/recommendations/{rec['id']}/accept", {"reason": "agreed"}, 422)
+    assert need["code"] == "invalid"
+    done = await admin.post(f"/v1/governance/recommendations/{rec['id']}/accept",
+                            {"reason": "agreed", "feature": "role:dev"}, 200)
+    assert done["status"] == "accepted" and done["decided_by"] is not None
+    assert await db.fetchval("SELECT governance FROM denials WHERE family_key = 'cheap' AND feature = 'role:dev' "
+                             "AND expires_at IS NULL") == "permanent"
+    again = await admin.post(f"/v1/governance/recommendations/{rec['id']}/dismiss", {"reason": "x"}, 409)
+    assert again["code"] == "conflict"
+
+
+async def test_a_dismissed_recommendation_bans_nothing(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 1}, 200)
+    aud = await auditor(w)
+    f = await aud.post("/v1/governance/flags", {"kind": "integrity", "family": "reviewers", "note": "odd"}, 201)
+    rec = f["recommendation"]
+    assert rec is not None
+    out = await admin.post(f"/v1/governance/recommendations/{rec}/dismiss", {"reason": "a one-off"}, 200)
+    assert out["status"] == "dismissed" and out["decision_note"] == "a one-off"
+    assert await db.fetchval("SELECT count(*) FROM denials") == 0
+    actions = [e["action"] for e in (await status(admin))["trail"]]
+    assert actions[:4] == ["dismiss_recommendation", "recommend", "flag", "policy"]
+
+
+# -- blocks: the substrate's are a human's to lift ---------------------------------------------------------
+
+
+async def test_a_substrate_block_needs_an_overseer_an_agent_block_does_not(admin, db):
+    flat = {"key": "flat", "stages": [{"key": "todo", "initial": True, "max_attempts": 1},
+                                      {"key": "done", "terminal": True}],
+            "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
+    w = await make_world(admin, workflow=flat, lane="flat")
+    dev = await w.agent("cheap")
+    t = (await dev.create("flat", "hard"))["task"]["id"]
+    c = await dev.claim("flat")
+    rel = await dev.verb(t, "release", lease=c["lease"]["id"], reason="cannot")
+    assert rel["code"] == "blocked"  # max attempts (1): the substrate blocked it
+
+    stuck = {r["id"]: r for r in (await admin.get("/v1/stuck", params={"kind": "blocked"}))["items"]}
+    assert stuck[t]["human_must_lift"] is True and stuck[t]["blocked_by"] == "substrate"
+
+    refused = await dev.verb(t, "unblock", 403, note="let me retry")
+    assert refused["code"] == "not_eligible" and "a human must lift it" in refused["detail"]
+    assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", t) == "blocked"  # unchanged
+    u = await admin.post("/v1/governance/unblock", {"task_id": t, "note": "the API key is fixed now"}, 200)
+    assert u["task"]["state"] == "ready"
+    entry = (await status(admin))["trail"][0]
+    assert (entry["action"], entry["task_id"], entry["reason"]) == ("unblock", t, "the API key is fixed now")
+    assert entry["data"]["blocked_by"] == "substrate"
+
+    # An agent's own block: an agent that may work the stage lifts it.
+    c = await dev.claim("flat")
+    await dev.verb(t, "block", lease=c["lease"]["id"], reason="need credentials")
+    stuck = {r["id"]: r for r in (await admin.get("/v1/stuck", params={"kind": "blocked"}))["items"]}
+    assert stuck[t]["human_must_lift"] is False and stuck[t]["blocked_by"] == "agent"
+    assert (await dev.verb(t, "unblock", note="found them"))["task"]["state"] == "ready"
+
+
+async def test_demand_names_work_nobody_unbanned_can_serve(admin):
+    w = await make_world(admin, workflow=LOOP)
+    maker = await w.agent("cheap")
+    await maker.create("dev", "x")
+    for fam in ("cheap", "capable"):
+        await admin.post("/v1/governance/bans", {"family": fam, "feature": "role:dev", "reason": "bad"}, 201)
+    rows = (await admin.get("/v1/demand", params={"capable": "false"}))["items"]
+    row = next(r for r in rows if r["stage"] == "todo")
+    assert row["capable"] is False and row["note"] == "no capable agent"
+    assert row["banned_families"] == ["capable", "cheap"]
+
+
+# -- the track record's read at volume ---------------------------------------------------------------------
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+async def test_track_record_read_never_scans_events(admin, db):
+    w = await make_world(admin, workflow=LOOP)
+    maker, reviewer = await w.agent("cheap"), await w.agent("reviewers")
+    t = (await maker.create("dev", "x"))["task"]["id"]
+    await loop(maker, reviewer, t, 1)
+    # 300k events of history (the events table is append-only, so rows are added, never rewritten).
+    await db.execute("""
+        INSERT INTO events (task_id, type, actor, family, data)
+        SELECT $1, 'transition', 'ghost', CASE WHEN g % 2 = 0 THEN 'cheap' ELSE 'reviewers' END,
+               jsonb_build_object('kind', CASE WHEN g % 3 = 0 THEN 'reject' ELSE 'advance' END, 'from', 'todo',
+                                  'to', 'review')
+          FROM generate_series(1, 300000) g""", t)
+    await db.execute("ANALYZE")
+    plan = json.loads(await db.fetchval("EXPLAIN (FORMAT JSON) " + Q["track_record_page"], None, None, None,
+                                        None, 101))
+    touched = [n for n in _nodes(plan[0]["Plan"]) if n.get("Relation Name") == "events"]
+    assert not touched, f"the track record reads events: {json.dumps(touched)[:1500]}"
+    assert any(n.get("Relation Name") == "track_counts" for n in _nodes(plan[0]["Plan"]))
+    # ... and still answers from the rollups.
+    recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
+    assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"]) == (1, 1)
