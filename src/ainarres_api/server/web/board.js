@@ -2,6 +2,8 @@
 // this tab's sessionStorage (sent as Authorization: Bearer, never in a URL) and follows the event
 // stream through fetch() streaming, since EventSource cannot send headers.
 
+import { mountGovernance, refreshGovernance } from "./governance.js";
+
 const TOKEN_KEY = "ainarres.token";
 const PANEL_REFRESH_MS = 10000;   // stuck work depends on time passing, not only on events
 const PANEL_DEBOUNCE_MS = 700;
@@ -217,6 +219,8 @@ async function start() {
     const newest = await api("GET", "/v1/feed?limit=1");
     S.lastEventId = newest.items.length ? newest.items[0].id : 0;
     await loadBoard();
+    mountGovernance({ api, all, el, toast, params: projectParams, me: () => S.me, refresh: refreshPanels,
+                      seated: () => S.me.features.includes("seat:overseer"), openTask: taskLink });
     startStream();
     refreshPanels();
     loadFeed();
@@ -510,6 +514,7 @@ async function refreshPanels() {
     all("/v1/demand", p).then(renderDemand),
     all("/v1/agents", p).then(renderAgents),
     all("/v1/track-record", p).then(renderFamilies),
+    refreshGovernance(),
   ];
   for (const r of await Promise.allSettled(jobs)) {
     if (r.status === "rejected" && S.token) console.warn("panel:", r.reason && r.reason.message);
