@@ -81,7 +81,8 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
             assert by_title["Design the cart schema"]["id"] in {e["task_id"] for e in reclaims}
 
             record = {f["key"]: f for f in items("/v1/track-record")}
-            assert record["demo-reviewer"]["rejects_made"] == 2  # payments once, coupons once (then parked)
+            # payments once, coupons once (then parked), and the two chores that got demo-sloppy banned
+            assert record["demo-reviewer"]["rejects_made"] == 4
             assert record["demo-cheap"]["rejected"] >= 1
 
             # Dependencies were honoured: nothing reached review before what it depends on was done.
@@ -91,6 +92,14 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
                     dep_done = max(e["id"] for e in items("/v1/feed", task=dep, type="transition")
                                    if e["data"]["to"] == "done")
                     assert dep_done < first_review, (t["title"], dep)
+
+            # Governance: the sloppy family was banned by the substrate itself; a human is asked to decide.
+            assert "demo-sloppy banned from role:dev by the substrate itself" in text, text
+            assert "Needs you — recommendation" in text, text
+            gov = http.get("/v1/governance").json()
+            assert any(b["family"] == "demo-sloppy" and b["governance"] == "reflexive" for b in gov["bans"])
+            assert [r["family"] for r in gov["recommendations"]] == ["demo-sloppy"]
+            assert not any(b["family"] != "demo-sloppy" for b in gov["bans"])  # the checkout story banned nobody
 
             page = http.get("/board/demo")
             assert page.status_code == 200 and "text/html" in page.headers["content-type"]

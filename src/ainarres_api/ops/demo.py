@@ -85,6 +85,7 @@ class Swarm:
     effort: dict[str, float] = field(default_factory=dict)
     lease: int = 20
     workers: list[asyncio.Task[None]] = field(default_factory=list)
+    chores: str = ""  # the governance story's lane (provision_governance)
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds` of demo time (scaled by the speed), or less if the demo ends."""
@@ -254,9 +255,84 @@ async def provision(url: str, admin_token: str, speed: float, duration: float, s
         who = {"director": "demo-director", "cheap-1": "demo-cheap", "cheap-2": "demo-cheap",
                "cheap-3": "demo-cheap", "capable-1": "demo-capable", "reviewer-1": "demo-reviewer",
                "overseer": "demo-overseer"}
+        chores = await provision_governance(url, admin_token, adm, lane, lease, families["demo-reviewer"])
+        who |= {"sloppy-1": "demo-sloppy", "reviewer-2": "demo-reviewer"}
         ttl = int(max(3600, duration * 3))
         tokens = {name: (await adm.mint_token(fam, ttl_seconds=ttl))["token"] for name, fam in who.items()}
-    return Swarm(url, lane, speed, tokens, say, lease=lease)
+    sw = Swarm(url, lane, speed, tokens, say, lease=lease)
+    sw.chores = chores
+    return sw
+
+
+# -- governance (ADR 0015): a family that keeps producing rejected work is banned by the substrate itself, and
+# the overseer's Needs-you inbox gets a recommendation. It plays in a lane of its own (project demo-lab), so
+# the checkout story above is untouched.
+LAB = "demo-lab"
+CHORES = "demo-chore"
+
+
+async def provision_governance(url: str, admin_token: str, adm: AsyncClient, lane: str, lease: int,
+                               reviewer_features: list[str]) -> str:
+    """The chores lane, its workflow and thresholds, the sloppy family; returns the lane's key."""
+    import httpx
+
+    chores = f"{lane}-chores"
+    wf = _workflow(lease)
+    wf = {**wf, "key": CHORES, "description": "chores: build → review → done, no rework cap",
+          "stages": [{k: v for k, v in st.items() if k != "max_rework"} for st in wf["stages"]]}
+    await adm.create_workflow(wf)
+    with contextlib.suppress(Refused):
+        await adm.create_project(LAB, {})
+    await adm.create_lane(LAB, chores, CHORES)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30) as h:
+        # Thresholds are data: the checkout workflow's rejects are part of its story and ban nobody; on chores,
+        # two rejected deliveries ban the producer and one ban is enough for a recommendation.
+        for key, policy in ((WORKFLOW, {"strike_threshold": 100}),
+                            (CHORES, {"strike_threshold": 2, "recommend_after_bans": 1})):
+            r = await h.put(f"/v1/governance/policies/workflow/{key}", json=policy)
+            r.raise_for_status()
+    for key, feats in (("demo-sloppy", [f"lane:{chores}", "role:dev"]),
+                       ("demo-reviewer", [*reviewer_features, f"lane:{chores}"])):
+        try:
+            await adm.create_family(key, feats, description="ainarres demo")
+        except Refused as exc:
+            if exc.code != "conflict":
+                raise
+            await adm.update_family(key, features=feats, disabled=False)
+    return chores
+
+
+async def governance_story(sw: Swarm) -> None:
+    """A sloppy family's work is rejected until the substrate bans it; the overseer sees the recommendation."""
+    async with sw.client("sloppy-1") as sloppy, sw.client("reviewer-2") as rev, sw.client("overseer") as ovs:
+        for n in (1, 2, 3):
+            await sloppy.create(sw.chores, f"Chore {n}: tidy the fixtures", idempotency_key=f"{sw.chores}-{n}")
+        for _ in range(6):
+            try:
+                got = await sloppy.claim(sw.chores)
+            except Refused as exc:  # its role was taken away: the claim no longer sees that work
+                sw.say(f"sloppy-1: refused work: {exc.code}")
+                break
+            if got["code"] != "claimed" or not got["task"]:
+                break
+            async with sloppy.held(got) as h:
+                await h.advance("review", note="done (no tests)")
+            sw.say(f"sloppy-1: sent “{got['task']['title']}” to review")
+            await sw.pause(1)
+            got = await rev.claim(sw.chores)
+            if got["code"] != "claimed" or not got["task"]:
+                continue
+            async with rev.held(got) as h:
+                await h.reject("build", "no tests, and the fixtures are broken")
+            sw.say(f"reviewer-2: rejected sloppy-1's “{got['task']['title']}”")
+        status = await ovs.get("/v1/governance")
+        for b in status["bans"]:
+            if b["family"] == "demo-sloppy" and b["governance"] == "reflexive":
+                sw.say(f"governance: demo-sloppy banned from {b['feature']} by the substrate itself until "
+                       f"{b['expires_at']} ({b['reason']})")
+        for r in status["recommendations"]:
+            if r["family"] == "demo-sloppy":
+                sw.say(f"overseer: Needs you — recommendation: {r['reason']}")
 
 
 async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
@@ -270,6 +346,7 @@ async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
     sw.start("cheap-1", worker(sw, "cheap-1", capable=False))
     sw.start("cheap-2", worker(sw, "cheap-2", capable=False))
     sw.start("reviewer-1", reviewer(sw, "reviewer-1"))
+    sw.start("sloppy-1", governance_story(sw))
     try:
         end = await overseer(sw, deadline)
     finally:
