@@ -347,8 +347,12 @@ CREATE TABLE public.governance_policies (
     recommend_after_flags integer,
     updated_by text,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT governance_policies_ranges CHECK ((((COALESCE(strike_threshold, 1) >= 1) AND (COALESCE(strike_threshold, 1) <= 1000)) AND ((COALESCE(ban_base_seconds, 60) >= 60) AND (COALESCE(ban_base_seconds, 60) <= 31536000)) AND ((COALESCE(ban_cap_seconds, 60) >= 60) AND (COALESCE(ban_cap_seconds, 60) <= 31536000)) AND ((COALESCE(recommend_after_bans, 1) >= 1) AND (COALESCE(recommend_after_bans, 1) <= 1000)) AND ((COALESCE(recommend_after_flags, 1) >= 1) AND (COALESCE(recommend_after_flags, 1) <= 1000)))),
+    CONSTRAINT governance_policies_bans_range CHECK (((recommend_after_bans >= 1) AND (recommend_after_bans <= 1000))),
+    CONSTRAINT governance_policies_base_range CHECK (((ban_base_seconds >= 60) AND (ban_base_seconds <= 31536000))),
+    CONSTRAINT governance_policies_cap_range CHECK (((ban_cap_seconds >= 60) AND (ban_cap_seconds <= 31536000))),
+    CONSTRAINT governance_policies_flags_range CHECK (((recommend_after_flags >= 1) AND (recommend_after_flags <= 1000))),
     CONSTRAINT governance_policies_scope_valid CHECK ((scope = ANY (ARRAY['system'::text, 'workflow'::text, 'feature'::text]))),
+    CONSTRAINT governance_policies_strikes_range CHECK (((strike_threshold >= 1) AND (strike_threshold <= 1000))),
     CONSTRAINT governance_policies_system_complete CHECK (((scope <> 'system'::text) OR ((key = '*'::text) AND (strike_threshold IS NOT NULL) AND (ban_base_seconds IS NOT NULL) AND (ban_cap_seconds IS NOT NULL) AND (recommend_after_bans IS NOT NULL) AND (recommend_after_flags IS NOT NULL))))
 );
 

@@ -34,12 +34,12 @@ CREATE TABLE governance_policies (
         scope <> 'system' OR (key = '*' AND strike_threshold IS NOT NULL AND ban_base_seconds IS NOT NULL
                               AND ban_cap_seconds IS NOT NULL AND recommend_after_bans IS NOT NULL
                               AND recommend_after_flags IS NOT NULL)),
-    CONSTRAINT governance_policies_ranges CHECK (
-        coalesce(strike_threshold, 1) BETWEEN 1 AND 1000
-        AND coalesce(ban_base_seconds, 60) BETWEEN 60 AND 31536000
-        AND coalesce(ban_cap_seconds, 60) BETWEEN 60 AND 31536000
-        AND coalesce(recommend_after_bans, 1) BETWEEN 1 AND 1000
-        AND coalesce(recommend_after_flags, 1) BETWEEN 1 AND 1000)
+    -- NULL (inherit) passes a CHECK.
+    CONSTRAINT governance_policies_strikes_range CHECK (strike_threshold >= 1 AND strike_threshold <= 1000),
+    CONSTRAINT governance_policies_base_range CHECK (ban_base_seconds >= 60 AND ban_base_seconds <= 31536000),
+    CONSTRAINT governance_policies_cap_range CHECK (ban_cap_seconds >= 60 AND ban_cap_seconds <= 31536000),
+    CONSTRAINT governance_policies_bans_range CHECK (recommend_after_bans >= 1 AND recommend_after_bans <= 1000),
+    CONSTRAINT governance_policies_flags_range CHECK (recommend_after_flags >= 1 AND recommend_after_flags <= 1000)
 );
 INSERT INTO governance_policies (scope, key, strike_threshold, ban_base_seconds, ban_cap_seconds,
                                  recommend_after_bans, recommend_after_flags, updated_by)
@@ -115,7 +115,7 @@ CREATE TABLE governance_flags (
     CONSTRAINT governance_flags_pkey PRIMARY KEY (id),
     CONSTRAINT governance_flags_kind_valid CHECK (kind IN ('quality', 'spinning', 'overspending', 'health', 'integrity')),
     CONSTRAINT governance_flags_quality_has_task CHECK (kind <> 'quality' OR task_id IS NOT NULL),
-    CONSTRAINT governance_flags_note_length CHECK (length(note) BETWEEN 1 AND 2000),
+    CONSTRAINT governance_flags_note_length CHECK (length(note) >= 1 AND length(note) <= 2000),
     -- task_id has no foreign key (the service checks it): tasks stay truncatable only together with events.
     CONSTRAINT governance_flags_family_fkey FOREIGN KEY (family_key) REFERENCES families (key) ON DELETE CASCADE
 );
@@ -157,7 +157,7 @@ CREATE TABLE governance_trail (
     CONSTRAINT governance_trail_action_valid CHECK (action IN (
         'reflexive_ban', 'recommend', 'permanent_ban', 'lift', 'unblock', 'flag', 'dismiss_flag',
         'accept_recommendation', 'dismiss_recommendation', 'policy')),
-    CONSTRAINT governance_trail_reason_present CHECK (length(reason) BETWEEN 1 AND 2000)
+    CONSTRAINT governance_trail_reason_present CHECK (length(reason) >= 1 AND length(reason) <= 2000)
 );
 
 CREATE FUNCTION governance_trail_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
