@@ -239,6 +239,8 @@ async def test_callers_without_the_seat_or_role_are_refused(admin, db):
                            403))["code"] == "not_eligible"
     assert (await ovs.post("/v1/governance/bans", {"family": "cheap", "feature": "seat:admin", "reason": "x"},
                            403))["code"] == "not_eligible"
+    lockout = await admin.post("/v1/governance/bans", {"family": "admin", "feature": "seat:admin", "reason": "x"}, 409)
+    assert lockout["code"] == "conflict" and "lock every admin out" in lockout["detail"]
     assert (await admin.post("/v1/governance/bans", {"family": "nope", "feature": "role:dev", "reason": "x"},
                              404))["code"] == "not_found"
     # The system policy needs every threshold.

@@ -89,6 +89,11 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
     _may_govern(p, family, feature)
     await _known(conn, family, feature)
     async with conn.transaction():
+        if feature == "seat:admin":  # ADR 0008: never lock every admin out
+            holds = await conn.fetchval(Q["family_holds_admin"], family)
+            if holds and not await conn.fetchval(Q["other_admin_families"], family):
+                raise Conflict(f"family {family} is the last one holding seat:admin; banning it would lock every "
+                               "admin out. Provision seat:admin to another family first")
         row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
     if row is None:
         raise Conflict(f"family {family} is permanently banned from {feature} already; lift it first to change it")
