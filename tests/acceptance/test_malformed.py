@@ -581,9 +581,12 @@ async def test_every_endpoint_survives_garbage(app: Any, scene: Scene) -> None:
             "name": "role:none",
             "slug": "none",
             "feature": "role:none",
+            "scope": "nope",
+            "flag_id": "999999",
+            "rec_id": "999999",
         },
-        {k: "not a ☃ uuid" for k in ("task_id", "jti", "key", "name", "slug", "feature")},
-        {k: "x" * 3000 for k in ("task_id", "jti", "key", "name", "slug", "feature")},
+        {k: "not a ☃ uuid" for k in ("task_id", "jti", "key", "name", "slug", "feature", "scope", "flag_id", "rec_id")},
+        {k: "x" * 3000 for k in ("task_id", "jti", "key", "name", "slug", "feature", "scope", "flag_id", "rec_id")},
     ]
     seen = 0
     async with unchanged(s.db):

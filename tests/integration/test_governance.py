@@ -391,3 +391,24 @@ async def test_track_record_read_never_scans_events(admin, db):
     # ... and still answers from the rollups.
     recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
     assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"]) == (1, 1)
+
+
+async def test_concurrent_rejects_each_count_one_strike(admin, db):
+    import asyncio
+
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 4}, 200)
+    makers = [await w.agent("cheap") for _ in range(3)]
+    reviewers = [await w.agent("reviewers") for _ in range(3)]
+    ids = [(await makers[0].create("dev", f"t{n}"))["task"]["id"] for n in range(3)]
+    for m in makers:
+        c = await m.claim("dev")
+        await m.verb(c["task"]["id"], "advance", lease=c["lease"]["id"], to="review")
+    claims = [await r.claim("dev") for r in reviewers]
+    assert sorted(c["task"]["id"] for c in claims) == sorted(ids)
+    await asyncio.gather(*(r.verb(c["task"]["id"], "reject", lease=c["lease"]["id"], to="todo", reason="no")
+                           for r, c in zip(reviewers, claims, strict=True)))
+    s = strike_of(await status(admin), "cheap", "role:dev")
+    assert (s["strikes"], s["bans"]) == (3, 0)
+    recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
+    assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"], recs["reviewers"]["rejects_made"]) == (3, 3, 3)
