@@ -81,6 +81,9 @@ def test_needs_you_inbox_unblock_and_lift_from_the_page(page: Any, live: Live) -
     t, lease = rev.claim(lane)
     rev.verb(work, "reject", lease=lease, to="todo", reason="no tests")
     assert dev.call("POST", "/v1/claims", {"lane": lane}, 403)["code"] == "not_eligible"  # banned from role:dev
+    trail = live.admin("GET", "/v1/governance/trail", None, 200)["items"]
+    ban_entry = next(e for e in trail if e["action"] == "reflexive_ban")
+    assert ban_entry["family"] == f"{project}-dev" and f"rejected by {project}-rev" in ban_entry["reason"], trail
 
     sign_in(page, live, project)
     inbox = page.locator("#inbox")
@@ -112,5 +115,12 @@ def test_needs_you_inbox_unblock_and_lift_from_the_page(page: Any, live: Live) -
     expect(page.locator(f'#gov-bans li[data-ban="{project}-dev/role:dev"]')).to_have_count(0)
     expect(page.locator('#gov-trail li[data-action="lift"]').first).to_contain_text("talked to the operator")
     expect(page.locator('#gov-trail li[data-action="unblock"]').first).to_contain_text("the key is in the vault now")
+    # A permanent ban is a person's act too, from the same panel.
+    form = page.locator("#gov-ban-form")
+    form.get_by_label("ban: family").fill(f"{project}-rev")
+    form.get_by_label("ban: feature").fill("role:reviewer")
+    form.get_by_label("ban: reason").fill("approves without reading")
+    form.get_by_role("button", name="Ban permanently").click()
+    expect(page.locator(f'#gov-bans li[data-ban="{project}-rev/role:reviewer"]')).to_contain_text("permanent")
     page.locator("#governance-panel").screenshot(path=str(ARTIFACTS / "governance-after-lift.png"))
     assert dev.call("POST", "/v1/claims", {"lane": lane})["code"] == "claimed"  # the lift gave the role back

@@ -135,6 +135,7 @@ async def test_the_ban_ladder_threshold_doubling_cap_expiry_reset(admin, db):
     ban = next(b for b in st["bans"] if b["family"] == "cheap")
     assert ban["governance"] == "reflexive" and ban["expires_at"] is not None
     assert [e["action"] for e in st["trail"]][:1] == ["reflexive_ban"]
+    assert st["trail"][0]["family"] == "cheap" and "rejected by reviewers" in st["trail"][0]["reason"]
 
     # The banned family's next claim no longer sees that work; another family's does.
     c = await maker.claim("dev", None)

@@ -18,10 +18,35 @@ export function mountGovernance(shared) {
   const gov = B.el("section", { class: "panel", id: "governance-panel", "aria-labelledby": "governance-h" },
     B.el("h2", { id: "governance-h", text: "Governance" }),
     B.el("h3", { text: "Bans" }), B.el("ul", { id: "gov-bans", class: "rows" }),
+    B.seated() ? banForm() : null,
     B.el("h3", { text: "Strikes" }), B.el("ul", { id: "gov-strikes", class: "rows" }),
     B.el("h3", { text: "Trail" }), B.el("ol", { id: "gov-trail", class: "rows" }));
   panels.prepend(inbox, gov);
   G.root = inbox;
+}
+
+// A permanent ban is a person's decision: family, feature and a reason, all required.
+function banForm() {
+  const family = B.el("input", { type: "text", required: true, placeholder: "family", "aria-label": "ban: family" });
+  const feature = B.el("input", { type: "text", required: true, placeholder: "role:…", "aria-label": "ban: feature" });
+  const reason = B.el("input", { type: "text", required: true, placeholder: "why (kept on the trail)", "aria-label": "ban: reason" });
+  const form = B.el("form", { class: "govform", id: "gov-ban-form", "aria-label": "ban a family permanently",
+    onsubmit: async (e) => {
+      e.preventDefault();
+      const body = { family: family.value.trim(), feature: feature.value.trim(), reason: reason.value.trim() };
+      if (!body.family || !body.feature || !body.reason) return;
+      try {
+        await B.api("POST", "/v1/governance/bans", body);
+        B.toast(`${body.family} banned from ${body.feature}`);
+        form.reset();
+      } catch (err) {
+        B.toast(`ban: ${err.message}`, "error");
+      }
+      refreshGovernance();
+      B.refresh();
+    } },
+    family, feature, reason, B.el("button", { type: "submit", class: "danger", text: "Ban permanently" }));
+  return form;
 }
 
 function when(iso) {
