@@ -537,7 +537,7 @@ function stuckLine(r) {
         el("time", { datetime: r.blocked_since, title: new Date(r.blocked_since).toLocaleString(),
                      text: `${ago(r.blocked_since)} ago` }),
         r.blocked_by_family ? el("span", { text: ` by ${r.blocked_by_family}` }) : null,
-        el("span", { text: " · needs a human to unblock" })));
+        el("span", { text: r.human_must_lift ? " · only a human can unblock it" : " · an agent of this stage or a human can unblock it" })));
   }
   return el("li", { "data-task-id": r.id, "data-kind": r.kind },
     el("span", { class: "badge stuck", text: r.kind.replace("_", " ") }), " ",
