@@ -137,7 +137,7 @@ async def deliveries(w: World) -> tuple[Api, Api, Api]:
 
 async def test_spend_views_fields_and_unknown_spend_is_null(admin: Api):
     w = await make_world(admin)
-    cheap, capable, rev = await deliveries(w)
+    cheap, _, _ = await deliveries(w)
     fams = {r["family"]: r for r in (await admin.get("/v1/spend", params={"group": "family"}))["items"]}
     assert set(fams) == {"cheap", "capable", "reviewers"}
     c = fams["cheap"]
@@ -198,7 +198,7 @@ async def test_spend_by_family_role_for_the_track_record(admin: Api, db: asyncpg
 
 async def test_anomalies(admin: Api, db: asyncpg.Connection):
     w = await make_world(admin)
-    cheap, capable, rev = await deliveries(w)  # cheap: 1 per delivery, capable: 10
+    cheap, _, _ = await deliveries(w)  # cheap: 1 per delivery, capable: 10
     out = await admin.get("/v1/spend/anomalies")
     assert out["thresholds"] == {"multiple": 3.0, "spin_leases": 3.0, "spin_progress": 10, "releases": 3}
     over = out["overspending"]
