@@ -323,17 +323,23 @@ async def test_runner_releases_on_crash_bad_line_timeout_and_shutdown(fleet: Fle
 
 # A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON
 # result (the last stdout line, after the verb line), or not at all; then advances.
+USAGE_SAID = {"model": "tiny-1", "input_tokens": 1500, "output_tokens": 200, "cost": 0.0123456789, "currency": "usd"}
+CLAUDE_RESULT = {"type": "result", "subtype": "success", "is_error": False, "duration_ms": 3952, "result": "done",
+                 "total_cost_usd": 0.10457895,
+                 "usage": {"input_tokens": 2, "cache_creation_input_tokens": 7924, "cache_read_input_tokens": 13368,
+                           "output_tokens": 9},
+                 "modelUsage": {"claude-sonnet-4-5": {"inputTokens": 2}}}
 METERED = r"""
 set -eu
 mode=$("$PY" -c 'import json,sys; print(json.load(sys.stdin)["payload"]["mode"])')
 case "$mode" in
-  line) echo 'AINARRES_USAGE {"model": "tiny-1", "input_tokens": 1500, "output_tokens": 200, "cost": 0.0123456789, "currency": "usd"}' >&2
+  line) echo 'AINARRES_USAGE SAID' >&2
         echo '{"verb": "advance", "to": "review", "note": "metered"}';;
   claude) echo '{"verb": "advance", "to": "review", "note": "metered"}'
-          echo '{"type": "result", "subtype": "success", "is_error": false, "duration_ms": 3952, "result": "done", "total_cost_usd": 0.10457895, "usage": {"input_tokens": 2, "cache_creation_input_tokens": 7924, "cache_read_input_tokens": 13368, "output_tokens": 9}, "modelUsage": {"claude-sonnet-4-5": {"inputTokens": 2}}}';;
+          echo 'CLAUDE';;
   *) echo '{"verb": "advance", "to": "review", "note": "unmetered"}';;
 esac
-"""
+""".replace("SAID", json.dumps(USAGE_SAID)).replace("CLAUDE", json.dumps(CLAUDE_RESULT))
 
 
 async def test_runner_records_what_each_run_cost(fleet: Fleet) -> None:
