@@ -2,6 +2,8 @@
 // this tab's sessionStorage (sent as Authorization: Bearer, never in a URL) and follows the event
 // stream through fetch() streaming, since EventSource cannot send headers.
 
+import { refreshCharts } from "./charts.js";
+
 const TOKEN_KEY = "ainarres.token";
 const PANEL_REFRESH_MS = 10000;   // stuck work depends on time passing, not only on events
 const PANEL_DEBOUNCE_MS = 700;
@@ -510,6 +512,7 @@ async function refreshPanels() {
     all("/v1/demand", p).then(renderDemand),
     all("/v1/agents", p).then(renderAgents),
     all("/v1/track-record", p).then(renderFamilies),
+    refreshCharts(api, $("#charts"), new Set(S.lanes.keys())),
   ];
   for (const r of await Promise.allSettled(jobs)) {
     if (r.status === "rejected" && S.token) console.warn("panel:", r.reason && r.reason.message);
