@@ -17,7 +17,9 @@ WITH st AS (
      ORDER BY e.id
      LIMIT $1
 ), late AS (
-    SELECT e AS ev FROM events e JOIN flow_gaps g ON g.id = e.id
+    -- One primary-key probe per remembered gap (a join could be planned as a scan of events).
+    SELECT x.ev FROM (SELECT (SELECT e FROM events e WHERE e.id = g.id) AS ev FROM flow_gaps g) x
+     WHERE (x.ev).id IS NOT NULL
 ), top AS (
     SELECT coalesce(max((f.ev).id), (SELECT folded_to FROM st)) AS id FROM fresh f
 ), x AS (
