@@ -1,7 +1,7 @@
-"""The spend views stay off the large tables: EXPLAIN each of their statements (and the usage verb's and the
-fold's) over a history of 300k events, 100k tasks, 100k usage reports and 100k per-task spend rows, and check that none scans
-events, tasks, usage or task_spend whole: the views read rollups, the fold walks the events' primary key
-from its high-water mark."""
+"""The spend views stay off the large tables: EXPLAIN each of their statements (and the usage verb's and
+the fold's) over a history of 300k events, 100k tasks, 100k usage reports and 100k per-task spend rows,
+and check that none scans events, tasks, usage or task_spend whole: the views read rollups, the fold walks
+the events' primary key from its high-water mark."""
 
 from __future__ import annotations
 
