@@ -268,3 +268,22 @@ async def test_flow_throughput_and_lead_time_folds_late_commits(admin: Api, db: 
     await tx.commit()
     assert (await admin.get("/v1/flow"))["items"][0]["finished"] == 5
     assert await db.fetchval("SELECT count(*) FROM flow_gaps") == 0
+
+
+async def test_the_fold_goes_in_batches_and_never_waits_for_another(admin: Api, db: asyncpg.Connection, dsn: str):
+    w = await make_world(admin)
+    await deliveries(w)  # 3 tasks: created, claimed ×2, transition ×2 each, plus usage (not an event)
+    events = await db.fetchval("SELECT count(*) FROM events")
+    assert await spend_svc.fold(db, batch=4, max_batches=1) == 4
+    assert await db.fetchval("SELECT coalesce(sum(finished), 0) FROM flow_hours") < 3
+    # Another read folding now: this one does not wait, and reads the rollups as they are.
+    other = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction():
+            await other.fetchval("SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE")
+            assert await spend_svc.fold(db) == 0
+    finally:
+        await other.close()
+    assert await spend_svc.fold(db, batch=4) == events - 4
+    assert [p["finished"] for p in (await admin.get("/v1/flow"))["items"]] == [3]
+    assert await spend_svc.fold(db) == 0

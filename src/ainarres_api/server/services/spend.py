@@ -25,10 +25,11 @@ from ainarres_api.server.services.oversight import _decode_cursor, encode_cursor
 Group = Literal["family", "role", "lane", "family_role"]
 Bucket = Literal["hour", "day"]
 
-# Events folded per transaction, and per read at most (a first read over a large history folds in
-# several calls; each read folds what happened since the last one).
-FOLD_BATCH = 20_000
-FOLD_MAX_BATCHES = 50
+# Events folded per transaction, and batches per read at most: a read after a long quiet period (or the
+# first over a large history) folds at most FOLD_BATCH * FOLD_MAX_BATCHES events and shows the rest on
+# later reads; each read folds what happened since the last one.
+FOLD_BATCH = 10_000
+FOLD_MAX_BATCHES = 20
 
 # Anomaly thresholds (defaults; the anomalies view takes each as a query parameter).
 OVERSPEND_MULTIPLE = 3.0  # cost per delivery above this many times the norm
@@ -96,11 +97,13 @@ async def record(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, bod
 
 
 async def fold(conn: asyncpg.Connection, batch: int = FOLD_BATCH, max_batches: int = FOLD_MAX_BATCHES) -> int:
-    """Catch the flow rollups up with the events recorded since the last fold; returns the events read."""
+    """Catch the flow rollups up with the events recorded since the last fold; returns the events read. While
+    another read is folding, this one does not wait: it reads the rollups as they are."""
     total = 0
     for _ in range(max_batches):
         async with conn.transaction():
-            await conn.fetchval(Q["flow_lock"])
+            if (await conn.fetchrow(Q["flow_lock"])) is None:
+                break
             read = int(await conn.fetchval(Q["flow_fold"], batch))
         total += read
         if read < batch:

@@ -97,8 +97,9 @@ WITH st AS (
 SELECT (SELECT count(*) FROM fresh)::int AS read;
 
 -- name: flow_lock
--- Serialises folds (flow_fold runs after it, in the same transaction, with a snapshot of its own).
-SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE;
+-- Serialises folds (flow_fold runs after it, in the same transaction, with a snapshot of its own). No row:
+-- another read is folding right now; this one reads the rollups as they are rather than wait for it.
+SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE SKIP LOCKED;
 
 -- name: flow_series
 -- Throughput and lead time per lane over time, from the hourly rollup: buckets of $1 ('hour' or
