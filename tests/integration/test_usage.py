@@ -194,6 +194,8 @@ async def test_spend_by_family_role_for_the_track_record(admin: Api, db: asyncpg
     assert out[("cheap", "role:dev")] == [{"currency": "USD", "reports": 2, "cost": "2", "input_tokens": 200,
                                           "output_tokens": 20, "wall_seconds": 4.0, "deliveries": 2,
                                           "cost_per_delivery": "1"}]
+    fams = await spend_svc.spend_by_family(db)
+    assert set(fams) == {"cheap", "capable"} and fams["capable"][0]["cost"] == "10"
 
 
 async def test_anomalies(admin: Api, db: asyncpg.Connection):

@@ -117,16 +117,28 @@ async def groups(conn: asyncpg.Connection, group: Group) -> dict[str, Any]:
     return {"items": [dict(r) for r in await conn.fetch(Q["spend_groups"], group)], "next": None}
 
 
+_SPEND_FIELDS = ("currency", "reports", "cost", "input_tokens", "output_tokens", "wall_seconds", "deliveries",
+                 "cost_per_delivery")
+
+
 async def spend_by_family_role(conn: asyncpg.Connection) -> dict[tuple[str, str | None], list[dict[str, Any]]]:
     """Spend per (family, role) for the track record (beside it, never blended): each key's rows, one per
     currency (currency None: reports without a cost). A (family, role) with no key here reported no usage:
-    its spend is unknown (null), never zero."""
+    its spend is unknown (null), never zero. `role` None: work whose ways out need no role:* feature (the
+    track record's role '')."""
     out: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for r in (await groups(conn, "family_role"))["items"]:
         if r["reports"]:
-            out.setdefault((r["family"], r["role"]), []).append(
-                {k: r[k] for k in ("currency", "reports", "cost", "input_tokens", "output_tokens", "wall_seconds",
-                                   "deliveries", "cost_per_delivery")})
+            out.setdefault((r["family"], r["role"]), []).append({k: r[k] for k in _SPEND_FIELDS})
+    return out
+
+
+async def spend_by_family(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
+    """Spend per family (all roles), as spend_by_family_role gives it per (family, role)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in (await groups(conn, "family"))["items"]:
+        if r["reports"]:
+            out.setdefault(r["family"], []).append({k: r[k] for k in _SPEND_FIELDS})
     return out
 
 
