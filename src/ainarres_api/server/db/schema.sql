@@ -778,11 +778,3 @@ ALTER TABLE ONLY public.transitions
 
 ALTER TABLE ONLY public.transitions
     ADD CONSTRAINT transitions_workflow_fkey FOREIGN KEY (workflow_id) REFERENCES public.workflows(id);
-
-
-ALTER TABLE ONLY public.usage
-    ADD CONSTRAINT usage_event_fkey FOREIGN KEY (event_id) REFERENCES public.events(id);
-
-
-ALTER TABLE ONLY public.usage
-    ADD CONSTRAINT usage_task_fkey FOREIGN KEY (task_id) REFERENCES public.tasks(id);

@@ -48,9 +48,10 @@ CREATE TABLE usage (
     idempotency_key text,
     request_hash text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
+    -- No foreign keys to tasks and events: the usage statement resolves both before it writes, tasks are
+    -- never deleted and events are append-only; a reference would make TRUNCATE of events fail on it
+    -- before the events' own append-only trigger could refuse it.
     CONSTRAINT usage_pkey PRIMARY KEY (id),
-    CONSTRAINT usage_task_fkey FOREIGN KEY (task_id) REFERENCES tasks (id),
-    CONSTRAINT usage_event_fkey FOREIGN KEY (event_id) REFERENCES events (id),
     CONSTRAINT usage_tokens_range CHECK ((input_tokens IS NULL OR input_tokens BETWEEN 0 AND 1000000000000)
                                          AND (output_tokens IS NULL OR output_tokens BETWEEN 0 AND 1000000000000)),
     CONSTRAINT usage_cost_range CHECK (cost IS NULL OR cost BETWEEN 0 AND 1000000000),
