@@ -68,6 +68,10 @@ def seed(live: Live) -> ContractWorld:
     w.call(other["token"], "POST", f"/v1/tasks/{w.tasks['done']}/advance", {"lease": lease, "to": "review"})
     lease = claim(reviewer, "done")
     w.call(reviewer["token"], "POST", f"/v1/tasks/{w.tasks['done']}/advance", {"lease": lease, "to": "done"})
+    # What that work cost (the spend views then answer real rows): one report with a cost, one without.
+    w.call(other["token"], "POST", f"/v1/tasks/{w.tasks['done']}/usage",
+           {"model": "seeded", "input_tokens": 100, "cost": "0.25", "currency": "USD"})
+    w.call(reviewer["token"], "POST", f"/v1/tasks/{w.tasks['done']}/usage", {"output_tokens": 10})
     lease = claim(other, "review")
     w.call(other["token"], "POST", f"/v1/tasks/{w.tasks['review']}/advance", {"lease": lease, "to": "review"})
     lease = claim(other, "blocked")

@@ -100,6 +100,15 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
             assert any(b["family"] == "demo-sloppy" and b["governance"] == "reflexive" for b in gov["bans"])
             assert [r["family"] for r in gov["recommendations"]] == ["demo-sloppy"]
             assert not any(b["family"] != "demo-sloppy" for b in gov["bans"])  # the checkout story banned nobody
+            # The simulated agents report what each step cost: the spend views and the charts have data.
+            spend = {(r["family"], r["currency"]): r for r in items("/v1/spend", group="family")}
+            for fam in ("demo-cheap", "demo-capable", "demo-reviewer"):
+                row = spend[(fam, "USD")]
+                assert row["reports"] >= 1 and row["cost"] is not None and row["deliveries"] >= 1, row
+                assert row["cost_per_delivery"] is not None, row
+            flow = http.get("/v1/flow", params={"lane": tasks[0]["lane"]}).json()["items"]
+            assert sum(p["finished"] for p in flow) == 8
+            assert all(p["lead_time_avg_seconds"] for p in flow if p["finished"])
 
             page = http.get("/board/demo")
             assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -25,7 +25,7 @@ from ainarres_api.server.settings import Settings
 from tests.helpers import Api, make_world
 
 TOOLS = {"me", "claim", "create_task", "heartbeat", "progress", "advance", "reject", "release", "block",
-         "unblock", "show_task", "show_card"}
+         "unblock", "record_usage", "show_task", "show_card"}
 WITHIN = 20.0  # a bound on waiting for an event, never a timing assertion
 
 

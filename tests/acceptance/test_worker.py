@@ -319,3 +319,56 @@ async def test_runner_releases_on_crash_bad_line_timeout_and_shutdown(fleet: Fle
     assert await fleet.stop(w3) == 0
     assert "shut down" in _release_reason(live, late)
     assert _alive_in_group(_started(w3, late)["pid"]) == []
+
+
+# A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON
+# result (the last stdout line, after the verb line), or not at all; then advances.
+USAGE_SAID = {"model": "tiny-1", "input_tokens": 1500, "output_tokens": 200, "cost": 0.0123456789, "currency": "usd"}
+CLAUDE_RESULT = {"type": "result", "subtype": "success", "is_error": False, "duration_ms": 3952, "result": "done",
+                 "total_cost_usd": 0.10457895,
+                 "usage": {"input_tokens": 2, "cache_creation_input_tokens": 7924, "cache_read_input_tokens": 13368,
+                           "output_tokens": 9},
+                 "modelUsage": {"claude-sonnet-4-5": {"inputTokens": 2}}}
+METERED = r"""
+set -eu
+mode=$("$PY" -c 'import json,sys; print(json.load(sys.stdin)["payload"]["mode"])')
+case "$mode" in
+  line) echo 'AINARRES_USAGE SAID' >&2
+        echo '{"verb": "advance", "to": "review", "note": "metered"}';;
+  claude) echo '{"verb": "advance", "to": "review", "note": "metered"}'
+          echo 'CLAUDE';;
+  *) echo '{"verb": "advance", "to": "review", "note": "unmetered"}';;
+esac
+""".replace("SAID", json.dumps(USAGE_SAID)).replace("CLAUDE", json.dumps(CLAUDE_RESULT))
+
+
+async def test_runner_records_what_each_run_cost(fleet: Fleet) -> None:
+    live = fleet.live
+    lane = "metered"
+    creator = _setup(live, lane, review_flow("metered"))
+    ids = {mode: _create(live, creator, lane, mode, priority=prio, payload={"mode": mode})
+           for prio, mode in enumerate(("none", "claude", "line"))}  # line comes first
+    dev = live.mint(f"dev-{lane}")
+    w = await fleet.start("w", dev["token"], METERED, "--max-tasks", "3")
+    assert await asyncio.wait_for(w.proc.wait(), LIMIT) == 0
+    await asyncio.wait_for(w.reader, LIMIT)
+    logged = {e["task"]: e for e in w.events if e["event"] == "usage"}
+    assert set(logged) == set(ids.values()), json.dumps(w.events)
+    spent = {}
+    for mode, tid in ids.items():
+        [row] = live.admin("GET", f"/v1/spend/tasks?task={tid}", expect=200)["items"]
+        spent[mode] = row
+        # Anchored to the runner's own advance.
+        advance = [e for e in _events(live, tid) if e["type"] == "transition"][-1]
+        assert logged[tid]["paid_for"] == advance["id"]
+        assert row["reports"] == 1 and row["wall_seconds"] is not None and row["wall_seconds"] >= 0
+    assert (spent["line"]["cost"], spent["line"]["currency"]) == ("0.012346", "USD")
+    assert (spent["line"]["input_tokens"], spent["line"]["output_tokens"]) == (1500, 200)
+    assert (spent["claude"]["cost"], spent["claude"]["currency"]) == ("0.104579", "USD")
+    assert (spent["claude"]["input_tokens"], spent["claude"]["output_tokens"]) == (2 + 7924 + 13368, 9)
+    assert logged[ids["claude"]]["model"] == "claude-sonnet-4-5" and logged[ids["line"]]["model"] == "tiny-1"
+    # Nothing said: the wall time alone; the cost and tokens stay unknown.
+    none = spent["none"]
+    assert (none["cost"], none["currency"], none["input_tokens"], none["output_tokens"]) == (None, None, None, None)
+    for tid in ids.values():  # the usage lines never hid the verb line
+        assert live.admin("GET", f"/v1/tasks/{tid}", expect=200)["stage"] == "review"

@@ -368,6 +368,16 @@ def cmd_unblock(ctx: Ctx) -> dict[str, Any]:
     return dict(ctx.client.unblock(ctx.args.task, ctx.args.note))
 
 
+def cmd_usage(ctx: Ctx) -> dict[str, Any]:
+    a = ctx.args
+    if a.cost is not None and a.currency is None:
+        raise UsageError("--cost needs --currency (an ISO 4217 code, e.g. USD)")
+    return dict(ctx.client.usage(ctx.task_id(), model=a.model, input_tokens=a.input_tokens,
+                                 output_tokens=a.output_tokens, cost=a.cost, currency=a.currency,
+                                 wall_seconds=a.wall_seconds, event=a.event, family=a.family,
+                                 idempotency_key=a.idempotency_key))
+
+
 def cmd_show(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {"code": "ok", "task": ctx.client.task(ctx.args.task)}
     card = ctx.client.card(ctx.args.task)  # what to do at its stage, and where the work lives
@@ -466,6 +476,19 @@ def build_parser(prog: str = "ainarres agent") -> JsonParser:
                    "the lease left)")
     s.add_argument("--max", type=float, default=600.0, metavar="M", help="stop watching after M seconds "
                    "(default 600)")
+
+    s = add("usage", "record what work on a task cost (leave out what you do not know: unknown is never zero)",
+            cmd_usage)
+    s.add_argument("task", nargs="?", help="task id (default: the one task whose lease is remembered)")
+    s.add_argument("--model")
+    s.add_argument("--input-tokens", type=int, metavar="N")
+    s.add_argument("--output-tokens", type=int, metavar="N")
+    s.add_argument("--cost", metavar="AMOUNT", help="a decimal amount, e.g. 0.042 (with --currency)")
+    s.add_argument("--currency", metavar="CODE", help="ISO 4217, e.g. USD")
+    s.add_argument("--wall-seconds", type=float, metavar="S")
+    s.add_argument("--event", type=int, metavar="ID", help="the event (your transition) it paid for")
+    s.add_argument("--family", help="seat:overseer only: the family it is recorded for")
+    s.add_argument("--idempotency-key", help="the same key and report again is answered as a replay")
 
     s = add("show", "read a task, its stage's card and where its work lives (with --events, its history)", cmd_show)
     s.add_argument("task")

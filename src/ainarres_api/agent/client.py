@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal, TypedDict, cast
 
 import httpx
@@ -205,6 +206,18 @@ class Calls:
         return Call("POST", f"/v1/tasks/{task_id}/unblock", _clean({"note": note}))
 
     @staticmethod
+    def usage(task_id: str, *, model: str | None = None, input_tokens: int | None = None,
+              output_tokens: int | None = None, cost: str | Decimal | None = None, currency: str | None = None,
+              wall_seconds: float | None = None, event: int | None = None, family: str | None = None,
+              idempotency_key: str | None = None) -> Call:
+        # The key is fixed here, once per logical call, so every retry of this Call is the same report.
+        key = idempotency_key or f"client-{uuid.uuid4()}"
+        body = _clean({"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                       "cost": str(cost) if cost is not None else None, "currency": currency,
+                       "wall_seconds": wall_seconds, "event": event, "family": family, "idempotency_key": key})
+        return Call("POST", f"/v1/tasks/{task_id}/usage", body, idempotent=True)
+
+    @staticmethod
     def get(path: str, params: Mapping[str, Any] | None = None) -> Call:
         return Call("GET", path, params=_clean(params or {}) or None, idempotent=True)
 
@@ -383,6 +396,11 @@ class AsyncClient(_Base):
     async def unblock(self, task_id: str, note: str | None = None) -> Result:
         """Make a blocked task claimable again."""
         return cast(Result, await self.send(Calls.unblock(task_id, note)))
+
+    async def usage(self, task_id: str, **report: Any) -> Json:
+        """Record what work on a task cost: model, input_tokens, output_tokens, cost (decimal text) with its
+        currency, wall_seconds, event (the transition it paid for); leave out what is unknown."""
+        return cast(Json, await self.send(Calls.usage(task_id, **report)))
 
     async def task(self, task_id: str) -> Task:
         """Read one task."""
@@ -617,6 +635,10 @@ class Client(_Base):
     def unblock(self, task_id: str, note: str | None = None) -> Result:
         """Make a blocked task claimable again."""
         return cast(Result, self.send(Calls.unblock(task_id, note)))
+
+    def usage(self, task_id: str, **report: Any) -> Json:
+        """Record what work on a task cost (see AsyncClient.usage)."""
+        return cast(Json, self.send(Calls.usage(task_id, **report)))
 
     def task(self, task_id: str) -> Task:
         """Read one task."""

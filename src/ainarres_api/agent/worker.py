@@ -16,6 +16,13 @@ releases the task with the reason; a zero exit releases it too unless the comman
 the task itself. The runner decides nothing about routing: it asks only for work its token allows,
 and the stage to move to comes from the command. SIGINT/SIGTERM stop it cleanly: running commands
 are terminated and their tasks released. Progress is reported as one JSON line per event on stdout.
+
+What the run cost is recorded on the task (POST /v1/tasks/{id}/usage), anchored to the event of the verb
+the runner sent, with the wall time the runner measured. The command may say what it spent in a line
+on stdout or stderr (the last such line counts):
+  AINARRES_USAGE {"model": …, "input_tokens": N, "output_tokens": N, "cost": "0.042", "currency": "USD"}
+Claude Code's `--output-format json` result line ({"type": "result", "total_cost_usd": …, "usage": {…},
+"modelUsage": {…}}) is read too. Anything not said stays unknown (null), never zero.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +59,95 @@ class Outcome:
     status: int | None = None
     stdout: str = ""
     stderr: str = ""
+    wall_seconds: float | None = None
+
+
+USAGE_PREFIX = "AINARRES_USAGE"
+_SIX_PLACES = Decimal("0.000001")
+
+
+def _claude_result(line: str) -> dict[str, Any] | None:
+    """Claude Code's `--output-format json` result object, if the line is one."""
+    if not line.startswith("{") or ("total_cost_usd" not in line and '"usage"' not in line):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("type") == "result" and "verb" not in obj else None
+
+
+def _is_usage_line(line: str) -> bool:
+    line = line.strip()
+    return line.startswith(USAGE_PREFIX) or _claude_result(line) is not None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _amount(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        amount = Decimal(str(value)).quantize(_SIX_PLACES)
+    except InvalidOperation:
+        return None
+    return str(amount) if amount.is_finite() and amount >= 0 else None
+
+
+def usage_line(*outputs: str) -> dict[str, Any] | None:
+    """What the command said it spent: the last `AINARRES_USAGE {json}` line of its output, else the last Claude
+    Code result line, as a usage report (model, input_tokens, output_tokens, cost, currency, wall_seconds);
+    values that are missing or malformed are left out (unknown), never zeroed."""
+    said: dict[str, Any] | None = None
+    claude: dict[str, Any] | None = None
+    for out in outputs:
+        for raw in out.splitlines():
+            line = raw.strip()
+            if line.startswith(USAGE_PREFIX):
+                with contextlib.suppress(ValueError):
+                    obj = json.loads(line[len(USAGE_PREFIX):].strip() or "null")
+                    if isinstance(obj, dict):
+                        said = obj
+            elif (res := _claude_result(line)) is not None:
+                claude = res
+    report: dict[str, Any] = {}
+    if said is not None:
+        if isinstance(said.get("model"), str) and 0 < len(said["model"]) <= 200:
+            report["model"] = said["model"]
+        for k in ("input_tokens", "output_tokens"):
+            if (n := _count(said.get(k))) is not None:
+                report[k] = n
+        cost, currency = _amount(said.get("cost")), said.get("currency")
+        if cost is not None and isinstance(currency, str) and len(currency) == 3 and currency.isalpha():
+            report["cost"], report["currency"] = cost, currency.upper()
+        wall = said.get("wall_seconds")
+        if isinstance(wall, (int, float)) and not isinstance(wall, bool) and 0 <= wall <= 2_592_000:
+            report["wall_seconds"] = float(wall)
+        return report
+    if claude is not None:
+        used: dict[str, Any] = claude["usage"] if isinstance(claude.get("usage"), dict) else {}
+        parts = [_count(used.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
+                                              "cache_read_input_tokens")]
+        if parts[0] is not None:
+            report["input_tokens"] = sum(p or 0 for p in parts)
+        if (n := _count(used.get("output_tokens"))) is not None:
+            report["output_tokens"] = n
+        if (cost := _amount(claude.get("total_cost_usd"))) is not None:
+            report["cost"], report["currency"] = cost, "USD"
+        models = claude.get("modelUsage")
+        if isinstance(models, dict) and models:
+            report["model"] = str(next(iter(models)))[:200]
+        return report
+    return None
 
 
 def verb_line(stdout: str) -> dict[str, Any] | None:
-    """The command's decision: its last non-empty stdout line, if that is a JSON object with a `verb`."""
+    """The command's decision: its last non-empty stdout line (usage lines aside), if that is a JSON object with
+    a `verb`."""
     for line in reversed(stdout.splitlines()):
-        if line.strip():
+        if line.strip() and not _is_usage_line(line):
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -210,7 +302,9 @@ class Runner:
         try:
             async with self.client.held(claim) as hold:
                 outcome = await self._execute(n, claim, hold, scratch)
-                await self._conclude(n, hold, outcome)
+                event = await self._conclude(n, hold, outcome)
+            lease = claim.get("lease")
+            await self._record_usage(n, task_id, str(lease["id"]) if lease else task_id, outcome, event)
         except (Refused, Unreachable) as exc:
             self.log("error", slot=n, task=task_id, detail=str(exc))
         finally:
@@ -250,6 +344,7 @@ class Runner:
                 stderr=asyncio.subprocess.PIPE, env=env, cwd=self.workdir, start_new_session=True)
         except OSError as exc:
             return Outcome("exit", 127, "", f"cannot start the command: {exc}")
+        started = time.monotonic()
         self.log("started", slot=n, task=hold.task_id, pid=proc.pid)
         out, err = bytearray(), bytearray()
 
@@ -288,7 +383,8 @@ class Runner:
             await asyncio.wait_for(asyncio.gather(*io, return_exceptions=True), self.grace)
         for t in io:
             t.cancel()
-        return Outcome(how, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+        return Outcome(how, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
+                       round(time.monotonic() - started, 3))
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the command's process group, then SIGKILL after the grace period."""
@@ -303,31 +399,45 @@ class Runner:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 
-    async def _conclude(self, n: int, hold: Hold, o: Outcome) -> None:
-        """Turn how the command ended into the verb."""
+    async def _conclude(self, n: int, hold: Hold, o: Outcome) -> int | None:
+        """Turn how the command ended into the verb; returns the id of the event the runner's verb recorded."""
         tid = hold.task_id
         if o.how == "lease_lost":
             self.log("lease_lost", slot=n, task=tid, detail=hold.refusal.detail if hold.refusal else "")
-            return
+            return None
         if o.how == "stopped":
-            await self._release(n, hold, "the runner shut down while the command ran")
-            return
+            return await self._release(n, hold, "the runner shut down while the command ran")
         if o.how == "timeout":
-            await self._release(n, hold, f"the command timed out after {self.timeout:g}s")
-            return
+            return await self._release(n, hold, f"the command timed out after {self.timeout:g}s")
         line = verb_line(o.stdout)
         if line is None:
             if o.status != 0:
                 tail = o.stderr.strip()[-1500:]
-                await self._release(n, hold, f"the command crashed (exit {o.status}) without a verb line"
-                                    + (f"; stderr: {tail}" if tail else ""))
-                return
+                return await self._release(n, hold, f"the command crashed (exit {o.status}) without a verb line"
+                                           + (f"; stderr: {tail}" if tail else ""))
             if await self._finished_by_command(hold):
                 self.log("finished", slot=n, task=tid, verb=None, by="command", exit=o.status)
-                return
-            await self._release(n, hold, "the command exited 0 without a verb line saying what to do")
+                return None
+            return await self._release(n, hold, "the command exited 0 without a verb line saying what to do")
+        return await self._apply(n, hold, line, o.status)
+
+    async def _record_usage(self, n: int, task_id: str, lease: str, o: Outcome, event: int | None) -> None:
+        """Record what the run cost: what the command said (usage_line) and the wall time measured here,
+        anchored to the event of the verb the runner sent. Never fails the run."""
+        report = usage_line(o.stdout, o.stderr) or {}
+        if o.wall_seconds is not None:
+            report.setdefault("wall_seconds", min(o.wall_seconds, 2_592_000.0))
+        if not report:
             return
-        await self._apply(n, hold, line, o.status)
+        try:
+            out = await self.client.usage(task_id, **report, event=event, idempotency_key=f"work-{lease}")
+        except (Refused, Unreachable) as exc:
+            self.log("usage_refused", slot=n, task=task_id, detail=str(exc))
+            return
+        u = out.get("usage") or {}
+        self.log("usage", slot=n, task=task_id, paid_for=event, model=u.get("model"),
+                 input_tokens=u.get("input_tokens"), output_tokens=u.get("output_tokens"), cost=u.get("cost"),
+                 currency=u.get("currency"), wall_seconds=u.get("wall_seconds"))
 
     async def _finished_by_command(self, hold: Hold) -> bool:
         try:
@@ -336,7 +446,7 @@ class Runner:
             return False
         return not (task.get("state") == "held" and task.get("holder") == self.sub)
 
-    async def _apply(self, n: int, hold: Hold, line: dict[str, Any], status: int | None) -> None:
+    async def _apply(self, n: int, hold: Hold, line: dict[str, Any], status: int | None) -> int | None:
         verb, to = line.get("verb"), line.get("to")
         note, reason = line.get("note"), line.get("reason")
         artifacts = line.get("artifacts") or None
@@ -349,8 +459,7 @@ class Runner:
                                             and all(isinstance(a, dict) for a in artifacts)):
             problem = "\"artifacts\" must be a list of objects"
         if problem:
-            await self._release(n, hold, f"bad verb line from the command: {problem}")
-            return
+            return await self._release(n, hold, f"bad verb line from the command: {problem}")
         note = note if isinstance(note, str) and note else None
         text = reason if isinstance(reason, str) and reason else note
         try:
@@ -366,22 +475,28 @@ class Runner:
         except Refused as exc:
             if exc.code == "lease_lost":
                 self.log("lease_lost", slot=n, task=hold.task_id, detail=exc.detail)
-                return
+                return None
             self.log("refused", slot=n, task=hold.task_id, verb=verb, code=exc.code, detail=exc.detail)
-            await self._release(n, hold, f"{verb} was refused ({exc.code}): {exc.detail}"[:2000])
-            return
+            return await self._release(n, hold, f"{verb} was refused ({exc.code}): {exc.detail}"[:2000])
         task = res.get("task") or {}
         self.log("finished", slot=n, task=hold.task_id, verb=verb, to=to, code=res.get("code"),
                  stage=task.get("stage"), state=task.get("state"), exit=status)
+        return _event_id(res)
 
-    async def _release(self, n: int, hold: Hold, reason: str) -> None:
+    async def _release(self, n: int, hold: Hold, reason: str) -> int | None:
         try:
             res = await hold.release(reason[:8000])
         except Refused as exc:
             self.log("refused", slot=n, task=hold.task_id, verb="release", code=exc.code, detail=exc.detail)
-            return
+            return None
         self.log("released", slot=n, task=hold.task_id, reason=reason, code=res.get("code"),
                  attempts=(res.get("task") or {}).get("attempts"))
+        return _event_id(res)
+
+
+def _event_id(res: Mapping[str, Any]) -> int | None:
+    ev = res.get("event")
+    return ev["id"] if isinstance(ev, Mapping) and isinstance(ev.get("id"), int) else None
 
 
 def build_parser() -> JsonParser:

@@ -148,7 +148,8 @@ async def _build(sw: Swarm, c: AsyncClient, name: str, capable: bool, got: Any) 
             await sw.pause(effort / 2)
             await h.progress("tried three approaches to the tax tables; none passes the fixtures")
             await sw.pause(effort / 3)
-            await h.release("beyond this model: the rounding rules need a stronger tier")
+            out = await h.release("beyond this model: the rounding rules need a stronger tier")
+            await report_usage(sw, c, name, task["id"], out, effort)
             sw.say(f"{name}: gave “{title}” back (too hard)")
             return
         await sw.pause(effort / 2)
@@ -156,10 +157,11 @@ async def _build(sw: Swarm, c: AsyncClient, name: str, capable: bool, got: Any) 
                          [{"type": "branch", "name": f"feature/{task['payload'].get('part', 'x')}"}])
         await sw.pause(effort / 2)
         sha = f"{random.getrandbits(40):010x}"
-        await h.advance("review", note="ready for review",
-                        artifacts=[{"type": "commit", "sha": sha},
-                                   {"type": "pr", "uri": f"https://git.example/acme/shop/pull/"
-                                                         f"{random.randint(100, 999)}"}])
+        out = await h.advance("review", note="ready for review",
+                              artifacts=[{"type": "commit", "sha": sha},
+                                         {"type": "pr", "uri": f"https://git.example/acme/shop/pull/"
+                                                               f"{random.randint(100, 999)}"}])
+        await report_usage(sw, c, name, task["id"], out, effort)
         sw.say(f"{name}: sent “{title}” to review")
 
 
@@ -184,14 +186,36 @@ async def _review(sw: Swarm, c: AsyncClient, name: str, got: Any) -> None:
         await sw.pause(2.5)
         if task["rework_count"] < int(task["payload"].get("rejects", 0)):
             out = await h.reject("build", "the edge cases are untested: add tests for empty carts")
+            await report_usage(sw, c, name, task["id"], out, 2.5)
             if out["task"]["blocked"]:
                 sw.say(f"{name}: rejected “{task['title']}” again: past its rework cap, "
                        "parked for a human")
             else:
                 sw.say(f"{name}: sent “{task['title']}” back for rework")
         else:
-            await h.advance("done", note="reviewed: tests pass, code is clear")
+            out = await h.advance("done", note="reviewed: tests pass, code is clear")
+            await report_usage(sw, c, name, task["id"], out, 2.5)
             sw.say(f"{name}: approved “{task['title']}”")
+
+
+# What each simulated agent's model costs: (model, USD per million input tokens, per million output tokens).
+# The dying worker never reports: its spend stays unknown.
+MODELS = {"cheap": ("small-coder", 0.25, 1.25), "capable": ("big-coder", 3.0, 15.0),
+          "reviewer": ("careful-reviewer", 1.0, 5.0)}
+
+
+async def report_usage(sw: Swarm, c: AsyncClient, name: str, task_id: str, out: Any, effort: float) -> None:
+    """Record what a step cost (the usage verb), anchored to the event the step recorded, as a runner would
+    (`ainarres work` reads it from its harness): the spend views and the board's charts have data."""
+    model, per_in, per_out = MODELS[name.split("-")[0]]
+    tokens_in = int(effort * random.uniform(2500, 4000))
+    tokens_out = int(effort * random.uniform(300, 600))
+    cost = (tokens_in * per_in + tokens_out * per_out) / 1_000_000
+    event = (out or {}).get("event") or {}
+    with contextlib.suppress(Refused):
+        await c.usage(task_id, model=model, input_tokens=tokens_in, output_tokens=tokens_out,
+                      cost=f"{cost:.6f}", currency="USD", wall_seconds=round(effort / sw.speed, 3),
+                      event=event.get("id"))
 
 
 async def dying_worker(sw: Swarm, name: str) -> None:

@@ -23,6 +23,7 @@ from ainarres_api.server.api import admin as admin_api
 from ainarres_api.server.api import docs, mcp_server, models, outage, problems, verbs
 from ainarres_api.server.api import governance as governance_api
 from ainarres_api.server.api import oversight as oversight_api
+from ainarres_api.server.api import spend as spend_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
 from ainarres_api.server.api.contract import refusals
@@ -240,6 +241,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.include_router(oversight_api.router)
     app.include_router(oversight_api.ops)
     app.include_router(governance_api.router)
+    app.include_router(spend_api.router)
     app.include_router(web_api.router)
     app.include_router(web_api.pages)
     app.router.routes.append(Route(mcp_server.PATH, endpoint=mcp.endpoint(), include_in_schema=False))

@@ -280,7 +280,7 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _validated(model: type[schemas.Body], **fields: Any) -> Any:
+def _validated(model: type[schemas.Body], /, **fields: Any) -> Any:
     """The tool's arguments checked by the same model, so the same bounds, as the HTTP body."""
     try:
         return model.model_validate({k: v for k, v in fields.items() if v is not None})

@@ -270,3 +270,191 @@ class GovernanceStatus(BaseModel):
     recommendations: list[Recommendation] = Field(description="open ones, newest first")
     flags: list[Flag] = Field(description="open ones, newest first")
     trail: list[TrailEntry] = Field(description="the newest entries, newest first (GET /v1/governance/trail pages)")
+
+# Usage and spend (migration 0014; services/spend.py). Amounts of money are exact decimal text; any
+# amount nobody reported is null (unknown), never zero.
+
+
+class UsageRecord(BaseModel):
+    """One usage report as recorded."""
+
+    id: int
+    task_id: uuid.UUID
+    event_id: int | None = Field(description="the event (usually a transition) it paid for, if anchored")
+    lane: str
+    family: str = Field(description="the family that paid")
+    agent: str | None = Field(description="the agent (sub) that paid, when known")
+    role: str | None = Field(description="the role:* feature of the way out of the stage the work was for")
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost: str | None = Field(description="a decimal amount in `currency`, as text; null: unknown")
+    currency: str | None = Field(description="ISO 4217; null when the cost is unknown")
+    wall_seconds: float | None
+    recorded_by: str = Field(description="the sub that recorded it (the agent, or an overseer)")
+    idempotency_key: str | None
+    created_at: datetime
+
+
+class UsageRecorded(BaseModel):
+    """A usage report recorded (`replay`: this very report had been recorded already; nothing was written)."""
+
+    code: Literal["ok"]
+    usage: UsageRecord
+    replay: bool | None = None
+
+
+class SpendRow(BaseModel):
+    """Spend of one group in one currency, beside its deliveries (never blended into them). The group's
+    key fields are set, the others null. A group with deliveries and no usage has one row with every spend
+    field null: unknown, never zero."""
+
+    family: str | None
+    role: str | None = Field(description="the role:* feature of the work; null in a role group: work at a stage "
+                                         "whose ways out need no role")
+    lane: str | None
+    currency: str | None = Field(description="null: the reports that gave no cost")
+    reports: int = Field(description="usage reports in this row")
+    cost: str | None = Field(description="the sum of the reported costs (decimal text); null: unknown")
+    input_tokens: int | None = Field(description="null: no report gave it")
+    output_tokens: int | None
+    token_reports: int = Field(description="reports that gave tokens")
+    wall_seconds: float | None
+    last_at: datetime | None = Field(description="the latest report")
+    deliveries: int = Field(description="family/role groups: advances performed; lane groups: tasks finished")
+    releases: int = Field(description="tasks given back (release) by the group, or in the lane")
+    cost_per_delivery: str | None = Field(description="cost / deliveries; null when either is unknown or zero")
+
+
+class SpendFigure(BaseModel):
+    """Spend in one currency beside a track record (never blended into it)."""
+
+    currency: str | None = Field(description="null: the reports that gave no cost")
+    reports: int
+    cost: str | None = Field(description="decimal text; null: unknown")
+    input_tokens: int | None
+    output_tokens: int | None
+    wall_seconds: float | None
+    deliveries: int
+    cost_per_delivery: str | None = Field(description="cost / deliveries; null when either is unknown or zero")
+
+
+class TaskSpend(BaseModel):
+    """What one family spent on one task in one currency."""
+
+    task_id: uuid.UUID
+    title: str
+    lane: str
+    stage: str
+    state: str
+    delivered: bool = Field(description="the task is done")
+    family: str
+    currency: str | None
+    reports: int
+    cost: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    wall_seconds: float | None
+    first_at: datetime
+    last_at: datetime
+
+
+class Overspending(BaseModel):
+    """A family whose cost per delivery in a role is far above the role's norm (the median of its peers)."""
+
+    family: str
+    role: str | None
+    currency: str
+    cost: str
+    deliveries: int
+    cost_per_delivery: str
+    role_norm: str = Field(description="the median cost per delivery of the other families in the role")
+    peers: int
+    ratio: float | None = Field(description="cost_per_delivery / role_norm")
+
+
+class CostlyTask(BaseModel):
+    """A task on which a family spent far more than its own cost per delivery."""
+
+    task_id: uuid.UUID
+    title: str
+    lane: str
+    stage: str
+    state: str
+    family: str
+    currency: str
+    cost: str
+    family_cost_per_delivery: str
+    ratio: float | None
+    delivered: bool
+
+
+class SpinningHold(BaseModel):
+    """A live hold going round without a transition: held for many leases, or with many progress reports."""
+
+    task_id: uuid.UUID
+    title: str
+    lane: str
+    stage: str
+    holder: str
+    family: str | None
+    held_since: datetime
+    held_for_seconds: float
+    lease_seconds: int
+    leases_spanned: float = Field(description="held_for_seconds / lease_seconds")
+    progress_reports: int = Field(description="progress events in this hold")
+    progress_at: datetime | None
+
+
+class RepeatedRelease(BaseModel):
+    """An unfinished task given back again and again."""
+
+    task_id: uuid.UUID
+    title: str
+    lane: str
+    stage: str
+    state: str
+    releases: int = Field(description="release events, all stages")
+    attempts: int = Field(description="failed holds in the current stage")
+    last_release_at: datetime | None
+    released_by: list[str] = Field(description="families that gave it back")
+
+
+class Thresholds(BaseModel):
+    """The thresholds the anomalies were judged with."""
+
+    multiple: float
+    spin_leases: float
+    spin_progress: int
+    releases: int
+
+
+class SpendAnomalies(BaseModel):
+    """Spend and flow anomalies for an auditor: each list at most 100 rows."""
+
+    thresholds: Thresholds
+    overspending: list[Overspending]
+    costly_tasks: list[CostlyTask]
+    spinning: list[SpinningHold]
+    repeated_releases: list[RepeatedRelease]
+
+
+class FlowPoint(BaseModel):
+    """One lane's flow in one bucket."""
+
+    lane: str
+    bucket: datetime = Field(description="the bucket's start (UTC)")
+    finished: int = Field(description="tasks that reached a terminal stage (throughput)")
+    lead_time_avg_seconds: float | None = Field(description="mean creation-to-finish time; null: none finished")
+    lead_time_max_seconds: float | None
+    advances: int
+    rejects: int
+    releases: int
+
+
+class FlowSeries(BaseModel):
+    """Throughput and lead time per lane over time."""
+
+    bucket: Literal["hour", "day"]
+    since: datetime
+    items: list[FlowPoint]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Caller, Conn, State, require
-from ainarres_api.server.api.models import Page
+from ainarres_api.server.api.models import Page, SpendFigure
 from ainarres_api.server.errors import AinarresError, Invalid, NotEligible
 from ainarres_api.server.metrics import Metrics, waiters_of
 from ainarres_api.server.services import auth, oversight
@@ -186,6 +186,10 @@ class ActiveDenial(BaseModel):
     governance: Literal["reflexive", "permanent"] | None = None
 
 
+SPEND_BESIDE = ("what it reported spending, one row per currency (`ainarres agent usage`); "
+                "null: nothing reported: unknown, never zero")
+
+
 class RoleRecord(BaseModel):
     """A family's track record in one role (the role:* feature its moves exercised; null: moves needing none)."""
 
@@ -201,7 +205,7 @@ class RoleRecord(BaseModel):
                                                            "stage before it advanced them (to within ±9 %)")
     strikes: int = Field(description="strikes since its last ban in this role (governance)")
     bans: int = Field(description="reflexive bans so far in this role")
-    spend: float | None = Field(description="filled by usage (migration 0014); null: unknown, never zero")
+    spend: list[SpendFigure] | None = Field(description=SPEND_BESIDE)
 
 
 class FamilyRecord(BaseModel):
@@ -221,7 +225,7 @@ class FamilyRecord(BaseModel):
     rejects_made: int = Field(description="reject transitions it performed")
     reject_rate: float | None = Field(description="rejected / delivered")
     roles: list[RoleRecord] = Field(description="the same per role, with review share, stage time and strikes")
-    spend: float | None = Field(description="filled by usage (migration 0014); null: unknown, never zero")
+    spend: list[SpendFigure] | None = Field(description=SPEND_BESIDE)
 
 
 def _states(state: list[str] | None) -> tuple[str, ...] | None:

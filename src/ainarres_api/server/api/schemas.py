@@ -6,6 +6,7 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -323,3 +324,39 @@ class LaneIn(Body):
     key: Key
     workflow: Slug
     context: Context = Field(default_factory=dict)
+
+
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", min_length=3, max_length=3, examples=["USD", "EUR"])]
+Tokens = Annotated[StrictInt, Field(ge=0, le=1_000_000_000_000)]
+
+
+class UsageIn(Body):
+    """What a piece of work cost: any of model, tokens, cost (with its currency) and wall time. Leave out what
+    you do not know: an unknown amount stays unknown (null), never zero."""
+
+    model: Annotated[str, Field(min_length=1, max_length=200, examples=["claude-sonnet-4-5"])] | None = Field(
+        default=None, description="the model that did the work")
+    input_tokens: Tokens | None = Field(default=None, description="tokens read (prompt, context)")
+    output_tokens: Tokens | None = Field(default=None, description="tokens written")
+    cost: Annotated[Decimal, Field(ge=0, le=1_000_000_000, max_digits=16, decimal_places=6)] | None = Field(
+        default=None, description="what it cost, a decimal amount (at most 6 decimal places) in `currency`; "
+                                  "send it as a string to keep it exact", examples=["0.0421"])
+    currency: Currency | None = Field(default=None, description="ISO 4217 code of `cost` (needed with it)")
+    wall_seconds: Annotated[float, Field(ge=0, le=2_592_000)] | None = Field(
+        default=None, description="wall-clock time the work took, in seconds")
+    event: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)] | None = Field(
+        default=None, description="the id of the event (usually your transition) this usage paid for; omitted, "
+                                  "the usage is anchored to the task and to the stage of your last claim of it")
+    family: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}$")] | None = Field(
+        default=None, description="seat:overseer only: the family on whose behalf this is recorded (default: "
+                                  "the anchor event's family)")
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="makes retries safe: the same key and report answer the first record (without "
+                                  "a key, a report equal to your last one on this task is taken as its retry)")
+
+    @model_validator(mode="after")
+    def _cost_has_currency(self) -> UsageIn:
+        if (self.cost is None) != (self.currency is None):
+            raise ValueError("cost and currency go together: send both (e.g. \"cost\": \"0.042\", "
+                             "\"currency\": \"USD\"), or neither if the cost is unknown")
+        return self

@@ -1,4 +1,4 @@
-"""The nine agent verbs, each declared once.
+"""The agent verbs, each declared once.
 
 A `Verb` holds everything about one verb: its path, its request body, its answer, the refusals it can
 give, its words for a developer (/docs) and for a model (the MCP tool), and its work: one call into the
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Path, Request, Response
 from pydantic import BaseModel
 from starlette.types import Receive
 
-from ainarres_api.server.api import contract, envelopes
+from ainarres_api.server.api import contract, envelopes, models
 from ainarres_api.server.api.deps import Agent, AppState, FastJSONResponse, Lent
 from ainarres_api.server.api.schemas import (
     AdvanceIn,
@@ -35,6 +35,7 @@ from ainarres_api.server.api.schemas import (
     ReleaseIn,
     TaskCreate,
     UnblockIn,
+    UsageIn,
     check_event_bytes,
 )
 from ainarres_api.server.errors import (
@@ -48,7 +49,7 @@ from ainarres_api.server.errors import (
     NotFound,
     RateLimited,
 )
-from ainarres_api.server.services import claiming, tasks
+from ainarres_api.server.services import claiming, spend, tasks
 from ainarres_api.server.services.auth import Principal
 
 
@@ -170,6 +171,11 @@ async def _block(c: Call, task_id: uuid.UUID | None, body: BlockIn) -> tuple[dic
 async def _unblock(c: Call, task_id: uuid.UUID | None, body: UnblockIn) -> tuple[dict[str, Any], int]:
     assert task_id is not None
     return await tasks.unblock(c.conn, c.caller, task_id, body.note), 200
+
+
+async def _usage(c: Call, task_id: uuid.UUID | None, body: UsageIn) -> tuple[dict[str, Any], int]:
+    assert task_id is not None
+    return await spend.record(c.conn, c.caller, task_id, body.model_dump()), 200
 
 
 _TASK = {"id": "0b6a7c1e-3f2d-4c1a-9e8b-2d4f6a8c0e12", "project": "demo", "lane": "backend", "stage": "review",
@@ -380,6 +386,39 @@ Refusals: not_eligible, conflict (the task is not blocked), not_found.""",
         work=_unblock,
         example={"note": "credentials added to the vault"},
         answer_example={"code": "ok", "task": _TASK, "event": {**_EVENT, "type": "unblocked"}},
+    ),
+    Verb(
+        name="usage", path="/v1/tasks/{task_id}/usage", body=UsageIn, answer=models.UsageRecorded,
+        refusals=(NotFound, NotEligible, Conflict), on_task=True,
+        summary="record what work on a task cost (model, tokens, cost, wall time)",
+        description=(
+            "Records a usage report on a task the caller holds or held (an overseer, `seat:overseer`, may record "
+            "on any task, on behalf of a `family`): model, input and output tokens, `cost` with its ISO 4217 "
+            "`currency`, wall time. Anchor it to the event it paid for with `event` (the id of your transition, "
+            "as its answer gave it); without one it is attributed to the stage of your last claim of the task. "
+            "Leave out what you do not know: an unknown amount stays null, never zero. A retry is safe: the same "
+            "`idempotency_key` and report (or, without a key, a report equal to your last one on this task) "
+            "answers the first record with `replay: true`; the same key with a different report: `409 "
+            "conflict`. Never held the task: `403 not_eligible`; an `event` not of this task (or not yours): "
+            "`422 invalid`."),
+        tool="record_usage", tool_title="Record what my work cost",
+        tool_text="""\
+Record what your work on a task cost, after you advance, reject, release or block it (or while you
+hold it): the model, input_tokens and output_tokens, cost with its currency (e.g. "0.042" and
+"USD"), wall_seconds. Pass `event` (the id of the event your transition answered) to tie it to
+that step. Leave out anything you do not know; never guess a zero. Retrying with the same
+idempotency_key is safe.
+Refusals: not_eligible (you never held this task), not_found, conflict (the key was used for a
+different report), invalid (a bad value, cost without currency, or an event not of this task).""",
+        work=_usage,
+        example={"model": "claude-sonnet-4-5", "input_tokens": 18234, "output_tokens": 2210, "cost": "0.0878",
+                 "currency": "USD", "wall_seconds": 94.2, "event": 1041, "idempotency_key": "run-7f3a"},
+        answer_example={"code": "ok", "usage": {
+            "id": 7, "task_id": _TASK["id"], "event_id": 1041, "lane": "backend", "family": "opencode+qwen3",
+            "agent": "opencode+qwen3.5f1c2a", "role": "role:dev", "model": "claude-sonnet-4-5", "input_tokens": 18234,
+            "output_tokens": 2210, "cost": "0.0878", "currency": "USD", "wall_seconds": 94.2,
+            "recorded_by": "opencode+qwen3.5f1c2a", "idempotency_key": "run-7f3a",
+            "created_at": "2026-12-03T10:06:00+00:00"}},
     ),
 )
 

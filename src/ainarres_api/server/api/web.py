@@ -27,7 +27,8 @@ pages = APIRouter()
 Watcher = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "seat:admin"))]
 
 ASSETS = {"board.js": "text/javascript; charset=utf-8", "board.css": "text/css; charset=utf-8",
-          "governance.js": "text/javascript; charset=utf-8"}
+          "governance.js": "text/javascript; charset=utf-8",
+          "charts.js": "text/javascript; charset=utf-8"}
 # The page loads only its own script and style and talks only to this origin; the token lives in
 # sessionStorage, so nothing else may run in the page or frame it.
 SECURITY_HEADERS = {

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import re
 import uuid
@@ -19,8 +16,9 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Invalid, NotEligible
-from ainarres_api.server.services import pages
+from ainarres_api.server.services import pages, spend
 from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.pages import BAD_CURSOR, decode_cursor, encode_cursor
 
 log = logging.getLogger("ainarres.oversight")
 
@@ -40,16 +38,6 @@ class Filters:
     states: tuple[str, ...] | None = None
 
 
-def encode_cursor(*parts: Any) -> str:
-    """An opaque page cursor for the keyset `parts`."""
-    raw = json.dumps([p.isoformat() if isinstance(p, datetime) else str(p) for p in parts],
-                     separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-_BAD_CURSOR = "cursor: pass back the `next` value of the previous page unchanged"
-# Text PostgreSQL cannot take (NUL) or UTF-8 cannot encode (a lone surrogate).
-_UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
 EVENT_ID_MAX = 2**63 - 1
 
@@ -62,27 +50,14 @@ def event_id(raw: str, name: str) -> int:
     return int(raw)
 
 
-def _decode_cursor(cursor: str | None, n: int) -> list[str] | None:
-    if not cursor:
-        return None
-    try:
-        parts = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error):
-        parts = None
-    if (not isinstance(parts, list) or len(parts) != n
-            or not all(isinstance(p, str) and not _UNSENDABLE.search(p) for p in parts)):
-        raise Invalid(_BAD_CURSOR)
-    return parts
-
-
 def _time_id_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None]:
-    parts = _decode_cursor(cursor, 2)
+    parts = decode_cursor(cursor, 2)
     if parts is None:
         return None, None
     try:
         return datetime.fromisoformat(parts[0]), uuid.UUID(parts[1])
     except ValueError:
-        raise Invalid(_BAD_CURSOR) from None
+        raise Invalid(BAD_CURSOR) from None
 
 
 def _page(items: list[dict[str, Any]], limit: int, *keys: str) -> dict[str, Any]:
@@ -116,7 +91,7 @@ async def feed(conn: asyncpg.Connection, f: Filters, type_: str | None, task_id:
                cursor: str | None, limit: int, max_bytes: int = pages.MAX_PAGE_BYTES) -> dict[str, Any]:
     """Every event, newest first, with its actor's family, lane and stage; a page holds at most `limit`
     events and stops early (with its `next`) past `max_bytes` of them."""
-    parts = _decode_cursor(cursor, 1)
+    parts = decode_cursor(cursor, 1)
     before = event_id(parts[0], "cursor") if parts is not None else None
     rows = await conn.fetch(Q["feed_page"], f.project, f.lane, f.stage, f.family, type_, task_id,
                             list(f.states) if f.states else None, before, limit + 1, max_bytes)
@@ -157,7 +132,7 @@ def _closest(bundle: set[str], families: list[asyncpg.Record]) -> dict[str, Any]
 async def demand(conn: asyncpg.Connection, f: Filters, capable: bool | None, cursor: str | None,
                  limit: int) -> dict[str, Any]:
     """Pending work by the feature bundle it needs, and which enabled families could take it."""
-    parts = _decode_cursor(cursor, 3)
+    parts = decode_cursor(cursor, 3)
     families = await conn.fetch(Q["family_capabilities"])
     items: list[dict[str, Any]] = []
     rows = [((r["lane"], f"{r['stage_position']:09d}", ",".join(r["features"])), r)
@@ -191,7 +166,7 @@ async def demand(conn: asyncpg.Connection, f: Filters, capable: bool | None, cur
 
 async def agents(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit: int) -> dict[str, Any]:
     """Agents seen: their family, what they hold now, when they last called."""
-    parts = _decode_cursor(cursor, 1)
+    parts = decode_cursor(cursor, 1)
     rows = await conn.fetch(Q["agents_page"], f.family, f.lane, f.project, parts[0] if parts else None,
                             limit + 1)
     return _page([dict(r) for r in rows], limit, "sub")
@@ -200,15 +175,19 @@ async def agents(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit
 async def track_record(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit: int
                        ) -> dict[str, Any]:
     """Families: provisioned features, active denials, work delivered and rejected."""
-    parts = _decode_cursor(cursor, 1)
+    parts = decode_cursor(cursor, 1)
     rows = await conn.fetch(Q["track_record_page"], f.family, f.lane, f.project, parts[0] if parts else None,
                             limit + 1)
+    by_family = await spend.spend_by_family(conn)
+    by_role = await spend.spend_by_family_role(conn)
     items = []
     for r in rows:
         it = dict(r)
         it["reject_rate"] = _rate(it["rejected"], it["delivered"])
         it["roles"] = [_role_record(x) for x in it["roles"]]
-        it["spend"] = None  # filled by usage (migration 0014): unknown, never zero
+        for x in it["roles"]:  # spend beside the record, never blended; nothing reported: null, never zero
+            x["spend"] = by_role.get((it["key"], x["role"] or None))
+        it["spend"] = by_family.get(it["key"])
         items.append(it)
     return _page(items, limit, "key")
 
@@ -225,8 +204,7 @@ def _role_record(x: dict[str, Any]) -> dict[str, Any]:
             hist[int(bucket)] = hist.get(int(bucket), 0) + int(n)
     return {**x, "reject_rate": _rate(x["rejected"], x["deliveries"]),
             "cross_family_review_share": _rate(x["reviewed_cross"], x["reviewed"]),
-            "median_stage_seconds": median_of_buckets(hist),
-            "spend": None}  # filled by usage (migration 0014): unknown, never zero
+            "median_stage_seconds": median_of_buckets(hist)}
 
 
 def median_of_buckets(hist: dict[int, int]) -> float | None:

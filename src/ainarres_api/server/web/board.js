@@ -3,6 +3,7 @@
 // stream through fetch() streaming, since EventSource cannot send headers.
 
 import { mountGovernance, refreshGovernance } from "./governance.js";
+import { refreshCharts } from "./charts.js";
 
 const TOKEN_KEY = "ainarres.token";
 const PANEL_REFRESH_MS = 10000;   // stuck work depends on time passing, not only on events
@@ -515,6 +516,7 @@ async function refreshPanels() {
     all("/v1/agents", p).then(renderAgents),
     all("/v1/track-record", p).then(renderFamilies),
     refreshGovernance(),
+    refreshCharts(api, $("#charts"), new Set(S.lanes.keys())),
   ];
   for (const r of await Promise.allSettled(jobs)) {
     if (r.status === "rejected" && S.token) console.warn("panel:", r.reason && r.reason.message);
