@@ -3,6 +3,7 @@
 - The drain alone: SIGTERM while a claim waits and a verb is in flight (held up by a row lock) — the
   waiting claim is answered, the event stream ends, /readyz turns 503 and new requests get a retryable
   503 before the process exits; the verb in flight completes; the process exits 0.
+- `ainarres serve --workers 2`: two workers on one port; /metrics, whichever answers, sums both.
 - Two processes behind a real reverse proxy (Caddy, round robin, health checks on /readyz, retries of
   failed dials): HTTP agents and an MCP client drain a two-stage workflow while each process in turn is
   stopped (SIGTERM) and started again. The MCP session continues across both; the event log shows every
@@ -487,3 +488,46 @@ async def _stages(database: str, ids: list[str]) -> list[Any]:
                                      "WHERE t.id = ANY($1::uuid[])", ids))
     finally:
         await conn.close()
+
+
+# -- several workers in one server --------------------------------------------------------------------
+
+async def test_workers_share_one_port_and_sum_their_metrics(database: str, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    proc = Proc(database, tmp_path / "w", AINARRES_WORKERS="2", AINARRES_DRAIN_SECONDS="10",
+                PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    proc.start()
+    try:
+        conn = await asyncpg.connect(database)
+        try:
+            # Two worker processes: each holds its own LISTEN connection (the wake hub's).
+            deadline = time.monotonic() + WITHIN
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND application_name = 'ainarres-listen'") < 2:
+                assert time.monotonic() < deadline, "two workers never listened"
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        n = 12
+        async with httpx.AsyncClient(base_url=proc.url, timeout=WITHIN) as http:
+            w = await make_world(Api(http, admin_token(proc)), workflow=DRAIN_WORKFLOW, lane="drain")
+            dev = await w.agent("cheap")
+        for i in range(n):  # a new connection each: the kernel hands them to either worker
+            async with httpx.AsyncClient(base_url=proc.url, timeout=WITHIN) as http:
+                r = await Api(http, dev.token).call("POST", "/v1/tasks", {"lane": "drain", "title": f"t{i}"})
+                assert r.status_code == 201, r.text
+        for _ in range(4):  # whichever worker answers, the counts are every worker's
+            async with httpx.AsyncClient(base_url=proc.url, timeout=WITHIN) as http:
+                text = (await http.get("/metrics")).text
+            creates = [float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith('ainarres_verb_calls_total{') and 'verb="create"' in line
+                       and 'code="created"' in line]
+            assert creates == [n], text
+            events = [float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith('ainarres_events_recorded_total{type="created"}')]
+            assert events == [n], text  # the database's figures, once (not summed over the workers)
+        proc.sigterm()
+        assert await asyncio.to_thread(proc.wait, WITHIN) == 0, proc.log()
+    finally:
+        proc.stop()

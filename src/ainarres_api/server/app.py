@@ -149,6 +149,8 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
             forget_hub = drain.on_begin(hub.drain)  # a drain answers the waiting claims at once
             clock = oversight.EventClock(pool, oversight_api.POLL_SECONDS)
             await clock.start()
+            # Under --workers another worker may answer /metrics: this one's gauges are kept current meanwhile.
+            fresh = asyncio.create_task(metrics.keep_fresh(pool, hub)) if metrics.multiprocess_dir else None
             try:
                 app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
                                               limits=Limits(max_payload_bytes=settings.max_payload_bytes,
@@ -158,6 +160,8 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
                 async with mcp.running():  # the MCP sessions end before the hub and the pool
                     yield
             finally:
+                if fresh is not None:
+                    fresh.cancel()
                 forget_hub()
                 await clock.stop()
                 await hub.stop()
