@@ -117,11 +117,9 @@ _TASK_ID_REQUIRED = Annotated[str, Field(description="the task's id")]
 # -- authentication ----------------------------------------------------------------------------------
 
 class Agent(AuthenticatedUser):
-    """The authenticated caller of one MCP HTTP request (scope["user"]).
-
-    Being an AuthenticatedUser lets the SDK bind each MCP session to the agent that opened it: a
-    request for the session with another agent's token is answered as if the session did not exist.
-    """
+    """The authenticated caller of one MCP HTTP request (scope["user"]), as the SDK expects it. A session
+    belongs to the agent that opened it: the guard answers another agent's request for it as if the
+    session did not exist (services.mcp_sessions.touch)."""
 
     def __init__(self, principal: Principal, token: str) -> None:
         super().__init__(AccessToken(token=token, client_id=principal.family, scopes=[],
