@@ -277,3 +277,82 @@ def _jti(token: str) -> str:
     import jwt
 
     return str(jwt.decode(token, options={"verify_signature": False})["jti"])
+
+
+@asynccontextmanager
+async def _another_process(settings: Settings, dsn: str) -> AsyncIterator[str]:
+    """A second app on the same database behind its own socket (as a second API process would be)."""
+    app = create_app(settings, dsn=dsn)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+async def test_sessions_are_shared_and_bounded_across_processes(served: Served, settings: Settings,
+                                                                dsn: str) -> None:
+    # Sessions live in the database: opened on one process, used and ended on another; the per-agent
+    # bound holds exactly over both, even when the openings race.
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "write it"))["task"]
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {dev.token}"}
+    cap = settings.mcp_sessions_per_agent
+    async with _another_process(settings, dsn) as other, httpx.AsyncClient(timeout=WITHIN, headers=headers) as http:
+        assert (await http.get(f"{other}/healthz")).status_code == 200
+        urls = [served.url, other]
+        opened = await asyncio.gather(*(http.post(f"{urls[i % 2]}/mcp", json=init) for i in range(cap + 6)))
+        assert sorted(r.status_code for r in opened) == [200] * cap + [429] * 6, [r.text for r in opened]
+        sid = next(r.headers["mcp-session-id"] for r in opened if r.status_code == 200)
+        session = {"mcp-session-id": sid, "mcp-protocol-version": "2025-06-18"}
+
+        async def tool(url: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+            r = await http.post(f"{url}/mcp", headers=session, json={
+                "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": name, "arguments": args}})
+            assert r.status_code == 200, r.text
+            data = next(json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:"))
+            return dict(data["result"]["structuredContent"])
+
+        assert (await tool(served.url, "claim", {}))["task"]["id"] == task["id"]
+        # The other process knows the lease from the session's memory.
+        assert (await tool(other, "advance", {"to": "review"}))["task"]["stage"] == "review"
+        # Ended on one process, gone on both; room for a new one.
+        assert (await http.delete(f"{other}/mcp", headers=session)).status_code == 200
+        assert (await http.post(f"{served.url}/mcp", headers=session, json=init)).status_code == 404
+        assert (await http.post(f"{served.url}/mcp", json=init)).status_code == 200
+
+
+async def test_an_idle_session_expires(served: Served, settings: Settings, dsn: str) -> None:
+    import asyncpg
+
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {dev.token}"}
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    async with httpx.AsyncClient(base_url=served.url, timeout=WITHIN, headers=headers) as http:
+        sids = [(await http.post("/mcp", json=init)).headers["mcp-session-id"]
+                for _ in range(settings.mcp_sessions_per_agent)]
+        assert (await http.post("/mcp", json=init)).status_code == 429
+        conn = await asyncpg.connect(dsn)
+        try:  # the first session was last seen longer ago than the idle expiry
+            await conn.execute("UPDATE mcp_sessions SET last_seen = now() - make_interval(secs => $2) WHERE id = $1",
+                               sids[0], settings.mcp_session_idle_seconds + 1)
+        finally:
+            await conn.close()
+        session = {"mcp-session-id": sids[0], "mcp-protocol-version": "2025-06-18"}
+        assert (await http.post("/mcp", json=ping, headers=session)).status_code == 404
+        assert (await http.post("/mcp", json=init)).status_code == 200  # its place is free again
+        live = {"mcp-session-id": sids[1], "mcp-protocol-version": "2025-06-18"}
+        assert (await http.post("/mcp", json=ping, headers=live)).status_code == 200

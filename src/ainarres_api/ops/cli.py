@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -21,19 +22,21 @@ if TYPE_CHECKING:  # imported in main: `ainarres agent` starts faster without py
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
+    from ainarres_api.ops import serving
     from ainarres_api.server import limits
     from ainarres_api.server.app import create_app
 
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; the default action would kill the
-    # process before atexit runs, leaving the embedded PostgreSQL behind. Exit through SystemExit instead.
+    # uvicorn re-raises SIGTERM/SIGINT after a forced shutdown; the default action would kill the process
+    # before atexit runs, leaving the embedded PostgreSQL behind. Exit through SystemExit instead. (A drained
+    # shutdown is not re-raised: the process exits 0.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, runtime.exit_on_signal)
     if args.host:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    if args.workers:
+        settings.workers = args.workers
     # The port first: a busy one must fail before the embedded PostgreSQL starts and before a first start
     # prints (and so spends) the one-time admin token.
     try:
@@ -42,19 +45,29 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AINARRES: {exc}", file=sys.stderr, flush=True)
         return 1
     dsn, server = runtime.database(settings)
-    app = create_app(settings, dsn=dsn)
     base = f"http://{settings.host}:{settings.port}"
+    if settings.workers > 1:
+        # Migrations, the first start's admin token and the metrics' starting point once, here; then the
+        # workers share the socket (the kernel spreads connections) and the database.
+        since = asyncio.run(runtime.prepare(dsn, settings))
+        print(f"AINARRES: serving {base} with {settings.workers} worker processes  (API docs: {base}/docs)",
+              flush=True)
+        try:
+            return serving.supervise(sock, dsn, since, settings.workers, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        finally:
+            sock.close()
+            del server
+    app = create_app(settings, dsn=dsn)
     print(f"AINARRES: serving {base}  (API docs: {base}/docs)", flush=True)
     # The limits at the door (header size, read time-outs, keep-alive, concurrency): server/limits.py.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", log_level=settings.log_level,
-                            access_log=False, log_config=None, **limits.uvicorn_options(settings))
-    web = uvicorn.Server(config)
+    options = dict(host=settings.host, port=settings.port, loop="uvloop", log_level=settings.log_level,
+                   access_log=False, log_config=None, **limits.uvicorn_options(settings))
     try:
-        web.run(sockets=[sock])
+        started = serving.serve_app(app, options, [sock], settings.drain_seconds)
     finally:
         sock.close()
     del server
-    return 0 if web.started else 3
+    return 0 if started else 3
 
 
 async def _migrate(dsn: str) -> list[int]:
@@ -115,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and stops it on exit (Ctrl-C or SIGTERM). The first start against an empty database "
                        "prints an admin token once.")
     runtime.listen_arguments(s)
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="API worker processes on the one port and database (default AINARRES_WORKERS, else 1); "
+                        "SIGTERM drains them all")
     s.set_defaults(func=cmd_serve)
     m = sub.add_parser("migrate", help="apply pending migrations and exit",
                        description="Apply pending migrations to the service's database and exit. Without "

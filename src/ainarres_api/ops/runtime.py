@@ -99,6 +99,27 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
         await pool.close()
 
 
+async def prepare(dsn: str, settings: Settings) -> int:
+    """Before several workers start: apply the migrations, make (and print, once) the first start's admin
+    token, and return the newest event id (the workers' metrics count events from there)."""
+    import asyncpg
+
+    from ainarres_api.server.db import migrate
+    from ainarres_api.server.services import admin, oversight
+    from ainarres_api.server.services.auth import Signer
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.apply(conn)
+        boot = await admin.bootstrap(conn, Signer(settings), settings.admin_token_ttl_seconds)
+        since: int = await oversight.last_event_id(conn)
+    finally:
+        await conn.close()
+    if boot is not None:
+        print(f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n", flush=True)
+    return since
+
+
 def listen_arguments(parser: argparse.ArgumentParser) -> None:
     """The --host and --port options `serve` and `demo` share."""
     parser.add_argument("--host", help="address to listen on (default AINARRES_HOST, else 127.0.0.1)")

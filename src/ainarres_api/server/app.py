@@ -18,6 +18,7 @@ from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__
+from ainarres_api.server import drain as draining
 from ainarres_api.server import limits, logs
 from ainarres_api.server.api import admin as admin_api
 from ainarres_api.server.api import docs, mcp_server, models, outage, problems, verbs
@@ -118,13 +119,15 @@ class PublishWakes:
             await self.app(scope, receive, publishing)
 
 
-def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
-    """Build the service for one database; `dsn` overrides settings.database_url."""
+def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = True) -> FastAPI:
+    """Build the service for one database; `dsn` overrides settings.database_url. Without `bootstrap`, the
+    first start's admin token is not made here (`ainarres serve --workers N` makes it once, before them)."""
     target = dsn or settings.database_url
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
     metrics = Metrics()
     mcp = mcp_server.McpFace(lambda: app.state.ainarres)
+    drain = draining.Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,7 +138,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
         try:
             async with pool.acquire() as conn:
                 await migrate.apply(conn)
-                boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds)
+                boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds) if bootstrap else None
                 metrics.start(await oversight.last_event_id(conn))
             if boot is not None:
                 # Printed once, on the first start against an empty database; never logged.
@@ -145,8 +148,11 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
                        pgbouncer=settings.pgbouncer, coalesce_seconds=settings.notify_coalesce_ms / 1000,
                        sweep_seconds=settings.wake_sweep_seconds)
             await hub.start()
+            forget_hub = drain.on_begin(hub.drain)  # a drain answers the waiting claims at once
             clock = oversight.EventClock(pool, oversight_api.POLL_SECONDS)
             await clock.start()
+            # Under --workers another worker may answer /metrics: this one's gauges are kept current meanwhile.
+            fresh = asyncio.create_task(metrics.keep_fresh(pool, hub)) if metrics.multiprocess_dir else None
             try:
                 app.state.ainarres = AppState(settings=settings, pool=pool, signer=signer,
                                               limits=Limits(max_payload_bytes=settings.max_payload_bytes,
@@ -156,6 +162,9 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
                 async with mcp.running():  # the MCP sessions end before the hub and the pool
                     yield
             finally:
+                if fresh is not None:
+                    fresh.cancel()
+                forget_hub()
                 await clock.stop()
                 await hub.stop()
         finally:
@@ -172,6 +181,7 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     )
     docs.install(app)
     app.state.metrics = metrics
+    app.state.drain = drain  # begun on SIGTERM by `ainarres serve` (ops/runtime.py DrainingServer)
 
     @app.exception_handler(AinarresError)
     async def on_refusal(request: Request, exc: AinarresError) -> JSONResponse:
@@ -221,9 +231,14 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["operations"], summary="readiness: the database answers (503 unavailable if not)",
              description="For a load balancer's readiness probe: 200 when the database answers, 503 `unavailable` "
-                         "(with Retry-After) when it does not.", response_model=models.Health,
+                         "(with Retry-After) when it does not, or from the moment the process begins to drain "
+                         "(SIGTERM) until it exits.", response_model=models.Health,
              responses=refusals(Unavailable))
     async def readyz(request: Request) -> Any:
+        if drain.draining:
+            return problems.refusal(Unavailable("this API process is shutting down (draining); send requests to "
+                                                "another", retry_after=draining.RETRY_AFTER_SECONDS),
+                                    request.url.path)
         st: AppState = request.app.state.ainarres
         try:
             async with asyncio.timeout(outage.RETRY_AFTER_SECONDS):
@@ -251,4 +266,5 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> FastAPI:
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)
     app.add_middleware(limits.RateLimit, settings=settings, signer=lambda: app.state.ainarres.signer)
+    app.add_middleware(draining.Draining, drain=drain)  # outermost: a draining process turns new work away first
     return app

@@ -1,18 +1,28 @@
 """Prometheus metrics: one registry per app, a middleware timing the verbs, and scrape-time figures.
 
-Counters of verb calls are per process (sum them across replicas). The counters of escalations,
-blocks, reclaims and events are read from the events table at scrape time, so they include what
-happens inside a claim (lazy recovery) and what every replica did since this process started
-watching: on several replicas aggregate them with max(), not sum().
+Counters of verb calls, claims and the process gauges (claims in flight, waiting claims, streams, pool)
+are kept by each process. Under `ainarres serve --workers N` they are written to PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, set up by the supervisor) and whichever worker answers /metrics
+sums every worker's: one scrape is the whole server. Across separate servers (replicas), sum them.
+
+The figures read from the database at scrape time (events recorded by type, reclaims, escalations, blocks
+since the server started; pending work and leases now) are every replica's: they are rendered by the
+answering process alone (a collector, never summed); on several replicas aggregate them with max(), not
+sum(). Under --workers every worker counts events from the same starting point (the supervisor's), so
+whichever answers gives the same totals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import time
-from typing import Any
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import asyncpg
 from prometheus_client import (
@@ -23,6 +33,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api.server.services.oversight import Scrape
@@ -63,12 +75,51 @@ def _code_of(body: bytes, status: int) -> str:
     return f"http_{status}"
 
 
+class _DatabaseFigures:
+    """The figures read from the database at scrape time, as a collector: rendered by the process that
+    answers the scrape, never written to the multiprocess files (they are every replica's already)."""
+
+    def __init__(self) -> None:
+        self.events: Tally[str] = Tally()
+        self.reclaims = 0
+        self.pending: list[tuple[str, str, int]] = []
+        self.leases: list[tuple[str, int, int]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("ainarres_events_recorded", "Events recorded in the database by type (every "
+                                     "replica) since this server started", labels=["type"])
+        for type_, n in sorted(self.events.items()):
+            events.add_metric([type_], n)
+        yield events
+        yield CounterMetricFamily("ainarres_reclaims", "Claims that took over an expired lease (lazy recovery; "
+                                  "every replica) since this server started", value=self.reclaims)
+        yield CounterMetricFamily("ainarres_escalations", "Tasks escalated to a higher tier (every replica) since "
+                                  "this server started", value=self.events.get("escalated", 0))
+        yield CounterMetricFamily("ainarres_blocks", "Tasks blocked for a human (every replica) since this server "
+                                  "started", value=self.events.get("blocked", 0))
+        pending = GaugeMetricFamily("ainarres_pending_tasks", "Claimable tasks (ready, plus expired holds) by lane "
+                                    "and stage, read at scrape time", labels=["lane", "stage"])
+        for lane, stage, n in self.pending:
+            pending.add_metric([lane, stage], n)
+        yield pending
+        live = GaugeMetricFamily("ainarres_live_leases", "Held tasks whose lease is live, by lane", labels=["lane"])
+        expired = GaugeMetricFamily("ainarres_expired_leases", "Held tasks whose lease ran out (abandoned, "
+                                    "awaiting lazy recovery), by lane", labels=["lane"])
+        for lane, n_live, n_expired in self.leases:
+            live.add_metric([lane], n_live)
+            expired.add_metric([lane], n_expired)
+        yield live
+        yield expired
+
+
 class Metrics:
     """The app's metrics, in a registry of its own (several apps may share one process)."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        # Set by `ainarres serve --workers N` before the workers start (prometheus_client reads it at import).
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.verb_calls = Counter("ainarres_verb_calls", "Agent verb calls by verb and result code "
                                   "(the response's `code`, or the error's)", ["verb", "code"], registry=r)
@@ -77,29 +128,20 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.claims = Counter("ainarres_claims", "Claims by outcome: claimed or empty", ["result"],
                               registry=r)
+        # Each process's own figure; under --workers, summed over the live workers.
+        live: Literal["livesum"] = "livesum"
         self.claims_in_flight = Gauge("ainarres_claims_in_flight", "Claim requests being served now, "
-                                      "long-polling ones included", registry=r)
-        self.events = Counter("ainarres_events_recorded", "Events recorded in the database by type "
-                              "(every replica) since this process started", ["type"], registry=r)
-        self.reclaims = Counter("ainarres_reclaims", "Claims that took over an expired lease (lazy "
-                                "recovery; every replica) since this process started", registry=r)
-        self.escalations = Counter("ainarres_escalations", "Tasks escalated to a higher tier (every "
-                                   "replica) since this process started", registry=r)
-        self.blocks = Counter("ainarres_blocks", "Tasks blocked for a human (every replica) since this "
-                              "process started", registry=r)
-        self.pending = Gauge("ainarres_pending_tasks", "Claimable tasks (ready, plus expired holds) by lane "
-                             "and stage, read at scrape time", ["lane", "stage"], registry=r)
-        self.live_leases = Gauge("ainarres_live_leases", "Held tasks whose lease is live, by lane",
-                                 ["lane"], registry=r)
-        self.expired_leases = Gauge("ainarres_expired_leases", "Held tasks whose lease ran out (abandoned, "
-                                    "awaiting lazy recovery), by lane", ["lane"], registry=r)
+                                      "long-polling ones included", registry=r, multiprocess_mode=live)
         self.longpoll_waiters = Gauge("ainarres_longpoll_waiters", "Claims waiting on the wake hub for "
-                                      "work to appear", registry=r)
+                                      "work to appear", registry=r, multiprocess_mode=live)
         self.streams = Gauge("ainarres_event_streams", "Open event streams (GET /v1/events/stream)",
-                             registry=r)
+                             registry=r, multiprocess_mode=live)
         self.pool_size = Gauge("ainarres_db_pool_connections", "Database pool connections by state",
-                               ["state"], registry=r)
-        self.pool_max = Gauge("ainarres_db_pool_max_connections", "Database pool size limit", registry=r)
+                               ["state"], registry=r, multiprocess_mode=live)
+        self.pool_max = Gauge("ainarres_db_pool_max_connections", "Database pool size limit", registry=r,
+                              multiprocess_mode=live)
+        self.database = _DatabaseFigures()
+        r.register(self.database)
         self._since_event: int | None = None
         # Serialises scrapes: two at once would both count the same events.
         self.lock = asyncio.Lock()
@@ -127,20 +169,16 @@ class Metrics:
 
     def apply(self, scrape: Scrape, pool: asyncpg.Pool, waiters: int | None) -> None:
         """Fold a scrape's database figures into the registry (synchronous: no scrape sees half)."""
-        for type_, n in scrape.events.items():
-            self.events.labels(type_).inc(n)
-        self.reclaims.inc(scrape.reclaimed)
-        self.escalations.inc(scrape.events.get("escalated", 0))
-        self.blocks.inc(scrape.events.get("blocked", 0))
+        db = self.database
+        db.events.update(scrape.events)
+        db.reclaims += scrape.reclaimed
         self._since_event = scrape.last_event_id
-        self.pending.clear()
-        for lane, stage, n in scrape.pending:
-            self.pending.labels(lane, stage).set(n)
-        self.live_leases.clear()
-        self.expired_leases.clear()
-        for lane, live, expired in scrape.leases:
-            self.live_leases.labels(lane).set(live)
-            self.expired_leases.labels(lane).set(expired)
+        db.pending = list(scrape.pending)
+        db.leases = list(scrape.leases)
+        self.process_figures(pool, waiters)
+
+    def process_figures(self, pool: asyncpg.Pool, waiters: int | None) -> None:
+        """Set this process's gauges: its pool, and the claims waiting in it."""
         if waiters is not None:
             self.longpoll_waiters.set(waiters)
         size, idle = pool.get_size(), pool.get_idle_size()
@@ -148,10 +186,22 @@ class Metrics:
         self.pool_size.labels("idle").set(idle)
         self.pool_max.set(pool.get_max_size())
 
+    async def keep_fresh(self, pool: asyncpg.Pool, hub: Any, every: float = 1.0) -> None:
+        """Under --workers: keep this process's gauges current (a scrape is answered by another worker)."""
+        while True:
+            with contextlib.suppress(Exception):
+                self.process_figures(pool, waiters_of(hub))
+            await asyncio.sleep(every)
+
     def render(self) -> bytes:
-        """The registry in Prometheus text format."""
-        out: bytes = generate_latest(self.registry)
-        return out
+        """The registry in Prometheus text format (under --workers: every worker's, summed)."""
+        if self.multiprocess_dir is None:
+            out: bytes = generate_latest(self.registry)
+            return out
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        merged.register(self.database)
+        return bytes(generate_latest(merged))
 
 
 def waiters_of(hub: Any) -> int | None:

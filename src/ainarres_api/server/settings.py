@@ -64,11 +64,18 @@ class Settings(BaseSettings):
     # Requests per second per agent (a token's sub; unauthenticated: per client address), per process.
     rate_limit_per_second: float = Field(default=200, ge=0)  # 0: no limit
     rate_limit_burst: int = Field(default=2000, ge=1)
-    # Per agent (its token's sub), per process: waiting claims (long polls) at once, and open MCP sessions;
-    # an MCP session idle this long is closed; at most this many MCP sessions per process in all.
+    # Per agent (its token's sub): waiting claims (long polls) at once, per process; open MCP sessions, exact
+    # across every process (they are rows); an MCP session idle this long is gone; at most this many MCP
+    # sessions open in all (checked, not serialised across agents).
     max_long_polls_per_agent: int = Field(default=4, ge=1)
     mcp_sessions_per_agent: int = Field(default=8, ge=1)
     mcp_session_idle_seconds: float = Field(default=300, gt=0)
     mcp_max_sessions: int = Field(default=10_000, ge=1)
+
+    # `ainarres serve`: API worker processes on one socket (and one database); and the graceful drain on
+    # SIGTERM (readiness 503 at once, waiting claims answered, streams closed, in-flight requests given at
+    # most this long to finish, then exit 0). See docs/operations.md "Several processes" and "Drain".
+    workers: int = Field(default=1, ge=1, le=256)
+    drain_seconds: float = Field(default=20, ge=0, le=3600)
 
     log_level: str = "info"

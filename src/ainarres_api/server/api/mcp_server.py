@@ -1,11 +1,12 @@
 """The MCP face at /mcp: the nine verbs, `me`, `show_task` and `show_card` as tools for a model.
 
-Built on the official `mcp` SDK (MCPServer, streamable HTTP, stateful sessions). Every HTTP request
-to /mcp is authenticated with the same bearer token and the same `services.auth.authenticate` as
-the REST API, so features are read live on every call; tools then call the services directly on a
-pooled connection. A refusal is a tool error (isError) whose text and structured content carry the
-stable `code`. While an agent holds a task, the MCP session remembers its id and lease, so a model
-may omit both; an explicit `lease` always wins.
+Built on the official `mcp` SDK (MCPServer, streamable HTTP) run stateless: the sessions, and what
+each remembers, live in the database (services.mcp_sessions), so any API process serves any request of
+a session (ADR 0018). Every HTTP request to /mcp is authenticated with the same bearer token and the
+same `services.auth.authenticate` as the REST API, so features are read live on every call; tools then
+call the services directly on a pooled connection. A refusal is a tool error (isError) whose text and
+structured content carry the stable `code`. While an agent holds a task, the MCP session remembers its
+id and lease, so a model may omit both; an explicit `lease` always wins.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import inspect
 import json
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -29,7 +29,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import to_jsonable_python
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ainarres_api import __version__
@@ -37,14 +37,13 @@ from ainarres_api.server.api import schemas, verbs
 from ainarres_api.server.api.deps import AppState, Lent
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
-from ainarres_api.server.services import auth, pages, tasks, wake
+from ainarres_api.server.services import auth, mcp_sessions, pages, tasks, wake
 from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.mcp_sessions import Memory
 
 log = logging.getLogger("ainarres.mcp")
 
 PATH = "/mcp"
-_SESSION_HEADER = "mcp-session-id"
-_MAX_MEMORIES = 10_000
 
 REFUSALS = """\
 Every refusal comes back as a tool error whose text is JSON: {"code", "status", "detail", "task"?}.
@@ -118,11 +117,9 @@ _TASK_ID_REQUIRED = Annotated[str, Field(description="the task's id")]
 # -- authentication ----------------------------------------------------------------------------------
 
 class Agent(AuthenticatedUser):
-    """The authenticated caller of one MCP HTTP request (scope["user"]).
-
-    Being an AuthenticatedUser lets the SDK bind each MCP session to the agent that opened it: a
-    request for the session with another agent's token is answered as if the session did not exist.
-    """
+    """The authenticated caller of one MCP HTTP request (scope["user"]), as the SDK expects it. A session
+    belongs to the agent that opened it: the guard answers another agent's request for it as if the
+    session did not exist (services.mcp_sessions.touch)."""
 
     def __init__(self, principal: Principal, token: str) -> None:
         super().__init__(AccessToken(token=token, client_id=principal.family, scopes=[],
@@ -142,7 +139,18 @@ def _bearer(scope: Scope) -> str | None:
 
 
 class _Guard:
-    """Authenticates every request to /mcp before the SDK sees it; 401 problem+json otherwise."""
+    """Authenticates every request to /mcp before the SDK sees it (401 problem+json otherwise), and keeps the
+    MCP sessions in the database (services.mcp_sessions), so any API process serves any request:
+
+    - an `initialize` POST opens a session (429 past the agent's bound, on every process together) and its
+      answer carries the new Mcp-Session-Id;
+    - a request naming a session is served only if that session is live and the caller's agent opened it
+      (else 404, as if it did not exist: the client opens a new one); it is touched, and the tools read
+      what it remembers;
+    - DELETE ends it; GET is 405 (no server-to-client stream: every answer comes on its POST).
+
+    The SDK itself runs stateless: each request is served on its own, whichever process receives it.
+    """
 
     def __init__(self, face: McpFace) -> None:
         self.face = face
@@ -150,31 +158,109 @@ class _Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         st = self.face.state()
         token = _bearer(scope)
+        method = scope.get("method")
+        sid = next((bytes(v).decode("latin-1") for k, v in scope.get("headers") or [] if k == b"mcp-session-id"),
+                   None)
+        idle = st.settings.mcp_session_idle_seconds
+        opened: str | None = None
         try:
             if token is None:
                 raise Unauthenticated("send Authorization: Bearer <token> with every MCP request; an admin "
                                       "mints tokens with POST /v1/tokens")
             async with st.pool.acquire() as conn:
                 principal = await auth.authenticate(conn, st.signer, token)
-            opening = scope.get("method") == "POST" and not any(k == b"mcp-session-id" for k, _ in scope["headers"])
-            if opening:
-                self.face.admit(principal.sub, st.settings.mcp_sessions_per_agent)
+                if method == "GET":
+                    await _jsonrpc_error("Method Not Allowed: this server opens no stream; every answer comes on "
+                                         "its POST", 405, {"Allow": "POST, DELETE"})(scope, receive, send)
+                    return
+                if sid is not None and method == "DELETE":
+                    if await mcp_sessions.end(conn, sid, principal.sub, idle):
+                        await Response(status_code=200)(scope, receive, send)
+                    else:
+                        await _jsonrpc_error("Session not found", 404)(scope, receive, send)
+                    return
+                if sid is not None:
+                    memory = await mcp_sessions.touch(conn, sid, principal.sub, idle)
+                    if memory is None:  # unknown, expired, ended, or another agent's: all alike
+                        await _jsonrpc_error("Session not found", 404)(scope, receive, send)
+                        return
+                    scope[_SESSION] = (sid, memory)
+            if sid is None and method == "POST":  # the body is read with no connection held
+                body, receive = await _buffered(receive)
+                if _initializes(body):
+                    async with st.pool.acquire() as conn:
+                        opened = await mcp_sessions.open_session(
+                            conn, principal.sub, per_agent=st.settings.mcp_sessions_per_agent,
+                            at_most=st.settings.mcp_max_sessions, idle_seconds=idle)
         except (Unauthenticated, RateLimited) as exc:
             await _problem(exc, scope, receive, send)
             return
         scope["user"] = Agent(principal, token)
-        if not opening:
+        if opened is None:
             await self.face.manager_app(scope, receive, send)
             return
 
-        async def noting(msg: Message) -> None:
+        status = 0
+
+        async def naming(msg: Message) -> None:
+            nonlocal status
             if msg["type"] == "http.response.start":
-                for k, v in msg.get("headers") or []:
-                    if bytes(k).lower() == b"mcp-session-id":
-                        self.face.opened(principal.sub, bytes(v).decode("latin-1"))
+                status = msg["status"]
+                if status < 400:
+                    msg = {**msg, "headers": [*(msg.get("headers") or []),
+                                              (b"mcp-session-id", opened.encode("latin-1"))]}
             await send(msg)
 
-        await self.face.manager_app(scope, receive, noting)
+        try:
+            await self.face.manager_app(scope, receive, naming)
+        finally:
+            if not 0 < status < 400:  # nothing was established: the session is not kept
+                async with st.pool.acquire() as conn:
+                    await mcp_sessions.end(conn, opened, principal.sub, idle)
+
+
+_SESSION = "ainarres.mcp_session"  # scope key: (session id, its memory) for a request of a session
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's body (bounded by the app's BodyLimit), and a `receive` that hands it over again."""
+    chunks: list[bytes] = []
+    first: Message | None = None
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            first = msg
+            break
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def again() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return first if first is not None else {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, again
+
+
+def _initializes(body: bytes) -> bool:
+    """Whether a JSON-RPC body (one message or a batch) is an `initialize` request."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    msgs = doc if isinstance(doc, list) else [doc]
+    return any(isinstance(m, dict) and m.get("method") == "initialize" for m in msgs)
+
+
+def _jsonrpc_error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON-RPC error without a request id, as the SDK answers for a session it does not know."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _problem(exc: AinarresError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,34 +276,14 @@ async def _problem(exc: AinarresError, scope: Scope, receive: Receive, send: Sen
 # -- what a session remembers ------------------------------------------------------------------------
 
 @dataclass
-class Memory:
-    """The holds one MCP session knows of: task id → lease id, and the task claimed last."""
-
-    leases: dict[str, str] = field(default_factory=dict)
-    last: str | None = None
-
-    def hold(self, task_id: str, lease: str) -> None:
-        self.leases[task_id] = lease
-        self.last = task_id
-
-    def forget(self, task_id: str) -> None:
-        self.leases.pop(task_id, None)
-        if self.last == task_id:
-            self.last = next(reversed(self.leases), None)
-
-    def current(self) -> str | None:
-        if self.last in self.leases:
-            return self.last
-        return next(reversed(self.leases), None)
-
-
-@dataclass
 class Call:
-    """One tool call: the caller, what its session remembers, and the shared state."""
+    """One tool call: the caller, what its session remembers (from the database), and the shared state."""
 
     agent: Agent
     memory: Memory
     st: AppState
+    memory_id: str = ""
+    remembered: dict[str, Any] = field(default_factory=dict)
 
     @property
     def p(self) -> Principal:
@@ -226,6 +292,14 @@ class Call:
     def db(self) -> Any:
         """A pooled connection for the call (services open their own transactions on it)."""
         return self.st.pool.acquire()
+
+    async def keep(self) -> None:
+        """Store the memory if the call changed it."""
+        now = self.memory.stored()
+        if now != self.remembered:
+            async with self.db() as conn:
+                await mcp_sessions.remember(conn, self.memory_id, self.memory)
+            self.remembered = now
 
     def task_id(self, given: str | None) -> uuid.UUID:
         tid = given or self.memory.current()
@@ -297,7 +371,6 @@ class McpFace:
 
     def __init__(self, state: Callable[[], AppState]) -> None:
         self.state = state
-        self._memories: OrderedDict[tuple[str, ...], Memory] = OrderedDict()
         root = logging.getLogger()
         saved = (root.handlers[:], root.level)
         self.server: MCPServer[Any] = MCPServer(
@@ -308,16 +381,15 @@ class McpFace:
         root.handlers[:], root.level = saved
         self._register()
         self._manager_app: StreamableHTTPASGIApp | None = None
-        self._sessions: dict[str, set[str]] = {}  # agent sub → the MCP sessions it opened here
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Run the MCP session manager for the app's lifetime (call inside the app's lifespan)."""
         # A session manager runs once; each lifespan gets a new one, so an app may be restarted.
-        settings = self.state().settings
+        # Stateless: the SDK keeps nothing between requests; the sessions and what they remember are in the
+        # database (the guard, services.mcp_sessions), so any process serves any request (ADR 0018).
         self.server.streamable_http_app(
-            streamable_http_path=PATH, stateless_http=False,
-            session_idle_timeout=settings.mcp_session_idle_seconds, max_sessions=settings.mcp_max_sessions,
+            streamable_http_path=PATH, stateless_http=True,
             # Callers authenticate with a bearer token, never a cookie, so DNS rebinding gains an
             # attacker nothing; the Host header is left to the deployment (proxies rewrite it).
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
@@ -329,8 +401,6 @@ class McpFace:
                 yield
             finally:
                 self._manager_app = None
-                self._memories.clear()
-                self._sessions.clear()
 
     async def manager_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._manager_app is None:
@@ -340,69 +410,46 @@ class McpFace:
             return
         await self._manager_app(scope, receive, send)
 
-    def admit(self, sub: str, cap: int) -> None:
-        """Refuse a new MCP session to an agent that already has `cap` open in this process (429)."""
-        if len(self._open_sessions(sub)) >= cap:
-            raise RateLimited(f"you already have {cap} MCP sessions open here (AINARRES_MCP_SESSIONS_PER_AGENT); "
-                              "reuse one (send its Mcp-Session-Id), or end one (DELETE) before opening another",
-                              retry_after=5)
-
-    def opened(self, sub: str, session_id: str) -> None:
-        """Note a session the SDK opened for an agent."""
-        self._sessions.setdefault(sub, set()).add(session_id)
-
-    def _open_sessions(self, sub: str) -> set[str]:
-        # The SDK ends sessions on its own (idle expiry, DELETE): keep only those it still runs.
-        live = getattr(self.server.session_manager, "_server_instances", {}) if self._manager_app else {}
-        mine = {sid for sid in self._sessions.get(sub, set()) if sid in live}
-        if mine:
-            self._sessions[sub] = mine
-        else:
-            self._sessions.pop(sub, None)
-        return mine
-
     def endpoint(self) -> _Guard:
         """The ASGI app to route PATH to."""
         return _Guard(self)
 
-    def _memory(self, ctx: Context[Any, Any], agent: Agent) -> Memory:
-        # One memory per MCP session (and agent: the SDK binds a session to the agent that opened it).
-        # Sessionless requests (the 2026-07-28 protocol) share one memory per token.
-        headers = ctx.headers or {}
-        sid = headers.get(_SESSION_HEADER)
-        key = ("session", sid, agent.principal.sub) if sid else ("token", agent.principal.jti)
-        mem = self._memories.get(key)
-        if mem is None:
-            mem = self._memories[key] = Memory()
-            while len(self._memories) > _MAX_MEMORIES:  # bounded: sessions end without telling us
-                self._memories.popitem(last=False)
-        else:
-            self._memories.move_to_end(key)
-        return mem
-
     async def _run(self, ctx: Context[Any, Any],
                    body: Callable[[Call], Awaitable[dict[str, Any]]]) -> CallToolResult:
         """Resolve the caller, run the tool's service calls, and shape the result or the refusal."""
+        call: Call | None = None
         try:
-            call = self._call(ctx)
+            call = await self._call(ctx)
             with wake.recording() as rec:
                 out = await body(call)
             call.st.wake.publish(rec)  # the services committed: wake claims waiting for this work
-            return _ok(out)
+            result = _ok(out)
         except AinarresError as exc:
-            return _refusal(exc)
+            result = _refusal(exc)
         except asyncpg.PostgresError as exc:
             err = translate(exc)
             if err is None:
                 raise
-            return _refusal(err)
+            result = _refusal(err)
+        if call is not None:
+            await call.keep()  # what the call taught the memory (a refusal too: a dead lease is forgotten)
+        return result
 
-    def _call(self, ctx: Context[Any, Any]) -> Call:
+    async def _call(self, ctx: Context[Any, Any]) -> Call:
         request = ctx.request_context.request
-        agent = getattr(request, "scope", {}).get("user") if request is not None else None
+        scope = getattr(request, "scope", {}) if request is not None else {}
+        agent = scope.get("user")
         if not isinstance(agent, Agent):  # every request to PATH passes the guard; this is a backstop
             raise Unauthenticated("send Authorization: Bearer <token> with every MCP request")
-        return Call(agent, self._memory(ctx, agent), self.state())
+        st = self.state()
+        session = scope.get(_SESSION)
+        if session is not None:  # a request of a session: the guard read its memory
+            sid, memory = session
+        else:  # sessionless (the 2026-07-28 protocol, or a client that never initialized): one memory per token
+            async with st.pool.acquire() as conn:
+                sid, memory = await mcp_sessions.token_memory(conn, agent.principal.jti, agent.principal.sub,
+                                                              st.settings.mcp_session_idle_seconds)
+        return Call(agent, memory, st, sid, memory.stored())
 
     def _verb_tool(self, verb: verbs.Verb) -> Callable[..., Awaitable[CallToolResult]]:
         """The MCP tool of a verb, made from its declaration: its arguments are the verb's body fields (the

@@ -184,7 +184,8 @@ class Wake:
         self._tasks: list[asyncio.Task[None]] = []
         self._reconnecting: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self.closed = False
+        self.closed = False  # no claim waits any more: the process drains or stops
+        self._stopped = False
         self.generation = 0  # LISTEN connections made so far
         self.listener_pid: int | None = None
 
@@ -196,11 +197,19 @@ class Wake:
         self._tasks = [asyncio.create_task(self._flush_loop(), name="ainarres-wake-flush"),
                        asyncio.create_task(self._sweep_loop(), name="ainarres-wake-sweep")]
 
-    async def stop(self) -> None:
-        """Stop listening; every remaining waiter is woken and sees `closed`."""
+    def drain(self) -> None:
+        """The process is draining: every waiting claim is woken, sees `closed` and answers now (a claim that
+        finds nothing answers `empty` instead of waiting). Publishing and listening go on, so what the
+        requests still in flight make claimable is told to the other replicas."""
         self.closed = True
         for w in self._waiters:
             w._signal(None)
+        self._fire_changed()
+
+    async def stop(self) -> None:
+        """Stop listening; every remaining waiter is woken and sees `closed`."""
+        self.drain()
+        self._stopped = True
         tasks = [*self._tasks, *([self._reconnecting] if self._reconnecting else [])]
         for t in tasks:
             t.cancel()
@@ -278,7 +287,7 @@ class Wake:
 
     def publish(self, rec: Recorded) -> None:
         """Wake local waiters for what a committed change made claimable, and tell the other replicas."""
-        if not rec or self.closed:
+        if not rec or self._stopped:
             return
         self._wake_local(rec.routes, rec.rescan)
         self._outbox.update(rec.routes)
@@ -353,13 +362,13 @@ class Wake:
         self._wake_local(routes, rescan)
 
     def _lost(self, _conn: Any) -> None:
-        if not self.closed and self._reconnecting is None:
+        if not self._stopped and self._reconnecting is None:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
         delay = 0.05
         try:
-            while not self.closed:
+            while not self._stopped:
                 try:
                     await self._listen()
                     break
