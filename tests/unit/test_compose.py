@@ -100,6 +100,8 @@ def test_the_stack_is_postgres_pgbouncer_replicas_and_caddy(stack: dict[str, Any
                and v.get("read_only") for v in caddy["volumes"])
     assert {name: dep["condition"] for name, dep in caddy["depends_on"].items()} == \
         dict.fromkeys(apis, "service_healthy")
+    # Caddy balances exactly the api-N services.
+    assert sorted(caddy["environment"]["AINARRES_UPSTREAMS"].split()) == sorted(f"{a}:8080" for a in apis)
 
 
 def test_each_replica_pools_through_pgbouncer_listens_directly_and_is_ready_checked(stack: dict[str, Any]) -> None:
