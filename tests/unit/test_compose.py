@@ -182,9 +182,10 @@ def test_caddy_balances_every_replica_with_the_services_limits(stack: dict[str, 
     defaults = Settings()
     assert proxy["transport"]["keep_alive"]["idle_timeout"] < defaults.http_keepalive_seconds * 1e9
 
-    # The door's limits, as the replicas' own defaults (server/limits.py).
-    assert body["max_size"] == defaults.max_body_bytes
-    assert server["max_header_bytes"] == defaults.http_max_header_bytes
+    # The door's limits: sizes above the replicas' own defaults (so the service's problem+json refusal is
+    # what a client over them sees; server/limits.py), read time-outs the same.
+    assert defaults.max_body_bytes < body["max_size"] <= 4 * defaults.max_body_bytes
+    assert defaults.http_max_header_bytes < server["max_header_bytes"] <= 4 * defaults.http_max_header_bytes
     assert server["read_header_timeout"] == defaults.http_header_timeout_seconds * 1e9
     assert server["read_timeout"] == defaults.http_body_timeout_seconds * 1e9
     assert "write_timeout" not in server  # a long poll answers after up to 60 s
