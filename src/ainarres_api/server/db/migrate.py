@@ -1,4 +1,8 @@
-"""Forward-only numbered migrations, each in its own transaction, under an advisory lock."""
+"""Forward-only numbered migrations, each in its own transaction, under an advisory lock.
+
+The lock is transaction-scoped and every setting is `SET LOCAL`, so the runner leaves no session state
+behind and holds through a pooler in transaction mode (PgBouncer): a session lock taken through it may
+land on one server connection and its unlock on another (ADR 0017)."""
 
 from __future__ import annotations
 
@@ -39,32 +43,32 @@ def available() -> list[Migration]:
     return found
 
 
+_TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
+                version    integer     NOT NULL,
+                name       text        NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                CONSTRAINT ainarres_migrations_pkey PRIMARY KEY (version))"""
+
+
 async def apply(conn: asyncpg.Connection) -> list[int]:
-    """Apply every missing migration; safe to call from several replicas at once."""
+    """Apply every missing migration; safe to call from several replicas at once, directly or through
+    PgBouncer in transaction mode.
+
+    One transaction per migration, each taking the migration lock first (another replica migrating is
+    waited for) and reading what is applied under it; a last transaction finds nothing left to do."""
     applied_now: list[int] = []
-    # Another replica may be migrating (wait for it), and a migration may take long: no session bounds here.
-    await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-    try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS ainarres_migrations (
-                   version    integer     NOT NULL,
-                   name       text        NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now(),
-                   CONSTRAINT ainarres_migrations_pkey PRIMARY KEY (version))"""
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM ainarres_migrations")}
-        for mig in available():
-            if mig.version in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(mig.sql)
-                await conn.execute(
-                    "INSERT INTO ainarres_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name
-                )
-            log.info("applied migration %04d_%s", mig.version, mig.name)
-            applied_now.append(mig.version)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-        await conn.execute("RESET lock_timeout; RESET statement_timeout")
-    return applied_now
+    pending = available()
+    while True:
+        async with conn.transaction():
+            # Another replica may be migrating (wait for it), and a migration may take long: no bounds here.
+            await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(_TABLE)
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM ainarres_migrations")}
+            mig = next((m for m in pending if m.version not in done), None)
+            if mig is None:
+                return applied_now
+            await conn.execute(mig.sql)
+            await conn.execute("INSERT INTO ainarres_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name)
+        log.info("applied migration %04d_%s", mig.version, mig.name)
+        applied_now.append(mig.version)

