@@ -202,6 +202,10 @@ async def test_permanent_ban_and_lift_by_an_overseer_with_the_trail(admin, db):
     again = await admin.post("/v1/governance/bans", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 409)
     assert again["code"] == "conflict"
     assert (await maker.claim("dev", None)).get("task") is None
+    # The admin denial route lifts ordinary denials only: a governance ban is lifted on the trail.
+    side = (await admin.delete("/v1/families/cheap/denials/role:dev", 409)).json()
+    assert side["code"] == "conflict" and "/v1/governance/lifts" in side["detail"]
+    assert (await maker.claim("dev", None)).get("task") is None
 
     lift = await admin.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev",
                                                      "reason": "retrained"}, 200)

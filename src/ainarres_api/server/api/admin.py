@@ -137,7 +137,7 @@ async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[st
                summary="lift a denial",
                description=f"{_GOVERN} The family's agents hold the feature again from their next call. An "
                            "overseer may not lift a `seat:*` denial or one of its own family's (403).",
-               responses={204: {"description": "Lifted."}, **refusals(*_SEAT, NotFound)})
+               responses={204: {"description": "Lifted."}, **refusals(*_SEAT, NotFound, Conflict)})
 async def lift(key: str, feature: str, caller: Governor, conn: Conn) -> Response:
     await admin.lift(conn, caller, key, feature)
     return Response(status_code=204)

@@ -167,8 +167,12 @@ async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dic
 async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str) -> None:
     """Remove a family's denial of a feature."""
     _may_govern(p, family, feature)
-    if await conn.fetchval(Q["denial_delete"], family, feature) is None:
+    row = await conn.fetchrow(Q["denial_delete"], family, feature)
+    if row is None:
         raise NotFound(f"family {family!r} has no denial of {feature!r}")
+    if not row["lifted"]:
+        raise Conflict(f"family {family!r}'s denial of {feature!r} is a {row['governance']} governance ban; lift it "
+                       "with POST /v1/governance/lifts (family, feature, reason), which records it on the trail")
 
 
 async def mint_token(conn: asyncpg.Connection, signer: Signer, p: Principal | None, family: str,

@@ -1,7 +1,12 @@
 -- Administration: vocabulary, families, denials, workflows, projects, lanes.
 
 -- name: denial_delete
-DELETE FROM denials WHERE family_key = $1 AND feature = $2 RETURNING feature;
+-- Lifts an ordinary denial. A governance-made one (reflexive or permanent) stays: its lift goes through
+-- /v1/governance/lifts, which writes the trail. Answers the denial's governance kind, or no row.
+WITH d AS (SELECT governance FROM denials WHERE family_key = $1 AND feature = $2),
+     gone AS (DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND governance IS NULL RETURNING 1)
+SELECT coalesce((SELECT governance FROM d), '') AS governance, (SELECT count(*) FROM gone) AS lifted
+ WHERE EXISTS (SELECT 1 FROM d);
 
 -- name: denial_insert
 -- A denial that has already expired is replaced; an active one is a conflict (no row returned).
