@@ -329,7 +329,15 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
     args = (task_id, lease, kind, to, text, artifacts, p.sub, p.family, sorted(p.features), p.oversees)
     for _ in range(3):
         try:
-            r = await conn.fetchrow(Q["transition"], *args, False)
+            if kind == "reject":
+                # A reject also strikes the producer of the rejected work (governance, ADR 0015), in the same
+                # transaction; an advance pays nothing for it.
+                async with conn.transaction():
+                    r = await conn.fetchrow(Q["transition"], *args, False)
+                    if r["verdict"] in ("ok", "rework_cap"):
+                        await conn.execute(Q["governance_strike"], task_id, r["event"]["id"], p.family)
+            else:
+                r = await conn.fetchrow(Q["transition"], *args, False)
         except asyncpg.QueryCanceledError:
             # The statement time-out: a transition's own work is a few index lookups, so what ran long is
             # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.

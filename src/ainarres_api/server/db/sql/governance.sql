@@ -196,3 +196,97 @@ SELECT state, blocked_by, blocked_reason FROM tasks WHERE id = $1;
 
 -- name: task_known
 SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1);
+
+
+-- name: governance_strike
+-- A reject's strike, run right after an accepted reject (verdict ok or rework_cap) in its transaction
+-- (ADR 0015): the producer of the rejected work — the family, and the role it exercised, whose advance
+-- last brought the task into the stage the reject left — is struck under the policy of that role and
+-- workflow; at the threshold the family gets an expiring denial of the role (never shortening a longer
+-- one, never touching a permanent one), a trail entry, and after enough bans a recommendation.
+-- $1 the task, $2 the reject's event id, $3 the rejecting family.
+WITH x AS (
+    SELECT t.id, fs.id AS stage_id, fs.key AS stage_key, w.key AS workflow_key
+      FROM events rj
+      JOIN tasks t ON t.id = rj.task_id
+      JOIN stages cur ON cur.id = t.stage_id
+      JOIN workflows w ON w.id = cur.workflow_id
+      JOIN stages fs ON fs.workflow_id = w.id AND fs.key = coalesce(rj.data ->> 'from', rj.data -> 'refused' ->> 'from')
+     WHERE rj.id = $2 AND rj.task_id = $1
+), producer AS (
+    SELECT ev.family,
+           coalesce(ev.data ->> 'role',
+                    (SELECT min(f) FROM transitions tr
+                       JOIN stages fs ON fs.id = tr.from_stage AND fs.key = ev.data ->> 'from'
+                      CROSS JOIN unnest(tr.required_features) f
+                      WHERE tr.to_stage = x.stage_id AND tr.kind = 'advance' AND f LIKE 'role:%'), '') AS role
+      FROM x
+      CROSS JOIN LATERAL (SELECT e.family, e.data FROM events e
+                           WHERE e.task_id = x.id AND e.id < $2 AND e.type = 'transition'
+                             AND e.data ->> 'kind' = 'advance' AND e.data ->> 'to' = x.stage_key
+                             AND e.family IS NOT NULL
+                           ORDER BY e.task_id DESC, e.id DESC
+                           LIMIT 1) ev
+), strike AS (
+    -- A reject is a strike for (producer family, producer role), under the policy of that role and workflow.
+    SELECT pr.family, pr.role AS feature, pol.*
+      FROM producer pr, x, LATERAL governance_policy(pr.role, x.workflow_key) pol
+     WHERE pr.role <> ''
+       AND EXISTS (SELECT 1 FROM features f WHERE f.name = pr.role)
+       AND EXISTS (SELECT 1 FROM families f WHERE f.key = pr.family)
+), struck AS (
+    -- At the threshold: one more ban, the strikes start over. The row lock orders concurrent strikes.
+    INSERT INTO governance_strikes AS g (family_key, feature, strikes, threshold, bans, last_strike_at, last_ban_at)
+    SELECT s.family, s.feature, CASE WHEN s.strike_threshold <= 1 THEN 0 ELSE 1 END, s.strike_threshold,
+           CASE WHEN s.strike_threshold <= 1 THEN 1 ELSE 0 END, now(),
+           CASE WHEN s.strike_threshold <= 1 THEN now() END
+      FROM strike s
+    ON CONFLICT ON CONSTRAINT governance_strikes_pkey DO UPDATE
+       SET strikes = CASE WHEN g.strikes + 1 >= excluded.threshold THEN 0 ELSE g.strikes + 1 END,
+           bans = g.bans + CASE WHEN g.strikes + 1 >= excluded.threshold THEN 1 ELSE 0 END,
+           last_ban_at = CASE WHEN g.strikes + 1 >= excluded.threshold THEN now() ELSE g.last_ban_at END,
+           threshold = excluded.threshold, last_strike_at = now()
+ RETURNING g.family_key, g.feature, g.bans, coalesce(g.last_ban_at = now(), false) AS banned
+), ban AS (
+    SELECT st.family_key, st.feature, st.bans, s.strike_threshold, s.recommend_after_bans,
+           least(s.ban_base_seconds * power(2, st.bans - 1), s.ban_cap_seconds)::int AS seconds
+      FROM struck st JOIN strike s ON s.family = st.family_key AND s.feature = st.feature
+     WHERE st.banned
+), denied AS (
+    -- The expiring denial. Governance only removes: it never shortens a longer denial and never touches a
+    -- permanent one (expires_at NULL).
+    INSERT INTO denials AS d (family_key, feature, reason, expires_at, created_by, governance)
+    SELECT b.family_key, b.feature,
+           format('reflexive ban #%s: %s rejected deliveries in %s (threshold %s); lifted automatically after %s s',
+                  b.bans, b.strike_threshold, b.feature, b.strike_threshold, b.seconds),
+           now() + make_interval(secs => b.seconds), 'governance', 'reflexive'
+      FROM ban b
+    ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
+       SET reason = excluded.reason, expires_at = excluded.expires_at, created_by = excluded.created_by,
+           created_at = now(), governance = 'reflexive'
+     WHERE d.expires_at IS NOT NULL AND d.expires_at < excluded.expires_at
+ RETURNING d.family_key, d.feature, d.expires_at
+), ban_trail AS (
+    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason, data)
+    SELECT 'substrate', 'reflexive_ban', b.family_key, b.feature, x.id,
+           format('%s strikes on work produced in %s (rejected by %s)', b.strike_threshold, b.feature, $3::text),
+           jsonb_build_object('bans', b.bans, 'seconds', b.seconds, 'applied', dn.family_key IS NOT NULL,
+                              'expires_at', dn.expires_at)
+      FROM ban b CROSS JOIN x LEFT JOIN denied dn ON true
+), recommended AS (
+    -- After enough reflexive bans the substrate recommends a permanent one; only a human decides.
+    INSERT INTO governance_recommendations AS r (family_key, feature, reason)
+    SELECT b.family_key, b.feature,
+           format('%s reflexive bans of %s from %s (recommend after %s); a human must decide',
+                  b.bans, b.family_key, b.feature, b.recommend_after_bans)
+      FROM ban b
+     WHERE b.bans >= b.recommend_after_bans
+       AND NOT EXISTS (SELECT 1 FROM denials p
+                        WHERE p.family_key = b.family_key AND p.feature = b.feature AND p.expires_at IS NULL)
+    ON CONFLICT (family_key, (coalesce(feature, ''))) WHERE status = 'open' DO NOTHING
+ RETURNING r.family_key, r.feature, r.reason
+), recommend_trail AS (
+    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason)
+    SELECT 'substrate', 'recommend', rc.family_key, rc.feature, x.id, rc.reason FROM recommended rc, x
+)
+SELECT count(*) AS struck FROM struck;

@@ -466,9 +466,10 @@ RETURNING task_json(t) AS task;
 --   guard_failed        the chosen transition's guard is false for the task
 --   no_route            the target route does not exist yet: the service creates it and runs this again
 --   dependents          it would finish a task others wait on, and $11 is false
--- With 'ok' and 'rework_cap' it also keeps the governance books in the same statement (ADR 0015): the track
--- record's counters (credit), and for a reject a strike for the producer of the rejected work, which at
--- the policy's threshold writes an expiring denial of its role, a trail entry and maybe a recommendation.
+-- With 'ok' and 'rework_cap' it also keeps the track record's counters in the same statement (credit, ADR
+-- 0015). A reject's strike (and the ban it may bring) is `governance_strike`, run by the service in the
+-- same transaction after an accepted reject only: in this statement it cost every advance 60 % of the
+-- raw cycle though only rejects use it (performance.md, 2026-12-03 evening).
 --   replay              the caller's own hold under $2 already ended with this very call (same kind, target,
 --                       text and artifacts): `event` is that call's event, nothing changed (a retry whose
 --                       first answer was lost is told the truth)
@@ -564,17 +565,21 @@ WITH locked AS (
     -- Governance (ADR 0015), in the transaction of the move. The producer of the work under this verdict:
     -- the family, and the role it exercised, whose advance last brought the task into its stage. A task
     -- still in the stage it was created in has none: nobody is credited or struck.
+    -- The task's own events only, newest first (events_by_task, backward): a task created in this stage
+    -- has no such event, and the walk must end at the task's first event, not scan the log.
     SELECT ev.family,
            coalesce(ev.data ->> 'role',
                     (SELECT min(f) FROM transitions tr
                        JOIN stages fs ON fs.id = tr.from_stage AND fs.key = ev.data ->> 'from'
                       CROSS JOIN unnest(tr.required_features) f
                       WHERE tr.to_stage = x.stage_id AND tr.kind = 'advance' AND f LIKE 'role:%'), '') AS role
-      FROM x, verdict v, events ev
-     WHERE v.v IN ('ok', 'rework_cap') AND ev.task_id = x.id AND ev.type = 'transition'
-       AND ev.data ->> 'kind' = 'advance' AND ev.data ->> 'to' = x.stage_key AND ev.family IS NOT NULL
-     ORDER BY ev.id DESC
-     LIMIT 1
+      FROM x
+      JOIN verdict v ON v.v IN ('ok', 'rework_cap')
+      CROSS JOIN LATERAL (SELECT e.family, e.data FROM events e
+                           WHERE e.task_id = x.id AND e.type = 'transition' AND e.data ->> 'kind' = 'advance'
+                             AND e.data ->> 'to' = x.stage_key AND e.family IS NOT NULL
+                           ORDER BY e.task_id DESC, e.id DESC
+                           LIMIT 1) ev
 ), credit AS (
     -- The track record's counters (track_counts), in the shard of this backend: the mover's delivery or
     -- reject, the producer's reviewed / rejected.
@@ -601,67 +606,6 @@ WITH locked AS (
            stage_hist = tc.stage_hist || (SELECT coalesce(jsonb_object_agg(j.k, coalesce((tc.stage_hist ->> j.k)::int, 0)
                                                                               + j.n::int), '{}')
                                             FROM jsonb_each_text(excluded.stage_hist) AS j(k, n))
-), strike AS (
-    -- A reject is a strike for (producer family, producer role), under the policy of that role and workflow.
-    SELECT pr.family, pr.role AS feature, pol.*
-      FROM producer pr, x, LATERAL governance_policy(pr.role, x.workflow_key) pol
-     WHERE $3 = 'reject' AND pr.role <> ''
-       AND EXISTS (SELECT 1 FROM features f WHERE f.name = pr.role)
-       AND EXISTS (SELECT 1 FROM families f WHERE f.key = pr.family)
-), struck AS (
-    -- At the threshold: one more ban, the strikes start over. The row lock orders concurrent strikes.
-    INSERT INTO governance_strikes AS g (family_key, feature, strikes, threshold, bans, last_strike_at, last_ban_at)
-    SELECT s.family, s.feature, CASE WHEN s.strike_threshold <= 1 THEN 0 ELSE 1 END, s.strike_threshold,
-           CASE WHEN s.strike_threshold <= 1 THEN 1 ELSE 0 END, now(),
-           CASE WHEN s.strike_threshold <= 1 THEN now() END
-      FROM strike s
-    ON CONFLICT ON CONSTRAINT governance_strikes_pkey DO UPDATE
-       SET strikes = CASE WHEN g.strikes + 1 >= excluded.threshold THEN 0 ELSE g.strikes + 1 END,
-           bans = g.bans + CASE WHEN g.strikes + 1 >= excluded.threshold THEN 1 ELSE 0 END,
-           last_ban_at = CASE WHEN g.strikes + 1 >= excluded.threshold THEN now() ELSE g.last_ban_at END,
-           threshold = excluded.threshold, last_strike_at = now()
- RETURNING g.family_key, g.feature, g.bans, coalesce(g.last_ban_at = now(), false) AS banned
-), ban AS (
-    SELECT st.family_key, st.feature, st.bans, s.strike_threshold, s.recommend_after_bans,
-           least(s.ban_base_seconds * power(2, st.bans - 1), s.ban_cap_seconds)::int AS seconds
-      FROM struck st JOIN strike s ON s.family = st.family_key AND s.feature = st.feature
-     WHERE st.banned
-), denied AS (
-    -- The expiring denial. Governance only removes: it never shortens a longer denial and never touches a
-    -- permanent one (expires_at NULL).
-    INSERT INTO denials AS d (family_key, feature, reason, expires_at, created_by, governance)
-    SELECT b.family_key, b.feature,
-           format('reflexive ban #%s: %s rejected deliveries in %s (threshold %s); lifted automatically after %s s',
-                  b.bans, b.strike_threshold, b.feature, b.strike_threshold, b.seconds),
-           now() + make_interval(secs => b.seconds), 'governance', 'reflexive'
-      FROM ban b
-    ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
-       SET reason = excluded.reason, expires_at = excluded.expires_at, created_by = excluded.created_by,
-           created_at = now(), governance = 'reflexive'
-     WHERE d.expires_at IS NOT NULL AND d.expires_at < excluded.expires_at
- RETURNING d.family_key, d.feature, d.expires_at
-), ban_trail AS (
-    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason, data)
-    SELECT 'substrate', 'reflexive_ban', b.family_key, b.feature, x.id,
-           format('%s strikes on work produced in %s (rejected by %s)', b.strike_threshold, b.feature, $8::text),
-           jsonb_build_object('bans', b.bans, 'seconds', b.seconds, 'applied', dn.family_key IS NOT NULL,
-                              'expires_at', dn.expires_at)
-      FROM ban b CROSS JOIN x LEFT JOIN denied dn ON true
-), recommended AS (
-    -- After enough reflexive bans the substrate recommends a permanent one; only a human decides.
-    INSERT INTO governance_recommendations AS r (family_key, feature, reason)
-    SELECT b.family_key, b.feature,
-           format('%s reflexive bans of %s from %s (recommend after %s); a human must decide',
-                  b.bans, b.family_key, b.feature, b.recommend_after_bans)
-      FROM ban b
-     WHERE b.bans >= b.recommend_after_bans
-       AND NOT EXISTS (SELECT 1 FROM denials p
-                        WHERE p.family_key = b.family_key AND p.feature = b.feature AND p.expires_at IS NULL)
-    ON CONFLICT (family_key, (coalesce(feature, ''))) WHERE status = 'open' DO NOTHING
- RETURNING r.family_key, r.feature, r.reason
-), recommend_trail AS (
-    INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason)
-    SELECT 'substrate', 'recommend', rc.family_key, rc.feature, x.id, rc.reason FROM recommended rc, x
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
     SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data
