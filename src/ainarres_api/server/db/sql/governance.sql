@@ -214,19 +214,9 @@ WITH x AS (
       JOIN stages fs ON fs.workflow_id = w.id AND fs.key = coalesce(rj.data ->> 'from', rj.data -> 'refused' ->> 'from')
      WHERE rj.id = $2 AND rj.task_id = $1
 ), producer AS (
-    SELECT ev.family,
-           coalesce(ev.data ->> 'role',
-                    (SELECT min(f) FROM transitions tr
-                       JOIN stages fs ON fs.id = tr.from_stage AND fs.key = ev.data ->> 'from'
-                      CROSS JOIN unnest(tr.required_features) f
-                      WHERE tr.to_stage = x.stage_id AND tr.kind = 'advance' AND f LIKE 'role:%'), '') AS role
+    SELECT p.family, p.role
       FROM x
-      CROSS JOIN LATERAL (SELECT e.family, e.data FROM events e
-                           WHERE e.task_id = x.id AND e.id < $2 AND e.type = 'transition'
-                             AND e.data ->> 'kind' = 'advance' AND e.data ->> 'to' = x.stage_key
-                             AND e.family IS NOT NULL
-                           ORDER BY e.task_id DESC, e.id DESC
-                           LIMIT 1) ev
+      CROSS JOIN LATERAL producer_of(x.id, x.stage_id, x.stage_key, $2) p
 ), strike AS (
     -- A reject is a strike for (producer family, producer role), under the policy of that role and workflow.
     SELECT pr.family, pr.role AS feature, pol.*

@@ -564,22 +564,11 @@ WITH locked AS (
 ), producer AS (
     -- Governance (ADR 0015), in the transaction of the move. The producer of the work under this verdict:
     -- the family, and the role it exercised, whose advance last brought the task into its stage. A task
-    -- still in the stage it was created in has none: nobody is credited or struck.
-    -- The task's own events only, newest first (events_by_task, backward): a task created in this stage
-    -- has no such event, and the walk must end at the task's first event, not scan the log.
-    SELECT ev.family,
-           coalesce(ev.data ->> 'role',
-                    (SELECT min(f) FROM transitions tr
-                       JOIN stages fs ON fs.id = tr.from_stage AND fs.key = ev.data ->> 'from'
-                      CROSS JOIN unnest(tr.required_features) f
-                      WHERE tr.to_stage = x.stage_id AND tr.kind = 'advance' AND f LIKE 'role:%'), '') AS role
+    -- still in the stage it was created in has none: nobody is credited or struck (producer_of, 0016).
+    SELECT p.family, p.role
       FROM x
       JOIN verdict v ON v.v IN ('ok', 'rework_cap')
-      CROSS JOIN LATERAL (SELECT e.family, e.data FROM events e
-                           WHERE e.task_id = x.id AND e.type = 'transition' AND e.data ->> 'kind' = 'advance'
-                             AND e.data ->> 'to' = x.stage_key AND e.family IS NOT NULL
-                           ORDER BY e.task_id DESC, e.id DESC
-                           LIMIT 1) ev
+      CROSS JOIN LATERAL producer_of(x.id, x.stage_id, x.stage_key, NULL) p
 ), credit AS (
     -- The track record's counters (track_counts), in the shard of this backend: the mover's delivery or
     -- reject, the producer's reviewed / rejected.
