@@ -3,6 +3,7 @@ anomaly and flow view's fields; unknown spend reads null, never zero."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -288,20 +289,30 @@ async def test_flow_throughput_and_lead_time_folds_late_commits(admin: Api, db: 
     assert await db.fetchval("SELECT count(*) FROM flow_gaps") == 0
 
 
-async def test_the_fold_goes_in_batches_and_never_waits_for_another(admin: Api, db: asyncpg.Connection, dsn: str):
+async def test_the_fold_goes_in_batches_and_waits_for_another(admin: Api, db: asyncpg.Connection, dsn: str):
     w = await make_world(admin)
     await deliveries(w)  # 3 tasks: created, claimed ×2, transition ×2 each, plus usage (not an event)
     events = await db.fetchval("SELECT count(*) FROM events")
     assert await spend_svc.fold(db, batch=4, max_batches=1) == 4
     assert await db.fetchval("SELECT coalesce(sum(finished), 0) FROM flow_hours") < 3
-    # Another read folding now: this one does not wait, and reads the rollups as they are.
+    # Another read folding now: this one waits for it (so reads made together agree), then folds the rest.
     other = await asyncpg.connect(dsn)
+    pid = await db.fetchval("SELECT pg_backend_pid()")
     try:
-        async with other.transaction():
-            await other.fetchval("SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE")
-            assert await spend_svc.fold(db) == 0
+        tx = other.transaction()
+        await tx.start()
+        await other.fetchval("SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE")
+        waiting = asyncio.create_task(spend_svc.fold(db, batch=4))
+        for _ in range(2000):  # until the fold is seen waiting on the lock (the event), bounded
+            if await other.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("the fold never waited for the other read's lock")
+        assert not waiting.done()
+        await tx.commit()
+        assert await waiting == events - 4
     finally:
         await other.close()
-    assert await spend_svc.fold(db, batch=4) == events - 4
     assert [p["finished"] for p in (await admin.get("/v1/flow"))["items"]] == [3]
     assert await spend_svc.fold(db) == 0

@@ -98,13 +98,18 @@ async def record(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, bod
 
 async def fold(conn: asyncpg.Connection, batch: int = FOLD_BATCH, max_batches: int = FOLD_MAX_BATCHES) -> int:
     """Catch the flow rollups up with the events recorded since the last fold; returns the events read. While
-    another read is folding, this one does not wait: it reads the rollups as they are."""
+    another read is folding, this one waits for it (up to 5 s; then it reads the rollups as they are), so
+    that reads made together — the board's panels — agree."""
     total = 0
     for _ in range(max_batches):
-        async with conn.transaction():
-            if (await conn.fetchrow(Q["flow_lock"])) is None:
-                break
-            read = int(await conn.fetchval(Q["flow_fold"], batch))
+        try:
+            async with conn.transaction():
+                if (await conn.fetchrow(Q["flow_lock"])) is None:
+                    await conn.execute(Q["flow_lock_patience"])
+                    await conn.fetchrow(Q["flow_lock_wait"])
+                read = int(await conn.fetchval(Q["flow_fold"], batch))
+        except asyncpg.LockNotAvailableError:
+            break
         total += read
         if read < batch:
             break

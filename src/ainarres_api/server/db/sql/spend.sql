@@ -98,8 +98,16 @@ SELECT (SELECT count(*) FROM fresh)::int AS read;
 
 -- name: flow_lock
 -- Serialises folds (flow_fold runs after it, in the same transaction, with a snapshot of its own). No row:
--- another read is folding right now; this one reads the rollups as they are rather than wait for it.
+-- another read is folding right now; this one waits for it, bounded (flow_lock_patience, flow_lock_wait).
 SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE SKIP LOCKED;
+
+-- name: flow_lock_patience
+-- How long a read waits for another read's fold before it reads the rollups as they are (this transaction).
+SELECT set_config('lock_timeout', '5000', true);
+
+-- name: flow_lock_wait
+-- Waits for the read that is folding right now, so that this read is not staler than that one.
+SELECT folded_to FROM flow_fold WHERE id = 1 FOR UPDATE;
 
 -- name: flow_series
 -- Throughput and lead time per lane over time, from the hourly rollup: buckets of $1 ('hour' or
