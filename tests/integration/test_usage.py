@@ -187,15 +187,14 @@ async def test_spend_views_fields_and_unknown_spend_is_null(admin: Api):
         assert (await cheap.get(path, 403))["code"] == "not_eligible"
 
 
-async def test_spend_by_family_role_for_the_track_record(admin: Api, db: asyncpg.Connection):
+async def test_spend_beside_the_track_record(admin: Api, db: asyncpg.Connection):
     w = await make_world(admin)
     await deliveries(w)
-    out = await spend_svc.spend_by_family_role(db)
+    fams, out = await spend_svc.beside_track_record(db)
     assert set(out) == {("cheap", "role:dev"), ("capable", "role:dev")}  # reviewers: unknown, absent
     assert out[("cheap", "role:dev")] == [{"currency": "USD", "reports": 2, "cost": "2", "input_tokens": 200,
                                           "output_tokens": 20, "wall_seconds": 4.0, "deliveries": 2,
                                           "cost_per_delivery": "1"}]
-    fams = await spend_svc.spend_by_family(db)
     assert set(fams) == {"cheap", "capable"} and fams["capable"][0]["cost"] == "10"
 
 

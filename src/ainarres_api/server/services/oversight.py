@@ -178,8 +178,7 @@ async def track_record(conn: asyncpg.Connection, f: Filters, cursor: str | None,
     parts = decode_cursor(cursor, 1)
     rows = await conn.fetch(Q["track_record_page"], f.family, f.lane, f.project, parts[0] if parts else None,
                             limit + 1)
-    by_family = await spend.spend_by_family(conn)
-    by_role = await spend.spend_by_family_role(conn)
+    by_family, by_role = await spend.beside_track_record(conn)
     items = []
     for r in rows:
         it = dict(r)

@@ -116,9 +116,10 @@ async def fold(conn: asyncpg.Connection, batch: int = FOLD_BATCH, max_batches: i
     return total
 
 
-async def groups(conn: asyncpg.Connection, group: Group) -> dict[str, Any]:
-    """Spend per family, role, lane, or (family, role), beside deliveries."""
-    await fold(conn)
+async def groups(conn: asyncpg.Connection, group: Group, *, caught_up: bool = False) -> dict[str, Any]:
+    """Spend per family, role, lane, or (family, role), beside deliveries (`caught_up`: the caller folded)."""
+    if not caught_up:
+        await fold(conn)
     return {"items": [dict(r) for r in await conn.fetch(Q["spend_groups"], group)], "next": None}
 
 
@@ -126,25 +127,25 @@ _SPEND_FIELDS = ("currency", "reports", "cost", "input_tokens", "output_tokens",
                  "cost_per_delivery")
 
 
-async def spend_by_family_role(conn: asyncpg.Connection) -> dict[tuple[str, str | None], list[dict[str, Any]]]:
-    """Spend per (family, role) for the track record (beside it, never blended): each key's rows, one per
-    currency (currency None: reports without a cost). A (family, role) with no key here reported no usage:
-    its spend is unknown (null), never zero. `role` None: work whose ways out need no role:* feature (the
-    track record's role '')."""
-    out: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
-    for r in (await groups(conn, "family_role"))["items"]:
-        if r["reports"]:
-            out.setdefault((r["family"], r["role"]), []).append({k: r[k] for k in _SPEND_FIELDS})
-    return out
+Figures = list[dict[str, Any]]
 
 
-async def spend_by_family(conn: asyncpg.Connection) -> dict[str, list[dict[str, Any]]]:
-    """Spend per family (all roles), as spend_by_family_role gives it per (family, role)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in (await groups(conn, "family"))["items"]:
+async def beside_track_record(conn: asyncpg.Connection
+                              ) -> tuple[dict[str, Figures], dict[tuple[str, str | None], Figures]]:
+    """Spend per family and per (family, role) for the track record (beside it, never blended), after one
+    fold: each key's rows, one per currency (currency None: reports without a cost). A key absent here
+    reported no usage: its spend is unknown (null), never zero. `role` None: work whose ways out need no
+    role:* feature (the track record's role '')."""
+    await fold(conn)
+    by_family: dict[str, Figures] = {}
+    for r in (await groups(conn, "family", caught_up=True))["items"]:
         if r["reports"]:
-            out.setdefault(r["family"], []).append({k: r[k] for k in _SPEND_FIELDS})
-    return out
+            by_family.setdefault(r["family"], []).append({k: r[k] for k in _SPEND_FIELDS})
+    by_role: dict[tuple[str, str | None], Figures] = {}
+    for r in (await groups(conn, "family_role", caught_up=True))["items"]:
+        if r["reports"]:
+            by_role.setdefault((r["family"], r["role"]), []).append({k: r[k] for k in _SPEND_FIELDS})
+    return by_family, by_role
 
 
 def _task_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None, str | None, str | None]:

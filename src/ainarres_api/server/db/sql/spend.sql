@@ -359,14 +359,11 @@ WITH t AS (
       FROM ins i
     ON CONFLICT ON CONSTRAINT spend_totals_pkey DO UPDATE
        SET reports = s.reports + 1,
-           cost = CASE WHEN EXCLUDED.cost IS NULL THEN s.cost ELSE coalesce(s.cost, 0) + EXCLUDED.cost END,
-           input_tokens = CASE WHEN EXCLUDED.input_tokens IS NULL THEN s.input_tokens
-                               ELSE coalesce(s.input_tokens, 0) + EXCLUDED.input_tokens END,
-           output_tokens = CASE WHEN EXCLUDED.output_tokens IS NULL THEN s.output_tokens
-                                ELSE coalesce(s.output_tokens, 0) + EXCLUDED.output_tokens END,
+           cost = coalesce(s.cost + EXCLUDED.cost, s.cost, EXCLUDED.cost),
+           input_tokens = coalesce(s.input_tokens + EXCLUDED.input_tokens, s.input_tokens, EXCLUDED.input_tokens),
+           output_tokens = coalesce(s.output_tokens + EXCLUDED.output_tokens, s.output_tokens, EXCLUDED.output_tokens),
            token_reports = s.token_reports + EXCLUDED.token_reports,
-           wall_seconds = CASE WHEN EXCLUDED.wall_seconds IS NULL THEN s.wall_seconds
-                               ELSE coalesce(s.wall_seconds, 0) + EXCLUDED.wall_seconds END,
+           wall_seconds = coalesce(s.wall_seconds + EXCLUDED.wall_seconds, s.wall_seconds, EXCLUDED.wall_seconds),
            last_at = greatest(s.last_at, EXCLUDED.last_at)
 ), per_task AS (
     INSERT INTO task_spend AS s (task_id, family, currency, lane_id, reports, cost, input_tokens, output_tokens,
@@ -377,13 +374,10 @@ WITH t AS (
       FROM ins i
     ON CONFLICT ON CONSTRAINT task_spend_pkey DO UPDATE
        SET reports = s.reports + 1,
-           cost = CASE WHEN EXCLUDED.cost IS NULL THEN s.cost ELSE coalesce(s.cost, 0) + EXCLUDED.cost END,
-           input_tokens = CASE WHEN EXCLUDED.input_tokens IS NULL THEN s.input_tokens
-                               ELSE coalesce(s.input_tokens, 0) + EXCLUDED.input_tokens END,
-           output_tokens = CASE WHEN EXCLUDED.output_tokens IS NULL THEN s.output_tokens
-                                ELSE coalesce(s.output_tokens, 0) + EXCLUDED.output_tokens END,
-           wall_seconds = CASE WHEN EXCLUDED.wall_seconds IS NULL THEN s.wall_seconds
-                               ELSE coalesce(s.wall_seconds, 0) + EXCLUDED.wall_seconds END,
+           cost = coalesce(s.cost + EXCLUDED.cost, s.cost, EXCLUDED.cost),
+           input_tokens = coalesce(s.input_tokens + EXCLUDED.input_tokens, s.input_tokens, EXCLUDED.input_tokens),
+           output_tokens = coalesce(s.output_tokens + EXCLUDED.output_tokens, s.output_tokens, EXCLUDED.output_tokens),
+           wall_seconds = coalesce(s.wall_seconds + EXCLUDED.wall_seconds, s.wall_seconds, EXCLUDED.wall_seconds),
            last_at = greatest(s.last_at, EXCLUDED.last_at)
 )
 SELECT v.v AS verdict,
