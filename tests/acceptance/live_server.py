@@ -102,6 +102,21 @@ def run_ainarres(args: list[str], env: dict[str, str], timeout: float = 60
     return subprocess.run([*AINARRES, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def until_ready(url: str, proc: subprocess.Popen[bytes], log: Path, within: float = 60) -> None:
+    """Wait until a child process answers 200 at `url` (it dying, or `within` seconds passing, fails)."""
+    deadline = time.monotonic() + within
+    with httpx.Client(timeout=5) as http:
+        while True:  # readiness of a child process: nothing to wait on but its answer
+            assert proc.poll() is None, log.read_text(errors="replace")
+            try:
+                if http.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} did not become ready: {log.read_text(errors='replace')}"
+            time.sleep(0.05)
+
+
 @contextmanager
 def serve(dsn: str, data_dir: Path) -> Iterator[Live]:
     """Start `ainarres serve` on a free port against `dsn`; stop it afterwards."""
@@ -117,16 +132,7 @@ def serve(dsn: str, data_dir: Path) -> Iterator[Live]:
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=30)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness: nothing to wait on but the socket itself
-            assert proc.poll() is None, (data_dir / "server.log").read_text()
-            try:
-                if http.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+        until_ready(f"{url}/healthz", proc, data_dir / "server.log")
         minted = run_ainarres(["token", "--family", "admin"], env)
         assert minted.returncode == 0, minted.stdout + minted.stderr
         token = json.loads(minted.stdout.strip().splitlines()[-1])["token"]

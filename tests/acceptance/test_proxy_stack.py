@@ -25,7 +25,7 @@ import pytest
 
 from ainarres_api.server.services import auth
 from ainarres_api.server.settings import Settings
-from tests.acceptance.live_server import clean_env, clone_database, free_port
+from tests.acceptance.live_server import clean_env, clone_database, free_port, until_ready
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api, make_world
 from tests.integration import test_smoke
@@ -38,19 +38,6 @@ pytestmark = pytest.mark.skipif(
     PGBOUNCER is None,
     reason="pgbouncer is not installed (apt-get install pgbouncer): the compose topology is not exercised here",
 )
-
-
-def _until_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:  # readiness of a child process: nothing to wait on but its answer
-        assert proc.poll() is None, log.read_text(errors="replace")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not become ready: {log.read_text(errors='replace')}"
-        time.sleep(0.1)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -91,7 +78,7 @@ def stack(pg_server: Any, template_db: str, bouncer: int, tmp_path: Path) -> Ite
                                          "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"
-            _until_ready(url + "/readyz", proc, log)
+            until_ready(url + "/readyz", proc, log)
             replicas.append((url, proc))
         front = free_port()
         caddy_log = tmp_path / "caddy.log"
@@ -103,7 +90,7 @@ def stack(pg_server: Any, template_db: str, bouncer: int, tmp_path: Path) -> Ite
                                       "--adapter", "caddyfile"], env=env, stdout=out, stderr=subprocess.STDOUT)
         procs.append(caddy)
         url = f"http://127.0.0.1:{front}"
-        _until_ready(url + "/readyz", caddy, caddy_log)
+        until_ready(url + "/readyz", caddy, caddy_log)
         yield Stack(url, dsn, replicas)
     finally:
         for proc in reversed(procs):

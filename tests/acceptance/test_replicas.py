@@ -32,7 +32,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.acceptance.live_server import AINARRES, clean_env, clone_database, free_port, run_ainarres
+from tests.acceptance.live_server import AINARRES, clean_env, clone_database, free_port, run_ainarres, until_ready
 from tests.acceptance.test_drain import DRAIN_WORKFLOW
 from tests.conftest import TEST_SECRET
 from tests.helpers import Api, make_world
@@ -63,17 +63,7 @@ class Proc:
         self.proc = subprocess.Popen([*AINARRES, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=self.url, timeout=5) as http:
-            while True:  # readiness: nothing to wait on but the socket itself
-                assert self.proc.poll() is None, self.log()
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.05)
+        until_ready(f"{self.url}/readyz", self.proc, self.data_dir / f"server-{self.starts}.log")
 
     def log(self) -> str:
         return (self.data_dir / f"server-{self.starts}.log").read_text(errors="replace")
@@ -245,17 +235,8 @@ http://127.0.0.1:{port} {{
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    with httpx.Client(base_url=url, timeout=5) as http:
-        while True:
-            assert proc.poll() is None, (tmp / "caddy.log").read_text()
-            try:
-                if http.get("/readyz").status_code == 200:
-                    return Proxy(url, proc)
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "caddy did not come up"
-            time.sleep(0.05)
+    until_ready(f"{url}/readyz", proc, tmp / "caddy.log")
+    return Proxy(url, proc)
 
 
 @dataclass
