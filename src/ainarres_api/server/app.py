@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route, compile_path
@@ -89,6 +91,16 @@ class _Service(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         return logs.RequestLog(super().build_middleware_stack())
+
+
+def _telemetry() -> TelemetryConfig | None:
+    """FastAPI's native OpenTelemetry: as FastAPI sets it up when the process is configured for OpenTelemetry
+    (an OTEL_* environment variable, as `opentelemetry-instrument` and every exporter read); otherwise off, so
+    that no request pays for asking the three global providers whether they are configured (docs/performance.md,
+    2026-12-04)."""
+    if any(name.startswith("OTEL_") for name in os.environ):
+        return None
+    return {"tracing": False, "metrics": False, "logs": False}
 
 
 class PublishWakes:
@@ -175,6 +187,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
         version=__version__,
         summary="Agents pull, hold and move their own work; PostgreSQL is the single source of truth.",
         lifespan=lifespan,
+        telemetry=_telemetry(),
         default_response_class=FastJSONResponse,
         docs_url=None,
         redoc_url=None,
