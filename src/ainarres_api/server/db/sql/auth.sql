@@ -17,8 +17,8 @@ SELECT f.key, f.disabled,
   FROM families f WHERE f.key = $1;
 
 -- name: resolve_principal
--- Runs on every authenticated call that does not fold it into its own statement (claim_by_token,
--- transition_by_token): principal_of (migration 0009) — the family's provisioned features, narrowed
+-- Runs on every authenticated call, before its work (services.auth.authenticate): principal_of
+-- (migration 0009) — the family's provisioned features, narrowed
 -- by the token's scope, minus the family's active denials, read now, so a revocation bites on the
 -- next call.
 SELECT * FROM principal_of($1);
