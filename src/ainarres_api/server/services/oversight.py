@@ -174,11 +174,12 @@ async def agents(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit
 
 async def track_record(conn: asyncpg.Connection, f: Filters, cursor: str | None, limit: int
                        ) -> dict[str, Any]:
-    """Families: provisioned features, active denials, work delivered and rejected."""
+    """Families: provisioned features, active denials, work delivered and rejected. The counters are folded
+    from the events first (beside_track_record's one fold, ADR 0019), so the page reads them caught up."""
     parts = decode_cursor(cursor, 1)
+    by_family, by_role = await spend.beside_track_record(conn)
     rows = await conn.fetch(Q["track_record_page"], f.family, f.lane, f.project, parts[0] if parts else None,
                             limit + 1)
-    by_family, by_role = await spend.beside_track_record(conn)
     items = []
     for r in rows:
         it = dict(r)

@@ -3,7 +3,8 @@
 Usage reports go to the append-only `usage` ledger and, in the same statement, to two rollups
 (`spend_totals`, `task_spend`). The flow rollups (throughput, lead time, deliveries, releases) are folded
 from `events` when a view is read, from a high-water mark forward, so no verb pays for them. Views read
-rollups only. An unknown amount is None (null), never zero.
+rollups only. The same fold keeps the track record's counters (track_counts, ADR 0019). An unknown amount
+is None (null), never zero.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ async def record(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, bod
 
 
 async def fold(conn: asyncpg.Connection, batch: int = FOLD_BATCH, max_batches: int = FOLD_MAX_BATCHES) -> int:
-    """Catch the flow rollups up with the events recorded since the last fold; returns the events read. While
-    another read is folding, this one waits for it (up to 5 s; then it reads the rollups as they are), so
-    that reads made together — the board's panels — agree."""
+    """Catch the flow rollups and the track record's counters (track_counts, ADR 0019) up with the events
+    recorded since the last fold; returns the events read. While another read is folding, this one waits for
+    it (up to 5 s; then it reads the rollups as they are), so that reads made together — the board's panels —
+    agree. Every read of either folds first."""
     total = 0
     for _ in range(max_batches):
         try:
@@ -135,7 +137,8 @@ async def beside_track_record(conn: asyncpg.Connection
     """Spend per family and per (family, role) for the track record (beside it, never blended), after one
     fold: each key's rows, one per currency (currency None: reports without a cost). A key absent here
     reported no usage: its spend is unknown (null), never zero. `role` None: work whose ways out need no
-    role:* feature (the track record's role '')."""
+    role:* feature (the track record's role ''). The fold also catches the track record's counters up: call
+    this before reading track_record_page."""
     await fold(conn)
     by_family: dict[str, Figures] = {}
     for r in (await groups(conn, "family", caught_up=True))["items"]:

@@ -286,8 +286,9 @@ SELECT * FROM (
 
 -- name: track_record_page
 -- Families with what they are provisioned, their active denials and what became of their work, per role
--- and in total, read from the rollups the transition statement keeps (track_counts, governance_strikes;
--- ADR 0015): events are never scanned, so it answers in milliseconds at any history.
+-- and in total, read from rollups (track_counts, governance_strikes; ADR 0015): events are never scanned, so
+-- it answers in milliseconds at any history. track_counts is folded from events by flow_fold (ADR 0019): run
+-- the fold first (services/spend.fold; services/oversight.track_record does), or the counts lag.
 --   delivered     advance transitions the family performed;
 --   rejected      rejections its deliveries suffered: a reject out of stage S (or a reject the rework
 --                 cap turned into a block) is charged to the family whose advance last brought the

@@ -2,15 +2,18 @@
 -- caught up with `events`, and the spend views, which read only rollups. Names in alphabetical order.
 
 -- name: flow_fold
--- Folds the next events into the flow rollups (flow_hours, family_flow, task_flow): at most $1 events
--- after the high-water mark, and every remembered gap that has become visible. Ids between the mark and
--- the newest event read that are not visible (a transaction that took an id and has not committed, or
--- rolled back) are remembered in flow_gaps and folded when they appear; a gap older than 10 minutes is
--- forgotten (a rolled-back transaction leaves one for ever). Run after flow_lock, in its transaction.
+-- Folds the next events into the flow rollups (flow_hours, family_flow, task_flow) and the track record's
+-- counters (track_counts, ADR 0019): at most $1 events after the high-water mark, and every remembered gap
+-- that has become visible. Ids between the mark and the newest event read that are not visible (a
+-- transaction that took an id and has not committed, or rolled back) are remembered in flow_gaps and folded
+-- when they appear; a gap older than 10 minutes is forgotten (a rolled-back transaction leaves one for
+-- ever). Run after flow_lock, in its transaction.
 -- A role is the role:* feature the way out needs (stage_role): for a transition, that transition's; for
 -- a release, the advance out of the stage it was released in. Answers how many events were read.
+-- The track record credits each move after flow_fold.credit_from (the moves up to it were credited by the
+-- transition statement, before migration 0017): see `moves`.
 WITH st AS (
-    SELECT folded_to FROM flow_fold WHERE id = 1
+    SELECT folded_to, credit_from FROM flow_fold WHERE id = 1
 ), fresh AS (
     SELECT e AS ev FROM events e
      WHERE e.id > (SELECT folded_to FROM st)
@@ -22,6 +25,8 @@ WITH st AS (
      WHERE (x.ev).id IS NOT NULL
 ), top AS (
     SELECT coalesce(max((f.ev).id), (SELECT folded_to FROM st)) AS id FROM fresh f
+), b AS (
+    SELECT ev FROM fresh UNION ALL SELECT ev FROM late
 ), x AS (
     SELECT (b.ev).id, (b.ev).task_id, (b.ev).type, (b.ev).family, (b.ev).created_at,
            (b.ev).data ->> 'kind' AS kind, t.lane_id,
@@ -32,7 +37,7 @@ WITH st AS (
                SELECT 1 FROM stages s
                 WHERE s.workflow_id = l.workflow_id AND s.key = (b.ev).data ->> 'to' AND s.terminal) AS finished,
            extract(epoch FROM (b.ev).created_at - t.created_at) AS lead
-      FROM (SELECT ev FROM fresh UNION ALL SELECT ev FROM late) b
+      FROM b
       JOIN tasks t ON t.id = (b.ev).task_id
       JOIN lanes l ON l.id = t.lane_id
      WHERE (b.ev).type IN ('transition', 'released')
@@ -83,6 +88,59 @@ WITH st AS (
        SET releases = f.releases + EXCLUDED.releases,
            last_release_at = greatest(f.last_release_at, EXCLUDED.last_release_at),
            released_by = array(SELECT DISTINCT r FROM unnest(f.released_by || EXCLUDED.released_by) r ORDER BY r)
+), moves AS (
+    -- The track record's moves: each advance and reject, and each reject the rework cap turned into a block
+    -- (a 'blocked' event with the refused transition's data under 'refused'). The mover is the event's
+    -- family in the role it recorded ('' for none).
+    SELECT (b.ev).id, (b.ev).task_id, (b.ev).family AS mover, m.d ->> 'kind' AS kind, m.d ->> 'from' AS from_key,
+           coalesce(m.d ->> 'role', '') AS role, (b.ev).type = 'blocked' AS capped,
+           (m.d ->> 'stage_seconds')::float8 AS stage_seconds, l.workflow_id
+      FROM b
+     CROSS JOIN LATERAL (SELECT CASE WHEN (b.ev).type = 'blocked' THEN (b.ev).data -> 'refused'
+                                     ELSE (b.ev).data END AS d) m
+      JOIN tasks t ON t.id = (b.ev).task_id
+      JOIN lanes l ON l.id = t.lane_id
+     WHERE (b.ev).id > (SELECT credit_from FROM st)
+       AND ((b.ev).type = 'transition' OR ((b.ev).type = 'blocked' AND (b.ev).data ? 'refused'))
+), credits AS (
+    -- The mover's delivery (an advance) or reject made (a reject; a capped one counts nothing for it), and
+    -- the producer's reviewed / rejected: the family, and the role it exercised, whose advance last brought
+    -- the task into the stage the move leaves, before this move (producer_of, 0016; none: nobody).
+    SELECT m.mover AS family_key, m.role, (m.kind = 'advance' AND NOT m.capped)::int AS deliveries,
+           (m.kind = 'reject' AND NOT m.capped)::int AS rejects_made, 0 AS rejected, 0 AS reviewed,
+           0 AS reviewed_cross,
+           CASE WHEN m.kind = 'advance' AND NOT m.capped THEN stage_bucket(m.stage_seconds) END AS bucket
+      FROM moves m
+    UNION ALL
+    SELECT p.family, p.role, 0, 0, (m.kind = 'reject')::int, 1, (p.family IS DISTINCT FROM m.mover)::int, NULL
+      FROM moves m
+     CROSS JOIN LATERAL producer_of(m.task_id, (SELECT s.id FROM stages s
+                                                 WHERE s.workflow_id = m.workflow_id AND s.key = m.from_key),
+                                    m.from_key, m.id) p
+), hist AS (
+    -- Stage times of the deliveries, per bucket (stage_bucket).
+    SELECT c.family_key, c.role, c.bucket::text AS bucket, count(*) AS n
+      FROM credits c
+     WHERE c.bucket IS NOT NULL
+     GROUP BY 1, 2, 3
+), up_track AS (
+    -- One fixed shard (0): only the fold writes here, under flow_lock.
+    INSERT INTO track_counts AS tc (family_key, role, shard, deliveries, rejects_made, rejected, reviewed,
+                                    reviewed_cross, stage_hist)
+    SELECT c.family_key, c.role, 0, sum(c.deliveries), sum(c.rejects_made), sum(c.rejected), sum(c.reviewed),
+           sum(c.reviewed_cross),
+           coalesce((SELECT jsonb_object_agg(h.bucket, h.n) FROM hist h
+                      WHERE h.family_key = c.family_key AND h.role = c.role), '{}')
+      FROM credits c
+     WHERE c.family_key IS NOT NULL AND EXISTS (SELECT 1 FROM families f WHERE f.key = c.family_key)
+     GROUP BY c.family_key, c.role
+    ON CONFLICT ON CONSTRAINT track_counts_pkey DO UPDATE
+       SET deliveries = tc.deliveries + excluded.deliveries, rejects_made = tc.rejects_made + excluded.rejects_made,
+           rejected = tc.rejected + excluded.rejected, reviewed = tc.reviewed + excluded.reviewed,
+           reviewed_cross = tc.reviewed_cross + excluded.reviewed_cross,
+           stage_hist = tc.stage_hist || (SELECT coalesce(jsonb_object_agg(j.k, coalesce((tc.stage_hist ->> j.k)::int, 0)
+                                                                              + j.n::int), '{}')
+                                            FROM jsonb_each_text(excluded.stage_hist) AS j(k, n))
 ), gaps_new AS (
     INSERT INTO flow_gaps (id)
     SELECT g.id FROM generate_series((SELECT folded_to FROM st) + 1, (SELECT id FROM top)) AS g (id)

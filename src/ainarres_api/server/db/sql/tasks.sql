@@ -466,13 +466,15 @@ RETURNING task_json(t) AS task;
 --   guard_failed        the chosen transition's guard is false for the task
 --   no_route            the target route does not exist yet: the service creates it and runs this again
 --   dependents          it would finish a task others wait on, and $11 is false
--- With 'ok' and 'rework_cap' it also keeps the track record's counters in the same statement (credit, ADR
--- 0015). A reject's strike (and the ban it may bring) is `governance_strike`, run by the service in the
--- same transaction after an accepted reject only: in this statement it cost every advance 60 % of the
--- raw cycle though only rejects use it (performance.md, 2026-12-03 evening).
 --   replay              the caller's own hold under $2 already ended with this very call (same kind, target,
 --                       text and artifacts): `event` is that call's event, nothing changed (a retry whose
 --                       first answer was lost is told the truth)
+-- The track record's counters are not kept here: flow_fold credits them from the event this statement
+-- writes (ADR 0019; in this statement they cost the raw cycle ~15 %). An advance's event records for it
+-- `stage_seconds`, the time the task spent in the stage it leaves; the event's `role` is the mover's. A
+-- reject's strike (and the ban it may bring) is `governance_strike`, run by the service in the same
+-- transaction after an accepted reject only: in this statement it cost every advance 60 % of the raw cycle
+-- though only rejects use it (performance.md, 2026-12-03 evening).
 WITH locked AS (
     -- The task row alone: after a lock wait it is re-read in its newest version (a join here would be
     -- rechecked against the stage row read before the wait, and a task moved meanwhile would vanish).
@@ -535,7 +537,11 @@ WITH locked AS (
                               'lease', $2::uuid)
            || coalesce((SELECT jsonb_build_object('role', ro.role) FROM mover_role ro WHERE ro.role <> ''), '{}')
            || CASE WHEN $3 = 'reject' THEN jsonb_build_object('reason', $5::text)
-                   ELSE jsonb_build_object('note', $5::text) END AS d
+                   ELSE jsonb_build_object('note', $5::text) END
+           -- The seconds in the stage it leaves: the track record's stage-time histogram (flow_fold).
+           || CASE WHEN $3 = 'advance'
+                   THEN jsonb_build_object('stage_seconds', extract(epoch FROM now() - (x.lk).stage_entered_at))
+                   ELSE '{}' END AS d
       FROM x
 ), moved AS (
     UPDATE tasks t
@@ -561,40 +567,6 @@ WITH locked AS (
       FROM x, verdict v
      WHERE t.id = x.id AND v.v = 'rework_cap'
  RETURNING t
-), producer AS (
-    -- Governance (ADR 0015), in the transaction of the move. The producer of the work under this verdict:
-    -- the family, and the role it exercised, whose advance last brought the task into its stage. A task
-    -- still in the stage it was created in has none: nobody is credited or struck (producer_of, 0016).
-    SELECT p.family, p.role
-      FROM x
-      JOIN verdict v ON v.v IN ('ok', 'rework_cap')
-      CROSS JOIN LATERAL producer_of(x.id, x.stage_id, x.stage_key, NULL) p
-), credit AS (
-    -- The track record's counters (track_counts), in the shard of this backend: the mover's delivery or
-    -- reject, the producer's reviewed / rejected.
-    INSERT INTO track_counts AS tc (family_key, role, shard, deliveries, rejects_made, rejected, reviewed,
-                                    reviewed_cross, stage_hist)
-    SELECT c.family_key, c.role, pg_backend_pid() % 16, sum(c.deliveries), sum(c.rejects_made), sum(c.rejected),
-           sum(c.reviewed), sum(c.reviewed_cross),
-           coalesce(jsonb_object_agg(c.bucket::text, 1) FILTER (WHERE c.bucket IS NOT NULL), '{}')
-      FROM (SELECT $8::text AS family_key, ro.role, (v.v = 'ok' AND $3 = 'advance')::int AS deliveries,
-                   (v.v = 'ok' AND $3 = 'reject')::int AS rejects_made, 0 AS rejected, 0 AS reviewed, 0 AS reviewed_cross,
-                   CASE WHEN v.v = 'ok' AND $3 = 'advance'
-                        THEN stage_bucket(extract(epoch FROM now() - (x.lk).stage_entered_at)::float8) END AS bucket
-              FROM x, verdict v, mover_role ro
-             WHERE v.v IN ('ok', 'rework_cap')
-            UNION ALL
-            SELECT pr.family, pr.role, 0, 0, ($3 = 'reject')::int, 1, (pr.family IS DISTINCT FROM $8)::int, NULL
-              FROM producer pr) c
-     WHERE c.family_key IS NOT NULL AND EXISTS (SELECT 1 FROM families f WHERE f.key = c.family_key)
-     GROUP BY c.family_key, c.role
-    ON CONFLICT ON CONSTRAINT track_counts_pkey DO UPDATE
-       SET deliveries = tc.deliveries + excluded.deliveries, rejects_made = tc.rejects_made + excluded.rejects_made,
-           rejected = tc.rejected + excluded.rejected, reviewed = tc.reviewed + excluded.reviewed,
-           reviewed_cross = tc.reviewed_cross + excluded.reviewed_cross,
-           stage_hist = tc.stage_hist || (SELECT coalesce(jsonb_object_agg(j.k, coalesce((tc.stage_hist ->> j.k)::int, 0)
-                                                                              + j.n::int), '{}')
-                                            FROM jsonb_each_text(excluded.stage_hist) AS j(k, n))
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
     SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data
