@@ -1,7 +1,8 @@
 """Governance (ADR 0015): the human boundary and the auditor's flags.
 
-The substrate's own acts (strikes, reflexive bans, recommendations after bans) are written by the
-transition statement in the move's transaction (tasks.sql); this module holds what people do: set the
+The substrate's own acts (strikes, reflexive bans, recommendations after bans) are written by
+`governance_strike` (governance.sql), which services.tasks.transition runs in an accepted reject's
+transaction; this module holds what people do: set the
 thresholds (seat:admin), ban permanently, lift, unblock what the substrate blocked, decide on
 recommendations (seat:overseer), raise flags (role:auditor), and the governance reads.
 """

@@ -1,6 +1,6 @@
 -- Governance (ADR 0015): policies, strikes, bans, flags, recommendations and the trail. The strikes and
--- reflexive bans themselves are written by the transition statement (tasks.sql) in the move's
--- transaction; these are the reads and the human acts. Names in alphabetical order.
+-- reflexive bans themselves are written by governance_strike (below), run by the service in an accepted
+-- reject's transaction; the rest are the reads and the human acts. Names in alphabetical order.
 
 -- name: bans_active
 -- Every active denial (governance-made or not), with when it ends (NULL: until lifted).
