@@ -33,7 +33,7 @@ import asyncpg
 import httpx
 
 from bench import harness
-from bench.load import run_in_process
+from bench.load import WARMUP_SECONDS, run_in_process
 
 
 def _out(name: str, row: dict[str, Any], results: dict[str, Any]) -> None:
@@ -466,7 +466,7 @@ def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results:
         asyncio.run(_checkpoint(dsn))
         before = set(_pids(sys.executable))
         fut = run_in_process(fn, tokens=tokens, lane=lane, seconds=args.seconds, **kw)
-        time.sleep(min(2.0, args.seconds / 5))  # past the start-up
+        time.sleep(WARMUP_SECONDS + min(2.0, args.seconds / 5))  # past the warm-up and the start of counting
         load = [p for p in _pids(sys.executable) if p not in before]
         pg = _pids("postgres")
         pg0, sv0, ld0, (all0, idle0), t0 = (_cpu_seconds(pg), _cpu_seconds([svc.proc.pid]), _cpu_seconds(load),

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import harness
 from bench import run as suite
-from bench.load import run_in_process
+from bench.load import WARMUP_SECONDS, run_in_process
 
 
 def _chunks(items: list[str], n: int) -> list[list[str]]:
@@ -56,7 +56,7 @@ def measure(dsn: str, first: harness.Service, *, processes: list[int], agents: i
                                tokens=group, lane=lane, seconds=seconds)
                 for k, group in enumerate(_chunks(tokens, load_processes))
             ]
-            time.sleep(min(2.0, seconds / 5))  # past the start-up
+            time.sleep(WARMUP_SECONDS + min(2.0, seconds / 5))  # past the warm-up and the start of counting
             load = [p for p in suite._pids(sys.executable) if p not in before]
             pg = suite._pids("postgres")
             api0 = [suite._cpu_seconds([s.proc.pid]) for s in active]
