@@ -294,7 +294,8 @@ async def agents(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, 
                         "rework-cap blocks) of work it delivered, charged to the family whose advance "
                         "brought the task into the rejecting stage; rejects_made = rejects it performed. `roles` has "
                         "the same per role with the cross-family review share, the median stage time and the "
-                        "strikes; `spend` is null until usage is recorded. Read from rollups, never events. "
+                        "strikes; `spend` is null until usage is recorded. Read from rollups, after folding in "
+                        "the moves made since the last read (never a scan of events). "
                         "Filters: family, lane / project (provisioned that lane / a lane of that project).")
 async def track_record(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
                        cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
