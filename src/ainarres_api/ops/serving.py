@@ -74,9 +74,9 @@ class DrainingServer(uvicorn.Server):
 # CPython collects its young generation after 700 net allocations of container objects; a verb allocates
 # hundreds, nearly all freed by reference counting as it answers, so under load the collector ran every few
 # requests and walked every in-flight request's objects each time. With the start-up heap frozen and the
-# young generation collected every 20 000 allocations the service spent 2.0 ms of CPU per claim+advance
-# cycle instead of 2.7 (16 agents; docs/performance.md, 2026-12-04); either change alone gained little or
-# nothing, and 5 000 or 100 000 did worse than 20 000. The cycles a request leaves (exceptions and their
+# young generation collected every 20 000 allocations the service spent 2.45 ms of CPU per claim+advance
+# cycle instead of 2.96 (means of six interleaved pairs of runs, 16 agents; docs/performance.md, 2026-12-04);
+# either change alone gained less, and 5 000 or 100 000 did worse than 20 000. The cycles a request leaves (exceptions and their
 # tracebacks, mostly) wait a little longer to be freed.
 YOUNG_GENERATION_THRESHOLD = 20_000
 
