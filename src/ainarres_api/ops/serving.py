@@ -76,8 +76,8 @@ class DrainingServer(uvicorn.Server):
 # requests and walked every in-flight request's objects each time. With the start-up heap frozen and the
 # young generation collected every 20 000 allocations the service spent 2.45 ms of CPU per claim+advance
 # cycle instead of 2.96 (means of six interleaved pairs of runs, 16 agents; docs/performance.md, 2026-12-04);
-# either change alone gained less, and 5 000 or 100 000 did worse than 20 000. The cycles a request leaves (exceptions and their
-# tracebacks, mostly) wait a little longer to be freed.
+# either change alone gained less, and 5 000 or 100 000 did worse than 20 000. The cycles a request leaves
+# (exceptions and their tracebacks, mostly) wait a little longer to be freed.
 YOUNG_GENERATION_THRESHOLD = 20_000
 
 
