@@ -26,20 +26,24 @@ WITH st AS (
 ), top AS (
     SELECT coalesce(max((f.ev).id), (SELECT folded_to FROM st)) AS id FROM fresh f
 ), b AS (
-    SELECT ev FROM fresh UNION ALL SELECT ev FROM late
+    -- The events either fold reads (the flow: transitions and releases; the track record: transitions and
+    -- rework-cap blocks), with their task's lane and workflow, looked up once for both.
+    SELECT u.ev, t.lane_id, t.created_at AS task_created_at, l.workflow_id
+      FROM (SELECT ev FROM fresh UNION ALL SELECT ev FROM late) u
+      JOIN tasks t ON t.id = (u.ev).task_id
+      JOIN lanes l ON l.id = t.lane_id
+     WHERE (u.ev).type IN ('transition', 'released', 'blocked')
 ), x AS (
     SELECT (b.ev).id, (b.ev).task_id, (b.ev).type, (b.ev).family, (b.ev).created_at,
-           (b.ev).data ->> 'kind' AS kind, t.lane_id,
+           (b.ev).data ->> 'kind' AS kind, b.lane_id,
            CASE WHEN (b.ev).type = 'transition'
-                THEN stage_role(l.workflow_id, (b.ev).data ->> 'from', (b.ev).data ->> 'kind', (b.ev).data ->> 'to')
-                ELSE stage_role(l.workflow_id, event_stage(b.ev), 'advance', NULL) END AS role,
+                THEN stage_role(b.workflow_id, (b.ev).data ->> 'from', (b.ev).data ->> 'kind', (b.ev).data ->> 'to')
+                ELSE stage_role(b.workflow_id, event_stage(b.ev), 'advance', NULL) END AS role,
            (b.ev).type = 'transition' AND EXISTS (
                SELECT 1 FROM stages s
-                WHERE s.workflow_id = l.workflow_id AND s.key = (b.ev).data ->> 'to' AND s.terminal) AS finished,
-           extract(epoch FROM (b.ev).created_at - t.created_at) AS lead
+                WHERE s.workflow_id = b.workflow_id AND s.key = (b.ev).data ->> 'to' AND s.terminal) AS finished,
+           extract(epoch FROM (b.ev).created_at - b.task_created_at) AS lead
       FROM b
-      JOIN tasks t ON t.id = (b.ev).task_id
-      JOIN lanes l ON l.id = t.lane_id
      WHERE (b.ev).type IN ('transition', 'released')
 ), hours AS (
     SELECT x.lane_id, date_trunc('hour', x.created_at, 'UTC') AS bucket,
@@ -98,9 +102,7 @@ WITH st AS (
       FROM b
      CROSS JOIN LATERAL (SELECT CASE WHEN (b.ev).type = 'blocked' THEN (b.ev).data -> 'refused'
                                      ELSE (b.ev).data END AS d) m
-      JOIN tasks t ON t.id = (b.ev).task_id
-      JOIN lanes l ON l.id = t.lane_id
-      LEFT JOIN stages fs ON fs.workflow_id = l.workflow_id AND fs.key = m.d ->> 'from'
+      LEFT JOIN stages fs ON fs.workflow_id = b.workflow_id AND fs.key = m.d ->> 'from'
      WHERE (b.ev).id > (SELECT credit_from FROM st)
        AND ((b.ev).type = 'transition' OR ((b.ev).type = 'blocked' AND (b.ev).data ? 'refused'))
 ), credits AS (
