@@ -161,6 +161,6 @@ async def test_event_json_is_inlined_into_the_statements_that_answer_an_event(db
     """A SQL function PostgreSQL cannot inline is a function call per row with an executor of its own; event_json
     is a plain expression once declared as volatile as its body (migration 0018)."""
     plan = await db.fetchval("EXPLAIN (VERBOSE, FORMAT JSON) SELECT event_json(e) FROM events e")
-    output = json.loads(plan)[0]["Plan"]["Output"] if isinstance(plan, str) else plan[0]["Plan"]["Output"]
+    output = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]["Output"]
     assert any("jsonb_build_object" in o for o in output), output
     assert not any("event_json" in o for o in output), output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -140,15 +141,16 @@ async def beside_track_record(conn: asyncpg.Connection
     role:* feature (the track record's role ''). The fold also catches the track record's counters up: call
     this before reading track_record_page."""
     await fold(conn)
-    by_family: dict[str, Figures] = {}
-    for r in (await groups(conn, "family", caught_up=True))["items"]:
-        if r["reports"]:
-            by_family.setdefault(r["family"], []).append({k: r[k] for k in _SPEND_FIELDS})
-    by_role: dict[tuple[str, str | None], Figures] = {}
-    for r in (await groups(conn, "family_role", caught_up=True))["items"]:
-        if r["reports"]:
-            by_role.setdefault((r["family"], r["role"]), []).append({k: r[k] for k in _SPEND_FIELDS})
-    return by_family, by_role
+
+    async def by(group: Group, key: Callable[[dict[str, Any]], Any]) -> dict[Any, Figures]:
+        out: dict[Any, Figures] = {}
+        for r in (await groups(conn, group, caught_up=True))["items"]:
+            if r["reports"]:
+                out.setdefault(key(r), []).append({k: r[k] for k in _SPEND_FIELDS})
+        return out
+
+    return (await by("family", lambda r: r["family"]),
+            await by("family_role", lambda r: (r["family"], r["role"])))
 
 
 def _task_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None, str | None, str | None]:
