@@ -167,10 +167,13 @@ WARMUP_SECONDS = 3.0
 
 async def cycle_http(
     base: str, tokens: list[str], lane: str, seconds: float, window: float = 10.0,
-    more_bases: tuple[str, ...] = (), warmup: float = WARMUP_SECONDS,
+    more_bases: tuple[str, ...] = (), warmup: float = WARMUP_SECONDS, chained: bool = False,
 ) -> dict[str, Any]:
     """Each agent: claim, then advance what it got; for `seconds`, after `warmup` seconds not counted. Latencies
     per cycle and per claim.
+
+    `chained`: the worker loop with one call per task, as the runner does it: each advance asks for the next
+    claim (`next`), so a cycle is one request (its claim latency is the cycle's).
 
     With `more_bases` (other API processes on the same database) the agents are spread over all of
     them round-robin, as a load balancer would."""
@@ -183,6 +186,27 @@ async def cycle_http(
         clients = [await stack.enter_async_context(_client(b, len(tokens))) for b in bases]
         start = time.perf_counter() + warmup
         stop = start + seconds
+
+        async def chain(i: int, token: str) -> None:
+            nonlocal empties
+            c = clients[i % len(clients)]
+            h = {"Authorization": f"Bearer {token}"}
+            r: dict[str, Any] = {}
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                if r.get("code") != "claimed":
+                    r = (await c.post("/v1/claims", json={"lane": lane}, headers=h)).json()
+                    empties += t0 >= start and r.get("code") != "claimed"
+                    continue
+                task = r["task"]
+                a = await c.post(f"/v1/tasks/{task['id']}/advance", headers=h,
+                                 json={"lease": r["lease"]["id"], "to": NEXT[task["stage"]], "next": {"lane": lane}})
+                t1 = time.perf_counter()
+                r = (a.json().get("next") or {}) if a.status_code == 200 else {}
+                if a.status_code == 200 and t0 >= start:
+                    cycles.append(t1 - t0)
+                    claims.append(t1 - t0)
+                    stamps.append(t1)
 
         async def agent(i: int, token: str) -> None:
             nonlocal empties
@@ -207,7 +231,7 @@ async def cycle_http(
                     claims.append(t1 - t0)
                     stamps.append(t2)
 
-        await asyncio.gather(*(agent(i, t) for i, t in enumerate(tokens)))
+        await asyncio.gather(*((chain if chained else agent)(i, t) for i, t in enumerate(tokens)))
         elapsed = time.perf_counter() - start
     return {
         "cycles": len(cycles),
@@ -220,9 +244,10 @@ async def cycle_http(
 
 
 async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secret: str,
-                    warmup: float = WARMUP_SECONDS) -> dict[str, Any]:
+                    warmup: float = WARMUP_SECONDS, chained: bool = False) -> dict[str, Any]:
     """The same cycle through the service functions the HTTP handlers call, over asyncpg, one held
-    connection per agent: no HTTP, no parsing, no routing. Counted after `warmup` seconds, as cycle_http."""
+    connection per agent: no HTTP, no parsing, no routing. Counted after `warmup` seconds, as cycle_http
+    (`chained`: as its chained loop, one authentication for the advance and the next claim)."""
     from pydantic import SecretStr
 
     from ainarres_api.server.db.pool import create_pool
@@ -239,6 +264,27 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
     empties = 0
     start = time.perf_counter() + warmup
     stop = start + seconds
+
+    async def chain(token: str) -> None:
+        nonlocal empties
+        async with pool.acquire() as conn:
+            r: dict[str, Any] = {}
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                if r.get("code") != "claimed":
+                    r = await tasks.claim(conn, await authenticate(conn, signer, token), lane, limits)
+                    empties += t0 >= start and r["code"] != "claimed"
+                    continue
+                task = r["task"]
+                # What the advance route runs for a body with `next`: one authentication, the transition, the claim.
+                caller = await authenticate(conn, signer, token)
+                await tasks.transition(conn, caller, uuid.UUID(task["id"]), uuid.UUID(r["lease"]["id"]), "advance",
+                                       NEXT[task["stage"]], None, [])
+                r = await tasks.claim(conn, caller, lane, limits)
+                t1 = time.perf_counter()
+                if t0 >= start:
+                    cycles.append(t1 - t0)
+                    claims.append(t1 - t0)
 
     async def agent(token: str) -> None:
         nonlocal empties
@@ -269,7 +315,7 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
                     claims.append(t1 - t0)
 
     try:
-        await asyncio.gather(*(agent(t) for t in tokens))
+        await asyncio.gather(*((chain if chained else agent)(t) for t in tokens))
     finally:
         await pool.close()
     return {

@@ -86,12 +86,26 @@ def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, result
         raw = run_in_process(
             "cycle_raw", dsn=dsn, tokens=tokens, lane=lane, seconds=args.seconds, secret=harness.SECRET
         ).result()
+        # The worker loop with one call per task: each advance asks for the next claim (`next`).
+        asyncio.run(_checkpoint(dsn))
+        http1 = run_in_process(
+            "cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds, chained=True
+        ).result()
+        asyncio.run(_checkpoint(dsn))
+        raw1 = run_in_process(
+            "cycle_raw", dsn=dsn, tokens=tokens, lane=lane, seconds=args.seconds, secret=harness.SECRET,
+            chained=True,
+        ).result()
         h_rate, r_rate = http["cycles"] / http["elapsed"], raw["cycles"] / raw["elapsed"]
+        h1_rate, r1_rate = http1["cycles"] / http1["elapsed"], raw1["cycles"] / raw1["elapsed"]
         _out(
             "cycle",
             {
                 "agents": n,
                 "backlog": args.cycle_backlog,
+                "http_next_cycles_per_s": round(h1_rate, 1),
+                "raw_next_cycles_per_s": round(r1_rate, 1),
+                "http_next_over_raw_next": round(h1_rate / r1_rate, 2) if r1_rate else None,
                 "http_cycles_per_s": round(h_rate, 1),
                 "http": harness.summary(http["cycle_lat"]),
                 "raw_cycles_per_s": round(r_rate, 1),

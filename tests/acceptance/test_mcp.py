@@ -141,6 +141,23 @@ async def test_claim_progress_advance_without_carrying_the_lease(served: Served)
     assert events[2]["data"]["note"] == "halfway" and events[3]["data"]["note"] == "done"
 
 
+async def test_advance_with_next_remembers_the_next_hold(served: Served) -> None:
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    first = (await dev.create("dev", "one"))["task"]
+    second = (await dev.create("dev", "two"))["task"]
+    async with mcp_client(served.url, dev.token) as client:
+        c = ok(await client.call_tool("claim", {"lane": "dev"}))
+        assert c["task"]["id"] == first["id"]
+        adv = ok(await client.call_tool("advance", {"to": "review", "next": {"lane": "dev"}}))
+        assert adv["task"]["id"] == first["id"] and adv["next"]["task"]["id"] == second["id"]
+        lease = adv["next"]["lease"]["id"]
+        assert ok(await client.call_tool("me", {}))["remembered"] == {"current": second["id"],
+                                                                     "leases": {second["id"]: lease}}
+        # The remembered hold is the one the next claim took: progress needs neither id nor lease.
+        assert ok(await client.call_tool("progress", {"note": "on it"}))["task"]["id"] == second["id"]
+
+
 async def test_a_refusal_is_a_tool_error_carrying_the_code(served: Served) -> None:
     w = await make_world(served.admin)
     dev = await w.agent("cheap")

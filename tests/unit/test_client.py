@@ -69,6 +69,17 @@ def test_a_verb_that_may_have_been_applied_is_not_retried() -> None:
     assert sync(s).advance("t1", "l1", "review")["code"] == "ok" and len(s.seen) == 2
 
 
+def test_claim_next_asks_for_the_next_claim_in_the_same_call() -> None:
+    nxt = {"code": "claimed", "task": TASK, "lease": LEASE}
+    s = Script((200, {"code": "ok", "task": TASK, "next": nxt}), (200, {"code": "ok", "task": TASK}),
+               (200, {"code": "ok", "task": TASK}))
+    c = sync(s)
+    assert c.advance("t1", "l1", "review", claim_next="dev")["next"] == nxt
+    c.reject("t1", "l1", "todo", "fix it", claim_next=True)
+    c.advance("t1", "l1", "review")
+    assert [b.get("next") for b in s.bodies()] == [{"lane": "dev"}, {}, None]
+
+
 def test_refusals_are_typed() -> None:
     s = Script((409, {"code": "lease_lost", "detail": "claim again", "task": TASK, "status": 409}))
     with pytest.raises(Refused) as e:

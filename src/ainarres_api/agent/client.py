@@ -76,6 +76,7 @@ class Result(TypedDict, total=False):
     task: Task
     event: Event | None
     lease: Lease
+    next: Any  # advance/reject with claim_next: the next claim's answer, or its refusal's problem document
 
 
 class Claim(TypedDict, total=False):
@@ -144,6 +145,13 @@ def _clean(body: Mapping[str, Any]) -> Json:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _next(claim_next: bool | str) -> dict[str, Any] | None:
+    """The `next` of an advance or reject: a lane's key claims from it, True from any of the caller's lanes."""
+    if isinstance(claim_next, str):
+        return {"lane": claim_next}
+    return {} if claim_next else None
+
+
 def _artifacts(artifacts: Arts) -> list[dict[str, Any]] | None:
     return [dict(a) for a in artifacts] if artifacts else None
 
@@ -182,16 +190,17 @@ class Calls:
 
     @staticmethod
     def advance(task_id: str, lease: str, to: str, note: str | None = None,
-                artifacts: Arts = None) -> Call:
+                artifacts: Arts = None, claim_next: bool | str = False) -> Call:
         return Call("POST", f"/v1/tasks/{task_id}/advance",
-                    _clean({"lease": str(lease), "to": to, "note": note, "artifacts": _artifacts(artifacts)}))
+                    _clean({"lease": str(lease), "to": to, "note": note, "artifacts": _artifacts(artifacts),
+                            "next": _next(claim_next)}))
 
     @staticmethod
     def reject(task_id: str, lease: str, to: str, reason: str,
-               artifacts: Arts = None) -> Call:
+               artifacts: Arts = None, claim_next: bool | str = False) -> Call:
         return Call("POST", f"/v1/tasks/{task_id}/reject",
                     _clean({"lease": str(lease), "to": to, "reason": reason,
-                            "artifacts": _artifacts(artifacts)}))
+                            "artifacts": _artifacts(artifacts), "next": _next(claim_next)}))
 
     @staticmethod
     def release(task_id: str, lease: str, reason: str | None = None) -> Call:
@@ -376,14 +385,15 @@ class AsyncClient(_Base):
         return cast(Result, await self.send(Calls.progress(task_id, lease, note, artifacts)))
 
     async def advance(self, task_id: str, lease: str, to: str, note: str | None = None,
-                      artifacts: Arts = None) -> Result:
-        """Move a held task forward to stage `to`; the hold is released."""
-        return cast(Result, await self.send(Calls.advance(task_id, lease, to, note, artifacts)))
+                      artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        """Move a held task forward to stage `to`; the hold is released. `claim_next` (True, or a lane's key): claim
+        the next task in the same call; the answer's `next` is that claim's answer (or its refusal's problem)."""
+        return cast(Result, await self.send(Calls.advance(task_id, lease, to, note, artifacts, claim_next)))
 
     async def reject(self, task_id: str, lease: str, to: str, reason: str,
-                     artifacts: Arts = None) -> Result:
-        """Send a held task back to stage `to` for rework; the hold is released."""
-        return cast(Result, await self.send(Calls.reject(task_id, lease, to, reason, artifacts)))
+                     artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        """Send a held task back to stage `to` for rework; the hold is released. `claim_next`: as for advance."""
+        return cast(Result, await self.send(Calls.reject(task_id, lease, to, reason, artifacts, claim_next)))
 
     async def release(self, task_id: str, lease: str, reason: str | None = None) -> Result:
         """Give a held task back (attempts +1)."""
@@ -538,12 +548,12 @@ class Hold:
         return out
 
     async def advance(self, to: str, note: str | None = None,
-                      artifacts: Arts = None) -> Result:
-        out = await self.client.advance(self.task_id, self.lease["id"], to, note, artifacts)
+                      artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        out = await self.client.advance(self.task_id, self.lease["id"], to, note, artifacts, claim_next=claim_next)
         return await self._finish(out)
 
-    async def reject(self, to: str, reason: str, artifacts: Arts = None) -> Result:
-        out = await self.client.reject(self.task_id, self.lease["id"], to, reason, artifacts)
+    async def reject(self, to: str, reason: str, artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        out = await self.client.reject(self.task_id, self.lease["id"], to, reason, artifacts, claim_next=claim_next)
         return await self._finish(out)
 
     async def release(self, reason: str | None = None) -> Result:
@@ -615,14 +625,14 @@ class Client(_Base):
         return cast(Result, self.send(Calls.progress(task_id, lease, note, artifacts)))
 
     def advance(self, task_id: str, lease: str, to: str, note: str | None = None,
-                artifacts: Arts = None) -> Result:
-        """Move a held task forward to stage `to`; the hold is released."""
-        return cast(Result, self.send(Calls.advance(task_id, lease, to, note, artifacts)))
+                artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        """Move a held task forward to stage `to`; the hold is released. `claim_next`: as AsyncClient.advance."""
+        return cast(Result, self.send(Calls.advance(task_id, lease, to, note, artifacts, claim_next)))
 
     def reject(self, task_id: str, lease: str, to: str, reason: str,
-               artifacts: Arts = None) -> Result:
-        """Send a held task back to stage `to` for rework; the hold is released."""
-        return cast(Result, self.send(Calls.reject(task_id, lease, to, reason, artifacts)))
+               artifacts: Arts = None, *, claim_next: bool | str = False) -> Result:
+        """Send a held task back to stage `to` for rework; the hold is released. `claim_next`: as for advance."""
+        return cast(Result, self.send(Calls.reject(task_id, lease, to, reason, artifacts, claim_next)))
 
     def release(self, task_id: str, lease: str, reason: str | None = None) -> Result:
         """Give a held task back (attempts +1)."""

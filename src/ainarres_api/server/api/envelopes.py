@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ainarres_api.server.api.contract import Problem
+
 
 class Task(BaseModel):
     """A task as every caller reads it."""
@@ -162,6 +164,14 @@ class Moved(BaseModel):
                     "blocked the task for a human instead")
     task: Task
     event: Event
+
+
+class MovedOn(Moved):
+    """The answer to advance and reject: as Moved, with the answer of the claim the call asked for (`next`)."""
+
+    next: Claimed | Problem | None = Field(
+        default=None, description="only when the call asked for it (`next`): the next claim's answer, or the "
+                                  "problem document of its refusal (the move itself stands)")
 
 
 class Held(BaseModel):

@@ -484,6 +484,9 @@ class McpFace:
                     call.memory.hold(str(out["task"]["id"]), out["lease"]["id"])
                 if verb.ends_hold and task_id is not None:
                     call.memory.forget(str(task_id))
+                nxt = out.get("next") or {}
+                if nxt.get("lease") and nxt.get("task"):  # the next claim a transition asked for (or still held)
+                    call.memory.hold(str(nxt["task"]["id"]), nxt["lease"]["id"])
                 return out
             return await self._run(ctx, body)
 

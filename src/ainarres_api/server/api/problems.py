@@ -1,4 +1,5 @@
-"""problem+json rendering shared by the app's exception handlers and the fast verb dispatcher."""
+"""problem+json: the documents every refusal is rendered as (the app's exception handlers, and a verb's `next`
+claim refused after its transition was applied)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,28 @@ log = logging.getLogger("ainarres")
 PROBLEM = "application/problem+json"
 
 
-def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
-            **extra: Any) -> JSONResponse:
-    """An RFC 9457 problem document with AINARRES's stable `code`."""
+def document(status: int, code: str, title: str, detail: str, instance: str | None = None,
+             **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem document with AINARRES's stable `code`, as JSON-ready data."""
     body: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": title, "status": status,
                             "code": code, "detail": detail}
     if instance:
         body["instance"] = instance
     body.update({k: v for k, v in extra.items() if v is not None})
+    return jsonable_encoder(body)  # type: ignore[no-any-return]
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
+            **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document with AINARRES's stable `code`, as the response."""
     headers = {"WWW-Authenticate": 'Bearer realm="ainarres"'} if status == 401 else None
-    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM, headers=headers)
+    return JSONResponse(document(status, code, title, detail, instance, **extra), status_code=status,
+                        media_type=PROBLEM, headers=headers)
+
+
+def refused(exc: AinarresError, path: str) -> dict[str, Any]:
+    """The problem document of a domain refusal."""
+    return document(exc.status, exc.code, exc.title, exc.detail, path, task=exc.task, **exc.extra)
 
 
 def refusal(exc: AinarresError, path: str) -> JSONResponse:

@@ -207,12 +207,18 @@ class ProgressIn(EventBody):
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
 
 
+_NEXT = ("then claim your next task in the same call, once this one has moved: what POST /v1/claims takes "
+         "(`lane`, `wait_seconds`); the answer's `next` is that claim's answer, or the problem document of its "
+         "refusal (the move stands either way). Omit it to claim separately")
+
+
 class AdvanceIn(EventBody):
     """Move a held task forward."""
 
     to: Key = Field(description="the target stage's key, from the card's transitions")
     note: Note | None = Field(default=None, description="what you did, for the next stage")
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
+    next: ClaimIn | None = Field(default=None, description=_NEXT)
 
 
 class RejectIn(EventBody):
@@ -221,6 +227,7 @@ class RejectIn(EventBody):
     to: Key = Field(description="the target stage's key, from the card's transitions")
     reason: Note = Field(description="what must be fixed, specific enough to act on")
     artifacts: Artifacts = Field(default_factory=list, description=_ARTIFACTS)
+    next: ClaimIn | None = Field(default=None, description=_NEXT)
 
 
 class ReleaseIn(EventBody):

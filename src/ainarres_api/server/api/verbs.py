@@ -21,7 +21,7 @@ from fastapi import FastAPI, Path, Request, Response
 from pydantic import BaseModel
 from starlette.types import Receive
 
-from ainarres_api.server.api import contract, envelopes, models
+from ainarres_api.server.api import contract, envelopes, models, problems
 from ainarres_api.server.api.deps import Agent, AppState, FastJSONResponse, Lent
 from ainarres_api.server.api.schemas import (
     AdvanceIn,
@@ -146,16 +146,28 @@ async def _progress(c: Call, task_id: uuid.UUID | None, body: ProgressIn) -> tup
     return await tasks.progress(c.conn, c.caller, task_id, body.lease, body.note, _artifacts(body)), 200
 
 
+async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A transition's answer, with the claim its body asked for (`next`) run after the transition committed: that
+    claim's answer, or the problem document of its refusal (the move stands either way, hence 200)."""
+    if want is None:
+        return out, 200
+    try:
+        nxt, _ = await _claim(c, None, want)
+    except AinarresError as exc:
+        nxt = problems.refused(exc, "/v1/claims")
+    return {**out, "next": nxt}, 200
+
+
 async def _advance(c: Call, task_id: uuid.UUID | None, body: AdvanceIn) -> tuple[dict[str, Any], int]:
     assert task_id is not None
-    return await tasks.transition(c.conn, c.caller, task_id, body.lease, "advance", body.to, body.note,
-                                  _artifacts(body)), 200
+    return await _then_claim(c, body.next, await tasks.transition(
+        c.conn, c.caller, task_id, body.lease, "advance", body.to, body.note, _artifacts(body)))
 
 
 async def _reject(c: Call, task_id: uuid.UUID | None, body: RejectIn) -> tuple[dict[str, Any], int]:
     assert task_id is not None
-    return await tasks.transition(c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason,
-                                  _artifacts(body)), 200
+    return await _then_claim(c, body.next, await tasks.transition(
+        c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason, _artifacts(body)))
 
 
 async def _release(c: Call, task_id: uuid.UUID | None, body: ReleaseIn) -> tuple[dict[str, Any], int]:
@@ -197,6 +209,8 @@ _CARD = {"workflow": "dev-review", "workflow_version": 1, "stage": "todo", "init
          "transitions": [{"kind": "advance", "to": "review", "required_features": ["role:dev"], "guard": None,
                           "instructions": ""}]}
 _LEASED = {"lease": _LEASE["id"]}
+_CLAIMED = {"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,
+            "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}}}
 
 _HELD_REFUSALS = (NotFound, LeaseLost)
 
@@ -254,8 +268,7 @@ remembered; finish it with advance, reject, release or block, then claim again),
 claim of yours can ever match here: the detail names what is missing; stop and tell your operator).""",
         work=_claim,
         example={"lane": "backend", "wait_seconds": 30},
-        answer_example={"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,
-                        "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}}},
+        answer_example=_CLAIMED,
     ),
     Verb(
         name="heartbeat", path="/v1/tasks/{task_id}/heartbeat", body=LeaseIn, answer=envelopes.Renewed,
@@ -288,7 +301,7 @@ Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.
                         "event": {**_EVENT, "type": "progress", "data": {"note": "handler written, tests next"}}},
     ),
     Verb(
-        name="advance", path="/v1/tasks/{task_id}/advance", body=AdvanceIn, answer=envelopes.Moved,
+        name="advance", path="/v1/tasks/{task_id}/advance", body=AdvanceIn, answer=envelopes.MovedOn,
         refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
         ends_hold=True,
         summary="move a held task forward; releases the hold",
@@ -297,7 +310,10 @@ Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.
             "caller holds (the most specific first). None from this stage to `to`: `409 illegal_transition` "
             "(the detail lists the legal targets); one exists but the caller lacks its features: `403 "
             "not_eligible`; its guard is false: `409 guard_failed`. Finishing a task makes the tasks waiting "
-            "on it claimable."),
+            "on it claimable. With `next` (what POST /v1/claims takes) the caller's next claim runs once the move "
+            "has committed, and its answer is `next` in this one: one call per task for a worker loop. A "
+            "refused move claims nothing; a refused next claim leaves the move standing (`next` is then the "
+            "claim's problem document, status 200)."),
         tool="advance", tool_title="Finish my stage",
         tool_text="""\
 Finish your stage: move the task you hold forward to stage `to` (a transition of kind advance on
@@ -305,27 +321,31 @@ its card), with a note and artifacts saying what you did. Your hold ends.
 Refusals: illegal_transition (no advance from this stage to `to`; the detail lists the legal
 targets), not_eligible (you lack the features that way out needs: pick another target, or
 release), guard_failed (a condition on the task, the card's guard, is false: fix what it checks,
-then retry), lease_lost (stop; claim again).""",
+then retry), lease_lost (stop; claim again).
+Pass next={"lane": ...} (or next={}) to claim your next task in the same call: the answer's `next`
+is that claim (this session then remembers its lease), `empty`, or the claim's refusal.""",
         work=_advance,
-        example={**_LEASED, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/health"}]},
-        answer_example={"code": "ok", "task": _TASK, "event": _EVENT},
+        example={**_LEASED, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/health"}],
+                 "next": {"lane": "backend"}},
+        answer_example={"code": "ok", "task": _TASK, "event": _EVENT,
+                        "next": {**_CLAIMED, "task": {**_HELD, "id": "5e0c7a9d-1b2f-4c3e-8d4a-6f7b8c9d0e1f"}}},
     ),
     Verb(
-        name="reject", path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.Moved,
+        name="reject", path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.MovedOn,
         refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
         ends_hold=True,
         summary="send a held task back for rework; releases the hold",
         description=(
             "Sends the held task to stage `to` by a `reject` transition, with the `reason` (what to fix); its "
             "rework count goes up. A reject past the stage's `max_rework` blocks the task for a human instead "
-            "(code `blocked`). Refusals as for advance."),
+            "(code `blocked`). Refusals as for advance, and `next` as for advance."),
         tool="reject", tool_title="Send back for rework",
         tool_text="""\
 Send the task you hold back to an earlier stage `to` for rework (a transition of kind reject on its
 card), with the reason: what exactly must be fixed. Usually a reviewer's verb. Your hold ends. If
 the stage's rework cap is reached, the task is blocked for a human instead (code "blocked").
 Refusals: illegal_transition (the detail lists the legal targets), not_eligible, guard_failed,
-lease_lost (stop; claim again).""",
+lease_lost (stop; claim again). `next` claims your next task in the same call, as for advance.""",
         work=_reject,
         example={**_LEASED, "to": "todo", "reason": "no test for the 503 case"},
         answer_example={"code": "ok", "task": {**_TASK, "stage": "todo", "rework_count": 1},
@@ -427,6 +447,12 @@ BY_NAME = {v.name: v for v in VERBS}
 TaskId = Annotated[uuid.UUID, Path(description="the task's id")]
 
 
+def waits(body: Body) -> bool:
+    """Whether a verb's body asks for a waiting claim (its own, or the `next` one after a transition)."""
+    want = body if isinstance(body, ClaimIn) else getattr(body, "next", None)
+    return want is not None and want.wait_seconds > 0
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns once the client has disconnected (the request body has been read by then)."""
     while (await receive())["type"] != "http.disconnect":
@@ -438,7 +464,7 @@ def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
 
     async def endpoint(request: Request, lent: Agent, body: Any, task_id: uuid.UUID | None = None) -> Response:
         gone: asyncio.Future[Any] | None = None
-        if verb.name == "claim" and body.wait_seconds > 0:
+        if waits(body):
             gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             out, status = await run(verb, Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone),
