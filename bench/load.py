@@ -207,6 +207,8 @@ async def cycle_http(
                     cycles.append(t1 - t0)
                     claims.append(t1 - t0)
                     stamps.append(t1)
+            if r.get("code") == "claimed":  # give back what the last `next` took, as a worker stopping does
+                await c.post(f"/v1/tasks/{r['task']['id']}/release", headers=h, json={"lease": r["lease"]["id"]})
 
         async def agent(i: int, token: str) -> None:
             nonlocal empties
@@ -285,6 +287,9 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
                 if t0 >= start:
                     cycles.append(t1 - t0)
                     claims.append(t1 - t0)
+            if r.get("code") == "claimed":  # give back what the last claim took, as a worker stopping does
+                await tasks.release(conn, await authenticate(conn, signer, token), uuid.UUID(r["task"]["id"]),
+                                    uuid.UUID(r["lease"]["id"]), None)
 
     async def agent(token: str) -> None:
         nonlocal empties
