@@ -5,7 +5,8 @@
     .venv/bin/python -m bench.run --only sustained --sustained-seconds 300
 
 Scenarios: cycle (claim+advance over HTTP vs the same service functions over asyncpg at 1/4/16/64
-agents), cpu (CPU per cycle of PostgreSQL, the service and the load generator, HTTP and raw),
+agents; and the one-call loop, where each advance claims the next task with `next`), cpu (CPU per cycle
+of PostgreSQL, the service and the load generator, HTTP and raw),
 replicas (the 16-agent cycle through two API processes, beside one and raw),
 backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks and
 ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every 1 s
@@ -106,6 +107,7 @@ def bench_cycle(dsn: str, svc: harness.Service, args: argparse.Namespace, result
                 "http_next_cycles_per_s": round(h1_rate, 1),
                 "raw_next_cycles_per_s": round(r1_rate, 1),
                 "http_next_over_raw_next": round(h1_rate / r1_rate, 2) if r1_rate else None,
+                "http_next": harness.summary(http1["cycle_lat"]),
                 "http_cycles_per_s": round(h_rate, 1),
                 "http": harness.summary(http["cycle_lat"]),
                 "raw_cycles_per_s": round(r_rate, 1),

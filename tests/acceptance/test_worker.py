@@ -372,3 +372,29 @@ async def test_runner_records_what_each_run_cost(fleet: Fleet) -> None:
     assert (none["cost"], none["currency"], none["input_tokens"], none["output_tokens"]) == (None, None, None, None)
     for tid in ids.values():  # the usage lines never hid the verb line
         assert live.admin("GET", f"/v1/tasks/{tid}", expect=200)["stage"] == "review"
+
+
+ONE_STEP = {
+    "key": "one-step",
+    "stages": [{"key": "write", "initial": True, "lease_seconds": 30}, {"key": "done", "terminal": True}],
+    "transitions": [{"from": "write", "to": "done", "kind": "advance", "required_features": ["role:dev"]}],
+}
+
+
+async def test_runner_takes_its_next_task_with_the_advance(fleet: Fleet) -> None:
+    # One call per task: after the first claim, each advance claims the slot's next task (`next`), and the
+    # last one asks for nothing (--max-tasks), so the runner stops holding nothing.
+    live = fleet.live
+    lane = "chain"
+    creator = _setup(live, lane, ONE_STEP)
+    ids = [_create(live, creator, lane, f"step {i}") for i in range(3)]
+    dev = live.mint(f"dev-{lane}")
+    r = await fleet.start("chain", dev["token"], 'echo \'{"verb": "advance", "to": "done"}\'\n', "--lane", lane,
+                          "--max-tasks", "3")
+    assert await asyncio.wait_for(r.proc.wait(), LIMIT) == 0
+    await asyncio.wait_for(r.reader, LIMIT)
+    claimed = [e for e in r.events if e["event"] == "claimed"]
+    assert [e["task"] for e in claimed] == ids
+    assert [e["via"] for e in claimed] == ["claim", "next", "next"]
+    assert all(live.admin("GET", f"/v1/tasks/{t}", expect=200)["state"] == "done" for t in ids)
+    assert not [e for e in r.events if e["event"] == "released"]

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ainarres_api.agent.cli import JsonParser, Leases, UsageError, emit, resolve_token, resolve_url, token_sub
 from ainarres_api.agent.client import AsyncClient, Claim, Hold, Refused, Unreachable
@@ -205,6 +205,7 @@ class Runner:
         self.changed = asyncio.Event()
         self.holding: set[str] = set()
         self.done = 0
+        self.following: dict[int, Claim] = {}  # per slot: the claim an advance or reject took with `next`
         self.fatal: Refused | None = None
 
     def log(self, event: str, **fields: Any) -> None:
@@ -257,7 +258,9 @@ class Runner:
     async def _slot(self, n: int) -> None:
         while not self.stopping.is_set():
             try:
-                out = await self._claim()
+                # The task the last advance or reject claimed in the same call (`next`), else a long poll.
+                chained = self.following.pop(n, None)
+                out = chained or await self._claim()
             except Refused as exc:
                 await self._refused_claim(n, exc)
                 continue
@@ -267,7 +270,7 @@ class Runner:
                 continue
             if out is None or out.get("code") != "claimed":
                 continue
-            await self._work(n, out)
+            await self._work(n, out, "next" if chained else "claim")
             self.done += 1
             self.changed.set()
             if self.max_tasks is not None and self.done >= self.max_tasks:
@@ -291,13 +294,13 @@ class Runner:
         self.log("refused", slot=n, code=exc.code, detail=exc.detail)
         await self._pause(min(5.0, self.poll))
 
-    async def _work(self, n: int, claim: Claim) -> None:
+    async def _work(self, n: int, claim: Claim, via: str) -> None:
         task = claim["task"]
         assert task is not None
         task_id = str(task["id"])
         self.holding.add(task_id)
         self.log("claimed", slot=n, task=task_id, stage=task.get("stage"), attempts=task.get("attempts"),
-                 rework_count=task.get("rework_count"))
+                 rework_count=task.get("rework_count"), via=via)
         scratch = Path(tempfile.mkdtemp(prefix="ainarres-task-"))
         try:
             async with self.client.held(claim) as hold:
@@ -462,12 +465,15 @@ class Runner:
             return await self._release(n, hold, f"bad verb line from the command: {problem}")
         note = note if isinstance(note, str) and note else None
         text = reason if isinstance(reason, str) and reason else note
+        # One call per task: the move claims this slot's next task too, unless this is the last one to do.
+        more = self.max_tasks is None or self.done + len(self.holding) < self.max_tasks
+        claim_next: bool | str = (self.lane or True) if more and not self.stopping.is_set() else False
         try:
             if verb == "advance":
-                res = await hold.advance(str(to), note, artifacts)
+                res = await hold.advance(str(to), note, artifacts, claim_next=claim_next)
             elif verb == "reject":
                 res = await hold.reject(str(to), text or f"rejected by the command (exit {status})",
-                                        artifacts)
+                                        artifacts, claim_next=claim_next)
             elif verb == "release":
                 res = await hold.release(text)
             else:
@@ -481,6 +487,11 @@ class Runner:
         task = res.get("task") or {}
         self.log("finished", slot=n, task=hold.task_id, verb=verb, to=to, code=res.get("code"),
                  stage=task.get("stage"), state=task.get("state"), exit=status)
+        nxt = res.get("next")
+        if isinstance(nxt, dict) and nxt.get("code") == "claimed":
+            self.following[n] = cast(Claim, nxt)
+        elif isinstance(nxt, dict) and nxt.get("status"):  # the next claim was refused; the slot claims again
+            self.log("refused", slot=n, verb="claim", code=nxt.get("code"), detail=nxt.get("detail"))
         return _event_id(res)
 
     async def _release(self, n: int, hold: Hold, reason: str) -> int | None:
