@@ -90,6 +90,28 @@ async def test_wakes_on_advance_and_on_reject(app, admin):
     assert back["code"] == "claimed" and back["task"]["id"] == tid and back["task"]["stage"] == "todo"
 
 
+async def test_an_advance_waiting_for_its_next_task_wakes_others_first(app, admin):
+    # The move commits before `next` long-polls: a reviewer waiting for it is woken at once, not when the
+    # developer's own wait answers; then the developer's wait is answered by new work.
+    w = await make_world(admin)
+    dev, maker, rev = await w.agent("cheap"), await w.agent("cheap"), await w.agent("reviewers")
+    tid = (await dev.create("dev", "x"))["task"]["id"]
+    lease = (await dev.claim())["lease"]["id"]
+    reviewer = await waiting_claim(app, rev)
+    hub = hub_of(app)
+    before = {id(x) for x in hub.waiters}
+    advance = asyncio.create_task(dev.verb(tid, "advance", lease=lease, to="review", next={"wait_seconds": WAIT}))
+    got = await woken(reviewer)
+    assert got["code"] == "claimed" and got["task"]["id"] == tid and not advance.done()
+    await hub.until(lambda h: any(id(x) not in before and x.idle for x in h.waiters) and not h.sweeping,
+                    WOKEN_WITHIN)
+    assert not advance.done()
+    new_id = (await maker.create("dev", "next one"))["task"]["id"]
+    out = await woken(advance)
+    assert out["task"]["stage"] == "review" and out["next"]["code"] == "claimed"
+    assert out["next"]["task"]["id"] == new_id
+
+
 async def test_wakes_on_release(app, admin):
     w = await make_world(admin)
     a, b = await w.agent("cheap"), await w.agent("cheap")

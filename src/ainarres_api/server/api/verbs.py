@@ -49,7 +49,7 @@ from ainarres_api.server.errors import (
     NotFound,
     RateLimited,
 )
-from ainarres_api.server.services import claiming, spend, tasks
+from ainarres_api.server.services import claiming, spend, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 
@@ -151,6 +151,8 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
     claim's answer, or the problem document of its refusal (the move stands either way, hence 200)."""
     if want is None:
         return out, 200
+    if want.wait_seconds > 0:
+        wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
     try:
         nxt, _ = await _claim(c, None, want)
     except AinarresError as exc:

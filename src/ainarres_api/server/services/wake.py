@@ -89,6 +89,16 @@ def new_route() -> None:
         rec.rescan = True
 
 
+def flush(hub: Wake) -> None:
+    """Publish what the current request has recorded so far, which has committed, and record afresh: for a
+    request that goes on to wait (an advance's `next` long poll), so that others are not woken only when it
+    answers."""
+    rec = _recording.get()
+    if rec:
+        hub.publish(rec)
+        rec.clear()
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[Recorded]:
     """Collect what the code run inside the block records (a no-op outside any such block)."""
