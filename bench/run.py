@@ -11,7 +11,8 @@ replicas (the 16-agent cycle through two API processes, beside one and raw),
 backlog (claim latency at 10k vs 1M backlog, 99 % of it needing a feature the agent lacks and
 ranking first), sustained (throughput decay under churn), pickup (long-poll vs polling every 1 s
 with 10 and 1,000 idle agents), create (32 writers, with and without waiters), pgqueuer (its own
-tools/benchmark.py via bench/pgqueuer.sh), pgbouncer (the cycle and pickup through PgBouncer), scale (the
+tools/benchmark.py via bench/pgqueuer.sh), race (pgqueuer and the 16-agent worker loops interleaved over
+rounds, the median ratio), pgbouncer (the cycle and pickup through PgBouncer), scale (the
 cycle through --processes API processes with CPU per cycle per component; bench/scale.py).
 Results are printed and written to $AINARRES_BENCH_DIR/results.json.
 """
@@ -24,9 +25,11 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,8 +287,8 @@ def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, resul
         )
 
 
-def bench_pgqueuer(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """pgqueuer's own tools/benchmark.py, one job per fetch, on the same server (bench/pgqueuer.sh)."""
+def _pgqueuer(seconds: float) -> float | None:
+    """pgqueuer's own tools/benchmark.py, one job per fetch, on the same server (bench/pgqueuer.sh): jobs/s."""
     env = {
         **os.environ,
         "PGHOST": str((harness.ROOT / "pgdata").resolve()),
@@ -293,23 +296,56 @@ def bench_pgqueuer(dsn: str, svc: harness.Service, args: argparse.Namespace, res
         "PGDATABASE": "bench",
     }
     out = subprocess.run(
-        ["bash", str(Path(__file__).with_name("pgqueuer.sh")), str(int(args.seconds))],
+        ["bash", str(Path(__file__).with_name("pgqueuer.sh")), str(int(seconds))],
         env=env,
         capture_output=True,
         text=True,
     )
     m = re.search(r"\|\s*Rate\s*\|\s*([\d.]+)", out.stdout)
-    rate = float(m.group(1)) if m else None
     print(out.stdout[-3000:], out.stderr[-1500:] if out.returncode else "", flush=True)
-    _out(
-        "pgqueuer",
-        {
-            "settings": "--dequeue 8 --dequeue-batch-size 1 --enqueue 4 --enqueue-batch-size 1",
-            "jobs_per_s": rate,
-            "returncode": out.returncode,
-        },
-        results,
-    )
+    return float(m.group(1)) if m and out.returncode == 0 else None
+
+
+_PGQUEUER_SETTINGS = "--dequeue 8 --dequeue-batch-size 1 --enqueue 4 --enqueue-batch-size 1"
+
+
+def bench_pgqueuer(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """pgqueuer's own tools/benchmark.py, one job per fetch, on the same server (bench/pgqueuer.sh)."""
+    _out("pgqueuer", {"settings": _PGQUEUER_SETTINGS, "jobs_per_s": _pgqueuer(args.seconds)}, results)
+
+
+def bench_race(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """pgqueuer against the worker loops, interleaved: --race-rounds rounds of pgqueuer one job per fetch, the
+    two-call loop (claim, then advance) and the one-call loop (advance with `next`) at --race-agents agents,
+    the order rotated each round so that a drift of the machine falls on each in turn. On a VM whose figures move
+    by a third between runs, one pgqueuer run against one loop run decides little; the median of the rounds'
+    ratios, each measured minutes apart at most, is the comparison."""
+    lane = _cycle_lane(dsn, svc, args, keep=True)
+    tokens = asyncio.run(harness.mint(dsn, "w_cyc", args.race_agents))
+
+    def loop(chained: bool) -> float:
+        asyncio.run(_checkpoint(dsn))
+        r = run_in_process("cycle_http", base=svc.base, tokens=tokens, lane=lane, seconds=args.seconds,
+                           chained=chained).result()
+        return float(r["cycles"] / r["elapsed"])
+
+    runs: dict[str, Callable[[], float | None]] = {
+        "pgqueuer": lambda: _pgqueuer(args.seconds), "two_calls": lambda: loop(False), "one_call": lambda: loop(True)}
+    names = list(runs)
+    rounds: list[dict[str, float | None]] = []
+    for k in range(args.race_rounds):
+        order = names[k % len(names):] + names[:k % len(names)]
+        got = {name: runs[name]() for name in order}
+        rounds.append({name: None if (v := got[name]) is None else round(v, 1) for name in names})
+        print(json.dumps({"race_round": k + 1, "order": order, **rounds[-1]}), flush=True)
+
+    def median_ratio(name: str) -> float | None:
+        ratios = [ours / theirs for r in rounds if (ours := r[name]) and (theirs := r["pgqueuer"])]
+        return round(statistics.median(ratios), 2) if ratios else None
+
+    _out("race", {"agents": args.race_agents, "rounds": rounds, "pgqueuer_settings": _PGQUEUER_SETTINGS,
+                  "one_call_over_pgqueuer_median": median_ratio("one_call"),
+                  "two_calls_over_pgqueuer_median": median_ratio("two_calls")}, results)
 
 
 def _start_pgbouncer(port: int, pool_size: int) -> subprocess.Popen[bytes]:
@@ -528,6 +564,7 @@ BENCHES = {
     "pickup": bench_pickup,
     "create": bench_create,
     "pgqueuer": bench_pgqueuer,
+    "race": bench_race,
     "pgbouncer": bench_pgbouncer,
     "scale": bench_scale,
 }
@@ -550,6 +587,8 @@ def main() -> None:
     p.add_argument("--pool-max", type=int, default=20, help="the service's AINARRES_POOL_MAX_SIZE")
     p.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     p.add_argument("--scale-agents", type=int, default=32)
+    p.add_argument("--race-rounds", type=int, default=3)
+    p.add_argument("--race-agents", type=int, default=16)
     args = p.parse_args()
 
     dsn, server = harness.start_postgres()
