@@ -102,6 +102,36 @@ async def test_metrics_count_what_happened(admin, client, db):
     assert ids
 
 
+async def test_a_claim_made_for_next_counts_as_a_claim(admin, client):
+    """A runner that takes its next task with each advance makes no claim requests: its claims are still counted,
+    or a dashboard of claims per second would read zero and an alert on it would fire."""
+    w = await make_world(admin)
+    dev, rev = await w.agent("cheap"), await w.agent("reviewers")
+    for i in range(2):
+        await dev.create("dev", f"t{i}")
+    c = await dev.claim("dev")
+    moved = await dev.verb(c["task"]["id"], "advance", lease=c["lease"]["id"], to="review", next={"lane": "dev"})
+    assert moved["next"]["code"] == "claimed"
+    last = await dev.verb(moved["next"]["task"]["id"], "advance", lease=moved["next"]["lease"]["id"], to="review",
+                          next={"lane": "dev"})
+    assert last["next"]["code"] == "empty"
+    r = await rev.claim("dev")
+    refused = await rev.verb(r["task"]["id"], "reject", lease=r["lease"]["id"], to="todo", reason="no",
+                             next={"lane": "nope"})
+    assert refused["next"]["code"] == "not_eligible"  # an unknown lane: no lane feature for it
+
+    m = await scrape(client)
+    assert val(m, "ainarres_verb_calls_total", verb="claim", code="claimed") == 3  # 2 requests, 1 next
+    assert val(m, "ainarres_verb_calls_total", verb="claim", code="empty") == 1
+    assert val(m, "ainarres_verb_calls_total", verb="claim", code="not_eligible") == 1
+    assert val(m, "ainarres_claims_total", result="claimed") == 3
+    assert val(m, "ainarres_claims_total", result="empty") == 1
+    assert val(m, "ainarres_verb_duration_seconds_count", verb="claim") == 5
+    assert val(m, "ainarres_verb_calls_total", verb="advance", code="ok") == 2
+    assert val(m, "ainarres_verb_calls_total", verb="reject", code="ok") == 1
+    assert val(m, "ainarres_claims_in_flight") == 0
+
+
 def test_registries_are_per_app():
     a, b = Metrics(), Metrics()
     a.observe("claim", "empty", 0.01)

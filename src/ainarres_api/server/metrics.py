@@ -41,6 +41,9 @@ from ainarres_api.server.services.oversight import Scrape
 
 VERBS = ("create", "claim", "heartbeat", "progress", "advance", "reject", "release", "block", "unblock")
 _HELD_VERB = re.compile(r"^/v1/tasks/[^/]+/(heartbeat|progress|advance|reject|release|block|unblock)$")
+# The scope key under which an advance or reject that claimed for `next` leaves that claim's (code, seconds):
+# counted as a claim call, beside the move (api/verbs.py).
+NEXT_CLAIM = "ainarres.next_claim"
 # Verb responses are small envelopes; a larger body is not parsed for its code.
 _MAX_PARSED_BODY = 1_048_576
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -122,16 +125,19 @@ class Metrics:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.verb_calls = Counter("ainarres_verb_calls", "Agent verb calls by verb and result code "
-                                  "(the response's `code`, or the error's)", ["verb", "code"], registry=r)
+                                  "(the response's `code`, or the error's); a claim made for an advance's or "
+                                  "reject's `next` counts as a claim call", ["verb", "code"], registry=r)
         self.verb_seconds = Histogram("ainarres_verb_duration_seconds", "Agent verb latency, request to last "
-                                      "byte (a claim's includes its long-poll wait)", ["verb"],
+                                      "byte (a claim's includes its long-poll wait; a `next` claim's is its own "
+                                      "part of the move's request)", ["verb"],
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.claims = Counter("ainarres_claims", "Claims by outcome: claimed or empty", ["result"],
                               registry=r)
         # Each process's own figure; under --workers, summed over the live workers.
         live: Literal["livesum"] = "livesum"
         self.claims_in_flight = Gauge("ainarres_claims_in_flight", "Claim requests being served now, "
-                                      "long-polling ones included", registry=r, multiprocess_mode=live)
+                                      "long-polling ones included (not the claims of `next`: see "
+                                      "ainarres_longpoll_waiters)", registry=r, multiprocess_mode=live)
         self.longpoll_waiters = Gauge("ainarres_longpoll_waiters", "Claims waiting on the wake hub for "
                                       "work to appear", registry=r, multiprocess_mode=live)
         self.streams = Gauge("ainarres_event_streams", "Open event streams (GET /v1/events/stream)",
@@ -256,3 +262,5 @@ class VerbMetrics:
                 self.metrics.claims_in_flight.dec()
             code = _code_of(b"".join(body), status) if status else "internal"
             self.metrics.observe(verb, code, time.perf_counter() - started)
+            if (nxt := scope.get(NEXT_CLAIM)) is not None:
+                self.metrics.observe("claim", *nxt)

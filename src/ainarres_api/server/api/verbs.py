@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from ainarres_api.server.errors import (
     NotFound,
     RateLimited,
 )
+from ainarres_api.server.metrics import NEXT_CLAIM
 from ainarres_api.server.services import claiming, spend, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
@@ -62,6 +64,7 @@ class Call:
     lent: Lent
     token: str
     gone: asyncio.Future[Any] | None = None  # completes when an HTTP client disconnects (long poll)
+    next_claim: tuple[str, float] | None = None  # the code and seconds of the claim a move ran for `next`
 
     @property
     def conn(self) -> Any:
@@ -153,10 +156,12 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
         return out, 200
     if want.wait_seconds > 0:
         wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
+    started = time.perf_counter()
     try:
         nxt, _ = await _claim(c, None, want)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
+    c.next_claim = (str(nxt["code"]), time.perf_counter() - started)
     return {**out, "next": nxt}, 200
 
 
@@ -468,12 +473,14 @@ def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
         gone: asyncio.Future[Any] | None = None
         if waits(body):
             gone = asyncio.ensure_future(_disconnected(request.receive))
+        call = Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone)
         try:
-            out, status = await run(verb, Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone),
-                                          task_id, body)
+            out, status = await run(verb, call, task_id, body)
         finally:
             if gone is not None:
                 gone.cancel()
+        if call.next_claim is not None:  # counted as a claim by the metrics (server/metrics.py: NEXT_CLAIM)
+            request.scope[NEXT_CLAIM] = call.next_claim
         return FastJSONResponse(out, status_code=status)
 
     params = [
