@@ -136,6 +136,28 @@ async def test_a_body_over_the_limit_gets_the_service_s_whole_refusal_every_time
             assert r.json()["code"] == "payload_too_large"
 
 
+async def test_a_refusal_before_the_body_is_read_reaches_the_client_whole(stack: Stack) -> None:
+    """Refusals decided before the body is read (no token, a bad token, an unknown route) with a large body
+    under the limit: each answer reaches the client whole through Caddy, every time."""
+    body = b'{"lane": "dev", "title": "big", "payload": {"x": "' + b"y" * 900_000 + b'"}}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), 65536):
+            yield body[at:at + 65536]
+
+    cases = [("/v1/tasks", {}, 401, "unauthenticated"),
+             ("/v1/tasks", {"Authorization": "Bearer not.a.token"}, 401, "unauthenticated"),
+             ("/v1/nowhere", {}, 404, "not_found")]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        for n in range(24):
+            path, headers, status, code = cases[n % len(cases)]
+            r = await client.post(path, content=body if n % 2 else chunks(),
+                                  headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == status, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["code"] == code
+
+
 async def test_a_client_expecting_100_continue_is_refused_before_it_sends_the_body(stack: Stack) -> None:
     """What curl does for a body over 1 MiB: declare it, ask to continue, and wait. The refusal comes at once
     (no `100 Continue`, no body read), straight from a replica."""
