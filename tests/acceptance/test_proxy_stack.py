@@ -115,22 +115,29 @@ async def test_the_verbs_through_caddy_and_two_replicas_and_pgbouncer(stack: Sta
 
 
 
+def _big(size: int) -> bytes:
+    """A task body whose payload holds `size` bytes."""
+    return b'{"lane": "dev", "title": "big", "payload": {"x": "' + b"y" * size + b'"}}'
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    """`data` as a chunked request body (no Content-Length)."""
+    for at in range(0, len(data), 65536):
+        yield data[at:at + 65536]
+
+
 async def test_a_body_over_the_limit_gets_the_service_s_whole_refusal_every_time(stack: Stack) -> None:
     """Over the service's body limit (1 MiB), under Caddy's backstop (2 MiB): the service's own refusal, whole,
     every time, whether the length is declared or the body streams in chunks. The service reads what the client
     sends before it answers: a replica that answered and closed with the body unread would reset the proxy's
     connection and the refusal would be lost on the way (seen once in CI as a response cut at 0 bytes)."""
-    big = b'{"lane": "dev", "title": "big", "payload": {"x": "' + b"y" * 1_200_000 + b'"}}'
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for at in range(0, len(big), 65536):
-            yield big[at:at + 65536]
+    big = _big(1_200_000)
 
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
         admin = await _admin(stack, client)
         headers = {"Authorization": f"Bearer {admin.token}", "Content-Type": "application/json"}
         for n in range(24):
-            r = await client.post("/v1/tasks", content=big if n % 2 else chunks(), headers=headers)
+            r = await client.post("/v1/tasks", content=big if n % 2 else _chunks(big), headers=headers)
             assert r.status_code == 413, r.text
             assert r.headers["content-type"].startswith("application/problem+json")
             assert r.json()["code"] == "payload_too_large"
@@ -139,11 +146,7 @@ async def test_a_body_over_the_limit_gets_the_service_s_whole_refusal_every_time
 async def test_a_refusal_before_the_body_is_read_reaches_the_client_whole(stack: Stack) -> None:
     """Refusals decided before the body is read (no token, a bad token, an unknown route) with a large body
     under the limit: each answer reaches the client whole through Caddy, every time."""
-    body = b'{"lane": "dev", "title": "big", "payload": {"x": "' + b"y" * 900_000 + b'"}}'
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for at in range(0, len(body), 65536):
-            yield body[at:at + 65536]
+    body = _big(900_000)
 
     cases = [("/v1/tasks", {}, 401, "unauthenticated"),
              ("/v1/tasks", {"Authorization": "Bearer not.a.token"}, 401, "unauthenticated"),
@@ -151,7 +154,7 @@ async def test_a_refusal_before_the_body_is_read_reaches_the_client_whole(stack:
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
         for n in range(24):
             path, headers, status, code = cases[n % len(cases)]
-            r = await client.post(path, content=body if n % 2 else chunks(),
+            r = await client.post(path, content=body if n % 2 else _chunks(body),
                                   headers={**headers, "Content-Type": "application/json"})
             assert r.status_code == status, r.text
             assert r.headers["content-type"].startswith("application/problem+json")
