@@ -114,7 +114,6 @@ async def test_the_verbs_through_caddy_and_two_replicas_and_pgbouncer(stack: Sta
         await test_smoke.test_walkthrough(admin)
 
 
-
 def _big(size: int) -> bytes:
     """A task body whose payload holds `size` bytes."""
     return b'{"lane": "dev", "title": "big", "payload": {"x": "' + b"y" * size + b'"}}'
@@ -132,7 +131,6 @@ async def test_a_body_over_the_limit_gets_the_service_s_whole_refusal_every_time
     sends before it answers: a replica that answered and closed with the body unread would reset the proxy's
     connection and the refusal would be lost on the way (seen once in CI as a response cut at 0 bytes)."""
     big = _big(1_200_000)
-
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
         admin = await _admin(stack, client)
         headers = {"Authorization": f"Bearer {admin.token}", "Content-Type": "application/json"}
@@ -147,7 +145,6 @@ async def test_a_refusal_before_the_body_is_read_reaches_the_client_whole(stack:
     """Refusals decided before the body is read (no token, a bad token, an unknown route) with a large body
     under the limit: each answer reaches the client whole through Caddy, every time."""
     body = _big(900_000)
-
     cases = [("/v1/tasks", {}, 401, "unauthenticated"),
              ("/v1/tasks", {"Authorization": "Bearer not.a.token"}, 401, "unauthenticated"),
              ("/v1/nowhere", {}, 404, "not_found")]

@@ -60,7 +60,9 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             # A client that waits for `100 Continue` has sent no body: refuse before it does (reading would
             # have uvicorn ask for the body).
-            await self._refuse(scope, receive, send, unread=headers.get(b"expect", b"").lower() != b"100-continue")
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._drain(receive)
+            await self._refuse(scope, receive, send)
             return
         seen = 0
 
@@ -76,20 +78,23 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send, unread=True)
+            await self._drain(receive)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, unread: bool) -> None:
-        # Read and drop what the client is still sending (up to a bound) before answering: a server that answers
-        # and closes with the body unread resets the connection, and the client or the proxy in front may lose
-        # the refusal with it (tests/acceptance/test_proxy_stack.py). Past the bound the answer goes anyway.
-        left = 4 * self.max_bytes if unread else 0
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop what the client is still sending, up to 4× the limit, before the refusal: a server that
+        answers and closes with the body unread resets the connection, and the client or the proxy in front may
+        lose the refusal with it (tests/acceptance/test_proxy_stack.py). Past the bound the answer goes anyway."""
+        left = 4 * self.max_bytes
         while left > 0:
             msg = await receive()
             if msg["type"] != "http.request":
-                break
+                return
             left -= len(msg.get("body", b""))
             if not msg.get("more_body", False):
-                break
+                return
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = problems.refusal(PayloadTooLarge(self.detail), URL(scope=scope).path)
         await resp(scope, receive, send)
 
