@@ -515,12 +515,15 @@ def _idle() -> tuple[float, float]:
 
 def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Where the CPU goes per claim+advance cycle at 16 agents: PostgreSQL's backends, the service,
-    the load generator, over the middle of an HTTP run and of a raw run (the cycle scenario's setup)."""
+    the load generator, over the middle of an HTTP run and of a raw run (the cycle scenario's setup), for the
+    two-call loop and the one-call loop (`_next`: an advance with `next`)."""
     lane = _cycle_lane(dsn, svc, args, keep=True)
     tokens = asyncio.run(harness.mint(dsn, "w_cyc", 16))
     runs = {
         "http": ("cycle_http", {"base": svc.base}),
         "raw": ("cycle_raw", {"dsn": dsn, "secret": harness.SECRET}),
+        "http_next": ("cycle_http", {"base": svc.base, "chained": True}),
+        "raw_next": ("cycle_raw", {"dsn": dsn, "secret": harness.SECRET, "chained": True}),
     }
     for name, (fn, kw) in runs.items():
         asyncio.run(_checkpoint(dsn))
