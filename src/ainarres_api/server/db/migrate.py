@@ -43,6 +43,10 @@ def available() -> list[Migration]:
     return found
 
 
+class SchemaNewer(RuntimeError):
+    """The database has migrations this build does not know: it was migrated by a newer build."""
+
+
 _TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
                 version    integer     NOT NULL,
                 name       text        NOT NULL,
@@ -50,12 +54,31 @@ _TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
                 CONSTRAINT ainarres_migrations_pkey PRIMARY KEY (version))"""
 
 
+def _refuse_newer(done: dict[int, str], known: list[Migration]) -> None:
+    if newer := sorted(set(done) - {m.version for m in known}):
+        # Forward-only: an older build's statements may not fit the newer schema (a column it does not fill, a
+        # rule it applies a second time), so it must not serve this database at all.
+        raise SchemaNewer(
+            f"the database is at migration {newer[-1]:04d}_{done[newer[-1]]}, newer than this build of ainarres "
+            f"(it knows up to {known[-1].version:04d}_{known[-1].name}): run the newer build; migrations only go "
+            "forward, so an older build cannot serve this database")
+
+
+async def check(conn: asyncpg.Connection) -> None:
+    """Refuse (SchemaNewer) a database a newer build has migrated; changes nothing (a first start's check, before
+    anything is printed or served)."""
+    if await conn.fetchval("SELECT to_regclass('ainarres_migrations') IS NOT NULL"):
+        rows = await conn.fetch("SELECT version, name FROM ainarres_migrations")
+        _refuse_newer({r["version"]: r["name"] for r in rows}, available())
+
+
 async def apply(conn: asyncpg.Connection) -> list[int]:
     """Apply every missing migration; safe to call from several replicas at once, directly or through
     PgBouncer in transaction mode.
 
     One transaction per migration, each taking the migration lock first (another replica migrating is
-    waited for) and reading what is applied under it; a last transaction finds nothing left to do."""
+    waited for) and reading what is applied under it; a last transaction finds nothing left to do. Refuses
+    (SchemaNewer, nothing changed) a database a newer build has migrated."""
     applied_now: list[int] = []
     pending = available()
     while True:
@@ -64,7 +87,8 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
             await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
             await conn.execute(_TABLE)
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM ainarres_migrations")}
+            done = {r["version"]: r["name"] for r in await conn.fetch("SELECT version, name FROM ainarres_migrations")}
+            _refuse_newer(done, pending)
             mig = next((m for m in pending if m.version not in done), None)
             if mig is None:
                 return applied_now
