@@ -163,7 +163,8 @@ class ClaimIn(Body):
 
     lane: Key | None = Field(default=None, description="claim only from this lane (default: any of yours)")
     wait_seconds: Annotated[float, Field(ge=0, le=60)] = Field(
-        default=0, description="if nothing is available, wait up to this many seconds (0-60) for work")
+        default=0, description="if nothing is available, wait up to this many seconds (0-60) for work; give the "
+                               "HTTP client a longer read timeout")
 
 
 class LeaseIn(Body):
@@ -209,7 +210,10 @@ class ProgressIn(EventBody):
 
 _NEXT = ("then claim your next task in the same call, once this one has moved: what POST /v1/claims takes "
          "(`lane`, `wait_seconds`); the answer's `next` is that claim's answer, or the problem document of its "
-         "refusal (the move stands either way). Omit it to claim separately")
+         "refusal (the move stands either way). With `wait_seconds` the answer comes when that claim does: give "
+         "the HTTP client a longer read timeout (a move sent again is answered as a replay, never applied twice; if "
+         "the first call's claim took a task, `next` is then `already_holding` naming it). "
+         "Omit it to claim separately")
 
 
 class AdvanceIn(EventBody):
