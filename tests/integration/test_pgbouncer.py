@@ -11,6 +11,7 @@ a change made on another (NOTIFY through the pooler, LISTEN on a direct connecti
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -171,3 +172,28 @@ async def test_migrations_run_once_through_pgbouncer_from_several_replicas(pg_se
     finally:
         await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin_conn.close()
+
+
+@pytest.mark.parametrize("args", [["migrate"], ["token", "--family", "admin"]], ids=["migrate", "token"])
+async def test_the_operator_commands_through_pgbouncer(admin: Api, dsn: str, bouncer: int, args: list[str]) -> None:
+    """`ainarres migrate` and `ainarres token` pointed at the pooler, as an operator of compose.yaml would (the
+    service started through it, so the admin family exists): they keep no named prepared statement a shared
+    server connection could already hold, and send no session setting PgBouncer refuses."""
+    from tests.acceptance.test_readme import ainarres_command, clean_env
+
+    # The pooler's server connections are warm with other clients' statements first (the service's pool).
+    busy = [await asyncpg.connect(_pooled(dsn, bouncer)) for _ in range(SERVER_CONNECTIONS)]
+    try:
+        for c in busy:
+            await c.fetchval("SELECT count(*) FROM ainarres_migrations")
+        env = clean_env(AINARRES_DATABASE_URL=_pooled(dsn, bouncer), AINARRES_PGBOUNCER="true",
+                        AINARRES_JWT_SECRET=TEST_SECRET)
+        for _ in range(3):
+            proc = await asyncio.create_subprocess_exec(*ainarres_command(), *args, env=env,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+            assert proc.returncode == 0, (out, err)
+            assert "token" in json.loads(out) if args[0] == "token" else json.loads(out)["code"] == "ok"
+    finally:
+        for c in busy:
+            await c.close()

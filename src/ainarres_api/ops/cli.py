@@ -72,11 +72,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _migrate(dsn: str) -> list[int]:
-    import asyncpg
-
     from ainarres_api.server.db import migrate
 
-    conn = await asyncpg.connect(dsn)
+    conn = await runtime.connect(dsn)
     try:
         return await migrate.apply(conn)
     finally:

@@ -95,7 +95,7 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
     from ainarres_api.server.services.auth import Signer
 
     signer = Signer(settings)
-    pool = await create_pool(dsn, min_size=1, max_size=1)
+    pool = await create_pool(dsn, min_size=1, max_size=1, pgbouncer=True)  # pooler-safe, whatever the URL
     try:
         async with pool.acquire() as conn:
             await migrate.apply(conn)
@@ -106,13 +106,20 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
         await pool.close()
 
 
-async def check_schema(dsn: str) -> None:
-    """Refuse (migrate.SchemaNewer) a database a newer build has migrated, before serving it."""
+async def connect(dsn: str) -> Any:
+    """A one-off connection of an operator command (an asyncpg.Connection), safe through a pooler: the URL may be
+    a PgBouncer in transaction mode, whose server connections are shared, so no named prepared statement is
+    kept (and no session setting is sent at start, which PgBouncer refuses)."""
     import asyncpg
 
+    return await asyncpg.connect(dsn, statement_cache_size=0)
+
+
+async def check_schema(dsn: str) -> None:
+    """Refuse (migrate.SchemaNewer) a database a newer build has migrated, before serving it."""
     from ainarres_api.server.db import migrate
 
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         await migrate.check(conn)
     finally:
@@ -122,13 +129,11 @@ async def check_schema(dsn: str) -> None:
 async def prepare(dsn: str, settings: Settings) -> int:
     """Before several workers start: apply the migrations, make (and print, once) the first start's admin
     token, and return the newest event id (the workers' metrics count events from there)."""
-    import asyncpg
-
     from ainarres_api.server.db import migrate
     from ainarres_api.server.services import admin, oversight
     from ainarres_api.server.services.auth import Signer
 
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         await migrate.apply(conn)
         boot = await admin.bootstrap(conn, Signer(settings), settings.admin_token_ttl_seconds)
