@@ -56,13 +56,14 @@ async def test_the_check_passes_a_database_this_build_migrated_or_an_empty_one(
     await migrate.check(db)  # no migration table yet: a first start
 
 
-@pytest.mark.parametrize("args", [["migrate"], ["token", "--family", "admin"], ["serve"], ["serve", "--workers", "2"]],
-                         ids=["migrate", "token", "serve", "serve-workers"])
+@pytest.mark.parametrize("args", [["migrate"], ["token", "--family", "admin"], ["serve"], ["serve", "--workers", "2"],
+                                  ["demo", "--exit"]],
+                         ids=["migrate", "token", "serve", "serve-workers", "demo"])
 async def test_every_command_refuses_it_with_one_json_line(dsn: str, db: asyncpg.Connection,
                                                           args: list[str]) -> None:
     newest = await _from_the_future(db)
     before = await _schema(db)
-    if args[0] == "serve":
+    if args[0] in ("serve", "demo"):
         args = [*args, "--port", str(free_port())]
     proc = await asyncio.create_subprocess_exec(
         *ainarres_command(), *args, env=clean_env(AINARRES_DATABASE_URL=dsn, AINARRES_JWT_SECRET=TEST_SECRET),

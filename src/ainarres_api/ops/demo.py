@@ -398,7 +398,7 @@ def _serve_in_thread(app: Any, sock: socket.socket, host: str, port: int) -> tup
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo: serve, print the board's URL and a token, run the swarm, report."""
-    from ainarres_api.ops.runtime import PortBusy, bind, database, exit_on_signal, mint
+    from ainarres_api.ops.runtime import PortBusy, bind, check_schema, database, exit_on_signal, mint
     from ainarres_api.server.app import create_app
 
     # As in `serve`: a signal ends through SystemExit, so the server stops and the embedded
@@ -422,6 +422,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AINARRES demo: {exc}", file=sys.stderr, flush=True)
         return 1
     dsn, pg = database(settings)
+    asyncio.run(check_schema(dsn))  # as `serve`: a database a newer build migrated is refused (schema_newer)
 
     def say(line: str) -> None:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
