@@ -512,3 +512,52 @@ async def test_workers_share_one_port_and_sum_their_metrics(database: str, tmp_p
         assert await asyncio.to_thread(proc.wait, WITHIN) == 0, proc.log()
     finally:
         proc.stop()
+
+
+def _workers_of(supervisor: int) -> list[int]:
+    """The worker processes `serve --workers` spawned (not multiprocessing's resource tracker)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if ppid == supervisor and b"spawn_main" in cmdline:
+            found.append(int(d.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_workers_stop_when_a_newer_build_has_migrated_the_database(database: str, tmp_path: Path) -> None:
+    """A worker that dies after a newer build migrated the database is not started again (it would fail again,
+    forever): every worker drains and the supervisor exits 1 saying which migration (ADR 0022)."""
+    proc = Proc(database, tmp_path / "n", AINARRES_WORKERS="2", AINARRES_DRAIN_SECONDS="5")
+    proc.start()
+    try:
+        assert proc.proc is not None
+        workers = _workers_of(proc.proc.pid)
+        assert len(workers) == 2, workers
+        conn = await asyncpg.connect(database)
+        try:
+            await conn.execute("INSERT INTO ainarres_migrations (version, name) SELECT max(version) + 1, "
+                               "'from_the_future' FROM ainarres_migrations")
+        finally:
+            await conn.close()
+        os.kill(workers[0], signal.SIGKILL)
+        assert await asyncio.to_thread(proc.wait, WITHIN) == 1, proc.log()
+        lines = [json.loads(line) for line in proc.log().splitlines() if line.startswith('{"code"')]
+        assert [doc["code"] for doc in lines] == ["schema_newer"], proc.log()
+        assert "from_the_future" in lines[0]["detail"]
+        assert "stopping every worker" in proc.log()
+        assert not [p for p in workers if _running(p)], "a worker outlived the supervisor"
+    finally:
+        proc.stop()

@@ -49,11 +49,35 @@ async def test_the_app_and_the_migration_runner_refuse_it(settings: Settings, ds
     assert await _schema(db) == before
 
 
-async def test_the_check_passes_a_database_this_build_migrated_or_an_empty_one(
-        dsn: str, db: asyncpg.Connection) -> None:
+async def test_the_check_passes_a_database_this_build_migrated_or_an_empty_one(db: asyncpg.Connection) -> None:
     await migrate.check(db)  # the test database: every migration of this build, none newer
+    await db.execute("DELETE FROM ainarres_migrations")
+    await migrate.check(db)  # a migration table with nothing recorded yet
     await db.execute("DROP TABLE ainarres_migrations")
     await migrate.check(db)  # no migration table yet: a first start
+
+
+async def test_the_check_waits_for_a_migration_in_progress_and_sees_it(dsn: str, db: asyncpg.Connection) -> None:
+    """A newer build migrating at this moment holds the migration lock: the check waits for it, then refuses."""
+    newer = await asyncpg.connect(dsn)
+    checker = await asyncpg.connect(dsn)
+    try:
+        tx = newer.transaction()
+        await tx.start()
+        await newer.execute("SELECT pg_advisory_xact_lock($1)", migrate.MIGRATION_LOCK_KEY)
+        name = await _from_the_future(newer)  # not committed yet: a plain read would not see it
+        pid = await checker.fetchval("SELECT pg_backend_pid()")
+        check = asyncio.ensure_future(migrate.check(checker))
+        while not await db.fetchval(  # the check is waiting on the lock (a state to poll, no event to wait on)
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid = $1", pid):
+            assert not check.done(), check
+            await asyncio.sleep(0.01)
+        await tx.commit()
+        with pytest.raises(migrate.SchemaNewer, match=name):
+            await check
+    finally:
+        await newer.close()
+        await checker.close()
 
 
 @pytest.mark.parametrize("args", [["migrate"], ["token", "--family", "admin"], ["serve"], ["serve", "--workers", "2"],

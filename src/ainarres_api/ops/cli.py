@@ -45,7 +45,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AINARRES: {exc}", file=sys.stderr, flush=True)
         return 1
     dsn, server = runtime.database(settings)
-    asyncio.run(runtime.check_schema(dsn))  # a database a newer build migrated: refused before serving anything
+    try:  # a database a newer build migrated: refused before serving anything
+        asyncio.run(runtime.check_schema(dsn))
+    except BaseException:
+        sock.close()
+        raise
     base = f"http://{settings.host}:{settings.port}"
     if settings.workers > 1:
         # Migrations, the first start's admin token and the metrics' starting point once, here; then the
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rc: int = args.func(args, settings)
-    except SchemaNewer as exc:  # serve, migrate, token: a database a newer build migrated
+    except SchemaNewer as exc:  # serve, demo, migrate, token: a database a newer build migrated
         print(json.dumps({"code": "schema_newer", "detail": str(exc)}), flush=True)
         return 1
     return rc

@@ -66,10 +66,14 @@ def _refuse_newer(done: dict[int, str], known: list[Migration]) -> None:
 
 async def check(conn: asyncpg.Connection) -> None:
     """Refuse (SchemaNewer) a database a newer build has migrated; changes nothing (a first start's check, before
-    anything is printed or served)."""
-    if await conn.fetchval("SELECT to_regclass('ainarres_migrations') IS NOT NULL"):
-        rows = await conn.fetch("SELECT version, name FROM ainarres_migrations")
-        _refuse_newer({r["version"]: r["name"] for r in rows}, available())
+    anything is printed or served). Under the migration lock, as `apply` reads: a migration another process is
+    running is waited for and seen."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        if await conn.fetchval("SELECT to_regclass('ainarres_migrations') IS NOT NULL"):
+            rows = await conn.fetch("SELECT version, name FROM ainarres_migrations")
+            _refuse_newer({r["version"]: r["name"] for r in rows}, available())
 
 
 async def apply(conn: asyncpg.Connection) -> list[int]:
