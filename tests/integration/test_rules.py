@@ -235,6 +235,28 @@ async def test_rework_cap_blocks_for_a_human_and_unblock_resets_it(admin, db):
     assert rj["code"] == "ok" and rj["task"]["stage"] == "todo" and rj["task"]["rework_count"] == 3
 
 
+async def test_a_retried_reject_past_the_rework_cap_answers_its_block(admin):
+    """The rework cap's block records the refused call: the same reject sent again (its answer lost) is told
+    that outcome, a replay, and nothing is applied twice."""
+    w = await make_world(admin)
+    task = (await (await w.agent("cheap")).create("dev"))["task"]
+    for _ in (1, 2):
+        await _reject_once(w, task["id"])
+    await to_review(w, task["id"])
+    rev = await w.agent("reviewers")
+    c = await rev.claim()
+    body = {"lease": c["lease"]["id"], "to": "todo", "reason": "again", "artifacts": [{"type": "file", "path": "x"}]}
+    first = await rev.verb(task["id"], "reject", **body)
+    again = await rev.verb(task["id"], "reject", **body)
+    assert first["code"] == "blocked" and "replay" not in first
+    assert again["code"] == "blocked" and again["replay"] is True and again["event"] == first["event"]
+    assert again["task"]["blocked"] is True
+    r = await rev.call("POST", f"/v1/tasks/{task['id']}/reject", {**body, "reason": "other"}, 409)
+    assert r.json()["code"] == "lease_lost"
+    types = [e["type"] for e in (await admin.get(f"/v1/tasks/{task['id']}/events"))["items"]]
+    assert types.count("blocked") == 1 and types.count("transition") == 5  # 3 advances, 2 rejects
+
+
 async def test_workflow_wide_max_rework_applies_when_the_stage_sets_none(admin):
     wf = {
         "key": "strict",

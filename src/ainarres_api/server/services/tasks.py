@@ -330,14 +330,13 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
     for _ in range(3):
         try:
             if kind == "reject":
-                # A reject also strikes the producer of the rejected work (governance, ADR 0015), in the same
-                # transaction; an advance pays nothing for it.
+                # A reject also strikes the producer of the rejected work (governance, ADR 0015), and one past the
+                # rework cap blocks the task: both in the same transaction; an advance pays for neither.
                 async with conn.transaction():
                     r = await conn.fetchrow(Q["transition"], *args, False)
-                    if r["verdict"] in ("ok", "rework_cap"):
-                        await conn.execute(Q["governance_strike"], task_id, r["event"]["id"], p.family)
+                    capped = await _settle(conn, p, task_id, kind, r)
             else:
-                r = await conn.fetchrow(Q["transition"], *args, False)
+                r, capped = await conn.fetchrow(Q["transition"], *args, False), None
         except asyncpg.QueryCanceledError:
             # The statement time-out: a transition's own work is a few index lookups, so what ran long is
             # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.
@@ -356,31 +355,49 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
                 r = await conn.fetchrow(Q["transition"], *args, True)
                 if r["verdict"] == "ok":
                     await _promote_dependents(conn, task_id)
+                capped = await _settle(conn, p, task_id, kind, r)
             if r["verdict"] in ("no_route", "dependents"):
                 continue
-        return _transitioned(r, kind, to)
+        return capped or await _transitioned(conn, p, r, task_id, kind, to, lease, text, artifacts)
     raise AssertionError("transition: the target route was not found after creating it")
 
 
-def _transitioned(r: asyncpg.Record, kind: str, to: str) -> dict[str, Any]:
-    """The answer to a transition statement's verdict (recording the wake-up), or its refusal."""
+async def _settle(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, kind: str, r: asyncpg.Record
+                  ) -> dict[str, Any] | None:
+    """What a transition's verdict still owes inside its transaction (the task still locked): the rework cap's
+    block for a human (transition_capped), whose answer it returns, and a reject's strike."""
+    capped = None
+    if r["verdict"] == "rework_cap":
+        c = await conn.fetchrow(Q["transition_capped"], task_id, r["rework_here"], r["stage_key"], r["max_rework"],
+                                p.sub, p.family, r["refused_call"])
+        capped = {"code": "blocked", "task": c["task"], "event": c["event"]}
+    if kind == "reject" and (capped is not None or r["verdict"] == "ok"):
+        await conn.execute(Q["governance_strike"], task_id, (capped or r)["event"]["id"], p.family)
+    return capped
+
+
+async def _transitioned(conn: asyncpg.Connection, p: Principal, r: asyncpg.Record, task_id: uuid.UUID, kind: str,
+                        to: str, lease: uuid.UUID, text: str | None, artifacts: list[dict[str, Any]]
+                        ) -> dict[str, Any]:
+    """The answer to a transition statement's verdict (recording the wake-up), or its refusal, with what a
+    refusal names read now (the rare paths run statements of their own)."""
     verdict, task, stage = r["verdict"], r["task"], r["stage_key"]
     if verdict == "ok":
         if r["route_id"] is not None:
             wake.ready(r["route_id"])
         return {"code": "ok", "task": task, "event": r["event"]}
-    if verdict == "rework_cap":
-        return {"code": "blocked", "task": task, "event": r["event"]}
-    if verdict == "replay":  # the same call, already applied: its outcome again, marked as a replay
-        return {"code": "blocked" if r["event"]["type"] == "blocked" else "ok", "task": task, "event": r["event"],
-                "replay": True}
-    if verdict == "illegal_transition":
-        targets = list(r["targets"] or [])
-        hint = f"legal {kind} targets from {stage}: {', '.join(targets)}" if targets \
-            else f"no {kind} leads out of {stage}"
-        raise IllegalTransition(f"no {kind} from {stage} to {to!r}; {hint}", task=task)
-    if verdict == "not_eligible":
-        closest = min((set(o) for o in r["options"]), key=len)
+    if verdict == "ended" and (ev := await conn.fetchval(Q["transition_replay"], task_id, p.sub, lease, kind, to,
+                                                         artifacts, text)):
+        # The same call, already applied (its first answer was lost): its outcome again, marked as a replay.
+        return {"code": "blocked" if ev["type"] == "blocked" else "ok", "task": task, "event": ev, "replay": True}
+    if verdict in ("illegal_transition", "not_eligible"):
+        o = await conn.fetchrow(Q["transition_options"], r["stage_id"], kind, to)
+        if verdict == "illegal_transition":
+            targets = list(o["targets"] or [])
+            hint = f"legal {kind} targets from {stage}: {', '.join(targets)}" if targets \
+                else f"no {kind} leads out of {stage}"
+            raise IllegalTransition(f"no {kind} from {stage} to {to!r}; {hint}", task=task)
+        closest = min((set(opt) for opt in o["options"]), key=len)
         raise NotEligible(f"{kind} {stage} → {to} needs {', '.join(sorted(closest))}", task=task)
     if verdict == "guard_failed":
         raise GuardFailed(f"the guard on {stage} → {to} is false for this task; fix what it checks "

@@ -456,19 +456,21 @@ RETURNING task_json(t) AS task;
 -- $5 note (advance) or reason (reject), $6 artifacts, $7 the caller's sub, $8 its family, $9 its
 -- features (sorted), $10 whether it oversees (sees every lane), $11 whether the statement may finish a
 -- task that others wait on (only inside a transaction that then promotes them: dependents_lock).
--- The verdict says what happened; only 'ok' and 'rework_cap' changed anything:
+-- The verdict says what happened; only 'ok' changed anything:
 --   ok                  moved to the target stage (route_id: the queue it is ready in; NULL when done)
---   rework_cap          a reject past the stage's max_rework: blocked for a human instead
+--   rework_cap          a reject past the stage's max_rework, nothing changed yet: the service blocks it for a
+--                       human in the same transaction (transition_capped, with `refused_call` and the counts below)
 --   not_found           no such task, or not visible to the caller
---   ended, foreign, expired   the lease (lease_state)
---   illegal_transition  no transition of kind $3 from the stage to $4 (targets: the legal ones)
---   not_eligible        such transitions exist but the caller lacks their features (options)
+--   ended, foreign, expired   the lease (lease_state); after `ended` the service asks transition_replay whether
+--                       the caller's own hold under $2 already ended with this very call (a retry whose first
+--                       answer was lost is told the truth)
+--   illegal_transition  no transition of kind $3 from the stage to $4 (transition_options names the legal ones)
+--   not_eligible        such transitions exist but the caller lacks their features (transition_options)
 --   guard_failed        the chosen transition's guard is false for the task
 --   no_route            the target route does not exist yet: the service creates it and runs this again
 --   dependents          it would finish a task others wait on, and $11 is false
---   replay              the caller's own hold under $2 already ended with this very call (same kind, target,
---                       text and artifacts): `event` is that call's event, nothing changed (a retry whose
---                       first answer was lost is told the truth)
+-- The rare paths (a replay, the rework cap, a refusal's details) are statements of their own, run only on
+-- them: every node of this one is set up on every execution (performance.md, 2026-12-04 midday).
 -- The track record's counters are not kept here: flow_fold credits them from the event this statement
 -- writes (ADR 0019; in this statement they cost the raw cycle ~15 %). An advance's event records for it
 -- `stage_seconds`, the time the task spent in the stage it leaves; the event's `role` is the mover's. A
@@ -501,19 +503,9 @@ WITH locked AS (
       JOIN stages ts ON ts.id = tr.to_stage AND ts.key = $4
 ), chosen AS (
     SELECT * FROM o WHERE eligible ORDER BY cardinality(required_features) DESC, position LIMIT 1
-), replay AS (
-    -- The event that ended the caller's hold under $2, if it records this very call (ended holds only).
-    SELECT ev FROM x, events ev, LATERAL (SELECT coalesce(ev.data -> 'refused', ev.data) AS d) call
-     WHERE x.lease = 'ended' AND ev.task_id = x.id AND ev.actor = $7 AND ev.type IN ('transition', 'blocked')
-       AND call.d ->> 'lease' = $2::text AND call.d ->> 'kind' = $3 AND call.d ->> 'to' = $4
-       AND call.d -> 'artifacts' = $6::jsonb
-       AND (call.d ->> CASE WHEN $3 = 'reject' THEN 'reason' ELSE 'note' END) IS NOT DISTINCT FROM $5
-     ORDER BY ev.id DESC
-     LIMIT 1
 ), verdict AS (
     SELECT CASE
         WHEN x.id IS NULL OR NOT x.visible THEN 'not_found'
-        WHEN EXISTS (SELECT 1 FROM replay) THEN 'replay'
         WHEN x.lease <> 'ok' THEN x.lease
         WHEN NOT EXISTS (SELECT 1 FROM o) THEN 'illegal_transition'
         WHEN ch.id IS NULL THEN 'not_eligible'
@@ -557,45 +549,65 @@ WITH locked AS (
       FROM x, chosen ch, verdict v
      WHERE t.id = x.id AND v.v = 'ok'
  RETURNING t
-), capped AS (
-    -- A reject past the rework cap blocks the task for a human instead of sending it back.
-    UPDATE tasks t
-       SET state = 'blocked', blocked_by = 'substrate',
-           blocked_reason = format('rework cap reached: %s reject(s) out of %s already (cap %s); a human must decide',
-                                   x.rework_here, x.stage_key, x.max_rework),
-           holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, updated_at = now()
-      FROM x, verdict v
-     WHERE t.id = x.id AND v.v = 'rework_cap'
- RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
     SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data
-    UNION ALL
-    SELECT (c.t).id, 'blocked', $7, $8,
-           jsonb_build_object('reason', (c.t).blocked_reason, 'rework_cap', x.max_rework, 'refused', data.d)
-      FROM capped c, x, data
  RETURNING events
 )
-SELECT v.v AS verdict, task_json(coalesce(m.t, c.t, x.lk)) AS task,
-       CASE WHEN (e.events).id IS NOT NULL THEN event_json(e.events)
-            ELSE event_json((SELECT ev FROM replay)) END AS event,
-       (m.t).route_id AS route_id, (m.t).state AS state, x.stage_key, x.lane_key, x.lane_id,
+SELECT v.v AS verdict, task_json(coalesce(m.t, x.lk)) AS task, event_json(e.events) AS event,
+       (m.t).route_id AS route_id, (m.t).state AS state, x.stage_id, x.stage_key, x.lane_key, x.lane_id,
        x.base_required, ch.to_stage_id,
-       -- What a refusal names: only read for the refusals that need it.
-       CASE WHEN v.v = 'not_eligible' THEN
-           (SELECT jsonb_agg(o.required_features ORDER BY cardinality(o.required_features), o.position) FROM o)
-       END AS options,
-       CASE WHEN v.v = 'illegal_transition' THEN
-           (SELECT array_agg(DISTINCT ts.key ORDER BY ts.key) FROM x x2
-              JOIN transitions tr ON tr.from_stage = x2.stage_id AND tr.kind = $3
-              JOIN stages ts ON ts.id = tr.to_stage)
-       END AS targets
+       -- What the rework cap's block records (transition_capped): the refused call, the counts.
+       CASE WHEN v.v = 'rework_cap' THEN (SELECT d FROM data) END AS refused_call, x.rework_here, x.max_rework
   FROM verdict v
   LEFT JOIN x ON true
   LEFT JOIN chosen ch ON true
   LEFT JOIN moved m ON true
-  LEFT JOIN capped c ON true
   LEFT JOIN e ON true;
+
+-- name: transition_capped
+-- A reject past the rework cap (the transition's verdict rework_cap, in the same transaction, the task still
+-- locked): blocked for a human instead of sent back. $1 task, $2 rejects already out of the stage, $3 the
+-- stage's key, $4 the cap, $5 the caller's sub, $6 its family, $7 the refused call (the transition's data).
+WITH c AS (
+    UPDATE tasks t
+       SET state = 'blocked', blocked_by = 'substrate',
+           blocked_reason = format('rework cap reached: %s reject(s) out of %s already (cap %s); a human must decide',
+                                   $2::int, $3::text, $4::int),
+           holder = NULL, lease_id = NULL, lease_expires_at = NULL, held_since = NULL, updated_at = now()
+     WHERE t.id = $1
+ RETURNING t
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT (c.t).id, 'blocked', $5, $6,
+           jsonb_build_object('reason', (c.t).blocked_reason, 'rework_cap', $4::int, 'refused', $7::jsonb)
+      FROM c
+ RETURNING events
+)
+SELECT task_json(c.t) AS task, event_json(e.events) AS event FROM c, e;
+
+-- name: transition_options
+-- A refused transition's details: the feature sets of the transitions of kind $2 from stage $1 to the stage
+-- named $3 (not_eligible: the closest), and every stage a transition of kind $2 leads to (illegal_transition).
+SELECT (SELECT jsonb_agg(tr.required_features ORDER BY cardinality(tr.required_features), tr.position)
+          FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
+         WHERE tr.from_stage = $1 AND tr.kind = $2 AND ts.key = $3) AS options,
+       (SELECT array_agg(DISTINCT ts.key ORDER BY ts.key)
+          FROM transitions tr JOIN stages ts ON ts.id = tr.to_stage
+         WHERE tr.from_stage = $1 AND tr.kind = $2) AS targets;
+
+-- name: transition_replay
+-- The event with which agent $2 ended its hold of task $1 under lease $3 by this very call, if it did: a
+-- transition (or the rework cap's block, which records the refused call) of kind $4 to $5 with artifacts $6 and
+-- text $7 (the reason of a reject, the note of an advance). Asked only after the verdict `ended`.
+SELECT event_json(ev) AS event
+  FROM events ev, LATERAL (SELECT coalesce(ev.data -> 'refused', ev.data) AS d) call
+ WHERE ev.task_id = $1 AND ev.actor = $2 AND ev.type IN ('transition', 'blocked')
+   AND call.d ->> 'lease' = ($3::uuid)::text AND call.d ->> 'kind' = $4 AND call.d ->> 'to' = $5
+   AND call.d -> 'artifacts' = $6::jsonb
+   AND (call.d ->> CASE WHEN $4 = 'reject' THEN 'reason' ELSE 'note' END) IS NOT DISTINCT FROM $7
+ ORDER BY ev.id DESC
+ LIMIT 1;
 
 -- name: transitions_from_stage
 SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $1 ORDER BY tr.position;
