@@ -1,5 +1,6 @@
 """Each verb is one statement the service issues through the pool in the common case (ADR 0012); whatever is
-not in order still gets its precise answer from the same statement's verdict."""
+not in order still gets its precise answer from the same statement's verdict (the words a refusal needs, or a
+replay's event, from a statement of their own run only then)."""
 
 from __future__ import annotations
 
