@@ -141,3 +141,28 @@ async def test_a_read_that_goes_away_leaves_the_others_to_go_on(
     finally:
         for c in conns:
             await c.close()
+
+
+async def test_one_statement_reads_for_at_most_256_calls(app: Any, admin: Api, dsn: str, db: asyncpg.Connection
+                                                          ) -> None:
+    await make_world(admin)
+    signer = app.state.ainarres.signer
+    tok = (await _tokens(app, 1, "cheap"))[0]
+    await auth.authenticate(db, signer, tok["token"])  # its first call made the agent's row: the reads only read
+    first_conn, lead_conn = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        reads = auth.Reads()
+        async with _tokens_locked(dsn):
+            first = asyncio.create_task(auth.authenticate(first_conn, signer, tok["token"], reads))
+            await _until_waiting_on_a_lock(db, first_conn.get_server_pid())
+            # A wake-up's worth of re-reads (the waiting ones never touch their connection unless told to lead).
+            later = [asyncio.create_task(auth.authenticate(lead_conn, signer, tok["token"], reads)) for _ in range(300)]
+            await _until(lambda: len(reads.waiting) == 300)
+        await first
+        assert len(reads.waiting) == 300 - 256  # the first 256 went in the statement now running
+        got = await asyncio.wait_for(asyncio.gather(*later), 30)
+        assert {p.sub for p in got} == {tok["sub"]}
+        assert not reads.running and not reads.waiting
+    finally:
+        await first_conn.close()
+        await lead_conn.close()

@@ -162,17 +162,19 @@ class _Lead:
         self.batch = batch
 
 
+_MAX_GROUP = 256  # reads in one statement at most (a wake-up can bring every long poll's re-read at once)
 _ALONE = object()  # what a waiting read is told when the statement it waited for did not run: read for yourself
 
 
 class Reads:
-    """The principal reads of one event loop, grouped as a database groups commits.
+    """The principal reads of a service (AppState.reads), grouped as a database groups commits (ADR 0023).
 
     A read that finds none running runs at once, alone, on its caller's connection. Reads that arrive while one
     runs wait; when it ends, the first of them runs one statement (resolve_principals) on its own connection for
-    all of them, and the reads arriving meanwhile wait for the next. Every read still starts after its call
-    arrived and before its work (features are read on every call); under load, N calls pay for one statement and
-    one round trip instead of N. A read whose statement failed or was cancelled leaves the others to read alone.
+    them all (up to _MAX_GROUP), and reads arriving meanwhile wait for the next. Every read still starts after
+    its call arrived and before its work (features are read on every call); under load, N calls pay for one
+    statement and one round trip instead of N. A read whose statement failed or was cancelled, or that was told
+    to run the next one and went away, leaves the reads that waited on it to read alone.
     """
 
     def __init__(self) -> None:
@@ -225,11 +227,11 @@ class Reads:
         """Hand the reads that waited to the first of them that is still there, or stop running."""
         waiting: list[tuple[uuid.UUID, asyncio.Future[Any] | None]] = [
             (j, f) for j, f in self.waiting if f is not None and not f.done()]
-        self.waiting = []
+        self.waiting = waiting[_MAX_GROUP:]  # the rest go in the statement after
         if waiting:
             lead = waiting[0][1]
             assert lead is not None
-            lead.set_result(_Lead(waiting))
+            lead.set_result(_Lead(waiting[:_MAX_GROUP]))
         else:
             self.running = False
 
