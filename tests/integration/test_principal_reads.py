@@ -14,6 +14,7 @@ import asyncpg
 import jwt
 import pytest
 
+from ainarres_api.server.api import outage
 from ainarres_api.server.errors import Unauthenticated
 from ainarres_api.server.services import auth
 from tests.helpers import Api, make_world
@@ -166,3 +167,37 @@ async def test_one_statement_reads_for_at_most_256_calls(app: Any, admin: Api, d
     finally:
         await first_conn.close()
         await lead_conn.close()
+
+
+async def test_a_read_whose_connection_the_server_closed_while_it_waited_is_an_outage(
+        app: Any, admin: Api, dsn: str, db: asyncpg.Connection) -> None:
+    """A database restart while reads wait: the one told to run next finds its pooled connection gone (asyncpg
+    detached it when the server closed it); that call is a 503, never a 500, and the read behind it goes on."""
+    await make_world(admin)
+    signer = app.state.ainarres.signer
+    toks = await _tokens(app, 3, "cheap")
+    for tok in toks:
+        await auth.authenticate(db, signer, tok["token"])
+    pool = await asyncpg.create_pool(dsn, min_size=3, max_size=3)
+    try:
+        c0, c1, c2 = [await pool.acquire() for _ in range(3)]
+        reads = auth.Reads()
+        async with _tokens_locked(dsn):
+            first = asyncio.create_task(auth.authenticate(c0, signer, toks[0]["token"], reads))
+            await _until_waiting_on_a_lock(db, c0.get_server_pid())
+            doomed = asyncio.create_task(auth.authenticate(c1, signer, toks[1]["token"], reads))
+            behind = asyncio.create_task(auth.authenticate(c2, signer, toks[2]["token"], reads))
+            await _until(lambda: len(reads.waiting) == 2)
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", c1.get_server_pid())
+            for _ in range(2000):  # until the pool has seen the close and detached the handle (the event), bounded
+                if c1._con is None:
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                raise AssertionError("asyncpg never saw the connection close")
+        got = await asyncio.wait_for(asyncio.gather(first, doomed, behind, return_exceptions=True), 30)
+        assert isinstance(got[0], auth.Principal) and isinstance(got[2], auth.Principal), got
+        assert isinstance(got[1], asyncpg.InterfaceError) and outage.as_unavailable(got[1]) is not None, got[1]
+        assert not reads.running and not reads.waiting
+    finally:
+        pool.terminate()

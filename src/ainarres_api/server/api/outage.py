@@ -9,6 +9,11 @@ And one more, from a pooled connection the server terminated while it sat idle (
 the FATAL arrives outside any query and leaves asyncpg's protocol consuming an error (state 2), so the next
 query on it raises InternalClientError "cannot switch to state N; another operation (2) is in progress"
 before the socket's close is noticed (MagicStack/asyncpg#1069). The pool then discards that connection.
+
+And a pooled connection the server closed while a request held it between two statements (its principal read
+waiting for another's, ADR 0023, or a long poll's): asyncpg's pool hands the closed connection's slot back at
+once and detaches the request's handle, whose next call raises InterfaceError "connection has been released
+back to the pool". The service never uses a connection it gave back itself (`Lent.release` forgets it).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 def as_unavailable(exc: BaseException) -> Unavailable | None:
     """The 503 refusal for an exception that means the database cannot be reached now, else None."""
     if isinstance(exc, _OUTAGES) or (
-            isinstance(exc, asyncpg.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))) or (
+            isinstance(exc, asyncpg.InterfaceError) and any(
+                w in str(exc) for w in ("closed", "closing", "released back to the pool"))) or (
             isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc)):
         return Unavailable(DETAIL, retry_after=RETRY_AFTER_SECONDS)
     return None
