@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ import jwt
 import pytest
 
 from ainarres_api.server.api import outage
+from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Unauthenticated
 from ainarres_api.server.services import auth
 from tests.helpers import Api, make_world
@@ -201,3 +203,30 @@ async def test_a_read_whose_connection_the_server_closed_while_it_waited_is_an_o
         assert not reads.running and not reads.waiting
     finally:
         pool.terminate()
+
+
+@pytest.mark.parametrize("plan", ["auto", "force_generic_plan"])
+async def test_a_grouped_read_probes_the_tokens_index_among_many_tokens(db: asyncpg.Connection, plan: str) -> None:
+    """Every token ever minted stays in `tokens` (revoked and expired ones too): a group's read looks each up by
+    its jti, never scanning them, whichever plan PostgreSQL caches."""
+    await db.execute("INSERT INTO families (key) VALUES ('many')")
+    await db.execute("""INSERT INTO tokens (jti, family_key, sub, issued_at, expires_at)
+                        SELECT gen_random_uuid(), 'many', 'many.' || g, now(), now() + interval '1 hour'
+                          FROM generate_series(1, 50000) g""")
+    await db.execute("ANALYZE tokens")
+    jtis = [r["jti"] for r in await db.fetch("SELECT jti FROM tokens ORDER BY random() LIMIT 32")]
+    await db.execute(f"SET plan_cache_mode = {plan}")
+    await db.execute(f"PREPARE grouped(uuid[]) AS {Q['resolve_principals'].rstrip().rstrip(';')}")
+    for n in (1, 8, 32):
+        group = "{" + ",".join(map(str, jtis[:n])) + "}"
+        doc = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE grouped('{group}')"))
+        scans = [node for node in _nodes(doc[0]["Plan"]) if node.get("Relation Name") == "tokens"]
+        assert scans and all(node["Node Type"] == "Index Scan" and node["Index Name"] == "tokens_pkey"
+                             for node in scans), (n, json.dumps(doc)[:1500])
+    assert len(await db.fetch(Q["resolve_principals"], jtis)) == 32
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
