@@ -254,17 +254,11 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
 
     from ainarres_api.server.db.pool import create_pool
     from ainarres_api.server.services import tasks
-    from ainarres_api.server.services.auth import Reads, Signer
-    from ainarres_api.server.services.auth import authenticate as _authenticate
+    from ainarres_api.server.services.auth import Signer, authenticate
     from ainarres_api.server.services.tasks import Limits
     from ainarres_api.server.settings import Settings
 
     signer = Signer(Settings(jwt_secret=SecretStr(secret)))
-    reads = Reads()  # the service's: the principal reads of concurrent calls grouped, as the routes group them
-
-    async def authenticate(conn: Any, signer: Signer, token: str) -> Any:
-        return await _authenticate(conn, signer, token, reads)
-
     limits = Limits()
     pool = await create_pool(dsn, min_size=len(tokens), max_size=len(tokens))
     cycles: list[float] = []

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from ainarres_api.server.api import outage
 from ainarres_api.server.app import create_app
 from ainarres_api.server.services import auth
 from ainarres_api.server.services import oversight as oversight_svc
@@ -332,6 +334,27 @@ async def test_a_database_outage_is_503_unavailable_logged_once(settings: Settin
             lines = [rec for rec in caplog.records if "database unavailable" in rec.getMessage()]
             assert len(lines) == 4, [rec.getMessage() for rec in caplog.records]
             assert not any(rec.exc_info for rec in caplog.records if rec.name in ("ainarres", "ainarres.outage"))
+
+
+async def test_a_held_connection_the_server_closed_is_an_outage_not_a_bug(dsn: str, db: Any) -> None:
+    """A pooled connection the server terminates while a request holds it between two statements: asyncpg's
+    pool detaches the request's handle, and the next call on it is read as the outage it is (503)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        conn = await pool.acquire()
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        for _ in range(2000):  # until asyncpg has seen the close and detached the handle (the event), bounded
+            if conn._con is None:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("asyncpg never saw the connection close")
+        with pytest.raises(asyncpg.InterfaceError, match="released back to the pool") as caught:
+            await conn.fetchval("SELECT 1")
+        assert outage.as_unavailable(caught.value) is not None
+        assert outage.as_unavailable(asyncpg.InterfaceError("some other misuse")) is None
+    finally:
+        pool.terminate()
 
 
 async def test_what_jsonb_hands_back_for_big_numbers_renders(app: Any, db: Any) -> None:

@@ -42,7 +42,6 @@ class AppState:
     wake: Wake
     events: EventClock
     long_polls: dict[str, int] = field(default_factory=dict)  # waiting claims per agent sub, this process
-    reads: auth.Reads = field(default_factory=auth.Reads)  # the principal reads, grouped under load
 
 
 async def state_of(request: Request) -> AppState:
@@ -97,7 +96,7 @@ Token = Annotated[str, Depends(bearer_token)]
 async def current_caller(st: State, token: Token) -> Principal:
     """The caller of this request, with its effective features read from the database now."""
     async with st.pool.acquire() as conn:
-        return await auth.authenticate(conn, st.signer, token, st.reads)
+        return await auth.authenticate(conn, st.signer, token)
 
 
 Caller = Annotated[Principal, Depends(current_caller)]
@@ -144,7 +143,7 @@ class AgentAuth(HTTPBearer):
         st: AppState = request.app.state.ainarres
         lent = Lent(await st.pool.acquire(), st.pool, token)
         request.scope[_LENT] = lent
-        lent.caller = await auth.authenticate(lent.conn, st.signer, token, st.reads)
+        lent.caller = await auth.authenticate(lent.conn, st.signer, token)
         return lent
 
 

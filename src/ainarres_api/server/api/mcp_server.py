@@ -168,7 +168,7 @@ class _Guard:
                 raise Unauthenticated("send Authorization: Bearer <token> with every MCP request; an admin "
                                       "mints tokens with POST /v1/tokens")
             async with st.pool.acquire() as conn:
-                principal = await auth.authenticate(conn, st.signer, token, st.reads)
+                principal = await auth.authenticate(conn, st.signer, token)
                 if method == "GET":
                     await _jsonrpc_error("Method Not Allowed: this server opens no stream; every answer comes on "
                                          "its POST", 405, {"Allow": "POST, DELETE"})(scope, receive, send)

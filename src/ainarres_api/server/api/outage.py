@@ -10,10 +10,10 @@ the FATAL arrives outside any query and leaves asyncpg's protocol consuming an e
 query on it raises InternalClientError "cannot switch to state N; another operation (2) is in progress"
 before the socket's close is noticed (MagicStack/asyncpg#1069). The pool then discards that connection.
 
-And a pooled connection the server closed while a request held it between two statements (its principal read
-waiting for another's, ADR 0023, or a long poll's): asyncpg's pool hands the closed connection's slot back at
-once and detaches the request's handle, whose next call raises InterfaceError "connection has been released
-back to the pool". The service never uses a connection it gave back itself (`Lent.release` forgets it).
+And a pooled connection the server closed while a request held it between two statements: asyncpg's pool hands
+the closed connection's slot back at once and detaches the request's handle, whose next call raises
+InterfaceError "connection has been released back to the pool". The service never uses a connection it gave
+back itself (`Lent.release` forgets it), so that error always means the server closed it.
 """
 
 from __future__ import annotations

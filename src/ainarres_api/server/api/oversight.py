@@ -365,8 +365,7 @@ async def stream(request: Request, caller: Caller, st: State,
                         checked = now
                         try:
                             async with st.pool.acquire() as conn:
-                                live = await auth.authenticate(conn, st.signer, token, st.reads)
-                                lanes = oversight.visible_lanes(live)
+                                lanes = oversight.visible_lanes(await auth.authenticate(conn, st.signer, token))
                         except AinarresError as exc:
                             body = {"code": exc.code, "detail": exc.detail}
                             yield f"event: error\ndata: {json.dumps(body)}\n\n"

@@ -121,7 +121,7 @@ async def caller_refused(request: Request) -> JSONResponse | None:
     try:
         token = bearer_of(request.headers.get("authorization"))
         async with st.pool.acquire() as conn:
-            await auth.authenticate(conn, st.signer, token, st.reads)
+            await auth.authenticate(conn, st.signer, token)
     except AinarresError as exc:
         return refusal(exc, request.url.path)
     return None

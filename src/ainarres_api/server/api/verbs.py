@@ -131,7 +131,7 @@ async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str,
     st.long_polls[sub] = st.long_polls.get(sub, 0) + 1
     try:
         return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
-                                            body.wait_seconds, c.gone, st.events, st.reads), 200
+                                            body.wait_seconds, c.gone, st.events), 200
     finally:
         if (left := st.long_polls[sub] - 1) > 0:
             st.long_polls[sub] = left

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import time
@@ -155,93 +154,10 @@ def identity(signer: Signer, token: str) -> tuple[uuid.UUID, str, str]:
     return jti, str(claims["sub"]), str(claims["family"])
 
 
-class _Lead:
-    """What a waiting read is told when it is to run the next statement: the reads that go in it (its own first)."""
-
-    def __init__(self, batch: list[tuple[uuid.UUID, asyncio.Future[Any] | None]]) -> None:
-        self.batch = batch
-
-
-_MAX_GROUP = 256  # reads in one statement at most (a wake-up can bring every long poll's re-read at once)
-_ALONE = object()  # what a waiting read is told when the statement it waited for did not run: read for yourself
-
-
-class Reads:
-    """The principal reads of a service (AppState.reads), grouped as a database groups commits (ADR 0023).
-
-    A read that finds none running runs at once, alone, on its caller's connection. Reads that arrive while one
-    runs wait; when it ends, the first of them runs one statement (resolve_principals) on its own connection for
-    them all (up to _MAX_GROUP), and reads arriving meanwhile wait for the next. Every read still starts after
-    its call arrived and before its work (features are read on every call); under load, N calls pay for one
-    statement and one round trip instead of N. A read whose statement failed or was cancelled, or that was told
-    to run the next one and went away, leaves the reads that waited on it to read alone.
-    """
-
-    def __init__(self) -> None:
-        self.running = False
-        self.waiting: list[tuple[uuid.UUID, asyncio.Future[Any] | None]] = []
-
-    async def read(self, conn: asyncpg.Connection, jti: uuid.UUID) -> asyncpg.Record | None:
-        """The principal_of row for `jti`, read now (None: no such token)."""
-        if not self.running:
-            self.running = True
-            return await self._run(conn, [(jti, None)])
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append((jti, fut))
-        try:
-            got = await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and isinstance(fut.result(), _Lead):
-                self._abandon(fut.result().batch)  # told to lead, but going away: the others read alone
-                self._next()
-            raise
-        if isinstance(got, _Lead):
-            return await self._run(conn, got.batch)
-        if got is _ALONE:
-            return await conn.fetchrow(Q["resolve_principals"], [jti])
-        row: asyncpg.Record | None = got
-        return row
-
-    async def _run(self, conn: asyncpg.Connection, batch: list[tuple[uuid.UUID, asyncio.Future[Any] | None]]
-                   ) -> asyncpg.Record | None:
-        try:
-            rows = await conn.fetch(Q["resolve_principals"], [j for j, _ in batch])
-        except BaseException:
-            self._abandon(batch)
-            self._next()
-            raise
-        found = {r["jti"]: r for r in rows}
-        for j, f in batch[1:]:
-            if f is not None and not f.done():
-                f.set_result(found.get(j))
-        self._next()
-        return found.get(batch[0][0])
-
-    @staticmethod
-    def _abandon(batch: list[tuple[uuid.UUID, asyncio.Future[Any] | None]]) -> None:
-        for _, f in batch[1:]:
-            if f is not None and not f.done():
-                f.set_result(_ALONE)
-
-    def _next(self) -> None:
-        """Hand the reads that waited to the first of them that is still there, or stop running."""
-        waiting: list[tuple[uuid.UUID, asyncio.Future[Any] | None]] = [
-            (j, f) for j, f in self.waiting if f is not None and not f.done()]
-        self.waiting = waiting[_MAX_GROUP:]  # the rest go in the statement after
-        if waiting:
-            lead = waiting[0][1]
-            assert lead is not None
-            lead.set_result(_Lead(waiting[:_MAX_GROUP]))
-        else:
-            self.running = False
-
-
-async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str, reads: Reads | None = None
-                       ) -> Principal:
-    """Verify a bearer token and read the caller's effective features from the database now (grouped with
-    the reads of other calls by `reads`, the service's; alone without)."""
+async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
+    """Verify a bearer token and read the caller's effective features from the database now."""
     jti, sub, family = identity(signer, token)
-    row = await (reads.read(conn, jti) if reads is not None else conn.fetchrow(Q["resolve_principals"], [jti]))
+    row = await conn.fetchrow(Q["resolve_principal"], jti)
     if row is None or row["sub"] != sub or row["family_key"] != family:
         raise Unauthenticated("this token was not issued by this service; ask an admin for one")
     if row["revoked_at"] is not None:

@@ -16,8 +16,8 @@ from ainarres_api.server.services.tasks import Limits
 
 async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
                         caller: Principal, lane: str | None, wait_seconds: float,
-                        gone: asyncio.Future[Any] | None = None, clock: EventClock | None = None,
-                        reads: auth.Reads | None = None) -> dict[str, Any]:
+                        gone: asyncio.Future[Any] | None = None, clock: EventClock | None = None
+                        ) -> dict[str, Any]:
     """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again.
 
     Returns the claim, or `empty` at the deadline, or as soon as `gone` completes (the client left). With
@@ -30,7 +30,7 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
     lapsed = asyncio.ensure_future(clock.until_lapsed(caller.jti)) if clock is not None else None
     try:
         with watching:
-            return await _claim_waiting(pool, signer, hub, limits, token, caller, lane, deadline, gone, lapsed, reads)
+            return await _claim_waiting(pool, signer, hub, limits, token, caller, lane, deadline, gone, lapsed)
     finally:
         if lapsed is not None:
             lapsed.cancel()
@@ -38,7 +38,7 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
 
 async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
                          caller: Principal, lane: str | None, deadline: float, gone: asyncio.Future[Any] | None,
-                         lapsed: asyncio.Future[Any] | None, reads: auth.Reads | None) -> dict[str, Any]:
+                         lapsed: asyncio.Future[Any] | None) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     with hub.waiter() as w:
         first = True
@@ -46,7 +46,7 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
             with wake.recording() as rec:
                 async with pool.acquire() as conn:
                     if not first:  # features are read live on every attempt, as on every call
-                        caller = await auth.authenticate(conn, signer, token, reads)
+                        caller = await auth.authenticate(conn, signer, token)
                     # Watch before claiming, so a change committed after the claim's snapshot
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
@@ -69,7 +69,7 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
             if lapsed is not None and lapsed.done():  # the token lapsed (or the clock stopped): read it now
                 woken.cancel()
                 async with pool.acquire() as conn:
-                    await auth.authenticate(conn, signer, token, reads)  # refused here if it really lapsed
+                    await auth.authenticate(conn, signer, token)  # refused here if it really lapsed
                 lapsed = None  # still good (the clock stopped): wait on as before, unwatched
             if gone is not None and gone.done():  # nobody would receive a task
                 woken.cancel()

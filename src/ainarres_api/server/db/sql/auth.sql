@@ -16,14 +16,12 @@ SELECT f.key, f.disabled,
        coalesce(array(SELECT ff.feature FROM family_features ff WHERE ff.family_key = f.key), '{}') AS features
   FROM families f WHERE f.key = $1;
 
--- name: resolve_principals
--- Runs for every authenticated call, before its work (services.auth.authenticate): principal_of
--- (migration 0009) — the family's provisioned features, narrowed by the token's scope, minus the
--- family's active denials, read now, so a revocation bites on the next call. $1 the tokens' jtis:
--- the calls whose reads arrived while another read was running go together (services.auth.Reads).
-SELECT j.jti, p.*
-  FROM unnest($1::uuid[]) AS j(jti)
- CROSS JOIN LATERAL principal_of(j.jti) AS p;
+-- name: resolve_principal
+-- Runs on every authenticated call, before its work (services.auth.authenticate): principal_of
+-- (migration 0009) — the family's provisioned features, narrowed
+-- by the token's scope, minus the family's active denials, read now, so a revocation bites on the
+-- next call.
+SELECT * FROM principal_of($1);
 
 -- name: token_insert
 INSERT INTO tokens (jti, family_key, sub, scope, issued_at, expires_at, created_by)
