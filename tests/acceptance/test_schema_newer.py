@@ -105,3 +105,37 @@ async def test_every_command_refuses_it_with_one_json_line(dsn: str, db: asyncpg
     assert doc["code"] == "schema_newer" and newest in doc["detail"], doc
     assert "Traceback" not in err.decode(), err
     assert await _schema(db) == before
+
+
+async def _from_another_branch(db: asyncpg.Connection) -> tuple[str, str]:
+    """Record this build's newest migration under another name, as a branch that numbered its own migration the
+    same would have; returns (the database's, this build's) as shown."""
+    last = migrate.available()[-1]
+    await db.execute("UPDATE ainarres_migrations SET name = 'from_another_branch' WHERE version = $1", last.version)
+    return f"{last.version:04d}_from_another_branch", f"{last.version:04d}_{last.name}"
+
+
+async def test_a_database_another_build_migrated_under_the_same_number_is_refused(
+        settings: Settings, dsn: str, db: asyncpg.Connection) -> None:
+    theirs, mine = await _from_another_branch(db)
+    before = await _schema(db)
+    for attempt in (migrate.apply(db), migrate.check(db)):
+        with pytest.raises(migrate.SchemaForeign) as refused:
+            await attempt
+        assert theirs in str(refused.value) and mine in str(refused.value)
+    with pytest.raises(migrate.SchemaForeign):
+        async with LifespanManager(create_app(settings, dsn=dsn), startup_timeout=30):
+            pass
+    assert await _schema(db) == before
+
+
+async def test_the_migrate_command_names_the_other_build_s_migration(dsn: str, db: asyncpg.Connection) -> None:
+    theirs, mine = await _from_another_branch(db)
+    proc = await asyncio.create_subprocess_exec(
+        *ainarres_command(), "migrate", env=clean_env(AINARRES_DATABASE_URL=dsn, AINARRES_JWT_SECRET=TEST_SECRET),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 1, (out, err)
+    doc = json.loads(out.decode().strip())
+    assert doc["code"] == "schema_foreign" and theirs in doc["detail"] and mine in doc["detail"], doc
+    assert "Traceback" not in err.decode(), err

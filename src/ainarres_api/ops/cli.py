@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rc: int = args.func(args, settings)
-    except SchemaNewer as exc:  # serve, demo, migrate, token: a database a newer build migrated
-        print(json.dumps({"code": "schema_newer", "detail": str(exc)}), flush=True)
+    except SchemaNewer as exc:  # serve, demo, migrate, token: a database a newer (or another) build migrated
+        print(json.dumps({"code": exc.code, "detail": str(exc)}), flush=True)
         return 1
     return rc

@@ -46,6 +46,16 @@ def available() -> list[Migration]:
 class SchemaNewer(RuntimeError):
     """The database has migrations this build does not know: it was migrated by a newer build."""
 
+    code = "schema_newer"
+
+
+class SchemaForeign(SchemaNewer):
+    """A migration the database recorded under a number this build ships has another name: another build (a
+    branch that numbered its own migration the same) migrated it, and this build's migration of that number
+    would be skipped as applied."""
+
+    code = "schema_foreign"
+
 
 _TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
                 version    integer     NOT NULL,
@@ -55,6 +65,13 @@ _TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
 
 
 def _refuse_newer(done: dict[int, str], known: list[Migration]) -> None:
+    if other := [(m, done[m.version]) for m in known if done.get(m.version, m.name) != m.name]:
+        mine, theirs = other[0]
+        raise SchemaForeign(
+            f"the database's migration {mine.version:04d} is {mine.version:04d}_{theirs}, but this build's is "
+            f"{mine.version:04d}_{mine.name}: another build (a branch that numbered its own migration the same) "
+            "migrated this database, and this build would skip its own migration as applied. Nothing was changed: "
+            "run the build that migrated it, or one that ships both migrations under different numbers")
     if newer := sorted(set(done) - {m.version for m in known}):
         # Forward-only: an older build's statements may not fit the newer schema (a column it does not fill, a
         # rule it applies a second time), so it must not serve this database at all.
