@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -103,3 +104,19 @@ async def make_world(admin: Api, *, workflow: dict[str, Any] | None = None, lane
     for key, feats in fams.items():
         await admin.post("/v1/families", {"key": key, "features": feats}, None)
     return World(admin)
+
+
+def process_table() -> list[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, command-line arguments) of every process, from /proc (Linux); one that ends while
+    it is read is left out."""
+    table = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        table.append((int(d.name), ppid, args))
+    return table

@@ -26,6 +26,7 @@ from tests.acceptance.test_readme import (
     free_port,
     postmaster_pid,
 )
+from tests.helpers import process_table
 
 BOUND_S = 90.0
 
@@ -124,17 +125,7 @@ def test_readme_and_demo_help_agree_on_how_long_the_demo_takes(home: Path) -> No
 
 def postgres_pids(pgdata: Path) -> list[int]:
     """The postgres processes serving pgdata, from the process table."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"postgres") and str(pgdata).encode() in cmd:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, _, args in process_table() if args[0].endswith(b"postgres") and str(pgdata).encode() in args]
 
 
 def start_serve(home: Path) -> tuple[subprocess.Popen[bytes], str]:

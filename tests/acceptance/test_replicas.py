@@ -35,7 +35,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.acceptance.live_server import AINARRES, clean_env, clone_database, free_port, run_ainarres, until_ready
 from tests.acceptance.test_drain import DRAIN_WORKFLOW
 from tests.conftest import TEST_SECRET
-from tests.helpers import Api, make_world
+from tests.helpers import Api, make_world, process_table
 
 WITHIN = 30.0  # a bound on waiting for something to happen, never a timing assertion
 DRAIN_SECONDS = 60  # the drain test releases its verb itself; the bound is never reached
@@ -516,18 +516,7 @@ async def test_workers_share_one_port_and_sum_their_metrics(database: str, tmp_p
 
 def _workers_of(supervisor: int) -> list[int]:
     """The worker processes `serve --workers` spawned (not multiprocessing's resource tracker)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (d / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if ppid == supervisor and b"spawn_main" in cmdline:
-            found.append(int(d.name))
-    return found
+    return [pid for pid, ppid, args in process_table() if ppid == supervisor and b"spawn_main" in b"\0".join(args)]
 
 
 def _running(pid: int) -> bool:
