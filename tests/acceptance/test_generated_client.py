@@ -3,8 +3,9 @@
 
 The fixture provisions a lane and mints an agent token per role (admin set-up through the existing helpers);
 everything after that goes through the generated client alone (openapi-python-client, generated offline into
-tmp_path): create, claim, progress, advance to review, claim as a reviewer, reject back, claim again, a
-stale lease refused with 409 `lease_lost` (read as the documented problem model), advance, read the task.
+tmp_path): create, claim, progress, advance to review (its `next` claim typed `ClaimEmpty`), claim as a
+reviewer, reject back, claim again, a stale lease refused with 409 `lease_lost` (read as the documented problem
+model), advance (its `next` claim refused, typed `ClaimRefusal`), read the task.
 """
 
 from __future__ import annotations
@@ -133,7 +134,10 @@ def test_a_generated_client_drives_a_task_through_review_and_rework(live: Live, 
     progressed = plain(dev.verb(task, "progress", lease=first, note="half way",
                                 artifacts=[{"type": "branch", "name": "gen-1"}]))
     assert progressed["task"]["holder"] is not None
-    advanced = plain(dev.verb(task, "advance", lease=first, to="review", note="ready for review"))
+    # With `next`, the answer's next claim (`next_` in Python) is typed by its `code` (a discriminated union).
+    moved = dev.verb(task, "advance", lease=first, to="review", note="ready for review", next={"lane": LANE})
+    assert type(moved.next_).__name__ == "ClaimEmpty" and moved.next_.code == "empty", moved.next_
+    advanced = plain(moved)
     assert advanced["task"]["stage"] == "review" and advanced["task"]["holder"] is None
 
     review = plain(reviewer.call("POST", "/v1/claims", expect=200, body={"lane": LANE}))
@@ -151,7 +155,11 @@ def test_a_generated_client_drives_a_task_through_review_and_rework(live: Live, 
     assert stale.code == "lease_lost"
     assert stale.to_dict()["status"] == 409
 
-    done = plain(dev.verb(task, "advance", lease=again["lease"]["id"], to="review", note="with tests"))
+    # A refused next claim is the claim's problem document, typed as such; the move stands.
+    finished = dev.verb(task, "advance", lease=again["lease"]["id"], to="review", note="with tests",
+                        next={"lane": "elsewhere"})
+    assert type(finished.next_).__name__ == "ClaimRefusal" and finished.next_.code == "not_eligible", finished.next_
+    done = plain(finished)
     assert done["task"]["stage"] == "review"
 
     read = plain(dev.call("GET", "/v1/tasks/{task_id}", expect=200, task_id=uuid.UUID(task)))

@@ -5,11 +5,12 @@ return."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, get_args
 
+from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import BaseModel
 
-from ainarres_api.server.api import docs, models
+from ainarres_api.server.api import docs, envelopes, models, verbs
 from ainarres_api.server.services import admin as admin_service
 from ainarres_api.server.services import auth
 from tests.helpers import Api, make_world
@@ -133,3 +134,83 @@ async def test_the_response_models_name_every_field_the_services_return(admin: A
     for model, answer in answers:
         assert set(answer) == _fields(model), model.__name__
         model.model_validate(answer)
+
+
+def _examples(content: dict[str, Any]) -> list[Any]:
+    return ([content["example"]] if "example" in content else []) + [e["value"] for e in
+                                                                     content.get("examples", {}).values()]
+
+
+async def test_every_example_validates_against_its_own_schema(admin: Api) -> None:
+    """A generator or a reader trusts the examples: each one (request bodies, answers, refusals) is valid
+    against the schema it illustrates — nulls included, which FastAPI's document builder would leave out."""
+    schema = await _schema(admin)
+
+    def errors(of: dict[str, Any], example: Any) -> list[str]:
+        validator = Draft202012Validator({**of, "components": schema["components"]}, format_checker=FormatChecker())
+        return [e.message for e in validator.iter_errors(example)]
+
+    seen, wrong = 0, []
+    for method, path, op in _operations(schema):
+        bodies = [("request", c) for c in op.get("requestBody", {}).get("content", {}).values()]
+        bodies += [(status, c) for status, answer in op["responses"].items()
+                   for c in answer.get("content", {}).values()]
+        for where, content in bodies:
+            for example in _examples(content):
+                seen += 1
+                if problems := errors(content["schema"], example):
+                    wrong.append(f"{method} {path} {where}: {problems[:2]}")
+    assert seen >= 2 * len(verbs.VERBS), seen  # every verb: its request and its answer
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_the_claim_answers_are_unions_told_apart_by_code(admin: Api) -> None:
+    """`code` says which shape an answer is, for a typed client to narrow on: claimed or empty; created or
+    existing; a move's `next`: claimed, empty, or the claim's refusal (exactly the claim verb's refusal codes)."""
+    components = (await _schema(admin))["components"]["schemas"]
+    for union, shapes in (("Claimed", {"claimed": "ClaimedTask", "empty": "ClaimEmpty"}),
+                          ("Created", {"created": "CreatedNew", "existing": "CreatedExisting"})):
+        mapping = components[union]["discriminator"]["mapping"]
+        assert {code: ref.rsplit("/", 1)[1] for code, ref in mapping.items()} == shapes
+    claim_refusals = {err.code for err in verbs.BY_NAME["claim"].refusals}
+    assert set(get_args(envelopes.ClaimRefusalCode)) == claim_refusals
+    mapping = components["NextClaim"]["discriminator"]["mapping"]
+    assert {code for code, ref in mapping.items() if ref.endswith("/ClaimRefusal")} == claim_refusals
+    claimed = components["ClaimedTask"]
+    assert {"task", "lease", "card", "event", "context"} <= set(claimed["required"])
+    # What the service leaves out when it does not apply is optional, never null: no `default: null` either.
+    for name in ("Problem", "MovedOn", "ClaimEmpty", "Progressed"):
+        for field, prop in components[name]["properties"].items():
+            if field not in components[name].get("required", []):
+                assert "default" not in prop and {"type": "null"} not in prop.get("anyOf", []), (name, field)
+    for name in ("Progressed", "Moved", "MovedOn"):
+        assert components[name]["properties"]["replay"]["const"] is True
+    assert components["Problem"]["properties"]["task"]["allOf"] == [{"$ref": "#/components/schemas/Task"}]
+    assert components["Problem"]["properties"]["lease"]["allOf"] == [{"$ref": "#/components/schemas/Lease"}]
+
+
+# Operation ids name a generated client's methods: a change here renames them for every client.
+OPERATION_IDS = {
+    "accept_recommendation", "advance", "ban_permanently", "block", "board", "claim", "create", "create_family",
+    "create_feature", "create_lane", "create_project", "create_workflow", "demand", "deny_feature", "disable_family",
+    "dismiss_flag", "dismiss_recommendation", "enable_family", "feed", "flow", "front_door", "get_denial",
+    "get_family", "get_feature", "get_lane", "get_lane_cards", "get_layout", "get_project", "get_task",
+    "get_task_card", "get_token", "get_workflow", "governance_status", "governance_trail", "healthz", "heartbeat",
+    "lift_ban", "lift_denial", "list_agents", "list_denials", "list_families", "list_features", "list_lanes",
+    "list_projects", "list_task_events", "list_tokens", "list_workflows", "me", "metrics", "mint_token", "progress",
+    "raise_flag", "readyz", "reject", "release", "revoke_token", "set_policy", "spend_anomalies", "spend_groups",
+    "spend_tasks", "stream_events", "stuck", "track_record", "unblock", "unblock_for_human", "update_family", "usage",
+}
+
+
+async def test_operation_ids_are_chosen_names_and_stay_put(admin: Api) -> None:
+    ids = [op["operationId"] for _, _, op in _operations(await _schema(admin))]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert set(ids) == OPERATION_IDS, (set(ids) - OPERATION_IDS, OPERATION_IDS - set(ids))
+
+
+async def test_refusals_declare_the_headers_they_carry(admin: Api) -> None:
+    schema = await _schema(admin)
+    claim = schema["paths"]["/v1/claims"]["post"]["responses"]
+    assert "WWW-Authenticate" in claim["401"]["headers"]
+    assert "Retry-After" in claim["429"]["headers"] and "Retry-After" in claim["503"]["headers"]

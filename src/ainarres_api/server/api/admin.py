@@ -116,14 +116,14 @@ async def update_family(key: str, body: FamilyPatch, _: Admin, conn: Conn) -> di
                          "or one of its own family's (403: an admin may). An active denial of the same feature, "
                          "or denying the last admin family seat:admin, is 409; an expired one is replaced.",
              responses=refusals(*_WRITE, NotFound, Conflict))
-async def deny(key: str, body: DenialIn, caller: Governor, conn: Conn) -> dict[str, Any]:
+async def deny_feature(key: str, body: DenialIn, caller: Governor, conn: Conn) -> dict[str, Any]:
     return await admin.deny(conn, caller, key, body.feature, body.reason, body.expires_at)
 
 
 @router.get("/families/{key}/denials", response_model=Denials, summary="a family's denials",
             description=f"{_GOVERN} Every denial, active and expired, by feature.",
             responses=refusals(*_SEAT, NotFound))
-async def denials(key: str, _: Governor, conn: Conn) -> dict[str, Any]:
+async def list_denials(key: str, _: Governor, conn: Conn) -> dict[str, Any]:
     return {"items": (await admin.get_family(conn, key))["denials"]}
 
 
@@ -138,7 +138,7 @@ async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[st
                description=f"{_GOVERN} The family's agents hold the feature again from their next call. An "
                            "overseer may not lift a `seat:*` denial or one of its own family's (403).",
                responses={204: {"description": "Lifted."}, **refusals(*_SEAT, NotFound, Conflict)})
-async def lift(key: str, feature: str, caller: Governor, conn: Conn) -> Response:
+async def lift_denial(key: str, feature: str, caller: Governor, conn: Conn) -> Response:
     await admin.lift(conn, caller, key, feature)
     return Response(status_code=204)
 
@@ -150,7 +150,7 @@ async def lift(key: str, feature: str, caller: Governor, conn: Conn) -> Response
                          "defaults to the service's setting. The token text is in this answer only. A service "
                          "configured with a public key alone cannot mint (422).",
              responses=refusals(*_WRITE, NotFound, Conflict))
-async def mint(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dict[str, Any]:
+async def mint_token(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dict[str, Any]:
     ttl = body.ttl_seconds or st.settings.token_ttl_seconds
     return await admin.mint_token(conn, st.signer, caller, body.family, ttl, body.scope, body.sub)
 
@@ -176,7 +176,7 @@ async def get_token(jti: uuid.UUID, _: Admin, conn: Conn) -> dict[str, Any]:
                description=f"{_ADMIN} Refused (401) from its very next call. Revoking a revoked token is a "
                            "no-op (204).",
                responses={204: {"description": "Revoked."}, **refusals(*_SEAT, NotFound)})
-async def revoke(jti: uuid.UUID, _: Admin, conn: Conn) -> Response:
+async def revoke_token(jti: uuid.UUID, _: Admin, conn: Conn) -> Response:
     await admin.revoke_token(conn, jti)
     return Response(status_code=204)
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from ainarres_api.server.api.envelopes import Problem
 from ainarres_api.server.errors import (
     AinarresError,
     Invalid,
@@ -23,28 +22,6 @@ from ainarres_api.server.errors import (
 
 PROBLEM = "application/problem+json"
 PROBLEM_REF = "#/components/schemas/Problem"
-
-
-class FieldError(BaseModel):
-    """One field a 422 refuses, and why."""
-
-    field: str = Field(description="the field, dotted (`artifacts.0.type`), or `body`")
-    detail: str = Field(description="what is wrong with it")
-
-
-class Problem(BaseModel):
-    """An RFC 9457 problem document: every refusal the service gives has this shape."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
-
-    type: str = Field(description="`urn:ainarres:problem:<code>`", examples=["urn:ainarres:problem:lease_lost"])
-    title: str = Field(description="a short human title of the code")
-    status: int = Field(description="the HTTP status, repeated")
-    code: str = Field(description="the stable machine code: branch on this, never on the detail")
-    detail: str = Field(description="what happened and what to do next")
-    instance: str | None = Field(default=None, description="the request's path")
-    task: dict[str, Any] | None = Field(default=None, description="the task as it is now, where it helps")
-    errors: list[FieldError] | None = Field(default=None, description="for `invalid`: each field refused")
 
 
 _DESCRIPTIONS = {
@@ -63,6 +40,15 @@ _DESCRIPTIONS = {
 # Every operation that reads a body or a token can be refused so; routes add their own on top.
 AUTHENTICATED: tuple[type[AinarresError], ...] = (Unauthenticated,)
 WITH_BODY: tuple[type[AinarresError], ...] = (Invalid, PayloadTooLarge)
+
+
+# The headers a refusal carries at some statuses, for a client to act on.
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "`Bearer realm=\"ainarres\"`: send a bearer token",
+                               "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+    503: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+}
 
 
 def problem_schema(codes: list[str]) -> dict[str, Any]:
@@ -85,6 +71,8 @@ def refusals(*errors: type[AinarresError], extra: dict[int, list[str]] | None = 
         codes = sorted(by_status[status])
         desc = _DESCRIPTIONS.get(status, "Refused.") + " Codes: " + ", ".join(f"`{c}`" for c in codes) + "."
         out[status] = {"description": desc, "content": {PROBLEM: {"schema": problem_schema(codes)}}}
+        if status in _HEADERS:
+            out[status]["headers"] = _HEADERS[status]
     return out
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.routing import APIRoute
 
 from ainarres_api.server.api import contract
 from ainarres_api.server.errors import AinarresError, NotFound
@@ -113,6 +115,28 @@ unexpected failure is `500 internal` with a reference to quote.
 """
 
 
+def keep_example_nulls(schema: dict[str, Any], routes: list[Any]) -> dict[str, Any]:
+    """Put the routes' examples back as they were declared: FastAPI's get_openapi leaves every null out of the
+    document, the nulls of examples included, and an answer's example without its null fields does not
+    validate against the answer's own schema."""
+    for route in routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        for method in route.methods or ():
+            op = schema["paths"].get(route.path_format, {}).get(method.lower())
+            if op is None:
+                continue
+            for status, answer in route.responses.items():
+                for media, content in answer.get("content", {}).items():
+                    if "example" in content:
+                        op["responses"][str(status)]["content"][media]["example"] = jsonable_encoder(content["example"])
+            examples = getattr(route.body_field.field_info, "openapi_examples", None) if route.body_field else None
+            for content in op.get("requestBody", {}).get("content", {}).values():
+                if examples and "examples" in content:
+                    content["examples"] = jsonable_encoder(examples)
+    return schema
+
+
 def install(app: FastAPI) -> None:
     """Serve /docs, /redoc and their assets locally, and build /openapi.json with the service's contract."""
     openapi_url = app.openapi_url or "/openapi.json"
@@ -122,6 +146,7 @@ def install(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
                              description=description(), routes=app.routes, tags=TAGS)
+        keep_example_nulls(schema, app.routes)
         contract.complete(schema)  # the Problem component; every operation's 401/413/422/429/503
         bearer = schema.get("components", {}).get("securitySchemes", {}).get("HTTPBearer")
         if bearer is not None:

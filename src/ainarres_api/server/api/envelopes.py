@@ -8,11 +8,34 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from ainarres_api.server.api.contract import Problem
+
+def _without_defaults(schema: dict[str, Any]) -> None:
+    """An answer's optional fields as the service sends them: left out, never null.
+
+    A field with a `None` default is one the service leaves out when it does not apply (it never sends it
+    as null): it is not in `required`, and its schema loses `default: null` (which tells a generator such
+    as openapi-typescript to make the field required) and its `null` branch."""
+    required = set(schema.get("required", ()))
+    props = schema.get("properties", {})
+    for name, prop in list(props.items()):
+        if name in required or "default" not in prop or prop.pop("default") is not None:
+            continue
+        branches = [b for b in prop.pop("anyOf", ()) if b != {"type": "null"}]
+        if len(branches) == 1:
+            (only,) = branches
+            props[name] = {**prop, **({"allOf": [only]} if "$ref" in only else only)}
+        elif branches:
+            prop["anyOf"] = branches
+
+
+class Answer(BaseModel):
+    """An answer's schema: what the service sends, with no request-side defaults."""
+
+    model_config = ConfigDict(json_schema_extra=_without_defaults)
 
 
 class Task(BaseModel):
@@ -48,7 +71,14 @@ class Event(BaseModel):
                   "escalated"]
     actor: str | None = Field(description="the agent's sub (null: the substrate itself)")
     family: str | None
-    data: dict[str, Any] = Field(description="what happened: note, reason, artifacts, from/to, lease, …")
+    data: dict[str, Any] = Field(description=(
+        "what happened, by `type`: created {lane, stage, state, priority, required_features, depends_on}; claimed "
+        "{stage, lease, lease_expires_at, attempts; reclaimed, previous_holder, previous_lease when it took over "
+        "an expired hold}; progress {note, artifacts, lease}; transition {kind, from, to, note (advance) or "
+        "reason (reject), artifacts, lease; role, the role:* the move took; stage_seconds, an advance's time in "
+        "the stage it left}; released {reason, attempts, lease, escalated}; blocked {reason, …}; unblocked "
+        "{note, previous_attempts}; escalated {from_tier, to_tier, attempts}. Keys may be added; none is "
+        "removed"))
     created_at: datetime
 
 
@@ -57,6 +87,36 @@ class Lease(BaseModel):
 
     id: uuid.UUID
     expires_at: datetime | None = Field(description="renew it with heartbeat or progress before then")
+
+
+class FieldError(BaseModel):
+    """One field a 422 refuses, and why."""
+
+    field: str = Field(description="the field, dotted (`artifacts.0.type`), or `body`")
+    detail: str = Field(description="what is wrong with it")
+
+
+def _problem_schema(schema: dict[str, Any]) -> None:
+    _without_defaults(schema)
+    schema["additionalProperties"] = True
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: every refusal the service gives has this shape."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_problem_schema)
+
+    type: str = Field(description="`urn:ainarres:problem:<code>`", examples=["urn:ainarres:problem:lease_lost"])
+    title: str = Field(description="a short human title of the code")
+    status: int = Field(description="the HTTP status, repeated")
+    code: str = Field(description="the stable machine code: branch on this, never on the detail")
+    detail: str = Field(description="what happened and what to do next")
+    instance: str | None = Field(default=None, description="the request's path")
+    task: Task | None = Field(default=None, description="the task as it is now, where it helps")
+    lease: Lease | None = Field(default=None, description="`already_holding`: the lease of the task you hold")
+    retry_after: int | None = Field(default=None, description="`rate_limited`, `unavailable`: seconds to wait "
+                                                              "before retrying (as the `Retry-After` header says)")
+    errors: list[FieldError] | None = Field(default=None, description="for `invalid`: each field refused")
 
 
 class CardTransition(BaseModel):
@@ -86,11 +146,26 @@ class Card(BaseModel):
     when_stuck: str = Field(description="what to do when the instructions cannot be followed")
 
 
+class ContextOfProject(BaseModel):
+    """A project's slug and context."""
+
+    slug: str
+    context: dict[str, Any] = Field(description="where the project's truth lives (repository, rules): free-form, "
+                                                "as an admin set it")
+
+
+class ContextOfLane(BaseModel):
+    """A lane's key and context."""
+
+    key: str
+    context: dict[str, Any] = Field(description="the lane's own context (free-form, as an admin set it)")
+
+
 class WhereWorkLives(BaseModel):
     """The project's and the lane's context: where the work's truth lives (repository, rules)."""
 
-    project: dict[str, Any] = Field(description="{slug, context}")
-    lane: dict[str, Any] = Field(description="{key, context}")
+    project: ContextOfProject
+    lane: ContextOfLane
 
 
 class TaskCard(Card):
@@ -110,12 +185,24 @@ class LaneCards(BaseModel):
     context: WhereWorkLives
 
 
-class Created(BaseModel):
-    """The answer to create."""
+class CreatedNew(Answer):
+    """create made the task (status 201)."""
 
-    code: Literal["created", "existing"] = Field(description="existing: an idempotent repeat (status 200)")
+    code: Literal["created"]
     task: Task
-    event: Event | None = Field(description="the `created` event (null for an idempotent repeat)")
+    event: Event = Field(description="the `created` event")
+
+
+class CreatedExisting(Answer):
+    """An idempotent repeat of create: the task the same `idempotency_key` made (status 200); nothing was made."""
+
+    code: Literal["existing"]
+    task: Task
+    event: None = Field(description="null: no event, nothing was made")
+
+
+class Created(RootModel[Annotated[CreatedNew | CreatedExisting, Field(discriminator="code")]]):
+    """The answer to create: `created` (201), or `existing` for an idempotent repeat (200)."""
 
 
 class Pending(BaseModel):
@@ -126,20 +213,47 @@ class Pending(BaseModel):
     blocked: int = Field(description="blocked for a human")
 
 
-class Claimed(BaseModel):
-    """The answer to claim: a task you now hold, or `empty`."""
+class ClaimedTask(Answer):
+    """A claim took a task: you hold it under `lease` until you move it, give it back, or the lease runs out."""
 
-    code: Literal["claimed", "empty"]
-    task: Task | None
-    lease: Lease | None
-    card: Card | None = Field(default=None, description="the stage's role card (claimed only)")
-    event: Event | None = Field(default=None, description="the `claimed` event (claimed only)")
-    context: WhereWorkLives | None = Field(default=None, description="where the work lives (claimed only)")
-    pending: Pending | None = Field(default=None, description="empty only: work you may not take yet")
-    hint: str | None = Field(default=None, description="empty only: whether waiting can help")
+    code: Literal["claimed"]
+    task: Task
+    lease: Lease = Field(description="present its id with every verb on the task")
+    card: Card = Field(description="the stage's role card: what to do, and the ways out")
+    event: Event = Field(description="the `claimed` event")
+    context: WhereWorkLives = Field(description="where the work lives")
 
 
-class Renewed(BaseModel):
+class ClaimEmpty(Answer):
+    """A claim found nothing you may take now (not an error)."""
+
+    code: Literal["empty"]
+    task: None = Field(description="null")
+    lease: None = Field(description="null")
+    pending: Pending | None = Field(default=None, description="work you may not take yet (absent when a long "
+                                                              "poll's time ran out)")
+    hint: str | None = Field(default=None, description="whether waiting can help")
+
+
+class Claimed(RootModel[Annotated[ClaimedTask | ClaimEmpty, Field(discriminator="code")]]):
+    """The answer to claim: `claimed`, a task you now hold, or `empty`."""
+
+
+# The codes a claim can be refused with (the claim verb's refusals, checked by test_docs).
+ClaimRefusalCode = Literal["already_holding", "not_eligible", "rate_limited"]
+
+
+class ClaimRefusal(Problem):
+    """The problem document of a refused claim."""
+
+    code: ClaimRefusalCode = Field(description="the stable machine code: branch on this, never on the detail")
+
+
+class NextClaim(RootModel[Annotated[ClaimedTask | ClaimEmpty | ClaimRefusal, Field(discriminator="code")]]):
+    """What a move's `next` claim answered: `claimed`, `empty`, or the problem document of its refusal (by `code`)."""
+
+
+class Renewed(Answer):
     """The answer to heartbeat."""
 
     code: Literal["ok"]
@@ -147,16 +261,18 @@ class Renewed(BaseModel):
     task: Task
 
 
-class Progressed(BaseModel):
+class Progressed(Answer):
     """The answer to progress."""
 
     code: Literal["ok"]
     task: Task
     event: Event
     lease: Lease
+    replay: Literal[True] | None = Field(default=None, description="present (true) when this very call had been "
+                                                                   "applied already: its first answer again")
 
 
-class Moved(BaseModel):
+class Moved(Answer):
     """The answer to advance, reject, release, block and unblock: the task as it is now and the event."""
 
     code: Literal["ok", "blocked"] = Field(
@@ -164,12 +280,15 @@ class Moved(BaseModel):
                     "blocked the task for a human instead")
     task: Task
     event: Event
+    replay: Literal[True] | None = Field(default=None, description="present (true) when this very call had been "
+                                                                   "applied already (its first answer was lost): "
+                                                                   "its outcome again")
 
 
 class MovedOn(Moved):
     """The answer to advance and reject: as Moved, with the answer of the claim the call asked for (`next`)."""
 
-    next: Claimed | Problem | None = Field(
+    next: NextClaim | None = Field(
         default=None, description="only when the call asked for it (`next`): the next claim's answer, or the "
                                   "problem document of its refusal (the move itself stands)")
 

@@ -87,7 +87,7 @@ class AcceptIn(Body):
 @router.get("", response_model=models.GovernanceStatus,
             summary="governance: policies, strikes, active bans, open recommendations and flags, the newest trail",
             description="Readable with seat:overseer, seat:monitor, seat:admin or role:auditor.", responses=_READ)
-async def status(_: Reader, conn: Conn) -> dict[str, Any]:
+async def governance_status(_: Reader, conn: Conn) -> dict[str, Any]:
     return await governance.status(conn)
 
 
@@ -95,8 +95,8 @@ async def status(_: Reader, conn: Conn) -> dict[str, Any]:
             summary="the governance trail, newest first (append-only)",
             description="Every governance act, by a human or by the substrate. Pass `next` back as `before`.",
             responses=_READ)
-async def trail(_: Reader, conn: Conn, before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
-                limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
+async def governance_trail(_: Reader, conn: Conn, before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+                           limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
     return await governance.trail(conn, before, limit)
 
 
@@ -114,7 +114,7 @@ async def set_policy(scope: Literal["system", "workflow", "feature"], key: Annot
              description=f"{_OVERSEER} Replaces any expiring denial of the feature; lasts until lifted. Not a "
                          "seat:* feature nor the caller's own family (an admin may). 409: banned already.",
              responses=_ACT)
-async def ban(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
+async def ban_permanently(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.ban(conn, caller, body.family, body.feature, body.reason)
 
 
@@ -122,14 +122,14 @@ async def ban(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
              summary="lift a family's ban of a feature, temporary or permanent (seat:overseer), on the trail",
              description=f"{_OVERSEER} The family's strikes in that role start over. 404: nothing to lift.",
              responses=_ACT)
-async def lift(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
+async def lift_ban(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.lift(conn, caller, body.family, body.feature, body.reason)
 
 
 @router.post("/unblock", response_model=Moved,
              summary="unblock a task with a note (seat:overseer), blocks the substrate made included",
              description=f"{_OVERSEER} The unblock verb's rules, with the note on the trail.", responses=_ACT)
-async def unblock(body: UnblockNoteIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
+async def unblock_for_human(body: UnblockNoteIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.unblock(conn, caller, body.task_id, body.note)
 
 
@@ -151,12 +151,12 @@ async def dismiss_flag(flag_id: Id, body: DecisionIn, caller: Overseer, conn: Co
 @router.post("/recommendations/{rec_id}/accept", response_model=models.Recommendation,
              summary="accept a recommendation: the permanent ban it recommends (seat:overseer)",
              description=_OVERSEER, responses=_ACT)
-async def accept(rec_id: Id, body: AcceptIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
+async def accept_recommendation(rec_id: Id, body: AcceptIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.accept(conn, caller, rec_id, body.reason, body.feature)
 
 
 @router.post("/recommendations/{rec_id}/dismiss", response_model=models.Recommendation,
              summary="dismiss a recommendation: nothing is banned (seat:overseer)", description=_OVERSEER,
              responses=_ACT)
-async def dismiss(rec_id: Id, body: DecisionIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
+async def dismiss_recommendation(rec_id: Id, body: DecisionIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.dismiss(conn, caller, rec_id, body.reason)

@@ -12,6 +12,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ainarres_api.server.api.envelopes import Answer
+
 T = TypeVar("T")
 
 
@@ -296,12 +298,13 @@ class UsageRecord(BaseModel):
     created_at: datetime
 
 
-class UsageRecorded(BaseModel):
+class UsageRecorded(Answer):
     """A usage report recorded (`replay`: this very report had been recorded already; nothing was written)."""
 
     code: Literal["ok"]
     usage: UsageRecord
-    replay: bool | None = None
+    replay: Literal[True] | None = Field(default=None, description="present (true) when this very report had been "
+                                                                   "recorded already: its first record again")
 
 
 class SpendRow(BaseModel):

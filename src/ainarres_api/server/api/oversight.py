@@ -283,8 +283,8 @@ async def demand(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, 
             summary="agents: instances seen, their family, current holds, last call",
             description="By sub. Filters: family, lane / project (its family is provisioned that lane / a "
                         "lane of that project).")
-async def agents(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
-                 cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
+async def list_agents(_: Watcher, conn: Conn, project: Key = None, lane: Key = None, family: Key = None,
+                      cursor: Cursor = None, limit: Limit = 100) -> dict[str, Any]:
     return await oversight.agents(conn, Filters(project, lane, None, family), cursor, limit)
 
 
@@ -315,7 +315,8 @@ def _frame(event: dict[str, Any]) -> str:
 @router.get("/events/stream", response_class=StreamingResponse,
             summary="live events as Server-Sent Events (id: = event id); resume with Last-Event-ID or "
                     "?after=",
-            description="Each `data:` is a feed event plus `task` (the task as it is now). Without "
+            description="Each `data:` is a feed event (the `FeedEvent` schema, as GET /v1/feed lists them) plus "
+                        "`task` (a `Task`: the task as it is now). Without "
                         "Last-Event-ID or `after`, the stream starts with the events recorded from now on; "
                         "`after=0` replays everything. Comments (`: …`) open the stream and keep it alive. "
                         "Seats see every lane, other callers the lanes they hold lane:<key> for. `limit` "
@@ -325,12 +326,12 @@ def _frame(event: dict[str, Any]) -> str:
                                              "frames, `: …` comments, and a final `event: error` frame if the "
                                              "token stops being valid.",
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
-async def stream(request: Request, caller: Caller, st: State,
-                 after: Annotated[int | None, Query(ge=0, le=oversight.EVENT_ID_MAX)] = None,
-                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
-                 project: Key = None, lane: Key = None,
-                 limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
-                 keepalive: Annotated[float, Query(ge=0.1, le=300)] = 15.0) -> StreamingResponse:
+async def stream_events(request: Request, caller: Caller, st: State,
+                        after: Annotated[int | None, Query(ge=0, le=oversight.EVENT_ID_MAX)] = None,
+                        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
+                        project: Key = None, lane: Key = None,
+                        limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+                        keepalive: Annotated[float, Query(ge=0.1, le=300)] = 15.0) -> StreamingResponse:
     lanes = oversight.visible_lanes(caller)
     start = _resume_point(after, last_event_id)
     if start is None:
@@ -398,7 +399,7 @@ async def stream(request: Request, caller: Caller, st: State,
                      "pending work and live / expired leases by lane, waiting claims, open event streams, and "
                      "the connection pool. Takes no token and refuses nothing.",
          responses={200: {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics_endpoint(request: Request, st: State) -> Response:
+async def metrics(request: Request, st: State) -> Response:
     metrics: Metrics = request.app.state.metrics
     async with metrics.lock:
         async with st.pool.acquire() as conn:

@@ -214,10 +214,13 @@ _CARD = {"workflow": "dev-review", "workflow_version": 1, "stage": "todo", "init
          "instructions": "Implement it on a branch; advance to review with the branch as an artifact.",
          "lease_seconds": 600, "max_attempts": 3, "escalate_after": None, "max_rework": None,
          "transitions": [{"kind": "advance", "to": "review", "required_features": ["role:dev"], "guard": None,
-                          "instructions": ""}]}
+                          "instructions": ""}],
+         "when_stuck": tasks.WHEN_STUCK}
 _LEASED = {"lease": _LEASE["id"]}
 _CLAIMED = {"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,
-            "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}}}
+            "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}},
+            "context": {"project": {"slug": "demo", "context": {"repo": "git@example.com:demo/app.git"}},
+                        "lane": {"key": "backend", "context": {"rules": "small commits, tests first"}}}}
 
 _HELD_REFUSALS = (NotFound, LeaseLost)
 

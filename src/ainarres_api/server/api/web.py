@@ -174,7 +174,7 @@ def prefers_html(accept: str | None) -> bool:
                        "303 See Other to `/board`; otherwise this JSON document, naming the service and "
                        "linking `/openapi.json`, `/docs`, `/board` and `/healthz`.",
            responses={303: {"description": "a browser: see the board at `/board` (`Location`)"}})
-async def index(request: Request) -> Response:
+async def front_door(request: Request) -> Response:
     if prefers_html(request.headers.get("accept")):
         return RedirectResponse("/board", status_code=303, headers={"Vary": "Accept"})
     return Response(INDEX.model_dump_json(), media_type="application/json", headers={"Vary": "Accept"})
