@@ -214,3 +214,21 @@ async def test_refusals_declare_the_headers_they_carry(admin: Api) -> None:
     claim = schema["paths"]["/v1/claims"]["post"]["responses"]
     assert "WWW-Authenticate" in claim["401"]["headers"]
     assert "Retry-After" in claim["429"]["headers"] and "Retry-After" in claim["503"]["headers"]
+
+
+async def test_integer_bounds_are_exact(admin: Api) -> None:
+    """An int64 bound published as a float (9.223372036854776e18) is 2⁶³, a value the service refuses."""
+    floats: list[str] = []
+
+    def walk(node: Any, at: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                floats.extend(f"{at}.{k}" for k in ("maximum", "minimum") if isinstance(node.get(k), float))
+            for key, value in node.items():
+                walk(value, f"{at}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{at}[{i}]")
+
+    walk(await _schema(admin), "")
+    assert not floats, floats

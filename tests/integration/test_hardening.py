@@ -187,7 +187,9 @@ async def test_deeply_nested_payloads_are_refused(admin):
     assert (await _raw(dev, "/v1/tasks", ok)).status_code == 201
 
 
-@pytest.mark.parametrize("when", ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2030-01-01T00:00:00+14:00"])
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2030-01-01T00:00:00+14:00",
+                                  # at the ends of what a datetime holds, with an offset that would carry past them
+                                  "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+01:00"])
 async def test_denial_expiry_out_of_range_is_invalid(admin, when):
     await make_world(admin)
     body = {"feature": "role:dev", "reason": "x", "expires_at": when}
@@ -227,3 +229,28 @@ async def test_creates_may_not_open_required_sets_without_bound(app, admin, db):
         assert created and out["task"]["required_features"] == ["area:backend"]
     # Through HTTP with the default limit, the same create is accepted.
     await dev.create("dev", "c", required_features=["tier:2"])
+
+
+@pytest.mark.parametrize(("literal", "stored", "ttl"), [("3.0", 3, "3600.0"), ("1e2", 100, "36e2"),
+                                                        ("-2.0", -2, "7200.00"), ("7", 7, "3600")])
+async def test_an_integer_field_takes_a_number_without_a_fraction(admin, literal, stored, ttl):
+    """JSON Schema's `integer` (OpenAPI 3.1) admits 3.0 and 1e2, and encoders write numbers so (Python's json.dumps
+    of a float): the document says integer, so the service takes them as the integers they are."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    r = await _raw(dev, "/v1/tasks", '{"lane":"dev","title":"t","priority":' + literal + "}")
+    assert r.status_code == 201, r.text
+    assert r.json()["task"]["priority"] == stored
+    minted = await _raw(admin, "/v1/tokens", '{"family":"cheap","ttl_seconds":' + ttl + "}")
+    assert minted.status_code == 201, minted.text
+
+
+@pytest.mark.parametrize("literal", ["3.5", '"3"', "true", "1e400"])
+async def test_an_integer_field_refuses_fractions_text_and_booleans(admin, db, literal):
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    before = await db.fetchval("SELECT count(*) FROM tasks")
+    r = await _raw(dev, "/v1/tasks", '{"lane":"dev","title":"t","priority":' + literal + "}")
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid" and r.json()["errors"][0]["field"] == "priority", r.json()
+    assert await db.fetchval("SELECT count(*) FROM tasks") == before

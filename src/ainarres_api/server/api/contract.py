@@ -119,6 +119,25 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                     codes |= set(answer["content"][PROBLEM]["schema"]["allOf"][1]["properties"]["code"]["enum"])
                     answer = refusals(extra={int(key): sorted(codes)})[int(key)]
                 answers[key] = answer
+    _exact_integers(schema)
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
     return schema
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _exact_integers(node: Any) -> None:
+    """Integer bounds as integers: FastAPI's OpenAPI model holds `maximum`/`minimum` as floats, which turns
+    2⁶³−1 into 9.223372036854776e18 (2⁶³, a value the service refuses). Every integer here is a 64-bit one."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum"):
+                if isinstance(node.get(key), float):
+                    node[key] = min(max(int(node[key]), _INT64[0]), _INT64[1])
+        for value in node.values():
+            _exact_integers(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_integers(value)

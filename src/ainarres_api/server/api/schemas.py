@@ -13,6 +13,7 @@ import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -24,6 +25,20 @@ from pydantic_core import PydanticCustomError
 
 from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number without a fraction as the integer it is: JSON Schema's `integer` (OpenAPI 3.1) admits
+    `3600.0` and `1e2`, and many JSON encoders write numbers so. Strings and booleans stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# On an integer field of a request, after its bounds (`Annotated[StrictInt, Field(ge=…), WHOLE]`; before them,
+# pydantic would publish the bounds as `ge`/`le` instead of `minimum`/`maximum`): a JSON number with no fractional
+# part, never a string or a boolean.
+WHOLE = BeforeValidator(_whole)
 
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
 
@@ -147,7 +162,7 @@ class TaskCreate(Body):
         description="a short imperative title, at most 200 characters")
     payload: dict[str, Any] = Field(default_factory=dict, description=(
         "what the worker needs: a JSON object of references (goal, repo, paths, checks), not content"))
-    priority: Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000)] = Field(
+    priority: Annotated[StrictInt, Field(ge=-1_000_000, le=1_000_000), WHOLE] = Field(
         default=0, description="higher is claimed first")
     required_features: Features = Field(default_factory=list, description=(
         'registered features a claimer must hold besides the lane\'s, e.g. ["area:backend"]'))
@@ -262,19 +277,19 @@ class FamilyIn(Body):
     key: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}$")]
     features: Annotated[list[Feature], Field(max_length=500)] = Field(default_factory=list)
     description: Annotated[str, Field(max_length=500)] = ""
-    max_active: Annotated[StrictInt, Field(ge=1, le=1000)] = 1
+    max_active: Annotated[StrictInt, Field(ge=1, le=1000), WHOLE] = 1
 
 
 class FamilyPatch(Body):
     features: Annotated[list[Feature], Field(max_length=500)] | None = None
     disabled: StrictBool | None = None
-    max_active: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+    max_active: Annotated[StrictInt, Field(ge=1, le=1000), WHOLE] | None = None
     description: Annotated[str, Field(max_length=500)] | None = None
 
 
 class TokenIn(Body):
     family: Annotated[str, Field(min_length=1, max_length=100)]
-    ttl_seconds: Annotated[StrictInt, Field(ge=60, le=365 * 86400)] | None = None
+    ttl_seconds: Annotated[StrictInt, Field(ge=60, le=365 * 86400), WHOLE] | None = None
     scope: Annotated[list[Feature], Field(max_length=500)] | None = None
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")] | None = None
 
@@ -283,7 +298,7 @@ def _sane_instant(value: datetime | None) -> datetime | None:
     if value is not None:
         if value.tzinfo is None:  # a time without a zone is read as UTC
             value = value.replace(tzinfo=UTC)
-        if not 2000 <= value.astimezone(UTC).year <= 9000:
+        if not 2000 <= value.year <= 9000:  # before the shift to UTC, which cannot leave years 1 to 9999
             raise ValueError("must fall between the years 2000 and 9000")
     return value
 
@@ -298,10 +313,10 @@ class StageIn(Body):
     key: Key
     initial: StrictBool = False
     terminal: StrictBool = False
-    lease_seconds: Annotated[StrictInt, Field(ge=1, le=86400)] = 300
-    max_attempts: Annotated[StrictInt, Field(ge=1, le=100)] = 3
-    escalate_after: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
-    max_rework: Annotated[StrictInt, Field(ge=0, le=1000)] | None = None
+    lease_seconds: Annotated[StrictInt, Field(ge=1, le=86400), WHOLE] = 300
+    max_attempts: Annotated[StrictInt, Field(ge=1, le=100), WHOLE] = 3
+    escalate_after: Annotated[StrictInt, Field(ge=1, le=100), WHOLE] | None = None
+    max_rework: Annotated[StrictInt, Field(ge=0, le=1000), WHOLE] | None = None
     instructions: Annotated[str, Field(max_length=20_000)] = ""
 
 
@@ -320,7 +335,7 @@ class TransitionIn(Body):
 class WorkflowIn(Body):
     key: Slug
     description: Annotated[str, Field(max_length=2000)] = ""
-    max_rework: Annotated[StrictInt, Field(ge=0, le=1000)] | None = None
+    max_rework: Annotated[StrictInt, Field(ge=0, le=1000), WHOLE] | None = None
     stages: Annotated[list[StageIn], Field(min_length=1, max_length=50)]
     transitions: Annotated[list[TransitionIn], Field(max_length=200)] = Field(default_factory=list)
 
@@ -338,7 +353,7 @@ class LaneIn(Body):
 
 
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", min_length=3, max_length=3, examples=["USD", "EUR"])]
-Tokens = Annotated[StrictInt, Field(ge=0, le=1_000_000_000_000)]
+Tokens = Annotated[StrictInt, Field(ge=0, le=1_000_000_000_000), WHOLE]
 
 
 class UsageIn(Body):
@@ -355,7 +370,7 @@ class UsageIn(Body):
     currency: Currency | None = Field(default=None, description="ISO 4217 code of `cost` (needed with it)")
     wall_seconds: Annotated[float, Field(ge=0, le=2_592_000)] | None = Field(
         default=None, description="wall-clock time the work took, in seconds")
-    event: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)] | None = Field(
+    event: Annotated[StrictInt, Field(ge=1, le=2**63 - 1), WHOLE] | None = Field(
         default=None, description="the id of the event (usually your transition) this usage paid for; omitted, "
                                   "the usage is anchored to the task and to the stage of your last claim of it")
     family: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+@-]{0,99}$")] | None = Field(
