@@ -254,3 +254,32 @@ async def test_an_integer_field_refuses_fractions_text_and_booleans(admin, db, l
     assert r.status_code == 422, r.text
     assert r.json()["code"] == "invalid" and r.json()["errors"][0]["field"] == "priority", r.json()
     assert await db.fetchval("SELECT count(*) FROM tasks") == before
+
+
+async def test_a_dependent_created_while_its_prerequisite_finishes_is_promoted(app, admin, dsn, db):
+    """The advance that finishes A waits for the lock of a create naming A (it takes A FOR KEY SHARE); the create
+    commits B as waiting, and the advance, whose statement began before, must still see B and promote it —
+    else B waits forever on a task that is done (found by a concurrency review)."""
+    w = await make_world(admin, workflow=FLAT, lane="flat")
+    dev = await w.agent("cheap")
+    a = (await dev.create("flat", "A"))["task"]["id"]
+    c = await dev.claim("flat")
+    st = app.state.ainarres
+    conns = await _three_connections(dsn)
+    c1, c2, observer = conns
+    try:
+        p = await auth.authenticate(c1, st.signer, dev.token)
+        outer = c2.transaction()
+        await outer.start()
+        created, _ = await tasks.create(c2, p, {"lane": "flat", "title": "B", "depends_on": [a]}, st.limits)
+        assert created["task"]["state"] == "waiting"  # A is still held: B waits, A locked by the create
+        advance = asyncio.create_task(tasks.transition(c1, p, uuid.UUID(a), uuid.UUID(c["lease"]["id"]),
+                                                       "advance", "done", None, []))
+        await _wait_for_lock(observer, c1.get_server_pid(), "the advance")  # its statement began before B
+        await outer.commit()
+        done = await asyncio.wait_for(advance, 30)
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert done["task"]["state"] == "done"
+    assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", uuid.UUID(created["task"]["id"])) == "ready"

@@ -196,7 +196,9 @@ SELECT feature, reason, expires_at FROM denials
 -- name: dependencies_state
 -- Locks the prerequisites FOR KEY SHARE so a prerequisite finishing concurrently (its verb holds it
 -- FOR UPDATE) is seen committed (READ COMMITTED returns the newest version of a row it waited for):
--- a new task can never be left waiting on a prerequisite that finished while it was being created.
+-- a new task can never be left waiting on a prerequisite that finished while it was being created. The
+-- other order — the finishing verb waits for this lock — is the transition's: it asks
+-- waiting_dependents() with a fresh snapshot after the wait, which sees the new task (migration 0019).
 -- KEY SHARE, not SHARE: it must not conflict with dependents_lock's NO KEY UPDATE, or a create that
 -- names a task and that task's own prerequisite deadlocks with the advance finishing the latter.
 SELECT t.id, t.state, l.key AS lane_key
@@ -513,9 +515,8 @@ WITH locked AS (
             THEN 'guard_failed'
         WHEN $3 = 'reject' AND x.max_rework IS NOT NULL AND x.rework_here + 1 > x.max_rework THEN 'rework_cap'
         WHEN NOT ch.terminal AND ch.route_id IS NULL THEN 'no_route'
-        WHEN ch.terminal AND NOT $11 AND EXISTS (SELECT 1 FROM tasks d
-                                                  WHERE d.depends_on @> ARRAY[x.id] AND d.state IN ('waiting', 'blocked'))
-            THEN 'dependents'
+        -- With a snapshot of its own (migration 0019): a dependent whose create this statement waited for.
+        WHEN ch.terminal AND NOT $11 AND waiting_dependents(x.id) THEN 'dependents'
         ELSE 'ok'
     END AS v
       FROM (SELECT 1) one
