@@ -105,3 +105,25 @@ async def test_next_refuses_a_bad_wait_like_claim_does(admin, db):
                        {"lease": lease, "to": "review", "next": {"wait_seconds": 61}}, 422)
     assert r.json()["code"] == "invalid" and any("next" in e["field"] for e in r.json()["errors"])
     assert await snapshot(db, task["id"]) == before
+
+
+async def test_a_reject_that_bans_the_callers_own_family_claims_nothing_the_ban_denies(admin):
+    """A family that reviews its own work and rejects it strikes itself; at the threshold the reject bans it from
+    the role. The same call's `next` claim must read the features after the move, not before: else it takes a
+    task of the role it was just banned from, which it may then not move (found by a concurrency review)."""
+    w = await make_world(admin)
+    await admin.post("/v1/families", {"key": "both", "features": ["lane:dev", "role:dev", "role:reviewer"]}, 201)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 1}, 200)
+    agent = await w.agent("both")
+    task = (await agent.create("dev", "own work"))["task"]["id"]
+    await agent.create("dev", "next one", priority=-1)  # todo work, which the ban denies it
+    c = await agent.claim("dev")
+    assert c["task"]["id"] == task
+    await agent.verb(task, "advance", lease=c["lease"]["id"], to="review")
+    c = await agent.claim("dev")  # its own work, now in review (its priority ranks it first)
+    assert c["task"]["id"] == task and c["task"]["stage"] == "review"
+    out = await agent.verb(task, "reject", lease=c["lease"]["id"], to="todo", reason="redo", next={"lane": "dev"})
+    assert out["task"]["stage"] == "todo"
+    assert "role:dev" not in (await agent.get("/v1/me"))["features"]  # banned by its own reject
+    nxt = out["next"]
+    assert nxt["code"] != "claimed" or nxt["task"]["stage"] == "review", nxt  # never `todo` work (role:dev)

@@ -239,8 +239,9 @@ class Claimed(RootModel[Annotated[ClaimedTask | ClaimEmpty, Field(discriminator=
     """The answer to claim: `claimed`, a task you now hold, or `empty`."""
 
 
-# The codes a claim can be refused with (the claim verb's refusals, checked by test_docs).
-ClaimRefusalCode = Literal["already_holding", "not_eligible", "rate_limited"]
+# The codes a move's `next` claim can be refused with: the claim verb's refusals, and `unauthenticated` when the
+# caller's features are read again after a reject and its token no longer holds (test_docs checks the set).
+ClaimRefusalCode = Literal["already_holding", "not_eligible", "rate_limited", "unauthenticated"]
 
 
 class ClaimRefusal(Problem):

@@ -51,7 +51,7 @@ from ainarres_api.server.errors import (
     RateLimited,
 )
 from ainarres_api.server.metrics import NEXT_CLAIM
-from ainarres_api.server.services import claiming, spend, tasks, wake
+from ainarres_api.server.services import auth, claiming, spend, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 
@@ -149,15 +149,22 @@ async def _progress(c: Call, task_id: uuid.UUID | None, body: ProgressIn) -> tup
     return await tasks.progress(c.conn, c.caller, task_id, body.lease, body.note, _artifacts(body)), 200
 
 
-async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tuple[dict[str, Any], int]:
+async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any], *, reread: bool = False
+                      ) -> tuple[dict[str, Any], int]:
     """A transition's answer, with the claim its body asked for (`next`) run after the transition committed: that
-    claim's answer, or the problem document of its refusal (the move stands either way, hence 200)."""
+    claim's answer, or the problem document of its refusal (the move stands either way, hence 200).
+
+    `reread`: the move may have changed the caller's own features — a reject strikes the producer of the work,
+    which may be the caller's own family, and at the threshold bans it from the role — so the claim reads them
+    again (services.auth.authenticate) rather than take work the move just denied it."""
     if want is None:
         return out, 200
     if want.wait_seconds > 0:
         wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
     started = time.perf_counter()
     try:
+        if reread:
+            c.caller = await auth.authenticate(c.conn, c.st.signer, c.token)
         nxt, _ = await _claim(c, None, want)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
@@ -174,7 +181,7 @@ async def _advance(c: Call, task_id: uuid.UUID | None, body: AdvanceIn) -> tuple
 async def _reject(c: Call, task_id: uuid.UUID | None, body: RejectIn) -> tuple[dict[str, Any], int]:
     assert task_id is not None
     return await _then_claim(c, body.next, await tasks.transition(
-        c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason, _artifacts(body)))
+        c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason, _artifacts(body)), reread=True)
 
 
 async def _release(c: Call, task_id: uuid.UUID | None, body: ReleaseIn) -> tuple[dict[str, Any], int]:
