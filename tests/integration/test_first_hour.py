@@ -3,6 +3,7 @@ match is refused with its cause, an empty claim says whether waiting helps, and 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from tests.helpers import Api, make_world
@@ -165,3 +166,23 @@ async def test_a_branch_artifact_can_name_its_repository(admin: Api) -> None:
     art = {"type": "branch", "name": "feat/x", "repo": "https://example.com/calc.git"}
     out = await dev.verb(tid, "advance", lease=lease, to="review", artifacts=[art])
     assert out["event"]["data"]["artifacts"] == [art]
+
+
+async def test_a_retried_progress_after_a_takeover_never_answers_the_new_holders_lease(admin: Api, db: Any) -> None:
+    """A's progress was applied, its answer lost; A's lease ran out and B took the task over. A's retry is told
+    the truth about A's own lease — its hold has ended (expires_at null) — never B's lease as if it were A's
+    (found by a concurrency review)."""
+    w = await make_world(admin)
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await a.create("dev", "taken over"))["task"]["id"]
+    mine = (await a.claim("dev"))["lease"]["id"]
+    first = await a.verb(tid, "progress", lease=mine, note="half")
+    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+                     uuid.UUID(tid))
+    theirs = (await b.claim("dev"))["lease"]["id"]
+    for moved_on in (False, True):  # while B holds it, and after B has moved it on
+        if moved_on:
+            await b.verb(tid, "advance", lease=theirs, to="review")
+        again = await a.verb(tid, "progress", lease=mine, note="half")
+        assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+        assert again["lease"] == {"id": mine, "expires_at": None}, again["lease"]

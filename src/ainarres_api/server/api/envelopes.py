@@ -269,8 +269,10 @@ class Progressed(Answer):
     task: Task
     event: Event
     lease: Lease
-    replay: Literal[True] | None = Field(default=None, description="present (true) when this very call had been "
-                                                                   "applied already: its first answer again")
+    replay: Literal[True] | None = Field(default=None, description="present (true) when this very progress had been "
+                                                                   "recorded already (no second event); `lease` "
+                                                                   "then has `expires_at` null if the hold under "
+                                                                   "it has ended since")
 
 
 class Moved(Answer):

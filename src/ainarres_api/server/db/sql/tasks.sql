@@ -292,8 +292,8 @@ SELECT name FROM features WHERE name = ANY ($1::text[]);
 -- Heartbeat ($5 false) and progress ($5 true, with its event): push a held lease out by its stage's
 -- lease length. $1 task, $2 lease, $3 sub, $4 family, $6 note, $7 artifacts, $8 features, $9 oversees.
 -- Verdict 'ok'; 'replay' when this progress is the very one the caller recorded last under this lease (a
--- retry whose answer was lost: no second event, the lease renewed if still held); or why nothing changed
--- (not_found, or the lease: lease_state).
+-- retry whose answer was lost: no second event, the lease renewed if still held, else answered with no
+-- expiry: the hold under it has ended); or why nothing changed (not_found, or the lease: lease_state).
 WITH locked AS (
     SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
 ), x AS (
@@ -330,8 +330,10 @@ WITH locked AS (
 SELECT coalesce(v.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS task,
        CASE WHEN (e.events).id IS NOT NULL THEN event_json(e.events)
             ELSE event_json((SELECT ev FROM replay)) END AS event,
-       coalesce((u.t).lease_id, (x.lk).lease_id) AS lease_id,
-       coalesce((u.t).lease_expires_at, (x.lk).lease_expires_at) AS lease_expires_at
+       -- The caller's own lease: renewed while it holds; after its hold ended (a replay of a progress recorded
+       -- before the end), its id with no expiry — never the lease of whoever holds the task now.
+       CASE WHEN x.v = 'ok' THEN (u.t).lease_id ELSE $2::uuid END AS lease_id,
+       CASE WHEN x.v = 'ok' THEN (u.t).lease_expires_at END AS lease_expires_at
   FROM (SELECT 1) one
   LEFT JOIN x ON true
   LEFT JOIN verdict v ON true
