@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import uuid
 from typing import Any
 
@@ -283,3 +284,36 @@ async def test_a_dependent_created_while_its_prerequisite_finishes_is_promoted(a
             await conn.close()
     assert done["task"]["state"] == "done"
     assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", uuid.UUID(created["task"]["id"])) == "ready"
+
+
+async def test_the_overseers_unblock_records_the_block_it_lifts(admin, dsn, db):
+    """The trail names the block an overseer's unblock lifted, read under the task's lock: a block that replaced
+    another while the unblock waited (an unblock, a claim and a new block in between) is the one recorded."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    tid = (await dev.create("dev", "stuck"))["task"]["id"]
+    c = await dev.claim("dev")
+    await dev.verb(tid, "block", lease=c["lease"]["id"], reason="first block")
+    conns = await _three_connections(dsn)
+    holder, _, observer = conns
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("UPDATE tasks SET blocked_reason = 'second block' WHERE id = $1", uuid.UUID(tid))
+        unblock = asyncio.create_task(admin.post("/v1/governance/unblock", {"task_id": tid, "note": "fixed"}, 200))
+        for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
+            if await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the unblock never waited for the task's lock")
+        await tx.commit()
+        await asyncio.wait_for(unblock, 30)
+    finally:
+        for conn in conns:
+            await conn.close()
+    data = await db.fetchval("SELECT data FROM governance_trail WHERE action = 'unblock' AND task_id = $1",
+                             uuid.UUID(tid))
+    assert (json.loads(data) if isinstance(data, str) else data) == {"blocked_by": "agent",
+                                                                     "blocked_reason": "second block"}

@@ -114,10 +114,12 @@ async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str) -> dict[str, Any]:
     """An overseer's unblock (what the substrate blocked included), with its note on the trail."""
-    block = await conn.fetchrow(Q["task_block_of"], task_id)
-    if block is None:
-        raise NotFound("no such task; check the id")
     async with conn.transaction():
+        # Locked before it is read: the trail records the block this unblock lifts, not one that an unblock,
+        # a claim and a new block in between replaced.
+        block = await conn.fetchrow(Q["task_block_of"], task_id)
+        if block is None:
+            raise NotFound("no such task; check the id")
         out = await tasks.unblock(conn, p, task_id, note)
         await conn.execute(Q["trail_unblock"], p.sub, p.family, task_id, note, block["blocked_by"],
                            block["blocked_reason"])
