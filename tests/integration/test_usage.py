@@ -315,3 +315,17 @@ async def test_the_fold_goes_in_batches_and_waits_for_another(admin: Api, db: as
         await other.close()
     assert [p["finished"] for p in (await admin.get("/v1/flow"))["items"]] == [3]
     assert await spend_svc.fold(db) == 0
+
+
+async def test_a_report_sent_again_while_the_first_is_in_flight_is_recorded_once(admin: Api, db: asyncpg.Connection):
+    """Without a key, a report equal to the caller's last one on the task is a replay — also when the retry races
+    its original on another connection (found by a concurrency review: 2–8 rows for 8 copies sent at once)."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    tids = [(await build(dev))[0] for _ in range(4)]
+    report = {"model": "m", "input_tokens": 7, "cost": "0.5", "currency": "USD"}
+    answers = await asyncio.gather(*(usage(dev, tid, **report) for tid in tids for _ in range(8)))
+    per_task = {r["task_id"]: n for r in await db.fetch("SELECT task_id::text, count(*) AS n FROM usage GROUP BY 1")
+                for n in [r["n"]]}
+    assert per_task == dict.fromkeys(tids, 1)
+    assert sum(1 for a in answers if "replay" not in a) == len(tids)

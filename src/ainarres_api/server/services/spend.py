@@ -75,7 +75,14 @@ async def record(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, bod
             Decimal(cost) if cost is not None else None, body.get("currency"),
             Decimal(str(round(wall, 3))) if wall is not None else None, body.get("idempotency_key"), digest)
     for _ in range(2):
-        r = await conn.fetchrow(Q["usage_record"], *args)
+        if body.get("idempotency_key") is None:
+            # Without a key, "the same report as my last one" is the replay rule: it holds only if a retry racing its
+            # original waits for it (usage_reporter_lock) and then reads it, in a statement after the wait.
+            async with conn.transaction():
+                await conn.execute(Q["usage_reporter_lock"], str(task_id), p.sub)
+                r = await conn.fetchrow(Q["usage_record"], *args)
+        else:
+            r = await conn.fetchrow(Q["usage_record"], *args)
         verdict = r["verdict"]
         if verdict == "ok" and r["usage"] is None:
             continue  # a concurrent report with the same key won the insert: answer it as a replay

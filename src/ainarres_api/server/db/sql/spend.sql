@@ -446,3 +446,8 @@ SELECT v.v AS verdict,
             WHEN v.v IN ('replay', 'conflict') THEN usage_json((SELECT u FROM earlier)) END AS usage
   FROM verdict v
   LEFT JOIN ins i ON true;
+
+-- name: usage_reporter_lock
+-- Serialises one agent's key-less reports on one task (a transaction-scoped advisory lock: no row is locked),
+-- so that a retry racing its original sees it committed and is answered as its replay. $1 task, $2 sub.
+SELECT pg_advisory_xact_lock(hashtextextended('ainarres.usage:' || $1 || ':' || $2, 0));
