@@ -634,3 +634,21 @@ async def test_secret_and_tokens_never_appear_in_logs_or_responses(admin, client
     for t in [*bad, token]:
         assert t not in logged
     assert agent.sub is not None
+
+
+async def test_two_authorization_headers_are_refused_whoever_they_name(admin, client, db):
+    """Authorization is a singleton field: with two, a proxy in front could check one identity and the service act
+    as the other, so a request with two is refused (401), on every kind of route, and changes nothing."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    await dev.create("dev", "one")
+    before = await _count(db, "events")
+    for first, second in ((dev.token, admin.token), (admin.token, dev.token), ("junk", admin.token)):
+        headers = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+        for method, path, body in (("POST", "/v1/claims", {"lane": "dev"}), ("GET", "/v1/me", None),
+                                   ("GET", "/v1/features", None), ("POST", "/v1/tasks", {"lane": "dev", "title": "x"}),
+                                   ("POST", "/mcp", {"jsonrpc": "2.0", "id": 1, "method": "ping"})):
+            r = await client.request(method, path, json=body, headers=headers)
+            problem = _assert_problem(r, 401, "unauthenticated")
+            assert "one Authorization header" in problem["detail"], (path, problem)
+    assert await _count(db, "events") == before

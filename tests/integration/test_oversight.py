@@ -592,6 +592,12 @@ async def test_stream_resumes_exactly_after_the_given_id(admin):
     )
     assert r.status_code == 422 and r.json()["code"] == "invalid"
 
+    # A filter the database cannot hold (a NUL) is refused before the stream opens, not by cutting it after its 200.
+    for params in ({"lane": "\x00"}, {"project": "a\x00b", "after": 0}):
+        r = await admin.client.get("/v1/events/stream", params=params,
+                                   headers={"Authorization": f"Bearer {admin.token}"})
+        assert r.status_code == 422 and r.json()["code"] == "invalid", (params, r.text)
+
 
 async def test_stream_delivers_new_events_live(admin, sse):
     w = await make_world(admin)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ainarres_api.server.api import render
@@ -61,7 +62,24 @@ async def connection(st: State) -> AsyncIterator[asyncpg.Connection]:
 
 Conn = Annotated[asyncpg.Connection, Depends(connection)]
 
-_bearer = HTTPBearer(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
+def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The request's Authorization header, if it has one; two or more are refused, not read one of them: a proxy
+    in front could read another than this service does and act on a different identity."""
+    found = [v for k, v in headers if k == b"authorization"]
+    if len(found) > 1:
+        raise Unauthenticated("send one Authorization header, not several")
+    return found[0].decode("latin-1") if found else None
+
+
+class Bearer(HTTPBearer):
+    """HTTPBearer, refusing a request with more than one Authorization header (`authorization`)."""
+
+    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
+        authorization(request.scope["headers"])
+        return await super().__call__(request)
+
+
+_bearer = Bearer(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
 
 
 _NO_TOKEN = "send Authorization: Bearer <token>; an admin mints tokens with POST /v1/tokens"
@@ -128,7 +146,7 @@ class Lent:
 _LENT = "ainarres.lent"
 
 
-class AgentAuth(HTTPBearer):
+class AgentAuth(Bearer):
     """The authentication of an agent endpoint, as one dependency that is also its security scheme: the bearer
     token read as HTTPBearer reads it, checked, and the caller's features read from the database now
     (services.auth.authenticate) on a pooled connection its work then uses — before the body is judged.

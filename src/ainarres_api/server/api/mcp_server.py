@@ -34,7 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ainarres_api import __version__
 from ainarres_api.server.api import schemas, verbs
-from ainarres_api.server.api.deps import AppState, Lent
+from ainarres_api.server.api.deps import AppState, Lent, authorization
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
 from ainarres_api.server.services import auth, mcp_sessions, pages, tasks, wake
@@ -129,13 +129,13 @@ class Agent(AuthenticatedUser):
 
 
 def _bearer(scope: Scope) -> str | None:
-    for k, v in scope.get("headers") or []:
-        if k == b"authorization":
-            scheme, _, cred = bytes(v).decode("latin-1").partition(" ")
-            token = cred.strip()
-            if scheme.lower() == "bearer" and token:
-                return token
-    return None
+    """The bearer token of the request (one Authorization header only: deps.authorization), or None."""
+    value = authorization(scope.get("headers") or [])
+    if value is None:
+        return None
+    scheme, _, cred = value.partition(" ")
+    token = cred.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class _Guard:
@@ -157,13 +157,13 @@ class _Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         st = self.face.state()
-        token = _bearer(scope)
         method = scope.get("method")
         sid = next((bytes(v).decode("latin-1") for k, v in scope.get("headers") or [] if k == b"mcp-session-id"),
                    None)
         idle = st.settings.mcp_session_idle_seconds
         opened: str | None = None
         try:
+            token = _bearer(scope)
             if token is None:
                 raise Unauthenticated("send Authorization: Bearer <token> with every MCP request; an admin "
                                       "mints tokens with POST /v1/tokens")

@@ -334,14 +334,18 @@ async def stream_events(request: Request, caller: Caller, st: State,
                         keepalive: Annotated[float, Query(ge=0.1, le=300)] = 15.0) -> StreamingResponse:
     lanes = oversight.visible_lanes(caller)
     start = _resume_point(after, last_event_id)
-    if start is None:
-        async with st.pool.acquire() as conn:
+    async with st.pool.acquire() as conn:
+        if start is None:
             start = await oversight.last_event_id(conn)
+        # The first read before the answer starts: what the database refuses in the filters (a NUL) is a 422
+        # here, where a refusal can still be an answer, not a stream cut after its 200.
+        first: oversight.Batch | None = await oversight.events_after(
+            conn, lanes, start, project, lane, STREAM_BATCH, st.settings.max_read_bytes)
     token = (request.headers.get("authorization") or "").partition(" ")[2].strip()
     metrics: Metrics | None = getattr(request.app.state, "metrics", None)
 
     async def frames() -> AsyncIterator[str]:
-        nonlocal lanes
+        nonlocal lanes, first
         seq, sent = oversight.Sequencer(start, GAP_SECONDS), 0
         beat = checked = time.monotonic()
         clock = st.events
@@ -351,9 +355,12 @@ async def stream_events(request: Request, caller: Caller, st: State,
             yield f": ainarres event stream after {start}\nretry: 2000\n\n"
             with clock.watching(caller.jti):
                 while True:
-                    async with st.pool.acquire() as conn:
-                        batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane, STREAM_BATCH,
-                                                             st.settings.max_read_bytes)
+                    if first is not None:
+                        batch, first = first, None
+                    else:
+                        async with st.pool.acquire() as conn:
+                            batch = await oversight.events_after(conn, lanes, seq.cursor, project, lane,
+                                                                 STREAM_BATCH, st.settings.max_read_bytes)
                     for ev in seq.take(batch, time.monotonic()):
                         yield _frame(ev)
                         sent += 1

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.server.api.deps import AppState, bearer_of
+from ainarres_api.server.api.deps import AppState, authorization, bearer_of
 from ainarres_api.server.errors import AinarresError, PayloadTooLarge
 from ainarres_api.server.services import auth
 
@@ -119,7 +119,7 @@ async def caller_refused(request: Request) -> JSONResponse | None:
         return None
     st: AppState = request.app.state.ainarres
     try:
-        token = bearer_of(request.headers.get("authorization"))
+        token = bearer_of(authorization(request.scope["headers"]))
         async with st.pool.acquire() as conn:
             await auth.authenticate(conn, st.signer, token)
     except AinarresError as exc:
