@@ -230,6 +230,11 @@ def test_walkthrough_runs_verbatim_against_ainarres_serve(served: Served):
     me = httpx.get(f"{served.url}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=5)
     assert me.status_code == 200 and me.json()["family"] == "admin", me.text
     assert served.proc.poll() is None, "minting a token must leave the running service alone"
+    # `--ttl` keeps the bounds the API keeps (a token lives at least 60 s): refused, not minted short or defaulted.
+    for ttl in ("1", "0", "-5"):
+        refused = subprocess.run([*ainarres_command(), "token", "--family", "admin", "--ttl", ttl], cwd=served.cwd,
+                                 env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "invalid", (ttl, refused.stdout)
 
     # Ctrl-C / SIGTERM stops the service *and* its embedded PostgreSQL (README: "Two commands").
     assert postmaster_pid(served.data_dir) is not None

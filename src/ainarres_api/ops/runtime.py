@@ -101,7 +101,8 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
             await migrate.apply(conn)
             scope = sorted(set(args.scope.split(","))) if args.scope else None
             return await admin.mint_token(conn, signer, None, args.family,
-                                          args.ttl or settings.token_ttl_seconds, scope, args.sub)
+                                          settings.token_ttl_seconds if args.ttl is None else args.ttl, scope,
+                                          args.sub)
     finally:
         await pool.close()
 

@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
+from ainarres_api.server.services.auth import TOKEN_TTL_MAX, TOKEN_TTL_MIN
 
 
 def _whole(value: Any) -> Any:
@@ -289,7 +290,7 @@ class FamilyPatch(Body):
 
 class TokenIn(Body):
     family: Annotated[str, Field(min_length=1, max_length=100)]
-    ttl_seconds: Annotated[StrictInt, Field(ge=60, le=365 * 86400), WHOLE] | None = None
+    ttl_seconds: Annotated[StrictInt, Field(ge=TOKEN_TTL_MIN, le=TOKEN_TTL_MAX), WHOLE] | None = None
     scope: Annotated[list[Feature], Field(max_length=500)] | None = None
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")] | None = None
 

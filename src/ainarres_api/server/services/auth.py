@@ -183,6 +183,11 @@ async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> 
     )
 
 
+# How long a token may live, whoever mints it (POST /v1/tokens, `ainarres token`): at least a minute, so a
+# caller can use what it was given; at most a year.
+TOKEN_TTL_MIN, TOKEN_TTL_MAX = 60, 365 * 86400
+
+
 async def mint(
     conn: asyncpg.Connection,
     signer: Signer,
@@ -196,6 +201,9 @@ async def mint(
     """Record and sign a token for `family`; a scope may only narrow what the family holds."""
     if not signer.can_sign:
         raise Invalid("this service holds no private key and cannot mint tokens")
+    if not TOKEN_TTL_MIN <= ttl_seconds <= TOKEN_TTL_MAX:
+        raise Invalid(f"ttl_seconds: a token lives between {TOKEN_TTL_MIN} seconds and {TOKEN_TTL_MAX // 86400} days "
+                      f"({TOKEN_TTL_MAX} seconds); {ttl_seconds} is outside")
     async with conn.transaction():
         fam = await conn.fetchrow(Q["family_for_mint"], family)
         if fam is None:
