@@ -41,6 +41,9 @@ from ainarres_api.server.services.tasks import Limits
 from ainarres_api.server.services.wake import Wake
 from ainarres_api.server.settings import Settings
 
+# How long a refused body's drain waits for more of it before the refusal goes anyway.
+DRAIN_STALL_SECONDS = 1.0
+
 
 class BodyLimit:
     """Refuses request bodies above a byte bound before they are read into memory."""
@@ -84,10 +87,16 @@ class BodyLimit:
     async def _drain(self, receive: Receive) -> None:
         """Read and drop what the client is still sending, up to 4× the limit, before the refusal: a server that
         answers and closes with the body unread resets the connection, and the client or the proxy in front may
-        lose the refusal with it (tests/acceptance/test_proxy_stack.py). Past the bound the answer goes anyway."""
+        lose the refusal with it (tests/acceptance/test_proxy_stack.py). Past the bound, or once nothing has
+        arrived for DRAIN_STALL_SECONDS (a client that declared a large body and sends none), the answer goes
+        anyway: it is not kept waiting for the body time-out's 408."""
         left = 4 * self.max_bytes
         while left > 0:
-            msg = await receive()
+            try:
+                async with asyncio.timeout(DRAIN_STALL_SECONDS):
+                    msg = await receive()
+            except TimeoutError:
+                return
             if msg["type"] != "http.request":
                 return
             left -= len(msg.get("body", b""))
@@ -97,6 +106,22 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = problems.refusal(PayloadTooLarge(self.detail), URL(scope=scope).path)
         await resp(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD answered as GET without its body (RFC 9110 §9.3.2: a server that answers GET answers HEAD): FastAPI's
+    routes take only the methods they declare. The application sees GET on a copy of the scope; the server keeps
+    the original, sees HEAD, and sends the headers alone. The event stream is left out: a stream never ends, so
+    its head would never be complete (HEAD there is 405)."""
+
+    def __init__(self, app: ASGIApp, skip: frozenset[str] = frozenset({"/v1/events/stream"})) -> None:
+        self.app = app
+        self.skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] not in self.skip:
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(StarletteHTTPException):
@@ -301,5 +326,6 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
     app.add_middleware(PublishWakes, hub=lambda: app.state.ainarres.wake)
     app.add_middleware(VerbMetrics, metrics=metrics)  # the request log wraps them all (_Service)
     app.add_middleware(limits.RateLimit, settings=settings, signer=lambda: app.state.ainarres.signer)
-    app.add_middleware(draining.Draining, drain=drain)  # outermost: a draining process turns new work away first
+    app.add_middleware(draining.Draining, drain=drain)  # a draining process turns new work away first
+    app.add_middleware(HeadAsGet)  # outermost: everything inside sees the GET it answers
     return app
