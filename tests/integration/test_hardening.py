@@ -303,7 +303,7 @@ async def test_the_overseers_unblock_records_the_block_it_lifts(admin, dsn, db):
         unblock = asyncio.create_task(admin.post("/v1/governance/unblock", {"task_id": tid, "note": "fixed"}, 200))
         for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
             if await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND datname = current_database()"):
+                                       "AND datname = current_database() AND query = $1", Q["task_block_of"]):
                 break
             await asyncio.sleep(0.01)
         else:
@@ -317,3 +317,21 @@ async def test_the_overseers_unblock_records_the_block_it_lifts(admin, dsn, db):
                              uuid.UUID(tid))
     assert (json.loads(data) if isinstance(data, str) else data) == {"blocked_by": "agent",
                                                                      "blocked_reason": "second block"}
+
+
+def test_a_float_past_two_to_the_53_is_not_taken_for_an_integer():
+    """Past 2⁵³ a float no longer says which integer it was (9007199254740993.0 is 9007199254740992): refused,
+    so that a big id written as a float never names another event."""
+    from pydantic import ValidationError
+
+    from ainarres_api.server.api.schemas import UsageIn
+
+    assert UsageIn.model_validate({"event": 9007199254740992.0}).event == 2**53
+    with pytest.raises(ValidationError):
+        UsageIn.model_validate({"event": 9007199254740994.0})
+
+
+@pytest.mark.parametrize(("value", "expect"), [(3, 200), (3.0, 200), ("3", 422), (True, 422)])
+async def test_governance_thresholds_are_integers_not_text_or_booleans(admin, value, expect):
+    await make_world(admin)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": value}, expect)

@@ -114,7 +114,7 @@ class HeadAsGet:
     the original, sees HEAD, and sends the headers alone. The event stream is left out: a stream never ends, so
     its head would never be complete (HEAD there is 405)."""
 
-    def __init__(self, app: ASGIApp, skip: frozenset[str] = frozenset({"/v1/events/stream"})) -> None:
+    def __init__(self, app: ASGIApp, skip: frozenset[str] = draining.STREAMS) -> None:
         self.app = app
         self.skip = skip
 

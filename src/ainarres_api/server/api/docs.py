@@ -91,7 +91,7 @@ stale or foreign lease, the verb is refused with `409 lease_lost` and changes no
 
 `wait_seconds` (0 to 60) on POST /v1/claims waits for work instead of answering `empty` at once: the
 claim answers as soon as a task it may take becomes claimable (its features are read again each time it
-looks), or `{{"code": "empty"}}` when the time is up. While it waits it holds no database connection.
+looks), or `empty` (with `pending` and a `hint`) when the time is up. While it waits it holds no database connection.
 
 ## Idempotency
 

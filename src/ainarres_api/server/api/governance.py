@@ -8,13 +8,13 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from ainarres_api.server.api import models
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Admin, Conn, require
 from ainarres_api.server.api.envelopes import Moved
-from ainarres_api.server.api.schemas import Body
+from ainarres_api.server.api.schemas import WHOLE, Body
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import governance
 from ainarres_api.server.services.auth import Principal
@@ -37,11 +37,11 @@ _OVERSEER = "Needs seat:overseer (a human's seat: the substrate only recommends)
 class PolicyIn(Body):
     """Thresholds of one scope; a field left out or null inherits (feature → workflow → system)."""
 
-    strike_threshold: Annotated[int, Field(ge=1, le=1000)] | None = None
-    ban_base_seconds: Annotated[int, Field(ge=60, le=31_536_000)] | None = None
-    ban_cap_seconds: Annotated[int, Field(ge=60, le=31_536_000)] | None = None
-    recommend_after_bans: Annotated[int, Field(ge=1, le=1000)] | None = None
-    recommend_after_flags: Annotated[int, Field(ge=1, le=1000)] | None = None
+    strike_threshold: Annotated[StrictInt, Field(ge=1, le=1000), WHOLE] | None = None
+    ban_base_seconds: Annotated[StrictInt, Field(ge=60, le=31_536_000), WHOLE] | None = None
+    ban_cap_seconds: Annotated[StrictInt, Field(ge=60, le=31_536_000), WHOLE] | None = None
+    recommend_after_bans: Annotated[StrictInt, Field(ge=1, le=1000), WHOLE] | None = None
+    recommend_after_flags: Annotated[StrictInt, Field(ge=1, le=1000), WHOLE] | None = None
 
 
 class BanIn(Body):
@@ -126,7 +126,7 @@ async def lift_ban(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.lift(conn, caller, body.family, body.feature, body.reason)
 
 
-@router.post("/unblock", response_model=Moved,
+@router.post("/unblock", response_model=Moved, response_model_exclude_unset=True,  # `replay` left out, not null
              summary="unblock a task with a note (seat:overseer), blocks the substrate made included",
              description=f"{_OVERSEER} The unblock verb's rules, with the note on the trail.", responses=_ACT)
 async def unblock_for_human(body: UnblockNoteIn, caller: Overseer, conn: Conn) -> dict[str, Any]:

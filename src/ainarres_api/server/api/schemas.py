@@ -30,8 +30,9 @@ from ainarres_api.server.services.auth import TOKEN_TTL_MAX, TOKEN_TTL_MIN
 
 def _whole(value: Any) -> Any:
     """A JSON number without a fraction as the integer it is: JSON Schema's `integer` (OpenAPI 3.1) admits
-    `3600.0` and `1e2`, and many JSON encoders write numbers so. Strings and booleans stay refused."""
-    if isinstance(value, float) and value.is_integer():
+    `3600.0` and `1e2`, and many JSON encoders write numbers so. Strings and booleans stay refused, and so
+    does a float past 2⁵³, which no longer says which integer it was (write big ids as integers)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # beyond, a float is not exact
         return int(value)
     return value
 
