@@ -330,3 +330,20 @@ async def test_a_denial_bites_on_the_holders_next_verb(admin, db):
     assert "role:dev is denied to family cheap" in r.json()["detail"]
     await admin.delete("/v1/families/cheap/denials/role:dev")
     assert (await dev.claim())["task"]["id"] == task["id"]
+
+
+async def test_a_promotion_is_in_the_dependents_history(admin):
+    """A task that waited on another says, in its events, when it became claimable and after what."""
+    w = await make_world(admin)
+    maker = await w.agent("cheap")
+    first = (await maker.create("dev", "first"))["task"]
+    second = (await maker.create("dev", "second", depends_on=[first["id"]]))["task"]
+    assert second["state"] == "waiting"
+    c = await maker.claim("dev")
+    await maker.verb(first["id"], "advance", lease=c["lease"]["id"], to="review")
+    rev = await w.agent("reviewers")
+    c = await rev.claim("dev")
+    await rev.verb(first["id"], "advance", lease=c["lease"]["id"], to="done")
+    events = (await maker.get(f"/v1/tasks/{second['id']}/events"))["items"]
+    assert [e["type"] for e in events] == ["created", "ready"]
+    assert events[1]["actor"] is None and events[1]["data"] == {"after": first["id"]}

@@ -68,7 +68,7 @@ class Event(BaseModel):
     id: int = Field(description="increasing; resume a listing or a stream after it")
     task_id: uuid.UUID
     type: Literal["created", "claimed", "progress", "transition", "released", "blocked", "unblocked",
-                  "escalated"]
+                  "escalated", "ready"]
     actor: str | None = Field(description="the agent's sub (null: the substrate itself)")
     family: str | None
     data: dict[str, Any] = Field(description=(
@@ -77,7 +77,8 @@ class Event(BaseModel):
         "an expired hold}; progress {note, artifacts, lease}; transition {kind, from, to, note (advance) or "
         "reason (reject), artifacts, lease; role, the role:* the move took; stage_seconds, an advance's time in "
         "the stage it left}; released {reason, attempts, lease, escalated}; blocked {reason, …}; unblocked "
-        "{note, previous_attempts}; escalated {from_tier, to_tier, attempts}. Keys may be added; none is "
+        "{note, previous_attempts}; escalated {from_tier, to_tier, attempts}; ready {after: the task whose "
+        "finishing made it claimable} (a task that waited on others). Keys may be added; none is "
         "removed"))
     created_at: datetime
 

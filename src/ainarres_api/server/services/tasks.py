@@ -408,7 +408,7 @@ async def _transitioned(conn: asyncpg.Connection, p: Principal, r: asyncpg.Recor
 async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
     ids = [r["id"] for r in await conn.fetch(Q["dependents_lock"], task_id)]
     if ids:
-        for r in await conn.fetch(Q["dependents_promote"], ids):
+        for r in await conn.fetch(Q["dependents_promote"], ids, task_id):
             wake.ready(r["route_id"])
 
 

@@ -662,6 +662,7 @@ function describe(ev) {
     case "unblocked": return `unblocked${d.note ? `: ${d.note}` : ""}`;
     case "released": return `released${d.reason ? `: ${d.reason}` : ""}`;
     case "escalated": return `escalated tier:${d.from_tier} → tier:${d.to_tier} after ${d.attempts} attempts`;
+    case "ready": return `ready: what it waited on is done${d.after ? ` (${String(d.after).slice(0, 8)})` : ""}`;
     default: return ev.type;
   }
 }

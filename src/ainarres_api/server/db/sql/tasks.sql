@@ -217,12 +217,19 @@ SELECT id FROM tasks
 
 -- name: dependents_promote
 -- A separate statement after dependents_lock, so its snapshot sees every prerequisite that
--- committed while we waited for the locks.
-UPDATE tasks t
-   SET state = 'ready', available_at = now(), updated_at = now()
- WHERE t.id = ANY ($1::uuid[]) AND t.state = 'waiting'
-   AND NOT EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
-RETURNING t.id, t.route_id;
+-- committed while we waited for the locks. Each task promoted gets a `ready` event (the substrate's,
+-- naming the prerequisite $2 whose finishing made it claimable).
+WITH promoted AS (
+    UPDATE tasks t
+       SET state = 'ready', available_at = now(), updated_at = now()
+     WHERE t.id = ANY ($1::uuid[]) AND t.state = 'waiting'
+       AND NOT EXISTS (SELECT 1 FROM tasks d WHERE d.id = ANY (t.depends_on) AND d.state <> 'done')
+    RETURNING t.id, t.route_id
+), e AS (
+    INSERT INTO events (task_id, type, actor, family, data)
+    SELECT p.id, 'ready', NULL, NULL, jsonb_build_object('after', $2::uuid) FROM promoted p
+)
+SELECT id, route_id FROM promoted;
 
 -- name: eligible_routes
 -- Routes (lane, stage, required set) the caller may take, and that hold ready or held work.
