@@ -373,3 +373,20 @@ async def test_an_idle_session_expires(served: Served, settings: Settings, dsn: 
         assert (await http.post("/mcp", json=init)).status_code == 200  # its place is free again
         live = {"mcp-session-id": sids[1], "mcp-protocol-version": "2025-06-18"}
         assert (await http.post("/mcp", json=ping, headers=live)).status_code == 200
+
+
+async def test_the_database_out_of_reach_is_a_refusal_with_its_code(served: Served, monkeypatch: Any) -> None:
+    """A tool whose service call loses the database (the connection reset under it) answers what HTTP answers,
+    `unavailable`, not a bare tool error without a code (found by a review across replicas)."""
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    await dev.create("dev", "one")
+
+    async def reset(*_: Any, **__: Any) -> Any:
+        raise ConnectionResetError("connection reset by peer")
+
+    async with mcp_client(served.url, dev.token) as client:
+        monkeypatch.setattr("ainarres_api.server.services.tasks.claim", reset)
+        refused(await client.call_tool("claim", {"lane": "dev"}), "unavailable")
+        monkeypatch.undo()
+        assert ok(await client.call_tool("claim", {"lane": "dev"}))["code"] == "claimed"

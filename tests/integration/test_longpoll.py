@@ -359,3 +359,19 @@ async def test_a_waiting_claim_learns_of_its_revoked_token_within_a_tick(app, ad
     await admin.delete(f"/v1/tokens/{jti}")
     r = await asyncio.wait_for(waiting, 10)  # well before its 30 s deadline: within the event clock's tick
     assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+
+
+@pytest.mark.parametrize("how", ["denial", "features"])
+async def test_a_waiting_claim_that_can_no_longer_match_is_refused_then(app, admin, how):
+    """A denial (or a family's features changed) wakes every waiter; one whose features now never match is refused
+    at once (403 not_eligible), as a claim that can never match is at its first look — not left waiting out its
+    wait_seconds (found by a review across replicas)."""
+    w = await make_world(admin)
+    taker = await w.agent("cheap")
+    waiter = await waiting_claim(app, taker, lane="dev", expect=None)
+    if how == "denial":
+        await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "paused"}, 201)
+    else:
+        await admin.call("PATCH", "/v1/families/cheap", {"features": ["lane:dev"]}, 200)
+    got = await woken(waiter)
+    assert got["code"] == "not_eligible" and "role:dev" in got["detail"], got

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ainarres_api import __version__
-from ainarres_api.server.api import schemas, verbs
+from ainarres_api.server.api import outage, schemas, verbs
 from ainarres_api.server.api.deps import AppState, Lent, authorization
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
@@ -426,13 +426,21 @@ class McpFace:
             result = _ok(out)
         except AinarresError as exc:
             result = _refusal(exc)
-        except asyncpg.PostgresError as exc:
-            err = translate(exc)
+        except Exception as exc:
+            # What the HTTP face refuses too: a value the database cannot take (translate), or the database out
+            # of reach (503 `unavailable`, one log line) — a refusal with its code, not a bare tool error.
+            err = (translate(exc) if isinstance(exc, asyncpg.PostgresError) else None) or outage.noted(exc, PATH)
             if err is None:
                 raise
             result = _refusal(err)
         if call is not None:
-            await call.keep()  # what the call taught the memory (a refusal too: a dead lease is forgotten)
+            try:
+                await call.keep()  # what the call taught the memory (a refusal too: a dead lease is forgotten)
+            except Exception as exc:
+                # The answer stands (a claim it reports has committed): the session only forgets it, and the
+                # agent's next claim names what it holds (already_holding).
+                if outage.noted(exc, PATH) is None:
+                    raise
         return result
 
     async def _call(self, ctx: Context[Any, Any]) -> Call:

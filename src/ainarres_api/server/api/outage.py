@@ -54,12 +54,19 @@ def as_unavailable(exc: BaseException) -> Unavailable | None:
     return None
 
 
+def noted(exc: BaseException, path: str) -> Unavailable | None:
+    """The 503 refusal for an outage, logged as one line (no traceback), else None."""
+    err = as_unavailable(exc)
+    if err is not None:
+        log.warning("database unavailable: %s: %s (path=%s)", type(exc).__name__, _one_line(exc), path)
+    return err
+
+
 def respond(exc: BaseException, path: str) -> JSONResponse | None:
     """The 503 response for an outage (logged as one line, no traceback), else None."""
-    err = as_unavailable(exc)
+    err = noted(exc, path)
     if err is None:
         return None
-    log.warning("database unavailable: %s: %s (path=%s)", type(exc).__name__, _one_line(exc), path)
     resp = problems.refusal(err, path)
     resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return resp

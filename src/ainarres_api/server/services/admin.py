@@ -11,7 +11,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound, PayloadTooLarge
-from ainarres_api.server.services import auth
+from ainarres_api.server.services import auth, wake
 from ainarres_api.server.services.auth import Principal, Signer
 
 MAX_CONTEXT_BYTES = 65_536
@@ -110,6 +110,7 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
                 raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
             await conn.execute(Q["family_features_clear"], key)
             await conn.execute(Q["family_features_add"], key, sorted(set(features)))
+            wake.narrowed()
         await conn.execute(Q["family_update"], key, disabled, max_active, description, True)
         return await get_family(conn, key)
 
@@ -153,6 +154,7 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
         if row is None:
             raise Conflict(f"family {family} already has an active denial of {feature}; "
                            "DELETE it first to change it")
+        wake.narrowed()
     return {"family": family, **dict(row)}
 
 

@@ -45,14 +45,17 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
         while True:
             with wake.recording() as rec:
                 async with pool.acquire() as conn:
+                    narrower = False
                     if not first:  # features are read live on every attempt, as on every call
-                        caller = await auth.authenticate(conn, signer, token)
+                        before, caller = caller.features, await auth.authenticate(conn, signer, token)
+                        narrower = not before <= caller.features
                     # Watch before claiming, so a change committed after the claim's snapshot
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
                     out = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
-                    if out["code"] == "empty" and first:
-                        # A claim that can never match is refused now, not after the wait.
+                    if out["code"] == "empty" and (first or narrower):
+                        # A claim that can never match is refused now, not after the wait: at the first look,
+                        # and when the caller's features have narrowed since (a denial wakes every waiter).
                         out = await tasks.prospects(conn, caller, lane)
             hub.publish(rec)  # what the claim made claimable on its way (escalations)
             first = False

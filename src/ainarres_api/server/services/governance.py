@@ -16,7 +16,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
-from ainarres_api.server.services import tasks
+from ainarres_api.server.services import tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 TRAIL_LATEST = 100
@@ -96,6 +96,8 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
                 raise Conflict(f"family {family} is the last one holding seat:admin; banning it would lock every "
                                "admin out. Provision seat:admin to another family first")
         row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
+    if row is not None:
+        wake.narrowed()
     if row is None:
         raise Conflict(f"family {family} is permanently banned from {feature} already; lift it first to change it")
     return dict(row)

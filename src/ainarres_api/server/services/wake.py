@@ -89,6 +89,13 @@ def new_route() -> None:
         rec.rescan = True
 
 
+def narrowed() -> None:
+    """Record that what some callers may claim has narrowed (a denial, a permanent ban, a family's features
+    changed): waiters look again with their features read afresh, and a claim that can no longer ever match is
+    refused then (services/claiming.py), not at its deadline."""
+    new_route()
+
+
 def flush(hub: Wake) -> None:
     """Publish what the current request has recorded so far, which has committed, and record afresh: for a
     request that goes on to wait (an advance's `next` long poll), so that others are not woken only when it
