@@ -375,3 +375,22 @@ async def test_a_waiting_claim_that_can_no_longer_match_is_refused_then(app, adm
         await admin.call("PATCH", "/v1/families/cheap", {"features": ["lane:dev"]}, 200)
     got = await woken(waiter)
     assert got["code"] == "not_eligible" and "role:dev" in got["detail"], got
+
+
+async def test_a_reflexive_ban_refuses_the_banned_familys_waiting_claims(app, admin):
+    """A reject that bans the producer's family from the role (its strikes reach the threshold) wakes that
+    family's waiting claims, which are refused then: nothing they could ever take is left."""
+    w = await make_world(admin)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 1}, 200)
+    # The waiter waits in another lane, so that the rejected task coming back to `dev` does not wake it.
+    await admin.post("/v1/lanes", {"project": "acme", "key": "side", "workflow": DEV_WORKFLOW["key"]}, 201)
+    await admin.call("PATCH", "/v1/families/cheap", {"features": ["lane:dev", "lane:side", "role:dev"]}, 200)
+    dev, rev = await w.agent("cheap"), await w.agent("reviewers")
+    tid = (await dev.create("dev", "work"))["task"]["id"]
+    c = await dev.claim("dev")
+    await dev.verb(tid, "advance", lease=c["lease"]["id"], to="review")
+    c = await rev.claim("dev")
+    waiter = await waiting_claim(app, await w.agent("cheap"), lane="side", expect=None)
+    await rev.verb(tid, "reject", lease=c["lease"]["id"], to="todo", reason="no tests")
+    got = await woken(waiter)
+    assert got["code"] == "not_eligible" and "role:dev" in got["detail"], got

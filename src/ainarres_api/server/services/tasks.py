@@ -372,7 +372,9 @@ async def _settle(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, ki
                                 p.sub, p.family, r["refused_call"])
         capped = {"code": "blocked", "task": c["task"], "event": c["event"]}
     if kind == "reject" and (capped is not None or r["verdict"] == "ok"):
-        await conn.execute(Q["governance_strike"], task_id, (capped or r)["event"]["id"], p.family)
+        strike = await conn.fetchrow(Q["governance_strike"], task_id, (capped or r)["event"]["id"], p.family)
+        if strike["banned"]:
+            wake.narrowed()  # the banned family's waiting claims look again, and are refused if nothing is left
     return capped
 
 

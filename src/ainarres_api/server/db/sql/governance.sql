@@ -280,4 +280,4 @@ WITH x AS (
     INSERT INTO governance_trail (actor, action, family_key, feature, task_id, reason)
     SELECT 'substrate', 'recommend', rc.family_key, rc.feature, x.id, rc.reason FROM recommended rc, x
 )
-SELECT count(*) AS struck FROM struck;
+SELECT count(*) AS struck, (SELECT count(*) FROM denied) AS banned FROM struck;
