@@ -38,9 +38,11 @@ class _PauseBeforeDependents:
         return await self._c.fetch(query, *args)
 
 
-async def _wait_for_lock(observer: asyncpg.Connection, pid: int, what: str) -> None:
+async def _wait_for_lock(observer: asyncpg.Connection, pid: int | None, what: str, query: str | None = None) -> None:
+    """Return once the backend `pid` (or, with `query`, any backend running that statement) waits on a lock."""
     for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
-        if await observer.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+        if await observer.fetchval("SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND (pid = $1 OR query = $2)", pid, query):
             return
         await asyncio.sleep(0.01)
     pytest.fail(f"{what} never waited on a lock")
@@ -301,13 +303,7 @@ async def test_the_overseers_unblock_records_the_block_it_lifts(admin, dsn, db):
         await tx.start()
         await holder.execute("UPDATE tasks SET blocked_reason = 'second block' WHERE id = $1", uuid.UUID(tid))
         unblock = asyncio.create_task(admin.post("/v1/governance/unblock", {"task_id": tid, "note": "fixed"}, 200))
-        for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
-            if await observer.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND datname = current_database() AND query = $1", Q["task_block_of"]):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail("the unblock never waited for the task's lock")
+        await _wait_for_lock(observer, None, "the unblock", query=Q["task_block_of"])
         await tx.commit()
         await asyncio.wait_for(unblock, 30)
     finally:
