@@ -106,3 +106,15 @@ def test_a_body_that_stops_arriving_is_408(server: tuple[str, int]) -> None:
         s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
         reply = _read_all(s)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+@pytest.mark.parametrize("head", [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n",
+                                  b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+                                  b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+def test_a_request_the_parser_cannot_read_is_a_problem_document(server: tuple[str, int], head: bytes) -> None:
+    """uvicorn answers text/plain "Invalid HTTP request received."; the door answers like every refusal."""
+    with _connect(server) as s:
+        s.sendall(head)
+        reply = _read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert b"content-type: application/problem+json" in reply and b'"code": "invalid"' in reply, reply

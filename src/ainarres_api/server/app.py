@@ -8,15 +8,16 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route, compile_path
+from starlette.routing import Match, Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api import __version__
@@ -30,7 +31,7 @@ from ainarres_api.server.api import spend as spend_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
 from ainarres_api.server.api.contract import refusals
-from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent
+from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent, known_query
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
 from ainarres_api.server.errors import AinarresError, PayloadTooLarge, Unavailable
@@ -127,6 +128,20 @@ class HeadAsGet:
 class _TooLarge(StarletteHTTPException):
     # An HTTPException, because FastAPI turns any other error raised while reading the body into a 400.
     pass
+
+
+def _without_slash(app: FastAPI, scope: Scope) -> str | None:
+    """Where a path with a trailing slash that no route takes goes without it (`/mcp/` → `/mcp`), as a relative
+    reference: Starlette's own redirect (off here) builds an absolute URL from the request's Host header, which
+    a client chooses (and a proxy may not pass on), so it could send a caller elsewhere."""
+    path = scope["path"]
+    if len(path) < 2 or not path.endswith("/") or path.startswith("//"):  # `//host/…` would leave this server
+        return None
+    bare = {**scope, "path": path.rstrip("/") or "/"}
+    if not any(route.matches(bare)[0] is not Match.NONE for route in app.router.routes):
+        return None
+    query = scope.get("query_string", b"").decode("latin-1")
+    return quote(bare["path"]) + (f"?{query}" if query else "")
 
 
 class _Service(FastAPI):
@@ -238,6 +253,8 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
         generate_unique_id_function=lambda route: route.name,
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # on_http redirects, relatively (_without_slash)
+        dependencies=[Depends(known_query)],  # an unknown query parameter is refused, as an unknown body field is
     )
     docs.install(app)
     app.state.metrics = metrics
@@ -253,7 +270,9 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
             exc.errors(), request.url.path, request.headers.get("content-type") if request.method != "GET" else "")
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and (target := _without_slash(app, request.scope)) is not None:
+            return RedirectResponse(target, status_code=307)
         if exc.status_code == 400:  # a body FastAPI could not parse, judged before the route's caller
             return await problems.caller_refused(request) or problems.http_error(exc, request.url.path)
         if exc.status_code == 405:  # the router names the methods of one route on the path: name them all

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 
@@ -100,8 +101,18 @@ class Invalid(AinarresError):
 
     def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
         super().__init__(detail, **extra)
-        if errors is not None:
-            self.extra["errors"] = errors
+        self.extra["errors"] = errors if errors is not None else _named(detail)
+
+
+# The field a refusal's detail names first, as every detail of this service does ("since: give a time zone").
+_FIELD = re.compile(r"([A-Za-z_][\w.\[\]-]*): (.+)", re.DOTALL)
+
+
+def _named(detail: str) -> list[dict[str, Any]]:
+    """`errors[]` of a 422 from its detail: the field it names, or none when no one field is at fault (a value
+    out of the database's range somewhere in the request); the docs promise `errors[]` on every `invalid`."""
+    m = _FIELD.fullmatch(detail)
+    return [{"field": m[1], "detail": m[2]}] if m else []
 
 
 class RateLimited(AinarresError):

@@ -137,6 +137,13 @@ class _Guard:
         self._disarm()
         super().on_message_complete()  # type: ignore[misc]
 
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn answers to a request its parser cannot read (a malformed request line, header or
+        Content-Length, a bad chunk): problem+json like every other refusal, not uvicorn's text/plain."""
+        self._refuse(400, "Bad Request", "invalid",
+                     "the request is not valid HTTP/1.1 (its request line, a header, Content-Length or the chunked "
+                     "body is malformed); send it with an HTTP client library")
+
     def _arm(self, seconds: float) -> None:
         self._disarm()
         self._timer = asyncio.get_running_loop().call_later(seconds, self._timed_out)

@@ -25,16 +25,19 @@ PROBLEM_REF = "#/components/schemas/Problem"
 
 
 _DESCRIPTIONS = {
+    400: "The request is not valid HTTP/1.1 (the server's parser refused its request line, a header, "
+         "Content-Length or chunking); the connection is closed.",
     401: "Unauthenticated: the token is missing, malformed, expired, revoked or wrongly signed, or its family is "
          "disabled (with `WWW-Authenticate: Bearer`).",
     403: "Not eligible: the caller lacks a feature this needs; the detail names it.",
-    404: "Not found, or not visible to the caller.",
+    404: "Not found (a task, family, project, lane… named in the path or the body), or not visible to the caller.",
     405: "Method not allowed on this path (`Allow` names the ones that are).",
     408: "The request line and headers, or the body, stopped arriving (the server's read time-outs); the "
          "connection is closed.",
     409: "Conflict with the current state; nothing was changed.",
     413: "A body or one of its bounded fields is too large; send references (artifacts) instead.",
-    422: "The request is malformed; the detail and `errors[]` name each field.",
+    422: "The request is malformed, or names a feature that is not registered; the detail and `errors[]` name "
+         "each field (`errors[]` is empty when no one field is at fault).",
     429: "Too many requests; retry after `Retry-After` seconds.",
     431: "The request line and headers are too large (`AINARRES_HTTP_MAX_HEADER_BYTES`); the connection is closed.",
     503: "Unavailable for now (the database, or a lock that did not come in time); retry after `Retry-After`.",
@@ -91,7 +94,7 @@ def add_components(schema: dict[str, Any]) -> dict[str, Any]:
 
 # The door's own refusals (server/limits.py), before any route sees the request: a head too large, or a head or
 # body that stopped arriving.
-_DOOR = {408: ["invalid"], 431: ["payload_too_large"]}
+_DOOR = {400: ["invalid"], 408: ["invalid"], 431: ["payload_too_large"]}
 
 # What any operation can meet, whatever its route declares: the rate limit (not on the probes) and an outage.
 _EVERYWHERE_EXEMPT = {"/healthz", "/readyz", "/metrics"}
@@ -100,9 +103,9 @@ _EVERYWHERE_EXEMPT = {"/healthz", "/readyz", "/metrics"}
 def complete(schema: dict[str, Any]) -> dict[str, Any]:
     """Make every operation of an OpenAPI document tell the whole truth about refusals: FastAPI documents a
     422 as its own JSON shape, which the service never sends (it sends problem+json `invalid`); every
-    operation may meet 503 `unavailable` (the database out of reach, a lock that did not come), 408 and 431
-    at the door, every one but the probes 429 `rate_limited`, and every one that takes a body 413
-    `payload_too_large`."""
+    operation may meet 503 `unavailable` (the database out of reach, a lock that did not come), 400, 408 and
+    431 at the door, 422 `invalid` (at least for a query parameter it does not take), every one but the
+    probes 429 `rate_limited`, and every one that takes a body 413 `payload_too_large`."""
     add_components(schema)
     for path, ops in schema.get("paths", {}).items():
         for op in ops.values():
@@ -112,8 +115,7 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
             extra: list[type[AinarresError]] = [Unavailable]
             if path not in _EVERYWHERE_EXEMPT:
                 extra.append(RateLimited)
-            if "422" in answers or "requestBody" in op or op.get("parameters"):
-                extra.append(Invalid)
+            extra.append(Invalid)  # every operation refuses a query parameter it does not take (deps.known_query)
             if "requestBody" in op:
                 extra.append(PayloadTooLarge)
             if op.get("security"):

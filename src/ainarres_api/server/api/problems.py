@@ -15,7 +15,7 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ainarres_api.server.api.deps import AppState, authorization, bearer_of
-from ainarres_api.server.errors import AinarresError, PayloadTooLarge
+from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge
 from ainarres_api.server.services import auth
 
 log = logging.getLogger("ainarres")
@@ -102,7 +102,7 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
         resp.headers.update(exc.headers or {})
         return resp
     if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
-        return problem(422, "invalid", "Invalid request", "body: the body could not be parsed as JSON", path)
+        return refusal(Invalid("body: the body could not be parsed as JSON"), path)
     resp = problem(exc.status_code, code, detail, detail, path)
     resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return resp

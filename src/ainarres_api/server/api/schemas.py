@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -296,19 +296,23 @@ class TokenIn(Body):
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")] | None = None
 
 
-def _sane_instant(value: datetime | None) -> datetime | None:
-    if value is not None:
-        if value.tzinfo is None:  # a time without a zone is read as UTC
-            value = value.replace(tzinfo=UTC)
-        if not 2000 <= value.year <= 9000:  # before the shift to UTC, which cannot leave years 1 to 9999
-            raise ValueError("must fall between the years 2000 and 9000")
+def _instant(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise PydanticCustomError("timezone_aware", "give the time with its offset, e.g. 2026-12-01T00:00:00Z")
+    if not 2000 <= value.year <= 9000:  # so that the shift to UTC never leaves years 1 to 9999
+        raise PydanticCustomError("instant_range", "must fall between the years 2000 and 9000")
     return value
+
+
+# An instant a request names (a denial's end, the flow's `since`): RFC 3339 with its offset, as OpenAPI's
+# `date-time` says. A time without a zone is refused rather than guessed (UTC? the server's? the caller's?).
+Instant = Annotated[datetime, AfterValidator(_instant)]
 
 
 class DenialIn(Body):
     feature: Feature
     reason: Annotated[str, Field(min_length=1, max_length=2000)]
-    expires_at: Annotated[datetime | None, AfterValidator(_sane_instant)] = None
+    expires_at: Instant | None = None
 
 
 class StageIn(Body):

@@ -7,7 +7,6 @@ Every view reads rollups, never the events table (services/spend.py); an unknown
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -15,6 +14,7 @@ from fastapi import APIRouter, Depends, Query
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Conn, require
 from ainarres_api.server.api.models import FlowSeries, Page, SpendAnomalies, SpendRow, TaskSpend
+from ainarres_api.server.api.schemas import Instant
 from ainarres_api.server.errors import Invalid, NotEligible
 from ainarres_api.server.services import spend
 from ainarres_api.server.services.auth import Principal
@@ -68,20 +68,12 @@ async def spend_anomalies(
     return await spend.anomalies(conn, multiple, spin_leases, spin_progress, releases)
 
 
-def _instant(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        raise Invalid("since: give a time zone (e.g. 2026-12-01T00:00:00Z)")
-    if value is not None and not 2000 <= value.year <= 9000:
-        raise Invalid("since: must fall between the years 2000 and 9000")
-    return value
-
-
 @router.get("/flow", response_model=FlowSeries,
             summary="throughput and lead time per lane over time (hourly or daily buckets, UTC)",
             description=(
                 "Per lane and bucket: tasks finished (reached a terminal stage), their mean and longest lead "
                 "time (creation to finish; null when none finished), advances, rejects and releases. From "
                 "`since` (default: 48 hours ago for `hour`, 30 days for `day`). Reads the hourly rollup."))
-async def flow(_: Watcher, conn: Conn, bucket: Literal["hour", "day"] = "hour", since: datetime | None = None,
+async def flow(_: Watcher, conn: Conn, bucket: Literal["hour", "day"] = "hour", since: Instant | None = None,
                lane: Key = None) -> dict[str, Any]:
-    return await spend.flow(conn, bucket, _instant(since), lane)
+    return await spend.flow(conn, bucket, since, lane)

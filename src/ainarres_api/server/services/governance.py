@@ -40,7 +40,8 @@ async def _known(conn: asyncpg.Connection, family: str, feature: str | None) -> 
     if not await conn.fetchval(Q["family_known"], family):
         raise NotFound(f"no family {family!r}; GET /v1/track-record lists them")
     if feature is not None and not await conn.fetchval(Q["feature_known"], feature):
-        raise NotFound(f"no feature {feature!r} is registered; GET /v1/features lists them")
+        # A body naming an unregistered feature is invalid, as on families and denials (404 is for a path).
+        raise Invalid(f"feature: {feature!r} is not registered; GET /v1/features lists them")
 
 
 async def status(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -73,7 +74,8 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
         missing = [f for f in POLICY_FIELDS if values.get(f) is None]
         if missing:
             raise Invalid("the system policy is the last resort and needs every threshold: missing "
-                          f"{', '.join(missing)}")
+                          f"{', '.join(missing)}",
+                          errors=[{"field": f, "detail": "required in the system policy"} for f in missing])
     elif scope == "feature":
         if not (key.startswith("role:") or key.startswith("capability:")):
             raise Invalid("key: a feature policy is for a role:<x> or capability:<x> feature")

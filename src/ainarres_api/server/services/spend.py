@@ -9,8 +9,6 @@ is None (null), never zero.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ import asyncpg
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.digest import request_digest
 from ainarres_api.server.services.pages import decode_cursor, encode_cursor
 
 Group = Literal["family", "role", "lane", "family_role"]
@@ -39,10 +38,6 @@ SPIN_LEASES = 3.0  # a live hold older than this many of its stage's leases is s
 SPIN_PROGRESS = 10  # ... as is one with this many progress reports
 REPEATED_RELEASES = 3  # an unfinished task given back this many times
 ANOMALY_ROWS = 100
-
-
-def _report_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _WORDS = {
@@ -68,7 +63,7 @@ async def record(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, bod
     content = {k: body.get(k) for k in ("model", "input_tokens", "output_tokens", "currency", "wall_seconds",
                                         "event", "family")}
     content["cost"] = str(Decimal(cost).normalize()) if cost is not None else None
-    digest = _report_hash(content)
+    digest = request_digest(content)
     wall = body.get("wall_seconds")
     args = (task_id, p.sub, p.family, sorted(p.features), p.oversees, overseer, family, body.get("event"),
             body.get("model"), body.get("input_tokens"), body.get("output_tokens"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Collection, Mapping
@@ -25,6 +24,7 @@ from ainarres_api.server.errors import (
 )
 from ainarres_api.server.services import wake
 from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.digest import request_digest
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
 # One claim never walks more than this many recovery steps (blocks/escalations) before answering.
@@ -105,10 +105,6 @@ def _payload_size_ok(payload: Any, limits: Limits, field: str) -> None:
         )
 
 
-def _request_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
 async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], limits: Limits
                  ) -> tuple[dict[str, Any], bool]:
     """Create a task at its lane's initial stage; returns (task, created) — idempotent by key."""
@@ -140,7 +136,7 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
         idem = body.get("idempotency_key")
         same = {k: v for k, v in body.items() if k != "idempotency_key"} | {
             "required_features": required, "depends_on": depends}
-        req_hash = _request_hash(same) if idem else None
+        req_hash = request_digest(same) if idem else None
         if idem:
             existing = await conn.fetchrow(Q["task_by_idempotency"], lane["lane_id"], idem)
             if existing is not None:

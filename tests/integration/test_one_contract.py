@@ -1,0 +1,128 @@
+"""One rule for each kind of input, whichever operation takes it (found by fuzzing the published contract):
+an instant, an unregistered feature, a trailing slash, a 422's `errors[]`, numbers in an idempotent retry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import make_world
+
+NAIVE, AWARE = "2030-01-01T00:00:00", "2030-01-01T00:00:00Z"
+
+
+async def test_an_instant_without_its_offset_is_refused_everywhere(admin):
+    """A denial's end and the flow's `since` are read alike: a time without a zone is not guessed at."""
+    await make_world(admin)
+    for path, body in (("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "x", "expires_at": NAIVE}),):
+        r = await admin.call("POST", path, body, 422)
+        assert r.json()["errors"][0]["field"] == "expires_at"
+        assert "offset" in r.json()["detail"], r.json()
+    r = await admin.call("GET", "/v1/flow", params={"since": NAIVE}, expect=422)
+    assert r.json()["errors"][0]["field"].endswith("since") and "offset" in r.json()["detail"]
+    assert (await admin.get("/v1/families/cheap/denials"))["items"] == []  # the refused denial changed nothing
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "x", "expires_at": AWARE}, 201)
+    assert (await admin.get("/v1/flow", params={"since": AWARE}))["since"].startswith("2030-01-01T00:00:00")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/families/cheap/denials", {"feature": "role:unheard-of", "reason": "x"}),
+    ("/v1/governance/bans", {"family": "cheap", "feature": "role:unheard-of", "reason": "x"}),
+    ("/v1/governance/lifts", {"family": "cheap", "feature": "role:unheard-of", "reason": "x"}),
+    ("/v1/governance/flags", {"kind": "quality", "family": "cheap", "feature": "role:unheard-of",
+                              "task_id": "00000000-0000-4000-8000-000000000000", "note": "x"}),
+])
+async def test_a_feature_that_is_not_registered_is_invalid_on_every_operation(admin, path, body):
+    """An unregistered feature named in a body is 422 `invalid` naming `feature` (404 is for what a path names)."""
+    w = await make_world(admin)
+    caller = admin
+    if path.endswith("/flags"):  # an auditor's act
+        await admin.post("/v1/features", {"name": "role:auditor"}, 201)
+        await admin.post("/v1/families", {"key": "audit", "features": ["role:auditor"]}, 201)
+        caller = await w.agent("audit")
+    r = await caller.call("POST", path, body, 422)
+    assert r.json()["code"] == "invalid"
+    assert [e["field"] for e in r.json()["errors"]] == ["feature"]
+    assert "/v1/features" in r.json()["detail"]
+    trail = await admin.get("/v1/governance/trail")
+    assert not [e for e in trail["items"] if e.get("feature") == "role:unheard-of"]
+
+
+async def test_a_missing_family_in_a_body_is_still_not_found(admin):
+    await make_world(admin)
+    r = await admin.call("POST", "/v1/governance/bans", {"family": "nobody", "feature": "role:dev", "reason": "x"},
+                         404)
+    assert r.json()["code"] == "not_found"
+
+
+async def test_a_trailing_slash_redirects_relatively_never_to_the_hosts_a_client_names(admin):
+    """Starlette's redirect built an absolute URL from the Host header: a client (or a proxy's internal name)
+    chose where the caller was sent. The redirect names the path alone, query kept."""
+    await make_world(admin)
+    r = await admin.client.request("GET", "/v1/tasks/", params={"limit": "2"},
+                                   headers={**admin._headers(), "Host": "evil.example"})
+    assert r.status_code == 307 and r.headers["location"] == "/v1/tasks?limit=2", (r.status_code, r.headers)
+    r = await admin.client.request("POST", "/mcp/")
+    assert r.status_code == 307 and r.headers["location"] == "/mcp"
+    for path in ("/v1/nothing-here/", "//evil.example/", "//v1/tasks/"):  # no route: a 404, never off this server
+        url = admin.client.base_url.copy_with(path=path)  # as sent, not read as a URL of another host
+        r = await admin.client.request("GET", url, headers=admin._headers())
+        assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json", (path, r.text)
+        assert "location" not in r.headers
+        assert r.json()["code"] == "not_found"
+
+
+async def _invalid(admin: Any, method: str, path: str, body: Any = None, **kw: Any) -> list[dict[str, Any]]:
+    r = await admin.call(method, path, body, 422, **kw)
+    assert r.json()["code"] == "invalid"
+    assert isinstance(r.json().get("errors"), list), r.json()
+    return list(r.json()["errors"])
+
+
+async def test_every_invalid_carries_errors_naming_its_fields(admin):
+    """The docs promise `errors[]` on every `invalid`: refusals decided by the service (not by the request's
+    schema) carry it too."""
+    await make_world(admin)
+    assert [e["field"] for e in await _invalid(admin, "GET", "/v1/board", params={"cursor": "x"})] == ["cursor"]
+    missing = await _invalid(admin, "PUT", "/v1/governance/policies/system/*", {"strike_threshold": 3})
+    assert {e["field"] for e in missing} == {"ban_base_seconds", "ban_cap_seconds", "recommend_after_bans",
+                                            "recommend_after_flags"}
+    assert [e["field"] for e in await _invalid(admin, "POST", "/v1/families",
+                                                {"key": "f", "features": ["role:unheard-of"]})] == ["features"]
+    deep = "{\"a\":" * 50_000 + "1" + "}" * 50_000  # deeper than the JSON parser goes
+    r = await admin.client.request("POST", "/v1/tasks", content=deep.encode(),
+                                   headers={**admin._headers(), "Content-Type": "application/json"})
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["body"], r.text[:300]
+
+
+async def test_an_idempotent_retry_compares_numbers_as_numbers(admin, db):
+    """`1.0` and `1` are one JSON number: an encoder that writes integers as floats retries the same create."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    first = await dev.create("dev", "t", idempotency_key="k-1", payload={"n": 1, "m": [2, {"x": 3}]})
+    again = await dev.create("dev", "t", 200, idempotency_key="k-1", payload={"n": 1.0, "m": [2.0, {"x": 3e0}]})
+    assert again["code"] == "existing" and again["task"]["id"] == first["task"]["id"]
+    other = await dev.post("/v1/tasks", {"lane": "dev", "title": "t", "idempotency_key": "k-1",
+                                         "payload": {"n": 1.5, "m": [2, {"x": 3}]}}, 409)
+    assert other["code"] == "conflict"
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE idempotency_key = 'k-1'") == 1
+
+
+async def test_a_query_parameter_the_operation_does_not_take_is_refused_not_ignored(admin):
+    """`?limt=5` silently ignored reads as "limit honoured"; refused like an unknown body field, naming what the
+    operation takes (as /openapi.json lists it), after the token is judged."""
+    await make_world(admin)
+    r = await admin.call("GET", "/v1/board", params={"limt": "5"}, expect=422)
+    assert [e["field"] for e in r.json()["errors"]] == ["query.limt"] and "limit" in r.json()["detail"]
+    assert "limit" in r.json()["detail"]
+    await admin.get("/v1/board", params={"limit": "5"})
+    r = await admin.client.post("/v1/claims", params={"x": "1"}, json={"lane": "dev"},
+                                headers={"Authorization": "Bearer nonsense"})
+    assert r.status_code == 401  # the token first, as for any bad input
+    r = await admin.call("POST", "/v1/claims", {"lane": "dev"}, 422, params={"wait": "30"})
+    assert "takes none" in r.json()["detail"]
+    schema = (await admin.client.get("/openapi.json")).json()
+    for path, ops in schema["paths"].items():  # documented on every operation
+        for method, op in ops.items():
+            assert "422" in op["responses"], (method, path)
