@@ -106,6 +106,34 @@ async def test_lists_the_tools_for_a_model_that_never_saw_ainarres(served: Serve
     assert tools["me"].annotations and tools["me"].annotations.read_only_hint is True
 
 
+async def test_a_tool_refuses_an_argument_it_does_not_take_and_publishes_its_bounds(served: Served) -> None:
+    """A model that misspells an argument is told so, as an HTTP body's unknown field is refused: the SDK
+    dropped it (`wait_second` made a claim that did not wait; `lanes` one from any lane). And a tool's schema
+    carries the bounds the verb enforces, so a model can know them before it is refused."""
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "write it"))["task"]
+    async with mcp_client(served.url, dev.token) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        for t in tools.values():
+            assert t.input_schema.get("additionalProperties") is False, t.name
+        title = tools["create_task"].input_schema["properties"]["title"]
+        assert (title.get("minLength"), title.get("maxLength")) == (1, 200), title
+        assert tools["claim"].input_schema["properties"]["wait_seconds"].get("maximum") is not None
+        assert tools["create_task"].input_schema["properties"]["lane"].get("pattern")
+
+        r = refused(await client.call_tool("claim", {"lanes": "zzz", "wait_second": 30}), "invalid")
+        assert {e["field"] for e in r["errors"]} == {"lanes", "wait_second"} and "lane" in r["detail"]
+        refused(await client.call_tool("me", {"verbose": True}), "invalid")
+        assert (await dev.get(f"/v1/tasks/{task['id']}"))["holder"] is None  # nothing was claimed
+        ok(await client.call_tool("claim", {"lane": "dev"}))
+        r = refused(await client.call_tool("progress", {"note": "x", "artefacts": [{"type": "file", "path": "a"}]}),
+                    "invalid")
+        assert [e["field"] for e in r["errors"]] == ["artefacts"]
+        assert [e["type"] for e in (await dev.get(f"/v1/tasks/{task['id']}/events"))["items"]] == [
+            "created", "claimed"]  # the refused progress recorded nothing
+
+
 async def test_claim_progress_advance_without_carrying_the_lease(served: Served) -> None:
     w = await make_world(served.admin)
     dev = await w.agent("cheap")

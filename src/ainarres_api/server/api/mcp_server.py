@@ -17,6 +17,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -24,10 +25,11 @@ import asyncpg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.tools import Tool
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_jsonable_python
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
@@ -364,6 +366,42 @@ def _validated(model: type[schemas.Body], /, **fields: Any) -> Any:
         raise Invalid("; ".join(f"{e['field']}: {e['detail']}" for e in errs[:10]), errors=errs) from None
 
 
+# The arguments a tool call sent that its tool does not take, with the ones it does (set while the SDK validates
+# the call's arguments, read by McpFace._run in the same task).
+_UNKNOWN_ARGUMENTS: ContextVar[tuple[list[str], list[str]]] = ContextVar("mcp_unknown_arguments",
+                                                                           default=([], []))
+
+
+def _refuse_unknown_arguments(registered: Tool) -> None:
+    """Make a registered tool refuse arguments it does not take, as an HTTP body refuses unknown fields: the
+    SDK's argument model drops them silently (`artefacts` for `artifacts`, `wait_second`, `lanes`), and the
+    model that misspelt one would believe it had been heard. Its schema says `additionalProperties: false`;
+    the call itself is refused by McpFace._run as `invalid`, after the caller is authenticated."""
+    meta = registered.fn_metadata
+    base = meta.arg_model
+    known = sorted(f.alias or name for name, f in base.model_fields.items())
+
+    class Noting(base):  # type: ignore[valid-type,misc]
+        model_config = ConfigDict(**{**base.model_config, "extra": "allow"})
+
+        def model_dump_one_level(self) -> dict[str, Any]:
+            _UNKNOWN_ARGUMENTS.set((sorted(self.model_extra or {}), known))
+            return super().model_dump_one_level()  # type: ignore[no-any-return]
+
+    meta.arg_model = Noting
+    registered.parameters["additionalProperties"] = False
+
+
+def _no_unknown_arguments() -> None:
+    unknown, known = _UNKNOWN_ARGUMENTS.get()
+    if unknown:
+        _UNKNOWN_ARGUMENTS.set(([], []))
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise Invalid("; ".join(f"{name}: this tool takes no argument {name!r}; {takes}" for name in unknown),
+                      errors=[{"field": name, "detail": f"this tool takes no argument {name!r}; {takes}"}
+                              for name in unknown])
+
+
 # -- the server --------------------------------------------------------------------------------------
 
 class McpFace:
@@ -380,6 +418,9 @@ class McpFace:
         # MCPServer configures the root logger (logging.basicConfig); the service owns logging.
         root.handlers[:], root.level = saved
         self._register()
+        # The SDK's tool list (it offers no public way to reach a registered tool's argument model).
+        for registered in self.server._tool_manager.list_tools():
+            _refuse_unknown_arguments(registered)
         self._manager_app: StreamableHTTPASGIApp | None = None
 
     @contextlib.asynccontextmanager
@@ -420,6 +461,7 @@ class McpFace:
         call: Call | None = None
         try:
             call = await self._call(ctx)
+            _no_unknown_arguments()
             with wake.recording() as rec:
                 out = await body(call)
             call.st.wake.publish(rec)  # the services committed: wake claims waiting for this work
@@ -464,6 +506,7 @@ class McpFace:
         lease, and the task id of a held task, may be left to what the session remembers); it runs the
         verb's own work with the caller the guard authenticated."""
         fields = verb.body.model_fields
+        body_schema = verb.body.model_json_schema()
         takes_lease = "lease" in fields
 
         async def tool(ctx: Context[Any, Any], **args: Any) -> CallToolResult:
@@ -509,8 +552,9 @@ class McpFace:
                                                 annotation=LeaseArg))
                 continue
             # Checked by the verb's body model (_validated), so a refusal is the service's own `invalid`; the
-            # model only lends the argument its JSON schema.
-            shown = _inlined(TypeAdapter(f.annotation or Any).json_schema())
+            # model only lends the argument its JSON schema — the body's own, bounds and patterns included.
+            shown = _inlined({**body_schema["properties"][name], "$defs": body_schema.get("$defs", {})})
+            shown.pop("title", None)
             annotation = Annotated[Any, WithJsonSchema(shown), Field(description=f.description)]
             default = inspect.Parameter.empty if f.is_required() else f.get_default(call_default_factory=True)
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -296,17 +296,28 @@ class TokenIn(Body):
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")] | None = None
 
 
-def _instant(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise PydanticCustomError("timezone_aware", "give the time with its offset, e.g. 2026-12-01T00:00:00Z")
-    if not 2000 <= value.year <= 9000:  # so that the shift to UTC never leaves years 1 to 9999
-        raise PydanticCustomError("instant_range", "must fall between the years 2000 and 9000")
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+_GIVE_INSTANT = "give the time as RFC 3339 with its offset, e.g. 2026-12-01T00:00:00Z"
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only RFC 3339 text: a number (seconds? milliseconds?), a time without its offset, `+0100` or a time
+    without seconds are refused, not guessed at (pydantic would read each of them some way)."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise PydanticCustomError("instant", _GIVE_INSTANT)
     return value
 
 
+def _instant(value: datetime) -> datetime:
+    if not 2000 <= value.year <= 9000:  # so that the shift to UTC never leaves years 1 to 9999
+        raise PydanticCustomError("instant_range", "must fall between the years 2000 and 9000")
+    return value.astimezone(UTC)  # answered as UTC, whichever offset it came with
+
+
 # An instant a request names (a denial's end, the flow's `since`): RFC 3339 with its offset, as OpenAPI's
-# `date-time` says. A time without a zone is refused rather than guessed (UTC? the server's? the caller's?).
-Instant = Annotated[datetime, AfterValidator(_instant)]
+# `date-time` says; anything else is refused rather than guessed (which zone? which unit?).
+Instant = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_instant)]
 
 
 class DenialIn(Body):
