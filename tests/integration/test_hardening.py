@@ -208,8 +208,8 @@ async def test_depends_on_a_task_in_an_unseen_lane_is_unknown(admin):
     insider = await w.agent("insider")
     hidden = (await insider.create("secret", "hidden"))["task"]["id"]
     dev = await w.agent("cheap")
-    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [hidden]}, 422)
-    assert hidden in r.json()["detail"]
+    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [hidden]}, 404)
+    assert hidden in r.json()["detail"] and r.json()["code"] == "not_found"  # as for one that does not exist
 
 
 async def test_creates_may_not_open_required_sets_without_bound(app, admin, db):

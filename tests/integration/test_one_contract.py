@@ -135,3 +135,35 @@ async def test_a_query_parameter_the_operation_does_not_take_is_refused_not_igno
     for path, ops in schema["paths"].items():  # documented on every operation
         for method, op in ops.items():
             assert "422" in op["responses"], (method, path)
+
+
+async def test_a_parameter_given_twice_that_is_taken_once_is_refused(admin):
+    """`?lane=a&lane=b` answered for one of them silently: which? Refused; a list parameter may repeat."""
+    await make_world(admin)
+    r = await admin.call("GET", "/v1/features", params=[("limit", "1"), ("limit", "2")], expect=422)
+    assert [e["field"] for e in r.json()["errors"]] == ["query.limit"] and "once" in r.json()["detail"]
+    await admin.get("/v1/board", params=[("state", "ready"), ("state", "held")])  # `state` is a list
+
+
+async def test_the_same_situation_gets_the_same_answer_on_every_operation(admin, db):
+    """From a review of ADR 0025 across every operation: a workflow or feature a policy names, a token's scope,
+    numbers sent as strings, a problem type's title."""
+    w = await make_world(admin)
+    # A policy for a workflow that does not exist would be stored and govern nothing: 404, as for a feature.
+    r = await admin.call("PUT", "/v1/governance/policies/workflow/no-such-flow", {"strike_threshold": 3}, 404)
+    assert "no workflow" in r.json()["detail"]
+    assert not await db.fetchval("SELECT count(*) FROM governance_policies WHERE key = 'no-such-flow'")
+    # An unregistered feature in a token's scope is the input's fault (422 on `scope`), not a missing permission.
+    r = await admin.call("POST", "/v1/tokens", {"family": "cheap", "scope": ["role:unheard-of"]}, 422)
+    assert [e["field"] for e in r.json()["errors"]] == ["scope"]
+    assert (await admin.call("POST", "/v1/tokens", {"family": "cheap", "scope": ["role:reviewer"]}, 403)
+            ).json()["code"] == "not_eligible"  # registered, not the family's: a permission
+    # A number sent as a string is refused for a float field as for an integer one.
+    dev = await w.agent("cheap")
+    for body in ({"lane": "dev", "wait_seconds": "0"}, {"lane": "dev", "wait_seconds": float("nan")}):
+        r = await dev.client.post("/v1/claims", content=__import__("json").dumps(body).encode(),
+                                  headers={**dev._headers(), "Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "wait_seconds", r.text
+    # One title per problem type, whoever answers.
+    r = await admin.call("GET", "/v1/no-such-thing", expect=404)
+    assert r.json()["title"] == "Not found"

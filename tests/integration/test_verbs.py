@@ -110,8 +110,8 @@ async def test_create_refusals(admin, db):
     assert "required_features" in r.json()["detail"]
 
     ghost = str(uuid.uuid4())
-    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [ghost]}, 422)
-    assert r.json()["code"] == "invalid"
+    r = await dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "t", "depends_on": [ghost]}, 404)
+    assert r.json()["code"] == "not_found"  # a thing that does not exist, whether the path or the body names it
     assert ghost in r.json()["detail"] and "depends_on" in r.json()["detail"]
 
     # Over the payload bound (64 KiB by default) but well under the body bound.

@@ -23,7 +23,7 @@ from starlette.datastructures import URL
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ainarres_api.server.api import problems
-from ainarres_api.server.errors import AinarresError, RateLimited
+from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, RateLimited
 from ainarres_api.server.settings import Settings
 
 try:
@@ -53,9 +53,13 @@ def guarded_httptools(settings: Settings) -> type[asyncio.Protocol]:
     })
 
 
+# A problem type has one title (RFC 9457 §3.1.3), whoever answers it: the door's are the app's.
+_TITLES = {cls.code: cls.title for cls in (Invalid, PayloadTooLarge)}
+
+
 def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
-    body = json.dumps({"type": f"urn:ainarres:problem:{code}", "title": reason, "status": status, "code": code,
-                       "detail": detail}).encode()
+    body = json.dumps({"type": f"urn:ainarres:problem:{code}", "title": _TITLES[code], "status": status,
+                       "code": code, "detail": detail}, separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     return head + body

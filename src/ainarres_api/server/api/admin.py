@@ -136,7 +136,9 @@ async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[st
 @router.delete("/families/{key}/denials/{feature}", status_code=204, response_class=Response,
                summary="lift a denial",
                description=f"{_GOVERN} The family's agents hold the feature again from their next call. An "
-                           "overseer may not lift a `seat:*` denial or one of its own family's (403).",
+                           "overseer may not lift a `seat:*` denial or one of its own family's (403). A denial the "
+                           "family does not have (lifted already, or never made) is 204 too, so a retried DELETE "
+                           "is safe; an unknown family or feature is 404.",
                responses={204: {"description": "Lifted."}, **refusals(*_SEAT, NotFound, Conflict)})
 async def lift_denial(key: str, feature: str, caller: Governor, conn: Conn) -> Response:
     await admin.lift(conn, caller, key, feature)
@@ -146,9 +148,9 @@ async def lift_denial(key: str, feature: str, caller: Governor, conn: Conn) -> R
 @router.post("/tokens", status_code=201, response_model=TokenMinted, summary="mint a token for a family",
              description=f"{_ADMIN} A new agent `sub` unless one is named (a sub belongs to one family: naming "
                          "another family's is 409, as is minting for a disabled family). `scope` may only narrow "
-                         "the family's features (a feature it is not provisioned with is 403). `ttl_seconds` "
-                         "defaults to the service's setting. The token text is in this answer only. A service "
-                         "configured with a public key alone cannot mint (422).",
+                         "the family's features (a feature it is not provisioned with is 403; one not registered, "
+                         "422). `ttl_seconds` defaults to the service's setting. The token text is in this answer "
+                         "only. A service configured with a public key alone cannot mint (422).",
              responses=refusals(*_WRITE, NotFound, Conflict))
 async def mint_token(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dict[str, Any]:
     ttl = body.ttl_seconds or st.settings.token_ttl_seconds

@@ -202,35 +202,47 @@ Admin = Annotated[Principal, Depends(require("seat:admin"))]
 Governor = Annotated[Principal, Depends(require("seat:admin", "seat:overseer"))]
 
 
-_QUERY_NAMES: dict[tuple[str, str], frozenset[str]] = {}
+_QUERY_NAMES: dict[tuple[str, str], dict[str, bool]] = {}
 
 
-def _query_names(request: Request, path: str) -> frozenset[str] | None:
-    """The query parameters an operation takes, as its published document (/openapi.json) lists them; None for
-    a route the document does not list. Worked out once per operation."""
+def _repeatable(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "array" or any(_repeatable(s) for s in schema.get("anyOf", []))
+
+
+def _query_names(request: Request, path: str) -> dict[str, bool] | None:
+    """The query parameters an operation takes, as its published document (/openapi.json) lists them, each
+    with whether it may be given more than once (an array); None for a route the document does not list.
+    Worked out once per operation."""
     key = (path, request.method)
     names = _QUERY_NAMES.get(key)
     if names is None:
         op = request.app.openapi().get("paths", {}).get(path, {}).get(request.method.lower())
         if op is None:
             return None
-        names = _QUERY_NAMES[key] = frozenset(p["name"] for p in op.get("parameters", []) if p["in"] == "query")
+        names = _QUERY_NAMES[key] = {p["name"]: _repeatable(p.get("schema", {}))
+                                     for p in op.get("parameters", []) if p["in"] == "query"}
     return names
 
 
 async def known_query(request: Request) -> None:
-    """Refuses a query parameter the operation does not take (`?limt=5`), as an unknown body field is: ignored,
-    the caller would believe it had asked for something it did not get. A validation error, so that a bad
-    token is still refused first (problems.caller_refused). Free for a request without a query string."""
+    """Refuses a query parameter the operation does not take (`?limt=5`), and one it takes once given twice
+    (`?lane=a&lane=b`: which one would be heard?), as an unknown body field is refused: ignored, the caller would
+    believe it had asked for something it did not get. A validation error, so that a bad token is still refused
+    first (problems.caller_refused). Free for a request without a query string."""
     if not request.scope.get("query_string"):
         return
     path = getattr(request.scope.get("route"), "path_format", None)
     names = _query_names(request, path) if path is not None else None
     if names is None:
         return
-    unknown = sorted({k for k in request.query_params if k not in names})
-    if unknown:
-        takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
-        raise RequestValidationError([{"type": "extra_forbidden", "loc": ("query", k), "input": request.query_params[k],
-                                       "msg": f"this operation takes no query parameter {k!r}; {takes}"}
-                                      for k in unknown])
+    takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
+    errors = []
+    for k in sorted(set(request.query_params)):
+        if k not in names:
+            errors.append({"type": "extra_forbidden", "loc": ("query", k), "input": request.query_params[k],
+                           "msg": f"this operation takes no query parameter {k!r}; {takes}"})
+        elif not names[k] and len(given := request.query_params.getlist(k)) > 1:
+            errors.append({"type": "repeated", "loc": ("query", k), "input": given,
+                           "msg": f"give {k} once (it was given {len(given)} times)"})
+    if errors:
+        raise RequestValidationError(errors)

@@ -15,7 +15,7 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ainarres_api.server.api.deps import AppState, authorization, bearer_of
-from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge
+from ainarres_api.server.errors import AinarresError, Invalid, NotFound, PayloadTooLarge, Unauthenticated
 from ainarres_api.server.services import auth
 
 log = logging.getLogger("ainarres")
@@ -103,7 +103,8 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
         return resp
     if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
         return refusal(Invalid("body: the body could not be parsed as JSON"), path)
-    resp = problem(exc.status_code, code, detail, detail, path)
+    title = {404: NotFound.title, 401: Unauthenticated.title}.get(exc.status_code, Invalid.title)
+    resp = problem(exc.status_code, code, title, detail, path)
     resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return resp
 

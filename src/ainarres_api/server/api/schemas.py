@@ -179,7 +179,7 @@ class ClaimIn(Body):
     """What to claim from, and how long to wait for work."""
 
     lane: Key | None = Field(default=None, description="claim only from this lane (default: any of yours)")
-    wait_seconds: Annotated[float, Field(ge=0, le=60)] = Field(
+    wait_seconds: Annotated[float, Field(ge=0, le=60, strict=True, allow_inf_nan=False)] = Field(
         default=0, description="if nothing is available, wait up to this many seconds (0-60) for work; give the "
                                "HTTP client a longer read timeout")
 
@@ -260,8 +260,7 @@ class ReleaseIn(EventBody):
 class BlockIn(EventBody):
     """Park a held task for a human."""
 
-    reason: Annotated[str, Field(min_length=1, max_length=2000)] = Field(
-        description="what a human must decide or provide")
+    reason: Note = Field(description="what a human must decide or provide")  # as a reject's or a release's
 
 
 class UnblockIn(Body):
@@ -385,7 +384,7 @@ class UsageIn(Body):
         default=None, description="what it cost, a decimal amount (at most 6 decimal places) in `currency`; "
                                   "send it as a string to keep it exact", examples=["0.0421"])
     currency: Currency | None = Field(default=None, description="ISO 4217 code of `cost` (needed with it)")
-    wall_seconds: Annotated[float, Field(ge=0, le=2_592_000)] | None = Field(
+    wall_seconds: Annotated[float, Field(ge=0, le=2_592_000, strict=True, allow_inf_nan=False)] | None = Field(
         default=None, description="wall-clock time the work took, in seconds")
     event: Annotated[StrictInt, Field(ge=1, le=2**63 - 1), WHOLE] | None = Field(
         default=None, description="the id of the event (usually your transition) this usage paid for; omitted, "

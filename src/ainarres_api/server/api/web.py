@@ -74,8 +74,9 @@ _GOVERN = refusals(*AUTHENTICATED, NotEligible, NotFound, Conflict, Invalid)
 
 @router.get("/layout", summary="projects, their lanes, and each lane's workflow (stages and transitions)",
             description="What a board draws: readable with seat:overseer, seat:monitor or seat:admin. With "
-                        "`project`, that project only (404 if there is none).",
-            response_model=Layout, responses=refusals(*AUTHENTICATED, NotEligible, NotFound, Invalid))
+                        "`project`, that project only (none if there is no such project: a filter that matches "
+                        "nothing, as on every listing).",
+            response_model=Layout, responses=refusals(*AUTHENTICATED, NotEligible, Invalid))
 async def get_layout(_: Watcher, conn: Conn,
                      project: Annotated[str | None, Query(max_length=200)] = None) -> dict[str, Any]:
     return await layout.layout(conn, project)

@@ -25,11 +25,6 @@ def _bounded_context(context: dict[str, Any]) -> None:
                               "elsewhere and store references (a repository URL, a path) here")
 
 
-async def _unregistered(conn: asyncpg.Connection, features: list[str]) -> list[str]:
-    known = {r["name"] for r in await conn.fetch(Q["registered_features"], features)}
-    return sorted(set(features) - known)
-
-
 async def create_feature(conn: asyncpg.Connection, name: str, description: str) -> dict[str, Any]:
     """Register a feature so it can be provisioned, required and denied."""
     return dict(await conn.fetchrow(Q["feature_insert"], name, description))
@@ -69,7 +64,7 @@ async def create_family(conn: asyncpg.Connection, key: str, features: list[str],
                         max_active: int) -> dict[str, Any]:
     """A new family provisioned with registered features."""
     async with conn.transaction():
-        unknown = await _unregistered(conn, features)
+        unknown = await auth.unregistered(conn, features)
         if unknown:
             raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
         await conn.execute(Q["family_insert"], key, description, max_active)
@@ -105,7 +100,7 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
         if disabled or (features is not None and "seat:admin" not in features):
             await _keep_an_admin(conn, key)
         if features is not None:
-            unknown = await _unregistered(conn, features)
+            unknown = await auth.unregistered(conn, features)
             if unknown:
                 raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
             await conn.execute(Q["family_features_clear"], key)
@@ -170,8 +165,12 @@ async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str
     """Remove a family's denial of a feature."""
     _may_govern(p, family, feature)
     row = await conn.fetchrow(Q["denial_delete"], family, feature)
-    if row is None:
-        raise NotFound(f"family {family!r} has no denial of {feature!r}")
+    if row is None:  # lifted already, or never denied: what was asked holds (a retried DELETE is not refused)
+        if not await conn.fetchval(Q["family_known"], family):
+            raise NotFound(f"no family {family!r}")
+        if not await conn.fetchval(Q["feature_known"], feature):
+            raise NotFound(f"no feature {feature!r} is registered; GET /v1/features lists them")
+        return
     if not row["lifted"]:
         raise Conflict(f"family {family!r}'s denial of {feature!r} is a {row['governance']} governance ban; lift it "
                        "with POST /v1/governance/lifts (family, feature, reason), which records it on the trail")
@@ -265,7 +264,7 @@ async def create_workflow(conn: asyncpg.Connection, key: str, description: str, 
     """Validate and write a workflow as the next version of its key."""
     problems = validate_workflow(stages, transitions)
     needed = sorted({f for t in transitions for f in t.get("required_features") or []})
-    unknown = await _unregistered(conn, needed) if needed else []
+    unknown = await auth.unregistered(conn, needed) if needed else []
     if unknown:
         problems.append(f"transitions: features not registered: {', '.join(unknown)}")
     for i, t in enumerate(transitions):

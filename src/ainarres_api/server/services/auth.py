@@ -6,6 +6,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,6 +189,13 @@ async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> 
 TOKEN_TTL_MIN, TOKEN_TTL_MAX = 60, 365 * 86400
 
 
+async def unregistered(conn: asyncpg.Connection, features: Collection[str]) -> list[str]:
+    """Which of `features` are not registered (the one registry check: families, denials, workflows, required
+    features, token scopes), sorted."""
+    known = {r["name"] for r in await conn.fetch(Q["registered_features"], list(features))}
+    return sorted(set(features) - known)
+
+
 async def mint(
     conn: asyncpg.Connection,
     signer: Signer,
@@ -211,6 +219,8 @@ async def mint(
         if fam["disabled"]:
             raise Conflict(f"family {family} is disabled; re-enable it before minting tokens")
         if scope is not None:
+            if unknown := await unregistered(conn, scope):  # not a permission missing: no such feature
+                raise Invalid(f"scope: not registered: {', '.join(unknown)} (GET /v1/features lists them)")
             wider = sorted(set(scope) - set(fam["features"]))
             if wider:
                 raise NotEligible(

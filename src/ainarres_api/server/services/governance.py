@@ -76,6 +76,9 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
             raise Invalid("the system policy is the last resort and needs every threshold: missing "
                           f"{', '.join(missing)}",
                           errors=[{"field": f, "detail": "required in the system policy"} for f in missing])
+    elif scope == "workflow":
+        if not await conn.fetchval(Q["workflow_known"], key):  # a typo would be stored and govern nothing
+            raise NotFound(f"no workflow {key!r}; GET /v1/workflows lists them")
     elif scope == "feature":
         if not (key.startswith("role:") or key.startswith("capability:")):
             raise Invalid("key: a feature policy is for a role:<x> or capability:<x> feature")

@@ -17,8 +17,11 @@ MAX_LANES = 500
 
 async def layout(conn: asyncpg.Connection, project: str | None) -> dict[str, Any]:
     """Projects (one, when named) with their lanes, each with the workflow version it is bound to."""
-    if project is not None:
-        projects = [await admin.get_project(conn, project)]
+    if project is not None:  # a filter: one that matches nothing is an empty answer, as on every listing
+        try:
+            projects = [await admin.get_project(conn, project)]
+        except NotFound:
+            projects = []
     else:
         projects = await admin.list_projects(conn, "", MAX_PROJECTS)
     workflows: dict[tuple[str, int], dict[str, Any]] = {}

@@ -22,7 +22,7 @@ from ainarres_api.server.errors import (
     NotEligible,
     NotFound,
 )
-from ainarres_api.server.services import wake
+from ainarres_api.server.services import auth, wake
 from ainarres_api.server.services.auth import Principal
 from ainarres_api.server.services.digest import request_digest
 
@@ -127,8 +127,7 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
             )
         required = _canonical(body.get("required_features") or [])
         if required:
-            known = {r["name"] for r in await conn.fetch(Q["registered_features"], required)}
-            unknown = [f for f in required if f not in known]
+            unknown = await auth.unregistered(conn, required)
             if unknown:
                 raise Invalid(f"required_features: not registered: {', '.join(unknown)} "
                               "(GET /v1/features lists them)")
@@ -147,7 +146,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
         if len(deps) != len(depends):
             found = {str(r["id"]) for r in deps}
             missing = [d for d in depends if d not in found]
-            raise Invalid(f"depends_on: no such task: {', '.join(missing)}")
+            raise NotFound(f"depends_on: no such task: {', '.join(missing)}; check the ids (a task in a lane you "
+                           "cannot see does not exist for you)")
         state = "ready" if all(r["state"] == "done" for r in deps) else "waiting"
         route = await _route(conn, lane["lane_id"], lane_key, lane["stage_id"], required,
                              new_sets_cap=limits.max_sets_per_lane)

@@ -15,6 +15,9 @@ SELECT EXISTS (SELECT 1 FROM families WHERE key = $1);
 -- name: feature_known
 SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
 
+-- name: workflow_known
+SELECT EXISTS (SELECT 1 FROM workflows WHERE key = $1);
+
 -- name: flag_dismiss
 -- Dismiss an open flag: $1 id, $2 sub, $3 note. No row: no such flag, or not open (flag_get tells).
 UPDATE governance_flags SET dismissed_by = $2, dismissed_at = now(), dismiss_note = $3
