@@ -335,7 +335,7 @@ async def test_bad_uuids_in_paths_and_fields(scene: Scene) -> None:
         r = await s.dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "x", "depends_on": [s.task, 7]})
         refused(r, 422, "invalid", "depends_on.1")
         r = await s.dev.call("POST", "/v1/tasks", {"lane": "dev", "title": "x", "depends_on": [nobody]})
-        refused(r, 422, "invalid", "depends_on", nobody)
+        refused(r, 404, "not_found", "depends_on", nobody)  # a thing that does not exist (ADR 0025)
         r = await s.dev.call(
             "POST",
             "/v1/tasks",
@@ -370,7 +370,7 @@ async def test_oversized_strings_and_lists(scene: Scene) -> None:
         (s.dev, "POST", f"{t}/advance", {"lease": s.lease, "to": "review", "note": "n" * 8001}, "note"),
         (s.dev, "POST", f"{t}/reject", {"lease": s.lease, "to": "todo", "reason": "r" * 8001}, "reason"),
         (s.dev, "POST", f"{t}/release", {"lease": s.lease, "reason": "r" * 8001}, "reason"),
-        (s.dev, "POST", f"{t}/block", {"lease": s.lease, "reason": "r" * 2001}, "reason"),
+        (s.dev, "POST", f"{t}/block", {"lease": s.lease, "reason": "r" * 8001}, "reason"),
         (
             s.dev,
             "POST",

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from ainarres_api.server.api.contract import QUERY_UNCHECKED
 from tests.helpers import make_world
 
 NAIVE = "2030-01-01T00:00:00"
@@ -93,7 +94,7 @@ async def test_every_invalid_carries_errors_naming_its_fields(admin):
     """The docs promise `errors[]` on every `invalid`: refusals decided by the service (not by the request's
     schema) carry it too."""
     await make_world(admin)
-    assert [e["field"] for e in await _invalid(admin, "GET", "/v1/board", params={"cursor": "x"})] == ["cursor"]
+    assert [e["field"] for e in await _invalid(admin, "GET", "/v1/board", params={"cursor": "x"})] == ["query.cursor"]
     missing = await _invalid(admin, "PUT", "/v1/governance/policies/system/*", {"strike_threshold": 3})
     assert {e["field"] for e in missing} == {"ban_base_seconds", "ban_cap_seconds", "recommend_after_bans",
                                             "recommend_after_flags"}
@@ -132,9 +133,16 @@ async def test_a_query_parameter_the_operation_does_not_take_is_refused_not_igno
     r = await admin.call("POST", "/v1/claims", {"lane": "dev"}, 422, params={"wait": "30"})
     assert "takes none" in r.json()["detail"]
     schema = (await admin.client.get("/openapi.json")).json()
-    for path, ops in schema["paths"].items():  # documented on every operation
+    for path, ops in schema["paths"].items():  # documented on every operation that judges its query
         for method, op in ops.items():
-            assert "422" in op["responses"], (method, path)
+            assert ("422" in op["responses"]) is (path not in QUERY_UNCHECKED), (method, path)
+    # The probes and the index a browser opens ignore a query string: a load balancer's cache-buster must not
+    # take a healthy replica out of rotation, nor a link's tracking parameters show an error.
+    for path in QUERY_UNCHECKED:
+        r = await admin.client.get(path, params={"cache-buster": "1"})
+        assert r.status_code in (200, 303), (path, r.status_code, r.text)
+    r = await admin.call("GET", "/v1/board", params={f"x{i}": "1" for i in range(1000)}, expect=422)
+    assert len(r.json()["errors"]) == 20  # a thousand unknown names earn no longer answer
 
 
 async def test_a_parameter_given_twice_that_is_taken_once_is_refused(admin):
@@ -167,3 +175,22 @@ async def test_the_same_situation_gets_the_same_answer_on_every_operation(admin,
     # One title per problem type, whoever answers.
     r = await admin.call("GET", "/v1/no-such-thing", expect=404)
     assert r.json()["title"] == "Not found"
+
+
+async def test_settings_that_could_never_take_effect_are_refused(admin):
+    await make_world(admin)
+    r = await admin.call("PUT", "/v1/governance/policies/workflow/dev",
+                         {"ban_base_seconds": 86400, "ban_cap_seconds": 60}, 422)
+    assert [e["field"] for e in r.json()["errors"]] == ["ban_cap_seconds"]
+    # The year bound is UTC's: an offset cannot carry an instant past it.
+    r = await admin.call("POST", "/v1/families/cheap/denials",
+                         {"feature": "role:dev", "reason": "x", "expires_at": "9000-12-31T23:59:59-23:59"}, 422)
+    assert "9000" in r.json()["detail"]
+
+
+async def test_a_redirect_never_names_a_dot_segment(admin):
+    """`/v1/families/%2E%2E/` would redirect to `/v1/families/..`, which a client resolves to `/v1/`."""
+    await make_world(admin)
+    url = admin.client.base_url.copy_with(raw_path=b"/v1/families/%2E%2E/")
+    r = await admin.client.request("GET", url, headers=admin._headers())
+    assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)

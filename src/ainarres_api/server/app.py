@@ -138,6 +138,8 @@ def _without_slash(app: FastAPI, scope: Scope) -> str | None:
     if len(path) < 2 or not path.endswith("/") or path.startswith("//"):  # `//host/…` would leave this server
         return None
     bare = {**scope, "path": path.rstrip("/") or "/"}
+    if any(segment in (".", "..") for segment in bare["path"].split("/")):  # a client would resolve it elsewhere
+        return None
     if not any(route.matches(bare)[0] is not Match.NONE for route in app.router.routes):
         return None
     query = scope.get("query_string", b"").decode("latin-1")

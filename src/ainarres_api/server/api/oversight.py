@@ -304,7 +304,7 @@ async def track_record(_: Watcher, conn: Conn, project: Key = None, lane: Key = 
 
 def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
     if last_event_id is not None and last_event_id.strip():
-        return oversight.event_id(last_event_id.strip(), "Last-Event-ID")
+        return oversight.event_id(last_event_id.strip(), "header.Last-Event-ID")
     return after
 
 

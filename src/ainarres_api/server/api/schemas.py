@@ -309,9 +309,10 @@ def _rfc3339(value: Any) -> Any:
 
 
 def _instant(value: datetime) -> datetime:
-    if not 2000 <= value.year <= 9000:  # so that the shift to UTC never leaves years 1 to 9999
-        raise PydanticCustomError("instant_range", "must fall between the years 2000 and 9000")
-    return value.astimezone(UTC)  # answered as UTC, whichever offset it came with
+    # Bounded before the shift to UTC (which then cannot leave years 1 to 9999) and after it (the bound is UTC's).
+    if not 2000 <= value.year <= 9000 or not 2000 <= (value := value.astimezone(UTC)).year <= 9000:
+        raise PydanticCustomError("instant_range", "must fall between the years 2000 and 9000 (UTC)")
+    return value  # answered as UTC, whichever offset it came with
 
 
 # An instant a request names (a denial's end, the flow's `since`): RFC 3339 with its offset, as OpenAPI's

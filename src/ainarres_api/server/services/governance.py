@@ -70,7 +70,7 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
     """Set the thresholds of one scope (system `*`, a workflow key, or a role:/capability: feature)."""
     if scope == "system":
         if key != "*":
-            raise Invalid("key: the system policy's key is '*'")
+            raise Invalid("path.key: the system policy's key is '*'")
         missing = [f for f in POLICY_FIELDS if values.get(f) is None]
         if missing:
             raise Invalid("the system policy is the last resort and needs every threshold: missing "
@@ -81,9 +81,13 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
             raise NotFound(f"no workflow {key!r}; GET /v1/workflows lists them")
     elif scope == "feature":
         if not (key.startswith("role:") or key.startswith("capability:")):
-            raise Invalid("key: a feature policy is for a role:<x> or capability:<x> feature")
+            raise Invalid("path.key: a feature policy is for a role:<x> or capability:<x> feature")
         if not await conn.fetchval(Q["feature_known"], key):
             raise NotFound(f"no feature {key!r} is registered; GET /v1/features lists them")
+    base, cap = values.get("ban_base_seconds"), values.get("ban_cap_seconds")
+    if base is not None and cap is not None and base > cap:  # the first ban would be longer than the longest
+        raise Invalid(f"ban_cap_seconds: {cap} is below ban_base_seconds ({base}); the cap bounds every ban, "
+                      "the first included")
     async with conn.transaction():
         row = await conn.fetchrow(Q["policy_set"], scope, key, *(values.get(f) for f in POLICY_FIELDS), p.sub, p.family)
     return dict(row)

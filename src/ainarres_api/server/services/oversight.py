@@ -74,7 +74,7 @@ def check_states(states: list[str] | None) -> tuple[str, ...] | None:
         return None
     bad = sorted(set(states) - set(STATES))
     if bad:
-        raise Invalid(f"state: unknown {', '.join(bad)}; one of {', '.join(STATES)}")
+        raise Invalid(f"query.state: unknown {', '.join(bad)}; one of {', '.join(STATES)}")
     return tuple(sorted(set(states)))
 
 
@@ -92,7 +92,7 @@ async def feed(conn: asyncpg.Connection, f: Filters, type_: str | None, task_id:
     """Every event, newest first, with its actor's family, lane and stage; a page holds at most `limit`
     events and stops early (with its `next`) past `max_bytes` of them."""
     parts = decode_cursor(cursor, 1)
-    before = event_id(parts[0], "cursor") if parts is not None else None
+    before = event_id(parts[0], "query.cursor") if parts is not None else None
     rows = await conn.fetch(Q["feed_page"], f.project, f.lane, f.stage, f.family, type_, task_id,
                             list(f.states) if f.states else None, before, limit + 1, max_bytes)
     items = [r["event"] for r in rows[:limit]]

@@ -52,7 +52,7 @@ def encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-BAD_CURSOR = "cursor: pass back the `next` value of the previous page unchanged"
+BAD_CURSOR = "query.cursor: pass back the `next` value of the previous page unchanged"
 # Text PostgreSQL cannot take (NUL) or UTF-8 cannot encode (a lone surrogate).
 _UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
 

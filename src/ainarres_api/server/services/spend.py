@@ -21,7 +21,7 @@ from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services.auth import Principal
 from ainarres_api.server.services.digest import request_digest
-from ainarres_api.server.services.pages import decode_cursor, encode_cursor
+from ainarres_api.server.services.pages import BAD_CURSOR, decode_cursor, encode_cursor
 
 Group = Literal["family", "role", "lane", "family_role"]
 Bucket = Literal["hour", "day"]
@@ -162,7 +162,7 @@ def _task_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None,
     try:
         return datetime.fromisoformat(parts[0]), uuid.UUID(parts[1]), parts[2], parts[3]
     except ValueError:
-        raise Invalid("cursor: pass back the `next` value of the previous page unchanged") from None
+        raise Invalid(BAD_CURSOR) from None
 
 
 async def tasks(conn: asyncpg.Connection, task: uuid.UUID | None, lane: str | None, family: str | None,
