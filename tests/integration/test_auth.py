@@ -417,15 +417,19 @@ async def test_denial_of_a_seat_takes_the_seat_away(admin, client):
     await second.get("/v1/features")
 
 
-async def test_denial_that_already_expired_is_inactive(admin):
+async def test_denial_that_already_expired_is_inactive(admin, db):
     w = await make_world(admin)
     a = await w.agent("cheap")
     await a.create("dev", "one")
-    past = "2000-01-01T00:00:00Z"
-    d = await admin.post(
-        "/v1/families/cheap/denials", {"feature": "role:dev", "reason": "long ago", "expires_at": past}, 201
-    )
+    past = "2000-01-01T00:00:00Z"  # one that would never take effect is refused (ADR 0025)
+    r = await admin.call("POST", "/v1/families/cheap/denials",
+                         {"feature": "role:dev", "reason": "long ago", "expires_at": past}, 422)
+    assert r.json()["errors"][0]["field"] == "expires_at"
+    d = await admin.post("/v1/families/cheap/denials",
+                         {"feature": "role:dev", "reason": "a while", "expires_at": "2999-01-01T00:00:00Z"}, 201)
     assert d["feature"] == "role:dev"
+    await db.execute("UPDATE denials SET expires_at = now() - interval '1 minute' "
+                     "WHERE family_key = 'cheap' AND feature = 'role:dev'")  # ... and then it expired
     listed = (await admin.get("/v1/families/cheap/denials"))["items"]
     assert [(x["feature"], x["active"]) for x in listed] == [("role:dev", False)]
     assert "role:dev" in (await a.get("/v1/me"))["features"]

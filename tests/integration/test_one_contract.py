@@ -194,3 +194,37 @@ async def test_a_redirect_never_names_a_dot_segment(admin):
     url = admin.client.base_url.copy_with(raw_path=b"/v1/families/%2E%2E/")
     r = await admin.client.request("GET", url, headers=admin._headers())
     assert r.status_code == 404 and "location" not in r.headers, (r.status_code, r.headers)
+
+
+async def test_an_empty_page_parameter_is_the_first_page_on_every_listing(admin):
+    """A generic paginator starting with `after=` worked on five administration listings and not on tokens."""
+    await make_world(admin)
+    for path in ("/v1/features", "/v1/families", "/v1/workflows", "/v1/projects", "/v1/lanes", "/v1/tokens"):
+        first = await admin.get(path)
+        assert (await admin.get(path, params={"after": ""}))["items"] == first["items"], path
+
+
+async def test_a_compressed_body_is_refused_saying_so(admin, db):
+    """Read as it came, a gzipped body was "not valid JSON", which told the client nothing."""
+    import gzip
+    import json
+
+    before = await db.fetchval("SELECT count(*) FROM features")
+    for body in (gzip.compress(json.dumps({"name": "role:zipped"}).encode()), b'{"name": "role:zipped"}'):
+        r = await admin.client.post("/v1/features", content=body, headers={
+            **admin._headers(), "Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body", r.text
+        assert "uncompressed" in r.json()["detail"]
+    assert await db.fetchval("SELECT count(*) FROM features") == before
+    await admin.client.post("/v1/features", json={"name": "role:plain"},
+                            headers={**admin._headers(), "Content-Encoding": "identity"})
+    assert await db.fetchval("SELECT count(*) FROM features") == before + 1
+
+
+async def test_a_denial_that_would_never_take_effect_is_refused(admin, db):
+    """A year typed wrong (2025 for 2027) made a 201 denial that denied nothing."""
+    await make_world(admin)
+    r = await admin.call("POST", "/v1/families/cheap/denials",
+                         {"feature": "role:dev", "reason": "x", "expires_at": "2001-01-01T00:00:00Z"}, 422)
+    assert r.json()["errors"][0]["field"] == "expires_at" and "passed" in r.json()["detail"]
+    assert not await db.fetchval("SELECT count(*) FROM denials WHERE family_key = 'cheap'")

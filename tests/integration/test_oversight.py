@@ -497,7 +497,7 @@ async def test_agents_show_family_holds_and_last_call(admin, db):
 # -- families' track record -------------------------------------------------------------------------
 
 
-async def test_track_record_counts_deliveries_and_rejections(admin):
+async def test_track_record_counts_deliveries_and_rejections(admin, db):
     w = await make_world(
         admin,
         workflow={
@@ -525,9 +525,10 @@ async def test_track_record_counts_deliveries_and_rejections(admin):
     await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "too many rejects"}, 201)
     await admin.post(
         "/v1/families/capable/denials",
-        {"feature": "tier:2", "reason": "expired already", "expires_at": "2000-01-01T00:00:00Z"},
-        None,
+        {"feature": "tier:2", "reason": "expires", "expires_at": "2999-01-01T00:00:00Z"},
+        201,
     )
+    await db.execute("UPDATE denials SET expires_at = now() - interval '1 minute' WHERE family_key = 'capable'")
 
     recs = {r["key"]: r for r in (await admin.get("/v1/track-record"))["items"]}
     assert (recs["cheap"]["delivered"], recs["cheap"]["rejected"], recs["cheap"]["rejects_made"]) == (1, 1, 0)

@@ -34,7 +34,7 @@ from ainarres_api.server.api.contract import refusals
 from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent, known_query
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
-from ainarres_api.server.errors import AinarresError, PayloadTooLarge, Unavailable
+from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, Unavailable
 from ainarres_api.server.metrics import Metrics, VerbMetrics
 from ainarres_api.server.services import admin, oversight, wake
 from ainarres_api.server.services.auth import Signer
@@ -60,6 +60,13 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding != b"identity":  # read as it came, a compressed body would be "not JSON", which says nothing
+            await self._drain(receive)
+            refused = Invalid(f"body: Content-Encoding {coding.decode('latin-1')[:40]} is not accepted; send the "
+                              "body uncompressed")
+            await problems.refusal(refused, URL(scope=scope).path)(scope, receive, send)
+            return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             # A client that waits for `100 Continue` has sent no body: refuse before it does (reading would

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -139,6 +139,9 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
 async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str,
                expires_at: datetime | None) -> dict[str, Any]:
     """Veto a feature for a family, now, until lifted or until it expires."""
+    if expires_at is not None and expires_at <= datetime.now(UTC):  # it would never take effect
+        raise Invalid("expires_at: this time has passed; give a time to come, or leave it out for a denial that "
+                      "lasts until lifted")
     async with conn.transaction():
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")
