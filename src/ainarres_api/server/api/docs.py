@@ -106,8 +106,8 @@ looks), or `empty` (with `pending` and a `hint`) when the time is up. While it w
 Every refusal is `application/problem+json` (RFC 9457): `type`, `title`, `status`, a stable `code` to
 branch on, a `detail` that says what to do next, and, where it helps, the `task` as it is now (`invalid`
 adds `errors[]`, one per field; a body field or a query parameter the operation does not take is refused, not
-ignored). A refused call changes nothing; a client mistake is never a 500. Each
-operation below lists the statuses and codes it can answer with.
+ignored — the probes and `/` ignore query strings). A refused call changes nothing; a client mistake is never
+a 500. Each operation below lists the statuses and codes it can answer with.
 
 {_error_table()}
 
