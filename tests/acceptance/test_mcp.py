@@ -125,6 +125,8 @@ async def test_a_tool_refuses_an_argument_it_does_not_take_and_publishes_its_bou
         r = refused(await client.call_tool("claim", {"lanes": "zzz", "wait_second": 30}), "invalid")
         assert {e["field"] for e in r["errors"]} == {"lanes", "wait_second"} and "lane" in r["detail"]
         refused(await client.call_tool("me", {"verbose": True}), "invalid")
+        many = refused(await client.call_tool("me", {f"x{i}": i for i in range(500)}), "invalid")
+        assert len(many["errors"]) == 20 and len(many["detail"]) < 1000  # as the HTTP face: bounded
         assert (await dev.get(f"/v1/tasks/{task['id']}"))["holder"] is None  # nothing was claimed
         ok(await client.call_tool("claim", {"lane": "dev"}))
         r = refused(await client.call_tool("progress", {"note": "x", "artefacts": [{"type": "file", "path": "a"}]}),

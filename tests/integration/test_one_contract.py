@@ -32,6 +32,8 @@ async def test_an_instant_is_answered_in_utc_whatever_offset_it_came_with(admin)
     made = await admin.post("/v1/families/cheap/denials",
                             {"feature": "role:dev", "reason": "x", "expires_at": "2030-01-01T01:00:00+01:00"}, 201)
     flow = await admin.get("/v1/flow", params={"since": "2030-01-01T01:00:00+01:00"})
+    r = await admin.client.get("/v1/flow?since=2030-01-01T01:00:00+01:00", headers=admin._headers())  # `+` as sent
+    assert r.status_code == 200 and r.json()["since"] == flow["since"], r.text
     assert made["expires_at"].startswith("2030-01-01T00:00:00") and flow["since"].startswith("2030-01-01T00:00:00")
     assert made["expires_at"].endswith(("Z", "+00:00")) and flow["since"].endswith(("Z", "+00:00")), (made, flow)
 
@@ -70,9 +72,13 @@ async def test_a_trailing_slash_redirects_relatively_never_to_the_hosts_a_client
     """Starlette's redirect built an absolute URL from the Host header: a client (or a proxy's internal name)
     chose where the caller was sent. The redirect names the path alone, query kept."""
     await make_world(admin)
-    r = await admin.client.request("GET", "/v1/tasks/", params={"limit": "2"},
+    r = await admin.client.request("GET", "/v1/board/", params={"limit": "2"},
                                    headers={**admin._headers(), "Host": "evil.example"})
-    assert r.status_code == 307 and r.headers["location"] == "/v1/tasks?limit=2", (r.status_code, r.headers)
+    assert r.status_code == 307 and r.headers["location"] == "/v1/board?limit=2", (r.status_code, r.headers)
+    # Only to an operation that takes the method (GET /v1/tasks is not one), and with the path as it was sent.
+    assert (await admin.call("GET", "/v1/tasks/", expect=404)).json()["code"] == "not_found"
+    url = admin.client.base_url.copy_with(raw_path=b"/board/%FF/")
+    assert (await admin.client.request("GET", url)).headers["location"] == "/board/%FF"
     r = await admin.client.request("POST", "/mcp/")
     assert r.status_code == 307 and r.headers["location"] == "/mcp"
     for path in ("/v1/nothing-here/", "//evil.example/", "//v1/tasks/"):  # no route: a 404, never off this server
@@ -197,11 +203,18 @@ async def test_a_redirect_never_names_a_dot_segment(admin):
 
 
 async def test_an_empty_page_parameter_is_the_first_page_on_every_listing(admin):
-    """A generic paginator starting with `after=` worked on five administration listings and not on tokens."""
-    await make_world(admin)
+    """A generic paginator starting with `after=` worked on five administration listings and not on tokens,
+    the trail or a task's events."""
+    w = await make_world(admin)
     for path in ("/v1/features", "/v1/families", "/v1/workflows", "/v1/projects", "/v1/lanes", "/v1/tokens"):
         first = await admin.get(path)
         assert (await admin.get(path, params={"after": ""}))["items"] == first["items"], path
+    trail = await admin.get("/v1/governance/trail")
+    assert (await admin.get("/v1/governance/trail", params={"before": ""}))["items"] == trail["items"]
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "t"))["task"]["id"]
+    events = await dev.get(f"/v1/tasks/{task}/events")
+    assert (await dev.get(f"/v1/tasks/{task}/events", params={"after": ""}))["items"] == events["items"]
 
 
 async def test_a_compressed_body_is_refused_saying_so(admin, db):

@@ -31,7 +31,7 @@ from ainarres_api.server.api import spend as spend_api
 from ainarres_api.server.api import tasks as tasks_api
 from ainarres_api.server.api import web as web_api
 from ainarres_api.server.api.contract import refusals
-from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent, known_query
+from ainarres_api.server.api.deps import AppState, FastJSONResponse, ReleaseLent, judge_queries
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
 from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, Unavailable
@@ -60,14 +60,17 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        coding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if coding != b"identity":  # read as it came, a compressed body would be "not JSON", which says nothing
-            await self._drain(receive)
-            refused = Invalid(f"body: Content-Encoding {coding.decode('latin-1')[:40]} is not accepted; send the "
-                              "body uncompressed")
+        declared = headers.get(b"content-length")
+        codings = {v.strip().lower() for k, v in scope.get("headers") or [] if k == b"content-encoding"} - {
+            b"identity", b""}
+        if codings and (b"transfer-encoding" in headers or declared not in (None, b"0")):
+            # Read as it came, a compressed body would be "not JSON", which says nothing.
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._drain(receive)
+            named = b", ".join(sorted(codings)).decode("latin-1")[:60]
+            refused = Invalid(f"body: Content-Encoding {named} is not accepted; send the body uncompressed")
             await problems.refusal(refused, URL(scope=scope).path)(scope, receive, send)
             return
-        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             # A client that waits for `100 Continue` has sent no body: refuse before it does (reading would
             # have uvicorn ask for the body).
@@ -147,10 +150,14 @@ def _without_slash(app: FastAPI, scope: Scope) -> str | None:
     bare = {**scope, "path": path.rstrip("/") or "/"}
     if any(segment in (".", "..") for segment in bare["path"].split("/")):  # a client would resolve it elsewhere
         return None
-    if not any(route.matches(bare)[0] is not Match.NONE for route in app.router.routes):
+    if not any(route.matches(bare)[0] is Match.FULL for route in app.router.routes):  # its method too
         return None
+    # The path as the client wrote it (`%2F` and `%FF` kept), less the slash; the decoded one if the server
+    # gave none.
+    raw = scope.get("raw_path")
+    target = raw.decode("latin-1").rstrip("/") if raw else quote(bare["path"])
     query = scope.get("query_string", b"").decode("latin-1")
-    return quote(bare["path"]) + (f"?{query}" if query else "")
+    return target + (f"?{query}" if query else "")
 
 
 class _Service(FastAPI):
@@ -263,7 +270,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
         docs_url=None,
         redoc_url=None,
         redirect_slashes=False,  # on_http redirects, relatively (_without_slash)
-        dependencies=[Depends(known_query)],  # an unknown query parameter is refused, as an unknown body field is
+        dependencies=[Depends(judge_queries)],  # an unknown query parameter is refused, as an unknown body field is
     )
     docs.install(app)
     app.state.metrics = metrics

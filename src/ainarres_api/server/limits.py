@@ -58,8 +58,11 @@ _TITLES = {cls.code: cls.title for cls in (Invalid, PayloadTooLarge)}
 
 
 def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
-    body = json.dumps({"type": f"urn:ainarres:problem:{code}", "title": _TITLES[code], "status": status,
-                       "code": code, "detail": detail}, separators=(",", ":")).encode()
+    doc: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": _TITLES[code], "status": status,
+                           "code": code, "detail": detail}
+    if code == Invalid.code:  # as every `invalid`: no one field is at fault here
+        doc["errors"] = []
+    body = json.dumps(doc, separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     return head + body

@@ -6,7 +6,6 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BeforeValidator
 
 from ainarres_api.server.api.contract import AUTHENTICATED, WITH_BODY, refusals
 from ainarres_api.server.api.deps import Admin, Conn, Governor, State
@@ -32,6 +31,7 @@ from ainarres_api.server.api.schemas import (
     ProjectIn,
     TokenIn,
     WorkflowIn,
+    empty_is,
 )
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import admin
@@ -163,9 +163,9 @@ async def mint_token(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dic
                         "following page.",
             responses=refusals(*_SEAT))
 async def list_tokens(_: Admin, conn: Conn, family: str | None = None, limit: Limit = 100,
-                      after: Annotated[uuid.UUID | None, BeforeValidator(lambda v: v or None),  # empty: absent,
-                                       Query(description="the `next` of the previous page")]  # as on every list
-                      = None) -> dict[str, Any]:
+                      after: Annotated[uuid.UUID | None, empty_is(None),
+                                       Query(description="the `next` of the previous page")] = None
+                      ) -> dict[str, Any]:
     items = await admin.list_tokens(conn, family, limit, after)
     return {"items": items, "next": str(items[-1]["jti"]) if len(items) == limit else None}
 

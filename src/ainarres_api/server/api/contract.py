@@ -99,7 +99,7 @@ _DOOR = {400: ["invalid"], 408: ["invalid"], 431: ["payload_too_large"]}
 # What any operation can meet, whatever its route declares: the rate limit (not on the probes) and an outage.
 _EVERYWHERE_EXEMPT = {"/healthz", "/readyz", "/metrics"}
 
-# Where a query string is not judged (deps.known_query): the probes (uptime checkers and load balancers add
+# Where a query string is not judged (deps.judge_queries): the probes (uptime checkers and load balancers add
 # cache-busters; a 422 would take a healthy replica out of rotation) and the index a browser opens (links carry
 # tracking parameters). They take no query parameters and ignore any.
 QUERY_UNCHECKED = frozenset({*_EVERYWHERE_EXEMPT, "/"})
@@ -121,7 +121,7 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
             if path not in _EVERYWHERE_EXEMPT:
                 extra.append(RateLimited)
             if path not in QUERY_UNCHECKED or "422" in answers or "requestBody" in op or op.get("parameters"):
-                extra.append(Invalid)  # a query parameter it does not take is refused (deps.known_query)
+                extra.append(Invalid)  # a query parameter it does not take is refused (deps.judge_queries)
             if "requestBody" in op:
                 extra.append(PayloadTooLarge)
             if op.get("security"):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import asyncpg
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
@@ -203,48 +204,60 @@ Admin = Annotated[Principal, Depends(require("seat:admin"))]
 Governor = Annotated[Principal, Depends(require("seat:admin", "seat:overseer"))]
 
 
-_QUERY_NAMES: dict[tuple[str, str], dict[str, bool]] = {}
-_MAX_NAMED = 20
+MAX_NAMED = 20  # unknown names an answer lists at most: a request of a thousand names earns no longer answer
 
 
-def _repeatable(schema: dict[str, Any]) -> bool:
-    return schema.get("type") == "array" or any(_repeatable(s) for s in schema.get("anyOf", []))
+def _repeatable(annotation: Any) -> bool:
+    """Whether a parameter's annotation is a list (`?state=a&state=b`), through Optional and Annotated."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin is not None and any(_repeatable(a) for a in get_args(annotation) if a is not type(None))
 
 
-def _query_names(request: Request, path: str) -> dict[str, bool] | None:
-    """The query parameters an operation takes, as its published document (/openapi.json) lists them, each
-    with whether it may be given more than once (an array); None for a route the document does not list.
-    Worked out once per operation."""
-    key = (path, request.method)
-    names = _QUERY_NAMES.get(key)
-    if names is None:
-        op = request.app.openapi().get("paths", {}).get(path, {}).get(request.method.lower())
-        if op is None:
-            return None
-        names = _QUERY_NAMES[key] = {p["name"]: _repeatable(p.get("schema", {}))
-                                     for p in op.get("parameters", []) if p["in"] == "query"}
-    return names
+def _query_params(dependant: Any) -> dict[str, bool]:
+    """The query parameters a route takes, its own and its dependencies' (each: may it repeat?)."""
+    out = {p.alias: _repeatable(p.field_info.annotation) for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        out |= _query_params(sub)
+    return out
 
 
-async def known_query(request: Request) -> None:
-    """Refuses a query parameter the operation does not take (`?limt=5`), and one it takes once given twice
-    (`?lane=a&lane=b`: which one would be heard?), as an unknown body field is refused: ignored, the caller would
-    believe it had asked for something it did not get. A validation error, so that a bad token is still refused
-    first (problems.caller_refused). Free for a request without a query string."""
+_JUDGE = "_ainarres_query_judge"
+
+
+async def judge_queries(request: Request) -> None:
+    """An app-wide dependency: every documented operation refuses a query parameter it does not take
+    (`?limt=5`), and one it takes once given twice (`?lane=a&lane=b`: which would be heard?), as an unknown body
+    field is refused: ignored, the caller would believe it had asked for something it did not get. What a route
+    takes is read from its own declaration (its parameters and its dependencies'), once per route. A request
+    without a query string (every verb) returns at once. A validation error, so that a bad token is still
+    refused first (problems.caller_refused)."""
     if not request.scope.get("query_string"):
         return
-    path = getattr(request.scope.get("route"), "path_format", None)
-    names = _query_names(request, path) if path is not None and path not in QUERY_UNCHECKED else None
-    if names is None:
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema or route.path_format in QUERY_UNCHECKED:
         return
-    takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
-    errors = []
-    for k in sorted(set(request.query_params)):
-        if k not in names:
-            errors.append({"type": "extra_forbidden", "loc": ("query", k), "input": request.query_params[k],
-                           "msg": f"this operation takes no query parameter {k!r}; {takes}"})
-        elif not names[k] and len(given := request.query_params.getlist(k)) > 1:
-            errors.append({"type": "repeated", "loc": ("query", k), "input": given,
-                           "msg": f"give {k} once (it was given {len(given)} times)"})
-    if errors:
-        raise RequestValidationError(errors[:_MAX_NAMED])  # a request of a thousand names earns no longer answer
+    judge: _QueryJudge | None = getattr(route, _JUDGE, None)  # kept on the route: per app, gone with it
+    if judge is None:
+        judge = _QueryJudge(_query_params(route.dependant))
+        setattr(route, _JUDGE, judge)
+    judge.judge(request.query_params)
+
+
+class _QueryJudge:
+    def __init__(self, names: dict[str, bool]) -> None:
+        self.names = names
+        self.takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
+
+    def judge(self, given: Any) -> None:
+        errors = []
+        for k in sorted(set(given)):
+            if k not in self.names:
+                errors.append({"type": "extra_forbidden", "loc": ("query", k), "input": given[k],
+                               "msg": f"this operation takes no query parameter {k!r}; {self.takes}"})
+            elif not self.names[k] and len(values := given.getlist(k)) > 1:
+                errors.append({"type": "repeated", "loc": ("query", k), "input": values,
+                               "msg": f"give {k} once (it was given {len(values)} times)"})
+        if errors:
+            raise RequestValidationError(errors[:MAX_NAMED])

@@ -14,7 +14,7 @@ from ainarres_api.server.api import models
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Admin, Conn, require
 from ainarres_api.server.api.envelopes import Moved
-from ainarres_api.server.api.schemas import WHOLE, Body
+from ainarres_api.server.api.schemas import WHOLE, Body, empty_is
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import governance
 from ainarres_api.server.services.auth import Principal
@@ -95,7 +95,9 @@ async def governance_status(_: Reader, conn: Conn) -> dict[str, Any]:
             summary="the governance trail, newest first (append-only)",
             description="Every governance act, by a human or by the substrate. Pass `next` back as `before`.",
             responses=_READ)
-async def governance_trail(_: Reader, conn: Conn, before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+async def governance_trail(_: Reader, conn: Conn,
+                           before: Annotated[Annotated[int, Field(ge=1, le=2**63 - 1)] | None, empty_is(None),
+                                             Query()] = None,
                            limit: Annotated[int, Query(ge=1, le=500)] = 100) -> dict[str, Any]:
     return await governance.trail(conn, before, limit)
 

@@ -36,7 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ainarres_api import __version__
 from ainarres_api.server.api import outage, schemas, verbs
-from ainarres_api.server.api.deps import AppState, Lent, authorization
+from ainarres_api.server.api.deps import MAX_NAMED, AppState, Lent, authorization
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
 from ainarres_api.server.services import auth, mcp_sessions, pages, tasks, wake
@@ -381,14 +381,14 @@ def _refuse_unknown_arguments(registered: Tool) -> None:
     base = meta.arg_model
     known = sorted(f.alias or name for name, f in base.model_fields.items())
 
-    class Noting(base):  # type: ignore[valid-type,misc]
-        model_config = ConfigDict(**{**base.model_config, "extra": "allow"})
+    def model_dump_one_level(self: Any) -> dict[str, Any]:
+        _UNKNOWN_ARGUMENTS.set((sorted(self.model_extra or {}), known))
+        return base.model_dump_one_level(self)
 
-        def model_dump_one_level(self) -> dict[str, Any]:
-            _UNKNOWN_ARGUMENTS.set((sorted(self.model_extra or {}), known))
-            return super().model_dump_one_level()  # type: ignore[no-any-return]
-
-    meta.arg_model = Noting
+    # Named as the SDK named it, so that its own validation errors name the tool's arguments as before.
+    meta.arg_model = type(base.__name__, (base,), {
+        "model_config": ConfigDict(**{**base.model_config, "extra": "allow"}),
+        "model_dump_one_level": model_dump_one_level, "__module__": base.__module__})
     registered.parameters["additionalProperties"] = False
 
 
@@ -396,10 +396,10 @@ def _no_unknown_arguments() -> None:
     unknown, known = _UNKNOWN_ARGUMENTS.get()
     if unknown:
         _UNKNOWN_ARGUMENTS.set(([], []))
+        named = unknown[:MAX_NAMED]  # as the HTTP face: a call of a thousand names earns no longer answer
         takes = f"it takes {', '.join(known)}" if known else "it takes none"
-        raise Invalid("; ".join(f"{name}: this tool takes no argument {name!r}; {takes}" for name in unknown),
-                      errors=[{"field": name, "detail": f"this tool takes no argument {name!r}; {takes}"}
-                              for name in unknown])
+        raise Invalid(f"{named[0]}: this tool takes no argument {', '.join(map(repr, named))}; {takes}",
+                      errors=[{"field": name, "detail": "this tool takes no such argument"} for name in named])
 
 
 # -- the server --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Caller, Conn, State, require
 from ainarres_api.server.api.models import Page, SpendFigure
+from ainarres_api.server.api.schemas import empty_is
 from ainarres_api.server.errors import AinarresError, Invalid, NotEligible
 from ainarres_api.server.metrics import Metrics, waiters_of
 from ainarres_api.server.services import auth, oversight
@@ -327,7 +328,8 @@ def _frame(event: dict[str, Any]) -> str:
                                              "token stops being valid.",
                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def stream_events(request: Request, caller: Caller, st: State,
-                        after: Annotated[int | None, Query(ge=0, le=oversight.EVENT_ID_MAX)] = None,
+                        after: Annotated[Annotated[int, Field(ge=0, le=oversight.EVENT_ID_MAX)] | None, empty_is(None),
+                                         Query()] = None,
                         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=40)] = None,
                         project: Key = None, lane: Key = None,
                         limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,

@@ -300,9 +300,17 @@ _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}
 _GIVE_INSTANT = "give the time as RFC 3339 with its offset, e.g. 2026-12-01T00:00:00Z"
 
 
+def empty_is(default: Any) -> BeforeValidator:
+    """A query parameter given empty (`?after=`) is taken as left out, on every listing alike: a generic
+    paginator may start with it."""
+    return BeforeValidator(lambda value: default if value == "" else value)
+
+
 def _rfc3339(value: Any) -> Any:
     """Only RFC 3339 text: a number (seconds? milliseconds?), a time without its offset, `+0100` or a time
     without seconds are refused, not guessed at (pydantic would read each of them some way)."""
+    if isinstance(value, str) and value[-6:-5] == " ":  # `+01:00` in a query string not encoded: `+` read as a space
+        value = f"{value[:-6]}+{value[-5:]}"
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise PydanticCustomError("instant", _GIVE_INSTANT)
     return value

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from ainarres_api.server.api import contract, envelopes
 from ainarres_api.server.api.deps import Agent, FastJSONResponse
+from ainarres_api.server.api.schemas import empty_is
 from ainarres_api.server.api.verbs import TaskId
 from ainarres_api.server.errors import Invalid, NotEligible, NotFound
 from ainarres_api.server.services import pages, tasks
@@ -51,7 +52,7 @@ async def lane_cards(key: Annotated[str, Path(max_length=96, description="the la
             responses=_answers(envelopes.EventPage, NotFound, Invalid))
 async def task_events(
     task_id: TaskId, lent: Agent, request: Request,
-    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
+    after: Annotated[int, empty_is(0), Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many events")] = 200,
 ) -> Response:
     rows = await tasks.events(lent.conn, lent.caller, task_id, after, limit)

@@ -64,9 +64,7 @@ async def create_family(conn: asyncpg.Connection, key: str, features: list[str],
                         max_active: int) -> dict[str, Any]:
     """A new family provisioned with registered features."""
     async with conn.transaction():
-        unknown = await auth.unregistered(conn, features)
-        if unknown:
-            raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
+        await auth.registered(conn, "features", features)
         await conn.execute(Q["family_insert"], key, description, max_active)
         await conn.execute(Q["family_features_add"], key, sorted(set(features)))
         return await get_family(conn, key)
@@ -100,9 +98,7 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
         if disabled or (features is not None and "seat:admin" not in features):
             await _keep_an_admin(conn, key)
         if features is not None:
-            unknown = await auth.unregistered(conn, features)
-            if unknown:
-                raise Invalid(f"features: not registered: {', '.join(unknown)} (POST /v1/features first)")
+            await auth.registered(conn, "features", features)
             await conn.execute(Q["family_features_clear"], key)
             await conn.execute(Q["family_features_add"], key, sorted(set(features)))
             wake.narrowed()
@@ -142,6 +138,7 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
     if expires_at is not None and expires_at <= datetime.now(UTC):  # it would never take effect
         raise Invalid("expires_at: this time has passed; give a time to come, or leave it out for a denial that "
                       "lasts until lifted")
+    await auth.registered(conn, "feature", [feature])
     async with conn.transaction():
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")

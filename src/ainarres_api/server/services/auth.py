@@ -190,10 +190,18 @@ TOKEN_TTL_MIN, TOKEN_TTL_MAX = 60, 365 * 86400
 
 
 async def unregistered(conn: asyncpg.Connection, features: Collection[str]) -> list[str]:
-    """Which of `features` are not registered (the one registry check: families, denials, workflows, required
-    features, token scopes), sorted."""
+    """Which of `features` are not registered (the one registry check: families, denials, bans, flags,
+    workflows, required features, token scopes), sorted."""
     known = {r["name"] for r in await conn.fetch(Q["registered_features"], list(features))}
     return sorted(set(features) - known)
+
+
+async def registered(conn: asyncpg.Connection, field: str, features: Collection[str]) -> None:
+    """Refuse the request if the body's `field` names a feature that is not registered: a 422 on that field,
+    in one wording wherever a body names features (ADR 0025)."""
+    if unknown := await unregistered(conn, features):
+        raise Invalid(f"{field}: not registered: {', '.join(unknown)} (GET /v1/features lists them; POST "
+                      "/v1/features registers one)")
 
 
 async def mint(
@@ -219,8 +227,7 @@ async def mint(
         if fam["disabled"]:
             raise Conflict(f"family {family} is disabled; re-enable it before minting tokens")
         if scope is not None:
-            if unknown := await unregistered(conn, scope):  # not a permission missing: no such feature
-                raise Invalid(f"scope: not registered: {', '.join(unknown)} (GET /v1/features lists them)")
+            await registered(conn, "scope", scope)  # not a permission missing: no such feature
             wider = sorted(set(scope) - set(fam["features"]))
             if wider:
                 raise NotEligible(

@@ -16,7 +16,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
-from ainarres_api.server.services import tasks, wake
+from ainarres_api.server.services import auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 TRAIL_LATEST = 100
@@ -39,9 +39,8 @@ def _may_govern(p: Principal, family: str, feature: str) -> None:
 async def _known(conn: asyncpg.Connection, family: str, feature: str | None) -> None:
     if not await conn.fetchval(Q["family_known"], family):
         raise NotFound(f"no family {family!r}; GET /v1/track-record lists them")
-    if feature is not None and not await conn.fetchval(Q["feature_known"], feature):
-        # A body naming an unregistered feature is invalid, as on families and denials (404 is for a path).
-        raise Invalid(f"feature: {feature!r} is not registered; GET /v1/features lists them")
+    if feature is not None:  # a body naming an unregistered feature is invalid (404 is for a path)
+        await auth.registered(conn, "feature", [feature])
 
 
 async def status(conn: asyncpg.Connection) -> dict[str, Any]:

@@ -127,10 +127,7 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
             )
         required = _canonical(body.get("required_features") or [])
         if required:
-            unknown = await auth.unregistered(conn, required)
-            if unknown:
-                raise Invalid(f"required_features: not registered: {', '.join(unknown)} "
-                              "(GET /v1/features lists them)")
+            await auth.registered(conn, "required_features", required)
         depends = sorted({str(d) for d in body.get("depends_on") or []})
         idem = body.get("idempotency_key")
         same = {k: v for k, v in body.items() if k != "idempotency_key"} | {
