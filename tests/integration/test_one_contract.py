@@ -241,3 +241,19 @@ async def test_a_denial_that_would_never_take_effect_is_refused(admin, db):
                          {"feature": "role:dev", "reason": "x", "expires_at": "2001-01-01T00:00:00Z"}, 422)
     assert r.json()["errors"][0]["field"] == "expires_at" and "passed" in r.json()["detail"]
     assert not await db.fetchval("SELECT count(*) FROM denials WHERE family_key = 'cheap'")
+
+
+async def test_a_task_held_past_its_lease_reads_as_abandoned(admin, db):
+    """`/v1/me` said nothing was held while `GET /v1/tasks/{id}` said "held by you", with no word of the lease
+    having passed (the board's rows said `abandoned`). The task read now says it too."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    task = (await dev.create("dev", "t"))["task"]["id"]
+    await dev.claim("dev")
+    assert "abandoned" not in await dev.get(f"/v1/tasks/{task}")  # a live hold: left out, never false or null
+    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", task)
+    read = await dev.get(f"/v1/tasks/{task}")
+    assert read["state"] == "held" and read["abandoned"] is True
+    assert (await dev.get("/v1/me"))["held"] == []
+    board = (await admin.get("/v1/board", params={"state": "held"}))["items"]
+    assert [(b["id"], b["abandoned"]) for b in board] == [(task, True)]

@@ -38,7 +38,7 @@ class Answer(BaseModel):
     model_config = ConfigDict(json_schema_extra=_without_defaults)
 
 
-class Task(BaseModel):
+class Task(Answer):
     """A task as every caller reads it."""
 
     id: uuid.UUID
@@ -60,6 +60,9 @@ class Task(BaseModel):
     lease_expires_at: datetime | None = Field(description="when the current hold expires, or null")
     created_at: datetime
     updated_at: datetime
+    abandoned: Literal[True] | None = Field(default=None, description=(
+        "present (true) on a read of one task held past its lease: nobody holds it in effect — the holder's "
+        "next call is refused `lease_lost`, and the next claim that meets it takes it back (lazy recovery)"))
 
 
 class Event(BaseModel):

@@ -543,9 +543,10 @@ async def lane_cards(conn: asyncpg.Connection, p: Principal, lane_key: str) -> d
 
 
 async def get(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID) -> dict[str, Any]:
-    """One task, if the caller may see its lane."""
-    task: dict[str, Any] = (await _visible(conn, p, task_id))["task"]
-    return task
+    """One task, if the caller may see its lane; `abandoned` when it is held past its lease."""
+    row = await _visible(conn, p, task_id)
+    task: dict[str, Any] = row["task"]
+    return {**task, "abandoned": True} if row["abandoned"] else task
 
 
 async def events(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, after: int, limit: int

@@ -404,8 +404,10 @@ UPDATE tasks t
 RETURNING task_json(t) AS task;
 
 -- name: task_get
--- One task, and whether the caller ($2 features, $3 oversees) may see it.
-SELECT task_json(t) AS task, l.key AS lane_key, t.stage_id, may_see($2::text[], $3, l.key) AS visible
+-- One task, and whether the caller ($2 features, $3 oversees) may see it; `abandoned`: held past its lease
+-- (nobody holds it in effect until a claim meets it: lazy recovery).
+SELECT task_json(t) AS task, l.key AS lane_key, t.stage_id, may_see($2::text[], $3, l.key) AS visible,
+       (t.state = 'held' AND t.lease_expires_at <= now()) AS abandoned
   FROM tasks t JOIN lanes l ON l.id = t.lane_id
  WHERE t.id = $1;
 
