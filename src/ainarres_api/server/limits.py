@@ -53,15 +53,11 @@ def guarded_httptools(settings: Settings) -> type[asyncio.Protocol]:
     })
 
 
-# A problem type has one title (RFC 9457 §3.1.3), whoever answers it: the door's are the app's.
-_TITLES = {cls.code: cls.title for cls in (Invalid, PayloadTooLarge)}
-
-
-def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
-    doc: dict[str, Any] = {"type": f"urn:ainarres:problem:{code}", "title": _TITLES[code], "status": status,
-                           "code": code, "detail": detail}
-    if code == Invalid.code:  # as every `invalid`: no one field is at fault here
-        doc["errors"] = []
+def _raw_problem(status: int, reason: str, refusal: AinarresError) -> bytes:
+    """The door's refusal as the app renders one (type, title and `errors[]` from the error tree), under the
+    door's own status (400, 408, 431)."""
+    doc = {"type": f"urn:ainarres:problem:{refusal.code}", "title": refusal.title, "status": status,
+           "code": refusal.code, "detail": refusal.detail, **refusal.extra}
     body = json.dumps(doc, separators=(",", ":")).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
@@ -106,8 +102,7 @@ class _Guard:
         if self.transport.is_closing():
             return
         if self._state == _HEAD and self._head_bytes > self.max_head_bytes:
-            self._refuse(431, "Request Header Fields Too Large", "payload_too_large",
-                         f"the request line and headers are limited to {self.max_head_bytes} bytes")
+            self._head_too_large()
         elif self._state == _BODY:
             self._arm(self.body_timeout)  # an idle time-out: each piece of the body restarts it
 
@@ -126,8 +121,7 @@ class _Guard:
     def on_headers_complete(self) -> None:
         # A head that arrived whole in one read: measured from what the parser handed over.
         if self._parsed_head > self.max_head_bytes:
-            self._refuse(431, "Request Header Fields Too Large", "payload_too_large",
-                         f"the request line and headers are limited to {self.max_head_bytes} bytes")
+            self._head_too_large()
             return
         self._state = _BODY
         self._arm(self.body_timeout)
@@ -147,9 +141,9 @@ class _Guard:
     def send_400_response(self, msg: str) -> None:
         """What uvicorn answers to a request its parser cannot read (a malformed request line, header or
         Content-Length, a bad chunk): problem+json like every other refusal, not uvicorn's text/plain."""
-        self._refuse(400, "Bad Request", "invalid",
+        self._refuse(400, "Bad Request", Invalid(
                      "the request is not valid HTTP/1.1 (its request line, a header, Content-Length or the chunked "
-                     "body is malformed); send it with an HTTP client library")
+                     "body is malformed); send it with an HTTP client library"))
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -171,8 +165,8 @@ class _Guard:
             if self._busy():  # a pipelined head while the previous response runs: wait for it
                 self._arm(self.head_timeout)
             elif self._head_bytes:
-                self._refuse(408, "Request Timeout", "invalid",
-                             f"the request line and headers must arrive within {self.head_timeout:g} seconds")
+                self._refuse(408, "Request Timeout", Invalid(
+                    f"the request line and headers must arrive within {self.head_timeout:g} seconds"))
             else:
                 self.transport.close()
         elif self._state == _BODY:
@@ -181,15 +175,19 @@ class _Guard:
             elif self.cycle is not None and self.cycle.response_started:
                 self.transport.close()
             else:
-                self._refuse(408, "Request Timeout", "invalid",
-                             f"the request body stopped arriving for {self.body_timeout:g} seconds")
+                self._refuse(408, "Request Timeout", Invalid(
+                    f"the request body stopped arriving for {self.body_timeout:g} seconds"))
 
-    def _refuse(self, status: int, reason: str, code: str, detail: str) -> None:
+    def _head_too_large(self) -> None:
+        self._refuse(431, "Request Header Fields Too Large",
+                     PayloadTooLarge(f"the request line and headers are limited to {self.max_head_bytes} bytes"))
+
+    def _refuse(self, status: int, reason: str, refusal: AinarresError) -> None:
         self._disarm()
         self._state = _REFUSED
         running = self._busy()
         if not (running and self.cycle.response_started):
-            self.transport.write(_raw_problem(status, reason, code, detail))
+            self.transport.write(_raw_problem(status, reason, refusal))
         if running:  # the application reading the body learns that the client is gone
             self.cycle.disconnected = True
             self.cycle.message_event.set()

@@ -90,21 +90,18 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
     """A Starlette HTTPException (404, 405, an unreadable or oversized body) as problem+json."""
     if exc.status_code == 413:  # the body limit's, met while the body was read: the same 413 as before it
         return refusal(PayloadTooLarge(str(exc.detail)), path)
-    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated"}.get(exc.status_code, "invalid")
-    detail = str(exc.detail)
-    if exc.status_code == 404:
-        detail = "no such endpoint; /docs lists them"
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
         detail = (f"{path} does not take this method; it takes {allowed} (see /docs)" if allowed
                   else f"{path} does not take this method (see /docs)")
-        resp = problem(405, code, "Method not allowed", detail, path)
+        resp = problem(405, "method_not_allowed", "Method not allowed", detail, path)
         resp.headers.update(exc.headers or {})
         return resp
     if exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested too deep)
         return refusal(Invalid("body: the body could not be parsed as JSON"), path)
-    title = {404: NotFound.title, 401: Unauthenticated.title}.get(exc.status_code, Invalid.title)
-    resp = problem(exc.status_code, code, title, detail, path)
+    kind = {404: NotFound, 401: Unauthenticated}.get(exc.status_code, Invalid)  # its code and its one title
+    detail = "no such endpoint; /docs lists them" if exc.status_code == 404 else str(exc.detail)
+    resp = problem(exc.status_code, kind.code, kind.title, detail, path)
     resp.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return resp
 

@@ -26,21 +26,14 @@ from pydantic_core import PydanticCustomError
 from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
 from ainarres_api.server.services.auth import TOKEN_TTL_MAX, TOKEN_TTL_MIN
+from ainarres_api.server.services.digest import integral
 
-
-def _whole(value: Any) -> Any:
-    """A JSON number without a fraction as the integer it is: JSON Schema's `integer` (OpenAPI 3.1) admits
-    `3600.0` and `1e2`, and many JSON encoders write numbers so. Strings and booleans stay refused, and so
-    does a float past 2⁵³, which no longer says which integer it was (write big ids as integers)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # beyond, a float is not exact
-        return int(value)
-    return value
-
-
+# JSON Schema's `integer` (OpenAPI 3.1) admits `3600.0` and `1e2`, and many JSON encoders write numbers so;
+# strings and booleans stay refused, and so does a float past 2⁵³ (write big ids as integers).
 # On an integer field of a request, after its bounds (`Annotated[StrictInt, Field(ge=…), WHOLE]`; before them,
 # pydantic would publish the bounds as `ge`/`le` instead of `minimum`/`maximum`): a JSON number with no fractional
 # part, never a string or a boolean.
-WHOLE = BeforeValidator(_whole)
+WHOLE = BeforeValidator(integral)
 
 FEATURE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9_.+-]{0,95}$"
 

@@ -168,8 +168,7 @@ async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str
     if row is None:  # lifted already, or never denied: what was asked holds (a retried DELETE is not refused)
         if not await conn.fetchval(Q["family_known"], family):
             raise NotFound(f"no family {family!r}")
-        if not await conn.fetchval(Q["feature_known"], feature):
-            raise NotFound(f"no feature {feature!r} is registered; GET /v1/features lists them")
+        await auth.feature_exists(conn, feature)
         return
     if not row["lifted"]:
         raise Conflict(f"family {family!r}'s denial of {feature!r} is a {row['governance']} governance ban; lift it "

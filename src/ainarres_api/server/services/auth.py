@@ -196,6 +196,12 @@ async def unregistered(conn: asyncpg.Connection, features: Collection[str]) -> l
     return sorted(set(features) - known)
 
 
+async def feature_exists(conn: asyncpg.Connection, feature: str) -> None:
+    """Refuse the request with 404 if a feature its path names is not registered (a body's: `registered`)."""
+    if await unregistered(conn, [feature]):
+        raise NotFound(f"no feature {feature!r} is registered; GET /v1/features lists them")
+
+
 async def registered(conn: asyncpg.Connection, field: str, features: Collection[str]) -> None:
     """Refuse the request if the body's `field` names a feature that is not registered: a 422 on that field,
     in one wording wherever a body names features (ADR 0025)."""

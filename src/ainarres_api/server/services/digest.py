@@ -7,11 +7,19 @@ import json
 from typing import Any
 
 
+def integral(value: Any) -> Any:
+    """A JSON number without a fraction as the integer it is (`3600.0`, `1e2`); anything else as it is, and so a
+    float past 2⁵³, which no longer says which integer it was."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # beyond, a float is not exact
+        return int(value)
+    return value
+
+
 def _numbers_as_numbers(value: Any) -> Any:
     """JSON compares numbers by value: `1.0` and `1` (and `1e0`) are one number, as PostgreSQL's jsonb holds them,
     so an encoder that writes integers as floats sends the same request."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # beyond, a float is not exact
-        return int(value)
+    if isinstance(value, float):
+        return integral(value)
     if isinstance(value, dict):
         return {k: _numbers_as_numbers(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -81,8 +81,7 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
     elif scope == "feature":
         if not (key.startswith("role:") or key.startswith("capability:")):
             raise Invalid("path.key: a feature policy is for a role:<x> or capability:<x> feature")
-        if not await conn.fetchval(Q["feature_known"], key):
-            raise NotFound(f"no feature {key!r} is registered; GET /v1/features lists them")
+        await auth.feature_exists(conn, key)
     base, cap = values.get("ban_base_seconds"), values.get("ban_cap_seconds")
     if base is not None and cap is not None and base > cap:  # the first ban would be longer than the longest
         raise Invalid(f"ban_cap_seconds: {cap} is below ban_base_seconds ({base}); the cap bounds every ban, "

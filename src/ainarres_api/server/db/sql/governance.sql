@@ -12,9 +12,6 @@ SELECT d.family_key AS family, d.feature, d.reason, d.expires_at, d.created_by, 
 -- name: family_known
 SELECT EXISTS (SELECT 1 FROM families WHERE key = $1);
 
--- name: feature_known
-SELECT EXISTS (SELECT 1 FROM features WHERE name = $1);
-
 -- name: workflow_known
 SELECT EXISTS (SELECT 1 FROM workflows WHERE key = $1);
 
