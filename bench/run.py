@@ -507,6 +507,19 @@ def _pids(match: str) -> list[int]:
     return out
 
 
+def _waited(pids: list[int]) -> float:
+    """Seconds these processes' threads have spent runnable but not running, so far (Linux schedstat: the
+    run queue, which on a VM includes waking an idle virtual CPU); gone processes count 0."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 def _idle() -> tuple[float, float]:
     """(all, idle) CPU jiffies of the machine so far."""
     vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -534,9 +547,11 @@ def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results:
         pg = _pids("postgres")
         pg0, sv0, ld0, (all0, idle0), t0 = (_cpu_seconds(pg), _cpu_seconds([svc.proc.pid]), _cpu_seconds(load),
                                              _idle(), time.monotonic())
+        wpg0, wsv0 = _waited(pg), _waited([svc.proc.pid])
         time.sleep(args.seconds * 0.6)
         pg1, sv1, ld1, (all1, idle1), t1 = (_cpu_seconds(pg), _cpu_seconds([svc.proc.pid]), _cpu_seconds(load),
                                              _idle(), time.monotonic())
+        wpg1, wsv1 = _waited(pg), _waited([svc.proc.pid])
         r = fut.result()
         rate = r["cycles"] / r["elapsed"]
         n = rate * (t1 - t0)
@@ -544,7 +559,11 @@ def bench_cpu(dsn: str, svc: harness.Service, args: argparse.Namespace, results:
                      "cpu_ms_per_cycle": {"postgres": round(1000 * (pg1 - pg0) / n, 2),
                                           "service": round(1000 * (sv1 - sv0) / n, 2),
                                           "load_generator": round(1000 * (ld1 - ld0) / n, 2)},
-                     "machine_idle": round((idle1 - idle0) / (all1 - all0), 2)}, results)
+                     "machine_idle": round((idle1 - idle0) / (all1 - all0), 2),
+                     # Seconds per second spent runnable but not running: the service's event loop is one
+                     # thread, so with `service` CPU it says how much of the time it had work.
+                     "run_queue": {"postgres": round((wpg1 - wpg0) / (t1 - t0), 2),
+                                   "service": round((wsv1 - wsv0) / (t1 - t0), 2)}}, results)
 
 
 async def _ready_count(dsn: str, lane: str) -> int:
