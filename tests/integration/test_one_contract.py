@@ -3,8 +3,10 @@ an instant, an unregistered feature, a trailing slash, a 422's `errors[]`, numbe
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 from ainarres_api.server.api.contract import QUERY_UNCHECKED
@@ -257,3 +259,47 @@ async def test_a_task_held_past_its_lease_reads_as_abandoned(admin, db):
     assert (await dev.get("/v1/me"))["held"] == []
     board = (await admin.get("/v1/board", params={"state": "held"}))["items"]
     assert [(b["id"], b["abandoned"]) for b in board] == [(task, True)]
+
+
+@pytest.mark.parametrize("path,body,listing,field", [
+    ("/v1/features", {"name": "role:Dev"}, "/v1/features", "name"),
+    ("/v1/families", {"key": "Cheap", "features": ["role:dev"]}, "/v1/families", "key"),
+    ("/v1/lanes", {"project": "acme", "key": "DEV", "workflow": "dev"}, "/v1/lanes", "key"),
+    ("/v1/features", {"name": "lane:Dev"}, "/v1/features", "name"),
+])
+async def test_a_key_that_differs_from_one_that_exists_only_in_case_is_refused(admin, path, body, listing, field):
+    """`role:Dev` beside `role:dev`: a model retyping a key would make a second thing that nothing else names, and
+    work requiring it would match no one (SPEC: typos are refused, not silently unmatched). 409 naming the one that
+    exists; nothing is created."""
+    await make_world(admin)  # role:dev, family cheap, lane dev (and its feature lane:dev), project acme
+    before = await admin.get(listing, params={"limit": 200})
+    r = await admin.call("POST", path, body, 409)
+    assert r.json()["code"] == "conflict" and "only in case" in r.json()["detail"], r.json()
+    wanted = body[field]
+    existing = wanted.split(":")[0] + ":" + wanted.split(":")[1].lower() if ":" in wanted else wanted.lower()
+    assert repr(existing) in r.json()["detail"], r.json()
+    assert await admin.get(listing, params={"limit": 200}) == before
+
+
+async def test_two_look_alikes_sent_at_once_cannot_both_be_created(admin, db, dsn):
+    """The check and the insert are serialised per key in any case: with both creates waiting on that lock (held
+    here), the first in creates, the second finds it and is refused."""
+    holder = await asyncpg.connect(dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('ainarres:key:' || $1))", "feature:role:pair")
+        sent = [asyncio.create_task(admin.call("POST", "/v1/features", {"name": name}, None))
+                for name in ("role:pair", "role:PAIR")]
+        for _ in range(2000):  # until both creates are seen waiting on the lock (the event), bounded
+            if await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 2:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("the creates did not wait on the key's lock")
+        await tx.commit()
+        answers = sorted(r.status_code for r in await asyncio.gather(*sent))
+    finally:
+        await holder.close()
+    assert answers == [201, 409], answers
+    assert await db.fetchval("SELECT count(*) FROM features WHERE lower(name) = 'role:pair'") == 1

@@ -25,9 +25,23 @@ def _bounded_context(context: dict[str, Any]) -> None:
                               "elsewhere and store references (a repository URL, a path) here")
 
 
+async def _unlike(conn: asyncpg.Connection, kind: str, key: str) -> None:
+    """Refuses a key that differs from one that exists only in case (`role:Dev` beside `role:dev`, lane `Backend`
+    beside `backend`): a model retyping a key would make a second thing that nothing else names, and work that
+    requires it would match no one (SPEC: typos are refused, not silently unmatched). Inside the create's
+    transaction, serialised per key in any case, so that two look-alikes sent at once cannot both pass."""
+    await conn.execute(Q["key_lock"], f"{kind}:{key.lower()}")
+    other = await conn.fetchval(Q[f"{kind}_look_alike"], key)
+    if other is not None:
+        raise Conflict(f"a {kind} {other!r} exists, which differs from {key!r} only in case; keys are "
+                       f"case-sensitive and look-alikes are refused: use {other!r}")
+
+
 async def create_feature(conn: asyncpg.Connection, name: str, description: str) -> dict[str, Any]:
     """Register a feature so it can be provisioned, required and denied."""
-    return dict(await conn.fetchrow(Q["feature_insert"], name, description))
+    async with conn.transaction():
+        await _unlike(conn, "feature", name)
+        return dict(await conn.fetchrow(Q["feature_insert"], name, description))
 
 
 async def get_feature(conn: asyncpg.Connection, name: str) -> dict[str, Any]:
@@ -65,6 +79,7 @@ async def create_family(conn: asyncpg.Connection, key: str, features: list[str],
     """A new family provisioned with registered features."""
     async with conn.transaction():
         await auth.registered(conn, "features", features)
+        await _unlike(conn, "family", key)
         await conn.execute(Q["family_insert"], key, description, max_active)
         await conn.execute(Q["family_features_add"], key, sorted(set(features)))
         return await get_family(conn, key)
@@ -342,6 +357,8 @@ async def create_lane(conn: asyncpg.Connection, project: str, key: str, workflow
         wf = await conn.fetchrow(Q["workflow_get"], workflow, None)
         if wf is None:
             raise NotFound(f"no workflow {workflow!r}; create it first (POST /v1/workflows)")
+        await _unlike(conn, "lane", key)
+        await _unlike(conn, "feature", f"lane:{key}")
         if await conn.fetchval(Q["lane_get"], key) is not None:
             raise Conflict(f"a lane {key!r} exists (lane keys are unique across projects)")
         await conn.execute(Q["lane_insert"], proj["id"], key, wf["id"], context)

@@ -61,6 +61,20 @@ UPDATE families
 -- name: feature_get
 SELECT name, kind, description, created_at FROM features WHERE name = $1;
 
+-- name: key_lock
+-- Serialises the creates of one key in its every spelling of case ($1: the kind and the key, lower-cased), so
+-- that two look-alikes cannot both be created; held until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtext('ainarres:key:' || $1));
+
+-- name: feature_look_alike
+SELECT name FROM features WHERE lower(name) = lower($1) AND name <> $1 ORDER BY name LIMIT 1;
+
+-- name: family_look_alike
+SELECT key FROM families WHERE lower(key) = lower($1) AND key <> $1 ORDER BY key LIMIT 1;
+
+-- name: lane_look_alike
+SELECT key FROM lanes WHERE lower(key) = lower($1) AND key <> $1 ORDER BY key LIMIT 1;
+
 -- name: feature_insert
 INSERT INTO features (name, description) VALUES ($1, $2) RETURNING name, kind, description, created_at;
 
