@@ -360,6 +360,56 @@ async def test_a_substrate_block_needs_an_overseer_an_agent_block_does_not(admin
     assert (await dev.verb(t, "unblock", note="found them"))["task"]["state"] == "ready"
 
 
+async def test_lifting_a_substrate_block_goes_on_the_trail_whichever_call_makes_it(admin, db):
+    """SPEC §8: a human's unblock of what the substrate blocked carries a reason on the trail. The unblock verb,
+    which an overseer may also call (the task drawer did, without a note), is held to it: a note is required and
+    recorded on the trail, as POST /v1/governance/unblock records it (found by a review of SPEC against the code:
+    the verb lifted such a block with no reason and no trail entry)."""
+    flat = {"key": "flat", "stages": [{"key": "todo", "initial": True, "max_attempts": 1},
+                                      {"key": "done", "terminal": True}],
+            "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
+    w = await make_world(admin, workflow=flat, lane="flat")
+    dev = await w.agent("cheap")
+    t = (await dev.create("flat", "hard"))["task"]["id"]
+    c = await dev.claim("flat")
+    assert (await dev.verb(t, "release", lease=c["lease"]["id"], reason="cannot"))["code"] == "blocked"
+
+    for body in ({}, {"note": "x" * 2001}):
+        refused = await admin.call("POST", f"/v1/tasks/{t}/unblock", body, 422)
+        assert [e["field"] for e in refused.json()["errors"]] == ["note"], refused.json()
+        assert "governance trail" in refused.json()["detail"]
+    assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", t) == "blocked"  # unchanged
+    assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'unblock'") == 0
+
+    u = await admin.post(f"/v1/tasks/{t}/unblock", {"note": "retry with the new key"}, 200)
+    assert u["task"]["state"] == "ready" and u["event"]["data"]["note"] == "retry with the new key"
+    entry = (await status(admin))["trail"][0]
+    assert (entry["action"], entry["task_id"], entry["reason"]) == ("unblock", t, "retry with the new key")
+    assert entry["data"] == {"blocked_by": "substrate", "blocked_reason": entry["data"]["blocked_reason"]}
+
+    # An agent's own block lifted by an agent of the stage is not a human act: nothing on the trail.
+    c = await dev.claim("flat")
+    await dev.verb(t, "block", lease=c["lease"]["id"], reason="need credentials")
+    assert (await dev.verb(t, "unblock"))["task"]["state"] == "ready"
+    assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'unblock'") == 1
+
+
+async def test_a_capability_policy_takes_only_the_threshold_that_reads_it(admin):
+    """Strikes and bans are counted per (family, role): a `capability:` policy's strike threshold was stored and
+    governed nothing (found by a review of SPEC against the code). Refused, naming the fields; the flag threshold,
+    which auditor flags on a capability do read, is taken."""
+    await make_world(admin)
+    await admin.post("/v1/features", {"name": "capability:gpu"}, 201)
+    r = await admin.call("PUT", "/v1/governance/policies/feature/capability:gpu",
+                         {"strike_threshold": 1, "ban_cap_seconds": 600, "recommend_after_flags": 2}, 422)
+    assert [e["field"] for e in r.json()["errors"]] == ["strike_threshold", "ban_cap_seconds"], r.json()
+    assert "role:<x>" in r.json()["detail"]
+    assert not [p for p in (await status(admin))["policies"] if p["key"] == "capability:gpu"]
+    ok = await admin.call("PUT", "/v1/governance/policies/feature/capability:gpu", {"recommend_after_flags": 2}, 200)
+    assert ok.json()["recommend_after_flags"] == 2
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 1}, 200)
+
+
 async def test_demand_names_work_nobody_unbanned_can_serve(admin):
     w = await make_world(admin, workflow=LOOP)
     maker = await w.agent("cheap")

@@ -18,6 +18,7 @@ from ainarres_api.server.api.schemas import WHOLE, Body, empty_is
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import governance
 from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.tasks import TRAIL_REASON_MAX
 
 router = APIRouter(prefix="/v1/governance", tags=["governance"])
 
@@ -25,7 +26,7 @@ Reader = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "
 Overseer = Annotated[Principal, Depends(require("seat:overseer"))]
 Auditor = Annotated[Principal, Depends(require("role:auditor"))]
 
-Reason = Annotated[str, Field(min_length=1, max_length=2000)]
+Reason = Annotated[str, Field(min_length=1, max_length=TRAIL_REASON_MAX)]  # the trail's bound
 Key = Annotated[str, Field(min_length=1, max_length=200)]
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 

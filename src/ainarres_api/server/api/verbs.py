@@ -413,13 +413,16 @@ Refusals: lease_lost, not_found, invalid.""",
             "Puts a blocked task back in its queue; its attempts and the stage's rework count start over. "
             "Needs `seat:overseer`, or the lane's feature and the features of a way out of the task's stage. "
             "A block the substrate made (max attempts, the rework cap) only `seat:overseer` may lift "
-            "(`403 not_eligible`: a human must lift it). A task that is not blocked: `409 conflict`."),
+            "(`403 not_eligible`: a human must lift it), with a `note` saying what was decided, which goes on the "
+            "governance trail as the decision's reason (`422 invalid` on `note` without one, or past 2000 "
+            "characters). A task that is not blocked: `409 conflict`."),
         tool="unblock", tool_title="Unblock a task",
         tool_text="""\
 Make a blocked task claimable again once what blocked it is resolved (its attempts start over). No
 hold needed; needs seat:overseer, or the features to work the task's stage. A block the substrate
-made (max attempts, rework cap) only a human with seat:overseer may lift: do not retry.
-Refusals: not_eligible, conflict (the task is not blocked), not_found.""",
+made (max attempts, rework cap) only a human with seat:overseer may lift, with a note saying what
+was decided (it goes on the governance trail): do not retry.
+Refusals: not_eligible, conflict (the task is not blocked), not_found, invalid (a note is needed).""",
         work=_unblock,
         example={"note": "credentials added to the vault"},
         answer_example={"code": "ok", "task": _TASK, "event": {**_EVENT, "type": "unblocked"}},

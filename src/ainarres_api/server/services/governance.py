@@ -20,8 +20,9 @@ from ainarres_api.server.services import auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 TRAIL_LATEST = 100
-POLICY_FIELDS = ("strike_threshold", "ban_base_seconds", "ban_cap_seconds", "recommend_after_bans",
-                 "recommend_after_flags")
+# The thresholds only strikes read: a strike is for (producer family, producer role), under that role's policy.
+ROLE_ONLY = ("strike_threshold", "ban_base_seconds", "ban_cap_seconds", "recommend_after_bans")
+POLICY_FIELDS = (*ROLE_ONLY, "recommend_after_flags")
 OPERATIONAL_KINDS = ("spinning", "overspending", "health", "integrity")
 
 
@@ -82,6 +83,11 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
         if not (key.startswith("role:") or key.startswith("capability:")):
             raise Invalid("path.key: a feature policy is for a role:<x> or capability:<x> feature")
         await auth.feature_exists(conn, key)
+        if key.startswith("capability:") and (dead := [f for f in ROLE_ONLY if values.get(f) is not None]):
+            # Stored, they would govern nothing: strikes and their bans are counted per (family, role).
+            raise Invalid(f"a capability's policy sets recommend_after_flags only (auditor flags on {key}): strikes "
+                          f"and bans are counted per role, so set {', '.join(dead)} on the role:<x> policy instead",
+                          errors=[{"field": f, "detail": "a role's threshold, not a capability's"} for f in dead])
     base, cap = values.get("ban_base_seconds"), values.get("ban_cap_seconds")
     if base is not None and cap is not None and base > cap:  # the first ban would be longer than the longest
         raise Invalid(f"ban_cap_seconds: {cap} is below ban_base_seconds ({base}); the cap bounds every ban, "
@@ -122,17 +128,9 @@ async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str
 
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str) -> dict[str, Any]:
-    """An overseer's unblock (what the substrate blocked included), with its note on the trail."""
-    async with conn.transaction():
-        # Locked before it is read: the trail records the block this unblock lifts, not one that an unblock,
-        # a claim and a new block in between replaced.
-        block = await conn.fetchrow(Q["task_block_of"], task_id)
-        if block is None:
-            raise NotFound("no such task; check the id")
-        out = await tasks.unblock(conn, p, task_id, note)
-        await conn.execute(Q["trail_unblock"], p.sub, p.family, task_id, note, block["blocked_by"],
-                           block["blocked_reason"])
-    return out
+    """An overseer's unblock (what the substrate blocked included), with its note on the trail: the unblock verb's
+    rules, which write the trail entry under the task's lock (the block recorded is the one lifted)."""
+    return await tasks.unblock(conn, p, task_id, note, on_trail=True)
 
 
 async def raise_flag(conn: asyncpg.Connection, p: Principal, kind: str, family: str, feature: str | None,

@@ -469,16 +469,28 @@ async def _replay(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
     return None
 
 
-async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None
-                  ) -> dict[str, Any]:
-    """Make a blocked task claimable again; attempts and this stage's rework count start over."""
+# A human act's reason on the governance trail: at most this long (the trail's bound for every act).
+TRAIL_REASON_MAX = 2000
+
+
+async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None, *,
+                  on_trail: bool = False) -> dict[str, Any]:
+    """Make a blocked task claimable again; attempts and this stage's rework count start over.
+
+    Lifting a block the substrate made (max attempts, the rework cap) is a human's decision (SPEC §8): whichever
+    call makes it, the note is its reason on the governance trail, written here with the unblock. `on_trail`: the
+    overseer's call (POST /v1/governance/unblock), which puts every unblock it makes on the trail."""
     async with conn.transaction():
         row = await _lock(conn, p, task_id, None)
-        if row["state"] == "blocked" and row["blocked_by"] == "substrate" and not p.has("seat:overseer"):
+        substrate = row["state"] == "blocked" and row["blocked_by"] == "substrate"
+        if substrate and not p.has("seat:overseer"):
             # The substrate parked it (max attempts, the rework cap): a human decides whether it goes on.
             raise NotEligible(f"the substrate blocked this task ({row['blocked_reason']}); a human must lift it: only "
                               "seat:overseer may unblock it (the board's Needs you inbox, or POST "
                               "/v1/governance/unblock)", task=row["task"])
+        if substrate and not (note and len(note) <= TRAIL_REASON_MAX):
+            raise Invalid(f"note: lifting a block the substrate made is a human's decision, recorded on the "
+                          f"governance trail: say what was decided (1–{TRAIL_REASON_MAX} characters)")
         if not p.has("seat:overseer"):
             lane_feature = f"lane:{row['lane_key']}"
             bundles = [set(r["required_features"]) | set(row["required_features"]) | {lane_feature}
@@ -496,6 +508,9 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
         task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, 0, rework)
         wake.ready(route)
         ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"]})
+        if substrate or on_trail:
+            await conn.execute(Q["trail_unblock"], p.sub, p.family, task_id, note, row["blocked_by"],
+                               row["blocked_reason"])
     return {"code": "ok", "task": task, "event": ev}
 
 

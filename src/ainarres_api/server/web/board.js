@@ -748,9 +748,18 @@ async function renderDrawer(id) {
 
   const parts = [dl];
   if (task.blocked) {
-    const note = el("textarea", { id: "unblock-note", rows: "2", placeholder: "note for the record (optional)", "aria-label": "unblock note" });
+    // Lifting what the substrate blocked is a human's decision: its note goes on the governance trail (required).
+    const human = S.stuck.get(id)?.human_must_lift === true;
+    const note = el("textarea", { id: "unblock-note", rows: "2", maxlength: human ? "2000" : "8000",
+                                  placeholder: human ? "what was decided (required: it goes on the governance trail)" : "note for the record (optional)",
+                                  "aria-label": "unblock note" });
     const btn = el("button", { type: "button", id: "unblock", class: "primary", text: "Unblock" });
     btn.addEventListener("click", async () => {
+      if (human && !note.value.trim()) {
+        toast("say what was decided: lifting a block the substrate made goes on the governance trail", "error");
+        note.focus();
+        return;
+      }
       btn.disabled = true;
       try {
         const out = await api("POST", `/v1/tasks/${id}/unblock`, note.value.trim() ? { note: note.value.trim() } : {});

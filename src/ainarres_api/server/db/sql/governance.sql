@@ -190,11 +190,6 @@ SELECT id, at, actor, actor_family, action, family_key AS family, feature, task_
 INSERT INTO governance_trail (actor, actor_family, action, task_id, reason, data)
 VALUES ($1, $2, 'unblock', $3, $4, jsonb_build_object('blocked_by', $5::text, 'blocked_reason', $6::text));
 
--- name: task_block_of
--- Whether a task exists, and who blocked it (tasks.blocked_by) and why, for the overseer's unblock: locked,
--- in the unblock's transaction, so that what it records is the block it lifts.
-SELECT state, blocked_by, blocked_reason FROM tasks WHERE id = $1 FOR UPDATE;
-
 -- name: task_known
 SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1);
 
