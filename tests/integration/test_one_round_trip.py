@@ -87,10 +87,26 @@ async def test_refusals_come_from_the_same_statement(app: Any, admin: Api, db: A
     elif case == "illegal":
         body["to"] = "done"
     r = await who.call("POST", f"/v1/tasks/{tid}/advance", body)
-    expected = {"foreign": (409, "lease_lost", "another agent"), "ended": (409, "lease_lost", "no longer hold"),
+    expected = {"foreign": (409, "lease_lost", "another agent"), "ended": (409, "lease_lost", "under another lease"),
                 "expired": (409, "lease_lost", "expired"), "illegal": (409, "illegal_transition", "review")}[case]
     assert (r.status_code, r.json()["code"]) == expected[:2], r.text
     assert expected[2] in r.json()["detail"], r.text
     # Nothing changed: still held by dev under the same lease.
     row = await db.fetchrow("SELECT state, holder, lease_id::text FROM tasks WHERE id = $1", uuid.UUID(tid))
     assert (row["state"], row["holder"], row["lease_id"]) == ("held", dev.sub, lease)
+
+
+async def test_a_lost_lease_says_which_way_the_hold_ended(admin: Api, db: Any) -> None:
+    """SPEC §3: the detail says which — taken over by another agent after the lease ran out, or moved on (found by
+    a review of SPEC against the code: every ended hold had one wording)."""
+    w = await make_world(admin)
+    a, b = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await a.create("dev", "taken over"))["task"]["id"]
+    mine = (await a.claim("dev"))["lease"]["id"]
+    await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", uuid.UUID(tid))
+    theirs = (await b.claim("dev"))["lease"]["id"]  # recovers it
+    r = await a.verb(tid, "heartbeat", 409, lease=mine)
+    assert r["code"] == "lease_lost" and "another agent holds it now" in r["detail"], r
+    await b.verb(tid, "advance", lease=theirs, to="review")
+    r = await a.verb(tid, "heartbeat", 409, lease=mine)
+    assert "the task is ready at review now" in r["detail"], r

@@ -183,12 +183,21 @@ _LEASE_WORDS = {
 }
 
 
-def _refused(verdict: str, task: dict[str, Any] | None) -> AinarresError:
-    """The refusal for a held-task verb's verdict (not_found or a lease_state)."""
+def _refused(verdict: str, task: dict[str, Any] | None, sub: str | None = None) -> AinarresError:
+    """The refusal for a held-task verb's verdict (not_found or a lease_state); for a hold that ended, the detail
+    says which way, from the task as it is now (SPEC §3: expired and recovered, or held by another agent)."""
     if verdict == "not_found":
         return NotFound("no such task visible to you; check the id")
-    return LeaseLost(f"{_LEASE_WORDS[verdict]}; nothing was changed. Claim again (POST /v1/claims) to get work",
-                     task=task)
+    words = _LEASE_WORDS[verdict]
+    if verdict == "ended" and task is not None:
+        if task.get("state") != "held":
+            words = f"your hold ended: the task is {task.get('state')} at {task.get('stage')} now"
+        elif task.get("holder") == sub:
+            words = "you hold it, under another lease than this one (the one your latest claim gave): present that"
+        else:
+            words = "your hold ended and another agent holds it now (taken over after your lease expired, or " \
+                    "claimed after the task was given back)"
+    return LeaseLost(f"{words}; nothing was changed. Claim again (POST /v1/claims) to get work", task=task)
 
 
 async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
@@ -299,7 +308,7 @@ async def heartbeat(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, 
     r = await conn.fetchrow(Q["renew"], task_id, lease, p.sub, p.family, False, None, [],
                             sorted(p.features), p.oversees)
     if r["verdict"] != "ok":
-        raise _refused(r["verdict"], r["task"])
+        raise _refused(r["verdict"], r["task"], p.sub)
     return {"code": "ok", "lease": _lease_out(r["lease_id"], r["lease_expires_at"]), "task": r["task"]}
 
 
@@ -309,7 +318,7 @@ async def progress(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, l
     r = await conn.fetchrow(Q["renew"], task_id, lease, p.sub, p.family, True, note, artifacts,
                             sorted(p.features), p.oversees)
     if r["verdict"] not in ("ok", "replay"):
-        raise _refused(r["verdict"], r["task"])
+        raise _refused(r["verdict"], r["task"], p.sub)
     out = {"code": "ok", "task": r["task"], "event": r["event"],
            "lease": _lease_out(r["lease_id"], r["lease_expires_at"])}
     return out | {"replay": True} if r["verdict"] == "replay" else out
@@ -395,9 +404,12 @@ async def _transitioned(conn: asyncpg.Connection, p: Principal, r: asyncpg.Recor
         closest = min((set(opt) for opt in o["options"]), key=len)
         raise NotEligible(f"{kind} {stage} → {to} needs {', '.join(sorted(closest))}", task=task)
     if verdict == "guard_failed":
-        raise GuardFailed(f"the guard on {stage} → {to} is false for this task; fix what it checks "
-                          "(the card shows it) and try again", task=task)
-    raise _refused(verdict, task)
+        # A guard reads the task (task_json: its payload as created, its counters), which no verb edits: sending
+        # the move again changes nothing.
+        raise GuardFailed(f"the guard on {stage} → {to} (the card shows it) is false for this task, which it reads "
+                          "as it stands (the payload it was created with, its counters); take another way out the "
+                          "card lists, or block the task for a human if none fits", task=task)
+    raise _refused(verdict, task, p.sub)
 
 
 async def _promote_dependents(conn: asyncpg.Connection, task_id: uuid.UUID) -> None:
@@ -426,7 +438,7 @@ async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
             return {"code": "blocked" if ev["type"] == "blocked" else "ok", "task": row["task"], "event": ev,
                     "replay": True}
         if row["lease"] != "ok":
-            raise _refused(row["lease"], row["task"])
+            raise _refused(row["lease"], row["task"], p.sub)
         attempts = row["attempts"] + 1
         if row["due"] is not None:
             ev = await _apply_due(conn, p, row, attempts, {"release_reason" if row["due"] == "block" else "reason":
@@ -454,7 +466,7 @@ async def block(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, leas
     if r["verdict"] == "ended" and (ev := await _replay(conn, p, task_id, lease, ("blocked", "reason", reason))):
         return {"code": "ok", "task": r["task"], "event": ev, "replay": True}
     if r["verdict"] != "ok":
-        raise _refused(r["verdict"], r["task"])
+        raise _refused(r["verdict"], r["task"], p.sub)
     return {"code": "ok", "task": r["task"], "event": r["event"]}
 
 
