@@ -362,6 +362,25 @@ async def test_denials(admin, db):
     assert await _count(db, "denials") == n - 1
 
 
+async def test_a_denial_and_its_removal_are_on_the_governance_trail(admin, db):
+    """A denial without an end is a permanent ban in all but name (SPEC §8: with a reason on the trail); one made
+    and removed with DELETE left no record anywhere (found by a review of SPEC against the code). Refused ones,
+    and a DELETE of what is lifted already, add nothing."""
+    await make_world(admin)
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "broke the build"}, 201)
+    await admin.call("POST", "/v1/families/cheap/denials", {"feature": "role:dev", "reason": "again"}, 409)
+    assert (await admin.delete("/v1/families/cheap/denials/role:dev")).status_code == 204
+    assert (await admin.delete("/v1/families/cheap/denials/role:dev")).status_code == 204  # a retry
+    trail = (await admin.get("/v1/governance/trail"))["items"]
+    assert [(e["action"], e["family"], e["feature"]) for e in trail] == [
+        ("lift", "cheap", "role:dev"), ("deny", "cheap", "role:dev")]
+    lifted, denied = trail
+    assert denied["reason"] == "broke the build" and denied["data"] == {"expires_at": None}
+    assert denied["actor"].startswith("admin.") and denied["actor_family"] == "admin"
+    assert "DELETE /v1/families/cheap/denials/role:dev" in lifted["reason"]
+    assert lifted["data"] == {"was": "denial", "expires_at": None, "denied_for": "broke the build"}
+
+
 # --- workflows ----------------------------------------------------------------------------------
 
 

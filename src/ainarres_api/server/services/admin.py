@@ -160,7 +160,7 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
         _may_govern(p, family, feature)
         if feature == "seat:admin":
             await _keep_an_admin(conn, family)
-        row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub)
+        row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family)
         if row is None:
             raise Conflict(f"family {family} already has an active denial of {feature}; "
                            "DELETE it first to change it")
@@ -177,9 +177,9 @@ async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dic
 
 
 async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str) -> None:
-    """Remove a family's denial of a feature."""
+    """Remove a family's denial of a feature (on the governance trail, when it was in force)."""
     _may_govern(p, family, feature)
-    row = await conn.fetchrow(Q["denial_delete"], family, feature)
+    row = await conn.fetchrow(Q["denial_delete"], family, feature, p.sub, p.family)
     if row is None:  # lifted already, or never denied: what was asked holds (a retried DELETE is not refused)
         if not await conn.fetchval(Q["family_known"], family):
             raise NotFound(f"no family {family!r}")

@@ -1,22 +1,35 @@
 -- Administration: vocabulary, families, denials, workflows, projects, lanes.
 
 -- name: denial_delete
--- Lifts an ordinary denial. A governance-made one (reflexive or permanent) stays: its lift goes through
--- /v1/governance/lifts, which writes the trail. Answers the denial's governance kind, or no row.
+-- Lifts an ordinary denial, with a trail entry ($3 sub, $4 actor family) when it was still in force. A
+-- governance-made one (reflexive or permanent) stays: its lift goes through /v1/governance/lifts. Answers the
+-- denial's governance kind and whether it was lifted, or no row.
 WITH d AS (SELECT governance FROM denials WHERE family_key = $1 AND feature = $2),
-     gone AS (DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND governance IS NULL RETURNING 1)
+     gone AS (DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND governance IS NULL
+              RETURNING reason, expires_at),
+     t AS (INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
+           SELECT $3, $4, 'lift', $1, $2, 'removed with DELETE /v1/families/' || $1 || '/denials/' || $2,
+                  jsonb_build_object('was', 'denial', 'expires_at', g.expires_at, 'denied_for', g.reason)
+             FROM gone g WHERE g.expires_at IS NULL OR g.expires_at > now())
 SELECT coalesce((SELECT governance FROM d), '') AS governance, (SELECT count(*) FROM gone) AS lifted
  WHERE EXISTS (SELECT 1 FROM d);
 
 -- name: denial_insert
--- A denial that has already expired is replaced; an active one is a conflict (no row returned).
-INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
-   SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, created_by = EXCLUDED.created_by,
-       created_at = now()
- WHERE denials.expires_at IS NOT NULL AND denials.expires_at <= now()
-RETURNING feature, reason, expires_at, created_by, created_at;
+-- A denial that has already expired is replaced; an active one is a conflict (no row returned). On the
+-- governance trail as `deny` ($6 the actor's family).
+WITH d AS (
+    INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
+       SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, created_by = EXCLUDED.created_by,
+           created_at = now()
+     WHERE denials.expires_at IS NOT NULL AND denials.expires_at <= now()
+    RETURNING feature, reason, expires_at, created_by, created_at
+), t AS (
+    INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
+    SELECT $5, $6, 'deny', $1, d.feature, d.reason, jsonb_build_object('expires_at', d.expires_at) FROM d
+)
+SELECT * FROM d;
 
 -- name: denial_get
 SELECT feature, reason, expires_at, created_by, created_at,
