@@ -238,6 +238,33 @@ def test_blocked_badge_and_unblock_from_the_page(page: Any, live: Live) -> None:
     assert last["type"] == "unblocked" and last["data"].get("note") == "approved by Dana"
 
 
+def test_lifting_a_substrate_block_from_the_page_asks_what_was_decided(page: Any, live: Live) -> None:
+    """A block the substrate made is a human's decision to lift, its note the reason on the governance trail
+    (SPEC §8): the drawer says the note is required, refuses to send without it, and the trail has it after."""
+    w = World(live)
+    tid = w.dev.create(w.lane, "Flaky migration")
+    for _ in range(3):  # the stage's max_attempts: the third release blocks it
+        _, lease = w.dev.claim(w.lane)
+        out = w.dev.verb(tid, "release", lease=lease, reason="cannot")
+    assert out["code"] == "blocked", out
+    sign_in(page, live, w.project)
+    expect(page.locator(f'#stuck li[data-task-id="{tid}"]')).to_contain_text("only a human can unblock it")
+
+    card(page, tid).click()
+    note = page.locator("#unblock-note")
+    expect(note).to_have_attribute("placeholder", re.compile("required"))
+    page.click("#unblock")
+    expect(page.locator(".toast.error")).to_contain_text("say what was decided")
+    expect(card(page, tid)).to_have_attribute("data-state", "blocked")
+    note.fill("retry: the flaky runner is replaced")
+    page.click("#unblock")
+    expect(card(page, tid)).to_have_attribute("data-state", "ready")
+    trail = live.admin("GET", "/v1/governance/trail", expect=200)["items"]
+    entry = next(e for e in trail if e["task_id"] == tid)
+    assert (entry["action"], entry["reason"]) == ("unblock", "retry: the flaky runner is replaced")
+    assert entry["data"]["blocked_by"] == "substrate"
+
+
 def _age_hold(dsn: str, task: str, seconds: int) -> None:
     """Make a live hold look silent for `seconds` (its lease still running), as time would."""
 
