@@ -381,6 +381,29 @@ async def test_a_denial_and_its_removal_are_on_the_governance_trail(admin, db):
     assert lifted["data"] == {"was": "denial", "expires_at": None, "denied_for": "broke the build"}
 
 
+async def test_a_denial_after_an_expired_governance_ban_is_the_admins_and_deletable(admin, db):
+    """A reflexive ban's row stays after it expires. A DELETE then is 204 (nothing in force: lifted already),
+    and a new denial replacing it is an admin's denial (it kept `governance = 'reflexive'` and so became a
+    governance ban without an end, which DELETE refused; found by a review)."""
+    await make_world(admin)
+    await db.execute("INSERT INTO denials (family_key, feature, reason, expires_at, created_by, governance) "
+                     "VALUES ('cheap', 'role:dev', 'strikes', now() - interval '1 minute', 'governance', 'reflexive')")
+    assert (await admin.delete("/v1/families/cheap/denials/role:dev")).status_code == 204
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "admin decided"}, 201)
+    assert await db.fetchval("SELECT governance FROM denials WHERE family_key = 'cheap' AND feature = 'role:dev'") \
+        is None
+    assert (await admin.delete("/v1/families/cheap/denials/role:dev")).status_code == 204
+    assert await db.fetchval("SELECT count(*) FROM denials WHERE family_key = 'cheap'") == 0
+    assert [e["action"] for e in (await admin.get("/v1/governance/trail"))["items"]] == ["lift", "deny"]
+
+
+async def test_a_denial_over_a_governance_ban_in_force_points_to_the_lift(admin):
+    await make_world(admin)
+    await admin.post("/v1/governance/bans", {"family": "cheap", "feature": "role:dev", "reason": "bad"}, 201)
+    r = await admin.call("POST", "/v1/families/cheap/denials", {"feature": "role:dev", "reason": "x"}, 409)
+    assert "/v1/governance/lifts" in r.json()["detail"], r.json()
+
+
 # --- workflows ----------------------------------------------------------------------------------
 
 

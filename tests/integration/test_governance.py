@@ -14,6 +14,7 @@ from jsonschema import Draft202012Validator
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.services import spend as spend_svc
+from ainarres_api.server.services.tasks import MAX_ATTEMPTS_REASON
 from tests.helpers import Api, World, make_world, review_flow
 
 LOOP = review_flow("loop")  # todo → review → done; review rejects back to todo; no rework cap
@@ -374,7 +375,7 @@ async def test_lifting_a_substrate_block_goes_on_the_trail_whichever_call_makes_
     c = await dev.claim("flat")
     assert (await dev.verb(t, "release", lease=c["lease"]["id"], reason="cannot"))["code"] == "blocked"
 
-    for body in ({}, {"note": "x" * 2001}):
+    for body in ({}, {"note": "   "}, {"note": "x" * 2001}):
         refused = await admin.call("POST", f"/v1/tasks/{t}/unblock", body, 422)
         assert [e["field"] for e in refused.json()["errors"]] == ["note"], refused.json()
         assert "governance trail" in refused.json()["detail"]
@@ -385,13 +386,36 @@ async def test_lifting_a_substrate_block_goes_on_the_trail_whichever_call_makes_
     assert u["task"]["state"] == "ready" and u["event"]["data"]["note"] == "retry with the new key"
     entry = (await status(admin))["trail"][0]
     assert (entry["action"], entry["task_id"], entry["reason"]) == ("unblock", t, "retry with the new key")
-    assert entry["data"] == {"blocked_by": "substrate", "blocked_reason": entry["data"]["blocked_reason"]}
+    assert entry["data"] == {"blocked_by": "substrate", "blocked_reason": MAX_ATTEMPTS_REASON}
 
     # An agent's own block lifted by an agent of the stage is not a human act: nothing on the trail.
     c = await dev.claim("flat")
     await dev.verb(t, "block", lease=c["lease"]["id"], reason="need credentials")
     assert (await dev.verb(t, "unblock"))["task"]["state"] == "ready"
     assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'unblock'") == 1
+
+
+async def test_a_workflow_policy_sets_how_many_flags_on_its_tasks_make_a_recommendation(admin):
+    """The flag threshold inherits feature → workflow → system like the others: a flag anchored to a task reads
+    its workflow's policy (the flag statement asked for no workflow, so a workflow's value was stored and read by
+    nothing; found by a review)."""
+    w = await make_world(admin, workflow=LOOP)
+    aud = await auditor(w)
+    t = (await (await w.agent("cheap")).create("dev", "x"))["task"]["id"]
+    await admin.call("PUT", "/v1/governance/policies/workflow/loop", {"recommend_after_flags": 1}, 200)
+    f = await aud.post("/v1/governance/flags", {"kind": "quality", "family": "cheap", "feature": "role:dev",
+                                                "task_id": t, "note": "tests assert nothing"}, 201)
+    assert f["recommendation"] is not None  # the system default is 3
+
+
+async def test_a_reason_of_only_spaces_is_no_reason(admin):
+    """The trail's worth is in its reasons: a blank one is refused on every act that writes one."""
+    await make_world(admin)
+    for path, body in (("/v1/governance/bans", {"family": "cheap", "feature": "role:dev", "reason": "  "}),
+                       ("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "\t "})):
+        r = await admin.call("POST", path, body, 422)
+        assert [e["field"] for e in r.json()["errors"]] == ["reason"], r.json()
+    assert (await status(admin))["trail"] == []
 
 
 async def test_a_capability_policy_takes_only_the_threshold_that_reads_it(admin):

@@ -87,7 +87,8 @@ async def test_refusals_come_from_the_same_statement(app: Any, admin: Api, db: A
     elif case == "illegal":
         body["to"] = "done"
     r = await who.call("POST", f"/v1/tasks/{tid}/advance", body)
-    expected = {"foreign": (409, "lease_lost", "another agent"), "ended": (409, "lease_lost", "under another lease"),
+    expected = {"foreign": (409, "lease_lost", "another agent"),
+                "ended": (409, "lease_lost", "another lease of this identity"),
                 "expired": (409, "lease_lost", "expired"), "illegal": (409, "illegal_transition", "review")}[case]
     assert (r.status_code, r.json()["code"]) == expected[:2], r.text
     assert expected[2] in r.json()["detail"], r.text
@@ -106,7 +107,7 @@ async def test_a_lost_lease_says_which_way_the_hold_ended(admin: Api, db: Any) -
     await db.execute("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1", uuid.UUID(tid))
     theirs = (await b.claim("dev"))["lease"]["id"]  # recovers it
     r = await a.verb(tid, "heartbeat", 409, lease=mine)
-    assert r["code"] == "lease_lost" and "another agent holds it now" in r["detail"], r
+    assert r["code"] == "lease_lost" and "another agent holds the task now" in r["detail"], r
     await b.verb(tid, "advance", lease=theirs, to="review")
     r = await a.verb(tid, "heartbeat", 409, lease=mine)
     assert "the task is ready at review now" in r["detail"], r

@@ -14,11 +14,10 @@ from ainarres_api.server.api import models
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Admin, Conn, require
 from ainarres_api.server.api.envelopes import Moved
-from ainarres_api.server.api.schemas import WHOLE, Body, empty_is
+from ainarres_api.server.api.schemas import WHOLE, Body, Reason, empty_is
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import governance
 from ainarres_api.server.services.auth import Principal
-from ainarres_api.server.services.tasks import TRAIL_REASON_MAX
 
 router = APIRouter(prefix="/v1/governance", tags=["governance"])
 
@@ -26,7 +25,6 @@ Reader = Annotated[Principal, Depends(require("seat:overseer", "seat:monitor", "
 Overseer = Annotated[Principal, Depends(require("seat:overseer"))]
 Auditor = Annotated[Principal, Depends(require("role:auditor"))]
 
-Reason = Annotated[str, Field(min_length=1, max_length=TRAIL_REASON_MAX)]  # the trail's bound
 Key = Annotated[str, Field(min_length=1, max_length=200)]
 Id = Annotated[int, Path(ge=1, le=2**63 - 1)]
 

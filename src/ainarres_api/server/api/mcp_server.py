@@ -63,8 +63,10 @@ The detail says what to do next. The codes:
 - already_holding: you already hold as many tasks as you may. The refusal carries the task and its
   lease (now remembered): finish it with advance, reject, release or block, then claim again.
 - illegal_transition: no such way out of the task's stage; the detail lists the legal targets.
-- guard_failed: the transition's condition on the task (the card's `guard`) is false. Fix what it
-  checks (e.g. record the missing result with progress), then try again; or release/block.
+- guard_failed: the transition's condition on the task (the card's `guard`) is false. It reads the
+  task as created (its payload) and its counters, which no call of yours changes: take another way
+  out the card lists, or block for a human. If the detail says the guard did not finish in time,
+  try again later.
 - conflict: the call clashes with the task's state (e.g. unblocking a task that is not blocked, or an
   idempotency_key reused for a different task). Read the detail; do not repeat the call unchanged.
 - payload_too_large: store work products elsewhere and send references (artifacts).

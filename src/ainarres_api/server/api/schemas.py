@@ -27,6 +27,7 @@ from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.admin import MAX_CONTEXT_BYTES
 from ainarres_api.server.services.auth import TOKEN_TTL_MAX, TOKEN_TTL_MIN
 from ainarres_api.server.services.digest import integral
+from ainarres_api.server.services.tasks import TRAIL_REASON_MAX
 
 # JSON Schema's `integer` (OpenAPI 3.1) admits `3600.0` and `1e2`, and many JSON encoders write numbers so;
 # strings and booleans stay refused, and so does a float past 2⁵³ (write big ids as integers).
@@ -321,9 +322,21 @@ def _instant(value: datetime) -> datetime:
 Instant = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_instant)]
 
 
+def _said(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank", "say why in words: only spaces is no reason")
+    return value
+
+
+# The reason of an act on the governance trail (a denial, a ban, a lift, a human's unblock, a decision): within the
+# trail's bound, and not blank — the trail's worth is in its reasons.
+Reason = Annotated[str, Field(min_length=1, max_length=TRAIL_REASON_MAX, json_schema_extra={"pattern": r"\S"}),
+                   AfterValidator(_said)]
+
+
 class DenialIn(Body):
     feature: Feature
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    reason: Reason
     expires_at: Instant | None = None
 
 

@@ -337,8 +337,9 @@ Finish your stage: move the task you hold forward to stage `to` (a transition of
 its card), with a note and artifacts saying what you did. Your hold ends.
 Refusals: illegal_transition (no advance from this stage to `to`; the detail lists the legal
 targets), not_eligible (you lack the features that way out needs: pick another target, or
-release), guard_failed (a condition on the task, the card's guard, is false: retrying will not change
-it; take another transition on the card, or block for a human), lease_lost (stop; claim again).
+release), guard_failed (a condition on the task, the card's guard, is false: sending it again changes
+nothing, take another transition on the card or block for a human; if the detail says the guard did
+not finish in time, try again later), lease_lost (stop; claim again).
 Pass next={"lane": ...} (or next={}) to claim your next task in the same call: the answer's `next`
 is that claim (this session then remembers its lease), `empty`, or the claim's refusal.""",
         work=_advance,

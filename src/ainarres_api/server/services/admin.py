@@ -162,6 +162,9 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
             await _keep_an_admin(conn, family)
         row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family)
         if row is None:
+            if kind := await conn.fetchval(Q["denial_kind"], family, feature):
+                raise Conflict(f"family {family} is under a {kind} governance ban of {feature}; an overseer lifts "
+                               "it with POST /v1/governance/lifts (family, feature, reason)")
             raise Conflict(f"family {family} already has an active denial of {feature}; "
                            "DELETE it first to change it")
         wake.narrowed()

@@ -191,12 +191,12 @@ def _refused(verdict: str, task: dict[str, Any] | None, sub: str | None = None) 
     words = _LEASE_WORDS[verdict]
     if verdict == "ended" and task is not None:
         if task.get("state") != "held":
-            words = f"your hold ended: the task is {task.get('state')} at {task.get('stage')} now"
-        elif task.get("holder") == sub:
-            words = "you hold it, under another lease than this one (the one your latest claim gave): present that"
+            words = f"this lease holds nothing: the task is {task.get('state')} at {task.get('stage')} now"
+        elif task.get("holder") == sub:  # another claim under this identity (a worker sharing the token too)
+            words = "the task is held under another lease of this identity; this one holds nothing"
         else:
-            words = "your hold ended and another agent holds it now (taken over after your lease expired, or " \
-                    "claimed after the task was given back)"
+            words = "another agent holds the task now (taken over after this lease expired, or claimed after " \
+                    "the task was given back)"
     return LeaseLost(f"{words}; nothing was changed. Claim again (POST /v1/claims) to get work", task=task)
 
 
@@ -343,8 +343,8 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
             # The statement time-out: a transition's own work is a few index lookups, so what ran long is
             # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.
             raise GuardFailed(f"the guard on the way to {to!r} did not finish within the statement time-out "
-                              "(AINARRES_STATEMENT_TIMEOUT_MS); nothing was changed. Ask an admin to simplify the "
-                              "guard, or keep the payload it reads small") from None
+                              "(AINARRES_STATEMENT_TIMEOUT_MS); nothing was changed. Try again later; if it keeps "
+                              "happening, ask an admin to simplify the guard") from None
         verdict = r["verdict"]
         if verdict == "no_route":  # routes are append-only: creating one ahead of the move is harmless
             async with conn.transaction():
@@ -500,7 +500,7 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
             raise NotEligible(f"the substrate blocked this task ({row['blocked_reason']}); a human must lift it: only "
                               "seat:overseer may unblock it (the board's Needs you inbox, or POST "
                               "/v1/governance/unblock)", task=row["task"])
-        if substrate and not (note and len(note) <= TRAIL_REASON_MAX):
+        if substrate and not (note and note.strip() and len(note) <= TRAIL_REASON_MAX):
             raise Invalid(f"note: lifting a block the substrate made is a human's decision, recorded on the "
                           f"governance trail: say what was decided (1–{TRAIL_REASON_MAX} characters)")
         if not p.has("seat:overseer"):

@@ -749,9 +749,13 @@ async function renderDrawer(id) {
   const parts = [dl];
   if (task.blocked) {
     // Lifting what the substrate blocked is a human's decision: its note goes on the governance trail (required).
-    const human = S.stuck.get(id)?.human_must_lift === true;
+    // The stuck panel says who blocked it; a task it does not list (filtered out, not loaded yet) asks for the note.
+    const who = S.stuck.get(id)?.human_must_lift;
+    const human = who !== false;
     const note = el("textarea", { id: "unblock-note", rows: "2", maxlength: human ? "2000" : "8000",
-                                  placeholder: human ? "what was decided (required: it goes on the governance trail)" : "note for the record (optional)",
+                                  placeholder: who === true ? "what was decided (required: it goes on the governance trail)"
+                                    : who === false ? "note for the record (optional)"
+                                    : "what was decided (required; if the substrate blocked it, it goes on the governance trail)",
                                   "aria-label": "unblock note" });
     const btn = el("button", { type: "button", id: "unblock", class: "primary", text: "Unblock" });
     btn.addEventListener("click", async () => {

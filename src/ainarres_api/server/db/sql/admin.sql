@@ -3,8 +3,10 @@
 -- name: denial_delete
 -- Lifts an ordinary denial, with a trail entry ($3 sub, $4 actor family) when it was still in force. A
 -- governance-made one (reflexive or permanent) stays: its lift goes through /v1/governance/lifts. Answers the
--- denial's governance kind and whether it was lifted, or no row.
-WITH d AS (SELECT governance FROM denials WHERE family_key = $1 AND feature = $2),
+-- denial's governance kind and whether it was lifted, or no row when none is in force (an expired one, of
+-- any kind, is lifted already: a retried DELETE is not refused).
+WITH d AS (SELECT governance FROM denials WHERE family_key = $1 AND feature = $2
+                                            AND (expires_at IS NULL OR expires_at > now())),
      gone AS (DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND governance IS NULL
               RETURNING reason, expires_at),
      t AS (INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
@@ -15,14 +17,15 @@ SELECT coalesce((SELECT governance FROM d), '') AS governance, (SELECT count(*) 
  WHERE EXISTS (SELECT 1 FROM d);
 
 -- name: denial_insert
--- A denial that has already expired is replaced; an active one is a conflict (no row returned). On the
--- governance trail as `deny` ($6 the actor's family).
+-- A denial that has already expired is replaced (an expired governance ban included: the new row is the
+-- admin's, not the governance's); an active one is a conflict (no row returned). On the governance trail as
+-- `deny` ($6 the actor's family).
 WITH d AS (
     INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
     VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
        SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, created_by = EXCLUDED.created_by,
-           created_at = now()
+           created_at = now(), governance = NULL
      WHERE denials.expires_at IS NOT NULL AND denials.expires_at <= now()
     RETURNING feature, reason, expires_at, created_by, created_at
 ), t AS (
@@ -30,6 +33,10 @@ WITH d AS (
     SELECT $5, $6, 'deny', $1, d.feature, d.reason, jsonb_build_object('expires_at', d.expires_at) FROM d
 )
 SELECT * FROM d;
+
+-- name: denial_kind
+-- The governance kind of a family's denial of a feature ('' for an admin's), if it has one.
+SELECT coalesce(governance, '') FROM denials WHERE family_key = $1 AND feature = $2;
 
 -- name: denial_get
 SELECT feature, reason, expires_at, created_by, created_at,
@@ -80,13 +87,15 @@ SELECT name, kind, description, created_at FROM features WHERE name = $1;
 SELECT pg_advisory_xact_lock(hashtext('ainarres:key:' || $1));
 
 -- name: feature_look_alike
-SELECT name FROM features WHERE lower(name) = lower($1) AND name <> $1 ORDER BY name LIMIT 1;
+-- Keys are ASCII (their formats): lower-cased in the C collation, as Python lower-cases the lock's key, whatever
+-- the database's locale (a Turkish one lower-cases I to ı).
+SELECT name FROM features WHERE lower(name COLLATE "C") = lower($1 COLLATE "C") AND name <> $1 ORDER BY name LIMIT 1;
 
 -- name: family_look_alike
-SELECT key FROM families WHERE lower(key) = lower($1) AND key <> $1 ORDER BY key LIMIT 1;
+SELECT key FROM families WHERE lower(key COLLATE "C") = lower($1 COLLATE "C") AND key <> $1 ORDER BY key LIMIT 1;
 
 -- name: lane_look_alike
-SELECT key FROM lanes WHERE lower(key) = lower($1) AND key <> $1 ORDER BY key LIMIT 1;
+SELECT key FROM lanes WHERE lower(key COLLATE "C") = lower($1 COLLATE "C") AND key <> $1 ORDER BY key LIMIT 1;
 
 -- name: feature_insert
 INSERT INTO features (name, description) VALUES ($1, $2) RETURNING name, kind, description, created_at;

@@ -26,8 +26,9 @@ RETURNING id, kind, family_key AS family, feature, task_id, note, raised_by, rai
 SELECT id, dismissed_at FROM governance_flags WHERE id = $1;
 
 -- name: flag_insert
--- A flag, and a recommendation when the open flags on (family, feature) reach the policy's count.
--- $1 kind, $2 family, $3 feature, $4 task, $5 note, $6 sub. Flags never deny anything.
+-- A flag, and a recommendation when the open flags on (family, feature) reach the policy's count (the
+-- feature's, else the flagged task's workflow's, else the system's). $1 kind, $2 family, $3 feature, $4 task,
+-- $5 note, $6 sub. Flags never deny anything.
 WITH f AS (
     INSERT INTO governance_flags (kind, family_key, feature, task_id, note, raised_by)
     VALUES ($1, $2, $3, $4, $5, $6)
@@ -40,7 +41,8 @@ WITH f AS (
     INSERT INTO governance_recommendations AS r (family_key, feature, reason)
     SELECT $2, $3, format('%s open auditor flag(s) on %s%s (recommend after %s); a human must decide',
                           n.open, $2::text, coalesce(' / ' || $3::text, ''), pol.recommend_after_flags)
-      FROM n, governance_policy($3, NULL) pol
+      FROM n, governance_policy($3, (SELECT w.key FROM tasks t JOIN stages s ON s.id = t.stage_id
+                                       JOIN workflows w ON w.id = s.workflow_id WHERE t.id = $4)) pol
      WHERE n.open >= pol.recommend_after_flags
        AND NOT EXISTS (SELECT 1 FROM denials p WHERE p.family_key = $2 AND p.feature = $3 AND p.expires_at IS NULL)
     ON CONFLICT (family_key, (coalesce(feature, ''))) WHERE status = 'open' DO NOTHING
