@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from jsonschema import Draft202012Validator
 
+from ainarres_api.server.db import migrate
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.services import spend as spend_svc
 from ainarres_api.server.services.tasks import MAX_ATTEMPTS_REASON
@@ -393,6 +394,28 @@ async def test_lifting_a_substrate_block_goes_on_the_trail_whichever_call_makes_
     await dev.verb(t, "block", lease=c["lease"]["id"], reason="need credentials")
     assert (await dev.verb(t, "unblock"))["task"]["state"] == "ready"
     assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'unblock'") == 1
+
+
+async def test_migration_0022_clears_the_capability_thresholds_stored_before_on_the_trail(admin, db):
+    """Stored before the refusal, a capability's strike and ban thresholds governed nothing: the migration clears
+    them (its flag threshold stays) and says so on the trail; a role's policy is untouched."""
+    await make_world(admin)
+    await admin.post("/v1/features", {"name": "capability:gpu"}, 201)
+    await db.execute("INSERT INTO governance_policies (scope, key, strike_threshold, ban_cap_seconds, "
+                     "recommend_after_flags) VALUES ('feature', 'capability:gpu', 1, 600, 2), "
+                     "('feature', 'role:dev', 1, 600, 2)")
+    sql = next(m.sql for m in migrate.available() if m.version == 22)
+    await db.execute(sql)
+    rows = {r["key"]: dict(r) for r in await db.fetch(
+        "SELECT key, strike_threshold, ban_cap_seconds, recommend_after_flags FROM governance_policies "
+        "WHERE scope = 'feature'")}
+    assert rows["capability:gpu"] == {"key": "capability:gpu", "strike_threshold": None, "ban_cap_seconds": None,
+                                      "recommend_after_flags": 2}
+    assert rows["role:dev"]["strike_threshold"] == 1 and rows["role:dev"]["ban_cap_seconds"] == 600
+    entry = (await status(admin))["trail"][0]
+    assert (entry["actor"], entry["action"]) == ("substrate", "policy") and "capability:gpu" in entry["reason"]
+    await db.execute(sql)  # nothing left to clear: no second entry
+    assert len([e for e in (await status(admin))["trail"] if e["actor"] == "substrate"]) == 1
 
 
 async def test_a_workflow_policy_sets_how_many_flags_on_its_tasks_make_a_recommendation(admin):
