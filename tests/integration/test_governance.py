@@ -327,7 +327,8 @@ async def test_a_dismissed_recommendation_bans_nothing(admin, db):
 # -- blocks: the substrate's are a human's to lift ---------------------------------------------------------
 
 
-async def test_a_substrate_block_needs_an_overseer_an_agent_block_does_not(admin, db):
+async def substrate_blocked(admin: Api) -> tuple[Api, str]:
+    """An agent of lane `flat` (one attempt a stage) and a task the substrate blocked (its release: max attempts)."""
     flat = {"key": "flat", "stages": [{"key": "todo", "initial": True, "max_attempts": 1},
                                       {"key": "done", "terminal": True}],
             "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
@@ -336,7 +337,12 @@ async def test_a_substrate_block_needs_an_overseer_an_agent_block_does_not(admin
     t = (await dev.create("flat", "hard"))["task"]["id"]
     c = await dev.claim("flat")
     rel = await dev.verb(t, "release", lease=c["lease"]["id"], reason="cannot")
-    assert rel["code"] == "blocked"  # max attempts (1): the substrate blocked it
+    assert rel["code"] == "blocked", rel  # max attempts (1): the substrate blocked it
+    return dev, t
+
+
+async def test_a_substrate_block_needs_an_overseer_an_agent_block_does_not(admin, db):
+    dev, t = await substrate_blocked(admin)
 
     stuck = {r["id"]: r for r in (await admin.get("/v1/stuck", params={"kind": "blocked"}))["items"]}
     assert stuck[t]["human_must_lift"] is True and stuck[t]["blocked_by"] == "substrate"
@@ -367,14 +373,7 @@ async def test_lifting_a_substrate_block_goes_on_the_trail_whichever_call_makes_
     which an overseer may also call (the task drawer did, without a note), is held to it: a note is required and
     recorded on the trail, as POST /v1/governance/unblock records it (found by a review of SPEC against the code:
     the verb lifted such a block with no reason and no trail entry)."""
-    flat = {"key": "flat", "stages": [{"key": "todo", "initial": True, "max_attempts": 1},
-                                      {"key": "done", "terminal": True}],
-            "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
-    w = await make_world(admin, workflow=flat, lane="flat")
-    dev = await w.agent("cheap")
-    t = (await dev.create("flat", "hard"))["task"]["id"]
-    c = await dev.claim("flat")
-    assert (await dev.verb(t, "release", lease=c["lease"]["id"], reason="cannot"))["code"] == "blocked"
+    dev, t = await substrate_blocked(admin)
 
     for body in ({}, {"note": "   "}, {"note": "x" * 2001}):
         refused = await admin.call("POST", f"/v1/tasks/{t}/unblock", body, 422)
