@@ -27,6 +27,8 @@ from ainarres_api.server.services.auth import Principal
 from ainarres_api.server.services.digest import request_digest
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
+# A human act's reason on the governance trail: at most this long (the trail's bound for every act).
+TRAIL_REASON_MAX = 2000
 # One claim never walks more than this many recovery steps (blocks/escalations) before answering.
 _MAX_CLAIM_STEPS = 32
 
@@ -479,10 +481,6 @@ async def _replay(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
         if ev is not None:
             return ev
     return None
-
-
-# A human act's reason on the governance trail: at most this long (the trail's bound for every act).
-TRAIL_REASON_MAX = 2000
 
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None, *,
