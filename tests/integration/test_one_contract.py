@@ -153,6 +153,24 @@ async def test_a_query_parameter_the_operation_does_not_take_is_refused_not_igno
     assert len(r.json()["errors"]) == 20  # a thousand unknown names earn no longer answer
 
 
+async def test_a_caller_without_the_seat_is_refused_for_that_before_its_query_or_body_is_judged(admin):
+    """The caller first, then the request's form, whichever part is wrong: a worker without seat:admin asking
+    `/v1/families?limt=5` or posting a body that is not JSON gets 403, as it does for a bad body field (the query
+    judge, an app-wide dependency, ran before the route's seat check and answered 422; found by a review)."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    for call in (dev.call("GET", "/v1/families", params={"limt": "5"}),
+                 dev.client.post("/v1/families", content=b"{not json", headers={**dev._headers(),
+                                                                                 "Content-Type": "application/json"}),
+                 dev.call("POST", "/v1/families", {"key": "x", "bogus": 1})):
+        r = await call
+        assert (r.status_code, r.json()["code"]) == (403, "not_eligible"), r.text
+        assert "seat:admin" in r.json()["detail"]
+    assert (await admin.call("GET", "/v1/families", params={"limt": "5"}, expect=422)).json()["code"] == "invalid"
+    r = await dev.call("GET", "/v1/governance/trail", params={"limt": "5"})  # seat:overseer, monitor or auditor
+    assert r.status_code == 403, r.text
+
+
 async def test_a_parameter_given_twice_that_is_taken_once_is_refused(admin):
     """`?lane=a&lane=b` answered for one of them silently: which? Refused; a list parameter may repeat."""
     await make_world(admin)

@@ -189,14 +189,21 @@ class ReleaseLent:
                 await lent.release()
 
 
+def lacking(caller: Principal, any_of: tuple[str, ...]) -> NotEligible | None:
+    """The refusal of a caller holding none of `any_of` (a route's `require`), else None."""
+    return None if any(caller.has(f) for f in any_of) else NotEligible(f"this call needs {' or '.join(any_of)}")
+
+
 def require(*any_of: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
-    """A dependency that lets the call through only if the caller holds one of `any_of`."""
+    """A dependency that lets the call through only if the caller holds one of `any_of` (kept on it as `needs`,
+    for the refusals decided before FastAPI reaches it: problems.caller_refused)."""
 
     async def check(caller: Caller) -> Principal:
-        if not any(caller.has(f) for f in any_of):
-            raise NotEligible(f"this call needs {' or '.join(any_of)}")
+        if (refused := lacking(caller, any_of)) is not None:
+            raise refused
         return caller
 
+    check.needs = any_of  # type: ignore[attr-defined]
     return check
 
 

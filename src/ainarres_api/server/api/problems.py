@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.server.api.deps import AppState, authorization, bearer_of
+from ainarres_api.server.api.deps import AppState, authorization, bearer_of, lacking
 from ainarres_api.server.errors import AinarresError, Invalid, NotFound, PayloadTooLarge, Unauthenticated
 from ainarres_api.server.services import auth
 
@@ -107,22 +107,38 @@ def http_error(exc: StarletteHTTPException, path: str) -> JSONResponse:
 
 
 async def caller_refused(request: Request) -> JSONResponse | None:
-    """The 401 the request's token earns if its route takes a caller and the token is bad; else None.
+    """The 401 the request's token earns if its route takes a caller and the token is bad, or the 403 a caller
+    lacking the route's seat earns (`deps.require`); else None.
 
-    For the refusals FastAPI gives before it solves a route's caller (a body that is not JSON, or cannot
-    be parsed), so that a bad token is refused before a bad body (SPEC §2), as the dispatcher does.
-    Error paths only.
+    For the refusals FastAPI gives before it solves a route's caller (a body that is not JSON, or cannot be
+    parsed; a query parameter the route does not take, judged by an app-wide dependency that runs first), so
+    that the caller is judged before the request's form — a bad token before a bad body (SPEC §2), a missing
+    seat before an unknown query parameter, as before a bad body field. Error paths only.
     """
-    if not _takes_caller(getattr(request.scope.get("route"), "dependant", None)):
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if not _takes_caller(dependant):
         return None
     st: AppState = request.app.state.ainarres
     try:
         token = bearer_of(authorization(request.scope["headers"]))
         async with st.pool.acquire() as conn:
-            await auth.authenticate(conn, st.signer, token)
+            caller = await auth.authenticate(conn, st.signer, token)
+        for needs in _seats(dependant):
+            if (refused := lacking(caller, needs)) is not None:
+                raise refused
     except AinarresError as exc:
         return refusal(exc, request.url.path)
     return None
+
+
+def _seats(dependant: Any) -> list[tuple[str, ...]]:
+    """The features a route's `require` dependencies ask for (each: one of them), its dependencies' included."""
+    out = []
+    for d in dependant.dependencies:
+        if (needs := getattr(d.call, "needs", None)) is not None:
+            out.append(needs)
+        out += _seats(d)
+    return out
 
 
 def _takes_caller(dependant: Any) -> bool:
