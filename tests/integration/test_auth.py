@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -656,3 +657,25 @@ async def test_two_authorization_headers_are_refused_whoever_they_name(admin, cl
             problem = _assert_problem(r, 401, "unauthenticated")
             assert "one Authorization header" in problem["detail"], (path, problem)
     assert await _count(db, "events") == before
+
+
+async def test_a_request_refused_after_its_caller_is_judged_takes_no_second_connection(dsn, tmp_path: Path):
+    """An agent endpoint holds the connection its caller was authenticated on until the request ends; a path or a
+    query refused after that (a task id that is not a UUID) was answered by judging the token again on a second
+    connection — with every connection held by such requests, none ever answered, nor did anything else (found by
+    a review: 12 at once hung the service at its default pool of 10). With a pool of one, it answers."""
+    settings = Settings(database_url=None, data_dir=tmp_path, jwt_secret=TEST_SECRET, pool_min_size=1,
+                        pool_max_size=1)
+    application = create_app(settings, dsn=dsn)
+    async with LifespanManager(application, startup_timeout=30, shutdown_timeout=30):
+        st = application.state.ainarres
+        async with st.pool.acquire() as conn:
+            tok = (await auth.mint(conn, st.signer, family="admin", ttl_seconds=600))["token"]
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ainarres.test") as client:
+            h = {"Authorization": f"Bearer {tok}"}
+            for call in (client.post("/v1/tasks/not-a-uuid/heartbeat", json={"lease": str(uuid.uuid4())}, headers=h),
+                         client.post("/v1/claims", params={"x": "1"}, json={}, headers=h)):
+                r = await asyncio.wait_for(call, 30)  # a bound, not a timing: without the fix it never answers
+                assert (r.status_code, r.json()["code"]) == (422, "invalid"), r.text
+            assert (await asyncio.wait_for(client.get("/v1/me", headers=h), 30)).status_code == 200

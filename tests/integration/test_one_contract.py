@@ -162,11 +162,17 @@ async def test_a_caller_without_the_seat_is_refused_for_that_before_its_query_or
     for call in (dev.call("GET", "/v1/families", params={"limt": "5"}),
                  dev.client.post("/v1/families", content=b"{not json", headers={**dev._headers(),
                                                                                  "Content-Type": "application/json"}),
+                 dev.client.post("/v1/families", content=b"[" * 5000 + b"]" * 5000,  # nested past the parser: 400
+                                 headers={**dev._headers(), "Content-Type": "application/json"}),
                  dev.call("POST", "/v1/families", {"key": "x", "bogus": 1})):
         r = await call
         assert (r.status_code, r.json()["code"]) == (403, "not_eligible"), r.text
         assert "seat:admin" in r.json()["detail"]
     assert (await admin.call("GET", "/v1/families", params={"limt": "5"}, expect=422)).json()["code"] == "invalid"
+    r = await admin.client.post("/v1/families", content=b"[" * 5000 + b"]" * 5000,
+                                headers={**admin._headers(), "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (422, "invalid"), r.text  # the seat held: the body's own refusal
+    assert "could not be parsed" in r.json()["detail"]  # FastAPI's 400 for it, answered as every unreadable body
     r = await dev.call("GET", "/v1/governance/trail", params={"limt": "5"})  # seat:overseer, monitor or auditor
     assert r.status_code == 403, r.text
 

@@ -149,6 +149,12 @@ class Lent:
 _LENT = "ainarres.lent"
 
 
+def authenticated(scope: Scope) -> Principal | None:
+    """The caller an agent endpoint's dependency has already authenticated in this request, if it has."""
+    lent = scope.get(_LENT)
+    return getattr(lent, "caller", None)
+
+
 class AgentAuth(Bearer):
     """The authentication of an agent endpoint, as one dependency that is also its security scheme: the bearer
     token read as HTTPBearer reads it, checked, and the caller's features read from the database now
