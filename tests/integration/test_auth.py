@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -11,6 +12,7 @@ import logging
 import time
 import uuid
 import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,19 @@ async def test_rs256_header_is_refused_by_an_hs256_service(admin, client):
     _assert_401(await _raw(client, f"Bearer {with_pem}"), token=with_pem)
 
 
+@contextlib.asynccontextmanager
+async def _service(settings: Settings, dsn: str) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A service of its own (settings the shared `app` fixture does not have), a client of it, an admin token."""
+    application = create_app(settings, dsn=dsn)
+    async with LifespanManager(application, startup_timeout=30, shutdown_timeout=30):
+        st = application.state.ainarres
+        async with st.pool.acquire() as conn:
+            tok = (await auth.mint(conn, st.signer, family="admin", ttl_seconds=600))["token"]
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ainarres.test") as client:
+            yield client, tok
+
+
 async def test_hs256_signed_with_the_public_key_is_refused_by_an_rs256_service(dsn, tmp_path: Path):
     """The classic confusion: the server verifies RS256; the attacker HMACs with the public key."""
     private, public = _rsa_pair()
@@ -210,21 +225,15 @@ async def test_hs256_signed_with_the_public_key_is_refused_by_an_rs256_service(d
         pool_min_size=1,
         pool_max_size=4,
     )
-    application = create_app(settings, dsn=dsn)
-    async with LifespanManager(application, startup_timeout=30, shutdown_timeout=30):
-        st = application.state.ainarres
-        async with st.pool.acquire() as conn:
-            tok = (await auth.mint(conn, st.signer, family="admin", ttl_seconds=600))["token"]
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ainarres.test") as client:
-            assert (await _raw(client, f"Bearer {tok}")).status_code == 200
-            claims = _claims(tok)
-            for forged in (
-                _hs256_raw(claims, public),
-                _hs256_raw(claims, public.strip()),
-                _hs256_raw(claims, public, header={"alg": "RS256", "typ": "JWT"}),
-            ):
-                _assert_401(await _raw(client, f"Bearer {forged}"), token=forged)
+    async with _service(settings, dsn) as (client, tok):
+        assert (await _raw(client, f"Bearer {tok}")).status_code == 200
+        claims = _claims(tok)
+        for forged in (
+            _hs256_raw(claims, public),
+            _hs256_raw(claims, public.strip()),
+            _hs256_raw(claims, public, header={"alg": "RS256", "typ": "JWT"}),
+        ):
+            _assert_401(await _raw(client, f"Bearer {forged}"), token=forged)
 
 
 @pytest.mark.parametrize("alg", ["HS384", "HS512"])
@@ -666,16 +675,10 @@ async def test_a_request_refused_after_its_caller_is_judged_takes_no_second_conn
     a review: 12 at once hung the service at its default pool of 10). With a pool of one, it answers."""
     settings = Settings(database_url=None, data_dir=tmp_path, jwt_secret=TEST_SECRET, pool_min_size=1,
                         pool_max_size=1)
-    application = create_app(settings, dsn=dsn)
-    async with LifespanManager(application, startup_timeout=30, shutdown_timeout=30):
-        st = application.state.ainarres
-        async with st.pool.acquire() as conn:
-            tok = (await auth.mint(conn, st.signer, family="admin", ttl_seconds=600))["token"]
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ainarres.test") as client:
-            h = {"Authorization": f"Bearer {tok}"}
-            for call in (client.post("/v1/tasks/not-a-uuid/heartbeat", json={"lease": str(uuid.uuid4())}, headers=h),
-                         client.post("/v1/claims", params={"x": "1"}, json={}, headers=h)):
-                r = await asyncio.wait_for(call, 30)  # a bound, not a timing: without the fix it never answers
-                assert (r.status_code, r.json()["code"]) == (422, "invalid"), r.text
-            assert (await asyncio.wait_for(client.get("/v1/me", headers=h), 30)).status_code == 200
+    async with _service(settings, dsn) as (client, tok):
+        h = {"Authorization": f"Bearer {tok}"}
+        for call in (client.post("/v1/tasks/not-a-uuid/heartbeat", json={"lease": str(uuid.uuid4())}, headers=h),
+                     client.post("/v1/claims", params={"x": "1"}, json={}, headers=h)):
+            r = await asyncio.wait_for(call, 30)  # a bound, not a timing: without the fix it never answers
+            assert (r.status_code, r.json()["code"]) == (422, "invalid"), r.text
+        assert (await asyncio.wait_for(client.get("/v1/me", headers=h), 30)).status_code == 200
