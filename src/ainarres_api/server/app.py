@@ -65,18 +65,12 @@ class BodyLimit:
             b"identity", b""}
         if codings and (b"transfer-encoding" in headers or declared not in (None, b"0")):
             # Read as it came, a compressed body would be "not JSON", which says nothing.
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._drain(receive)
             named = b", ".join(sorted(codings)).decode("latin-1")[:60]
-            refused = Invalid(f"body: Content-Encoding {named} is not accepted; send the body uncompressed")
-            await problems.refusal(refused, URL(scope=scope).path)(scope, receive, send)
+            await self._unread(scope, receive, send, headers, Invalid(
+                f"body: Content-Encoding {named} is not accepted; send the body uncompressed"))
             return
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            # A client that waits for `100 Continue` has sent no body: refuse before it does (reading would
-            # have uvicorn ask for the body).
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._drain(receive)
-            await self._refuse(scope, receive, send)
+            await self._unread(scope, receive, send, headers, PayloadTooLarge(self.detail))
             return
         seen = 0
 
@@ -93,7 +87,15 @@ class BodyLimit:
             await self.app(scope, counted, send)
         except _TooLarge:
             await self._drain(receive)
-            await self._refuse(scope, receive, send)
+            await problems.refusal(PayloadTooLarge(self.detail), URL(scope=scope).path)(scope, receive, send)
+
+    async def _unread(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                      refused: AinarresError) -> None:
+        """Refuse a request by its headers, before its body is read: drained first, unless the client waits for
+        `100 Continue` and so has sent no body (reading would have uvicorn ask for it)."""
+        if headers.get(b"expect", b"").lower() != b"100-continue":
+            await self._drain(receive)
+        await problems.refusal(refused, URL(scope=scope).path)(scope, receive, send)
 
     async def _drain(self, receive: Receive) -> None:
         """Read and drop what the client is still sending, up to 4× the limit, before the refusal: a server that
@@ -113,10 +115,6 @@ class BodyLimit:
             left -= len(msg.get("body", b""))
             if not msg.get("more_body", False):
                 return
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = problems.refusal(PayloadTooLarge(self.detail), URL(scope=scope).path)
-        await resp(scope, receive, send)
 
 
 class HeadAsGet:
