@@ -254,7 +254,7 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
 
     from ainarres_api.server.db.pool import create_pool
     from ainarres_api.server.services import tasks
-    from ainarres_api.server.services.auth import Signer, authenticate
+    from ainarres_api.server.services.auth import Signer, authenticate, identity
     from ainarres_api.server.services.tasks import Limits
     from ainarres_api.server.settings import Settings
 
@@ -274,15 +274,16 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 if r.get("code") != "claimed":
-                    r = await tasks.claim(conn, await authenticate(conn, signer, token), lane, limits)
+                    r, _ = await tasks.claim(conn, identity(signer, token), lane, limits)
                     empties += t0 >= start and r["code"] != "claimed"
                     continue
                 task = r["task"]
-                # What the advance route runs for a body with `next`: one authentication, the transition, the claim.
-                caller = await authenticate(conn, signer, token)
-                await tasks.transition(conn, caller, uuid.UUID(task["id"]), uuid.UUID(r["lease"]["id"]), "advance",
+                # What the advance route runs for a body with `next`: the token verified, the transition (which
+                # reads the caller), the claim (which reads it again: ADR 0027).
+                who = identity(signer, token)
+                await tasks.transition(conn, who, uuid.UUID(task["id"]), uuid.UUID(r["lease"]["id"]), "advance",
                                        NEXT[task["stage"]], None, [])
-                r = await tasks.claim(conn, caller, lane, limits)
+                r, _ = await tasks.claim(conn, who, lane, limits)
                 t1 = time.perf_counter()
                 if t0 >= start:
                     cycles.append(t1 - t0)
@@ -296,9 +297,9 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
         async with pool.acquire() as conn:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                # What every verb's route runs (api/verbs.py): the authentication dependency, then the
-                # verb's service call.
-                r = await tasks.claim(conn, await authenticate(conn, signer, token), lane, limits)
+                # What these verbs' routes run (api/verbs.py): the token verified by the dependency, then the
+                # verb's service call, whose statement reads the caller (ADR 0027).
+                r, _ = await tasks.claim(conn, identity(signer, token), lane, limits)
                 t1 = time.perf_counter()
                 if r["code"] != "claimed":
                     empties += t0 >= start
@@ -306,7 +307,7 @@ async def cycle_raw(dsn: str, tokens: list[str], lane: str, seconds: float, secr
                 task = r["task"]
                 await tasks.transition(
                     conn,
-                    await authenticate(conn, signer, token),
+                    identity(signer, token),
                     uuid.UUID(task["id"]),
                     uuid.UUID(r["lease"]["id"]),
                     "advance",

@@ -313,6 +313,49 @@ async def test_revoked_token_is_refused_on_the_next_call(admin):
     await other.get("/v1/me")
 
 
+# Each reason principal_of refuses a caller for (migration 0023), how to bring it about, and a word of its detail.
+_REFUSALS = {
+    "revoked": ("UPDATE tokens SET revoked_at = now() WHERE sub = $1", "revoked"),
+    "expired": ("UPDATE tokens SET expires_at = now() - interval '1 second' WHERE sub = $1", "expired"),
+    "disabled": ("UPDATE families SET disabled = true WHERE key = (SELECT family_key FROM agents WHERE sub = $1)",
+                 "disabled"),
+    "other_family": ("UPDATE agents SET family_key = 'reviewers' WHERE sub = $1", "another family"),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(_REFUSALS))
+async def test_a_refused_caller_moves_nothing_where_the_verb_reads_the_caller_itself(admin, db, reason):
+    """The claim and the transition read the caller inside their own statement (ADR 0027): a caller refused there
+    gets the 401 every route gives, and the statement has locked and changed nothing — the task stays held under
+    its lease, no event is written, nothing else is claimed."""
+    w = await make_world(admin)
+    agent, token = await _agent_token(w)
+    first = (await agent.create("dev", "opens the review route"))["task"]["id"]
+    await agent.verb(first, "advance", lease=(await agent.claim("dev"))["lease"]["id"], to="review")
+    tid = (await agent.create("dev", "held"))["task"]["id"]
+    await agent.create("dev", "queued")
+    await admin.patch("/v1/families/cheap", {"max_active": 2})  # room for "queued": a claim could take it
+    c = await agent.claim("dev")
+    assert c["task"]["id"] == tid
+    lease = c["lease"]["id"]
+    events = await db.fetchval("SELECT count(*) FROM events")
+    sql, words = _REFUSALS[reason]
+    await db.execute(sql, agent.sub)
+    calls = [("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"}),
+             ("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review", "next": {"lane": "dev"}}),
+             ("POST", f"/v1/tasks/{tid}/reject", {"lease": lease, "to": "todo", "reason": "no"}),
+             ("POST", "/v1/claims", {"lane": "dev"}),
+             ("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "nowhere"}),  # illegal: refused first
+             ("POST", f"/v1/tasks/{uuid.uuid4()}/advance", {"lease": lease, "to": "review"})]  # unknown task
+    for method, path, body in calls:
+        refused = _assert_401(await agent.call(method, path, body), token=token)
+        assert words in refused["detail"], (path, refused["detail"])
+    row = await db.fetchrow("SELECT state, holder, lease_id::text AS lease FROM tasks WHERE id = $1", uuid.UUID(tid))
+    assert dict(row) == {"state": "held", "holder": agent.sub, "lease": lease}
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1", agent.sub) == 1
+    assert await db.fetchval("SELECT count(*) FROM events") == events
+
+
 async def test_revoked_admin_token_cannot_administer(admin, client):
     tok = await admin.post("/v1/tokens", {"family": "admin"}, 201)
     second = Api(client, tok["token"])

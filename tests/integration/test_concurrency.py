@@ -83,8 +83,8 @@ async def test_twenty_connections_contend_in_the_service(app, admin, db, conns):
         # Several rounds (fresh tasks, fresh agents) so that no single lucky interleaving passes.
         seeded = await _seed(w, 7)
         principals = [await _principal(app, await w.agent("cheap")) for _ in range(20)]
-        outs = await asyncio.gather(*(tasks.claim(c, p, "dev", limits)
-                                      for c, p in zip(conns, principals, strict=True)))
+        outs = [o for o, _ in await asyncio.gather(*(tasks.claim(c, p, "dev", limits)
+                                                    for c, p in zip(conns, principals, strict=True)))]
         codes = [o["code"] for o in outs]
         won = [o["task"]["id"] for o in outs if o["code"] == "claimed"]
         _assert_seven_winners(codes, won, seeded)
@@ -98,8 +98,8 @@ async def test_one_agent_five_concurrent_claims_holds_at_most_max_active(app, ad
     await _seed(w, 10)
     p = await _principal(app, await w.agent("cheap"))
     assert p.max_active == 1
-    results: list[Any] = await asyncio.gather(
-        *(tasks.claim(c, p, "dev", Limits()) for c in conns[:5]), return_exceptions=True)
+    results: list[Any] = [r[0] if isinstance(r, tuple) else r for r in await asyncio.gather(
+        *(tasks.claim(c, p, "dev", Limits()) for c in conns[:5]), return_exceptions=True)]
     claimed = [r for r in results if isinstance(r, dict) and r["code"] == "claimed"]
     refused = [r for r in results if isinstance(r, AinarresError)]
     assert [type(r).__name__ for r in results if not isinstance(r, dict | AinarresError)] == []
@@ -129,7 +129,7 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
     holder = await _principal(app, await w.agent("cheap"))
     other = await _principal(app, await w.agent("cheap"))
     limits = Limits()
-    c = await tasks.claim(conns[0], holder, "dev", limits)
+    c, _ = await tasks.claim(conns[0], holder, "dev", limits)
     tid, lease = c["task"]["id"], uuid.UUID(c["lease"]["id"])
     await db.execute(
         "UPDATE tasks SET lease_expires_at = clock_timestamp() + $2::text::interval WHERE id = $1",
@@ -143,11 +143,11 @@ async def test_advance_by_holder_races_reclaim_exactly_one_wins(app, admin, db, 
             return False
         return True
 
-    adv_won, claim_out = await asyncio.gather(advance(), tasks.claim(conns[2], other, "dev", limits))
+    adv_won, (claim_out, _) = await asyncio.gather(advance(), tasks.claim(conns[2], other, "dev", limits))
     if claim_out["code"] == "empty" and not adv_won:
         # The claim stepped over the row while the losing advance had it locked; nobody holds the
         # expired task yet, and the next claim must recover it.
-        claim_out = await tasks.claim(conns[2], other, "dev", limits)
+        claim_out, _ = await tasks.claim(conns[2], other, "dev", limits)
     claim_won = claim_out["code"] == "claimed"
     assert adv_won != claim_won, f"advance won: {adv_won}, reclaim won: {claim_won}"
     row = await db.fetchrow("SELECT s.key AS stage, t.state, t.holder, t.attempts, t.lease_id::text AS lease "

@@ -88,7 +88,7 @@ async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_
                                                   st.limits))
         await _wait_for_lock(observer, c2.get_server_pid(), "the create")  # it holds B, wants A
         gate.set()
-        done, created = await asyncio.wait_for(asyncio.gather(advance, create), 30)
+        (done, _), created = await asyncio.wait_for(asyncio.gather(advance, create), 30)
     finally:
         for conn in conns:
             await conn.close()
@@ -281,7 +281,7 @@ async def test_a_dependent_created_while_its_prerequisite_finishes_is_promoted(a
                                                        "advance", "done", None, []))
         await _wait_for_lock(observer, c1.get_server_pid(), "the advance")  # its statement began before B
         await outer.commit()
-        done = await asyncio.wait_for(advance, 30)
+        done, _ = await asyncio.wait_for(advance, 30)
     finally:
         for conn in conns:
             await conn.close()

@@ -11,7 +11,7 @@ import pytest
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.services import tasks
-from ainarres_api.server.services.auth import authenticate
+from ainarres_api.server.services.auth import identity
 from tests.helpers import Api, make_world
 
 
@@ -41,6 +41,44 @@ class Recording:
         return await self._c.execute(query, *args)
 
 
+class RecordingPool:
+    """The app's pool, lending Recording connections that note, in one list, what every request sends."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool, self.sent = pool, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def acquire(self) -> Any:
+        return _Acquire(self)
+
+    async def release(self, conn: Any) -> None:
+        await self.pool.release(conn._c if isinstance(conn, Recording) else conn)
+
+
+class _Acquire:
+    """`await pool.acquire()` and `async with pool.acquire()`, as asyncpg's pool offers both."""
+
+    def __init__(self, owner: RecordingPool) -> None:
+        self.owner, self.conn = owner, None
+
+    async def _lend(self) -> Recording:
+        rec = Recording(await self.owner.pool.acquire())
+        rec.sent = self.owner.sent
+        return rec
+
+    def __await__(self) -> Any:
+        return self._lend().__await__()
+
+    async def __aenter__(self) -> Recording:
+        self.conn = await self._lend()
+        return self.conn
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.owner.release(self.conn)
+
+
 def _names(sent: list[str]) -> list[str]:
     by_text = {text: name for name, text in Q.items()}
     return [by_text.get(q, q) for q in sent]
@@ -55,16 +93,17 @@ async def test_claim_advance_and_progress_are_one_statement_each(app: Any, admin
     tid = (await dev.create("dev", "one trip"))["task"]["id"]
     st = app.state.ainarres
     async with st.pool.acquire() as conn:
-        p = await authenticate(conn, st.signer, dev.token)
+        who = identity(st.signer, dev.token)  # the token verified; the claim and the transition read the caller
         await tasks.stage_card(conn, await conn.fetchval("SELECT stage_id FROM tasks WHERE id = $1",
                                                          uuid.UUID(tid)))  # the card cache, warmed
         rec = Recording(conn)
-        out = await tasks.claim(rec, p, "dev", st.limits)
+        out, p = await tasks.claim(rec, who, "dev", st.limits)
         assert out["code"] == "claimed" and out["task"]["id"] == tid
+        assert p.sub == dev.sub and "role:dev" in p.features
         lease = uuid.UUID(out["lease"]["id"])
         out = await tasks.progress(rec, p, uuid.UUID(tid), lease, "half", [])
         assert out["event"]["type"] == "progress"
-        out = await tasks.transition(rec, p, uuid.UUID(tid), lease, "advance", "review", "done", [])
+        out, _ = await tasks.transition(rec, who, uuid.UUID(tid), lease, "advance", "review", "done", [])
         assert out["task"]["stage"] == "review"
         assert _names(rec.sent) == ["claim", "renew", "transition"]
 
@@ -111,3 +150,31 @@ async def test_a_lost_lease_says_which_way_the_hold_ended(admin: Api, db: Any) -
     await b.verb(tid, "advance", lease=theirs, to="review")
     r = await a.verb(tid, "heartbeat", 409, lease=mine)
     assert "the task is ready at review now" in r["detail"], r
+
+
+async def test_over_http_a_claim_and_an_advance_are_one_statement_each_the_caller_read_inside(
+        app: Any, admin: Api) -> None:
+    """Authentication included: the route's dependency verifies the token, and the verb's own statement reads the
+    caller's features (ADR 0027) — one statement per request, the caller's read not a round trip of its own."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    first = (await dev.create("dev", "opens the review route"))["task"]["id"]
+    c = await dev.claim("dev")  # the agent recorded, the card cached
+    await dev.verb(first, "advance", lease=c["lease"]["id"], to="review")  # the review route created
+    tid = (await dev.create("dev", "one trip"))["task"]["id"]
+    st = app.state.ainarres
+    recording = RecordingPool(st.pool)
+    st.pool = recording
+    try:
+        c = await dev.claim("dev")
+        claimed, recording.sent[:] = _names(recording.sent), []
+        await dev.verb(tid, "advance", lease=c["lease"]["id"], to="review")
+        advanced = _names(recording.sent)
+        me = await dev.get("/v1/me")  # a read: the caller read first, by the route's dependency
+        read = _names(recording.sent)[len(advanced):]
+    finally:
+        st.pool = recording.pool
+    assert c["task"]["id"] == tid and me["sub"] == dev.sub
+    assert claimed == ["claim"]
+    assert advanced == ["transition"]
+    assert read[0] == "resolve_principal"

@@ -12,6 +12,7 @@ import asyncpg
 
 import ainarres_api.server.db as dbpkg
 from ainarres_api.server.db.queries import Q
+from ainarres_api.server.services.auth import OVERSIGHT
 from tests.helpers import Api, make_world, review_flow
 
 LOOP = review_flow("loop")  # todo → review → done; review rejects back to todo; no rework cap
@@ -34,11 +35,12 @@ async def held(api: Api, task_id: str) -> str:
     return lease
 
 
-async def raw_transition(conn: asyncpg.Connection, task_id: str, lease: str, kind: str, to: str, sub: str | None,
-                         family: str, features: list[str]) -> int:
+async def raw_transition(conn: asyncpg.Connection, task_id: str, lease: str, kind: str, to: str, sub: str,
+                         family: str) -> int:
     """The transition statement itself, on a connection of the caller's (so that its transaction stays open)."""
-    r = await conn.fetchrow(Q["transition"], task_id, lease, kind, to, "x", "[]", sub, family, sorted(features),
-                            False, False)
+    jti = await conn.fetchval("SELECT jti FROM tokens WHERE sub = $1", sub)
+    r = await conn.fetchrow(Q["transition"], task_id, lease, kind, to, "x", "[]", jti, sub, family,
+                            sorted(OVERSIGHT), False)
     assert r["verdict"] == "ok", r["verdict"]
     event_id: int = await conn.fetchval("SELECT max(id) FROM events WHERE task_id = $1", task_id)
     return event_id
@@ -58,11 +60,9 @@ async def test_events_committed_out_of_id_order_are_credited_exactly_once(admin,
         late = first.transaction()
         await late.start()
         # The reject takes the lower id and stays uncommitted; the advance takes the next id and commits.
-        rejected = await raw_transition(first, a, lease_a, "reject", "todo", reviewer.sub, "reviewers",
-                                        ["lane:dev", "role:reviewer"])
+        rejected = await raw_transition(first, a, lease_a, "reject", "todo", reviewer.sub, "reviewers")
         async with second.transaction():
-            advanced = await raw_transition(second, b, lease_b, "advance", "review", maker.sub, "cheap",
-                                            ["lane:dev", "role:dev"])
+            advanced = await raw_transition(second, b, lease_b, "advance", "review", maker.sub, "cheap")
         assert rejected < advanced
         assert await record(admin) == {("cheap", "role:dev"): (2, 0, 0, 0, 0)}
         assert await db.fetchval("SELECT count(*) FROM flow_gaps WHERE id = $1", rejected) == 1  # remembered

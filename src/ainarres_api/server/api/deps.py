@@ -124,14 +124,22 @@ Caller = Annotated[Principal, Depends(current_caller)]
 
 
 class Lent:
-    """An authenticated caller and the pooled connection it was authenticated on, which the handler works
-    on or gives back early (a long poll does, before it waits)."""
+    """A verified token, the caller it names once read (`principal`, or a verb's own statement: `caller`), and
+    the pooled connection the request works on, which the handler may give back early (a long poll does,
+    before it waits)."""
 
-    def __init__(self, conn: asyncpg.Connection, pool: asyncpg.Pool, token: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, pool: asyncpg.Pool, token: str, who: auth.Identity) -> None:
         self._conn: asyncpg.Connection | None = conn
         self._pool = pool
         self.token = token
-        self.caller: Principal
+        self.who = who
+        self.caller: Principal | None = None  # read: by `principal`, or by the statement of a verb that reads it
+
+    async def principal(self) -> Principal:
+        """The caller, read from the database on this request's connection (once)."""
+        if self.caller is None:
+            self.caller = await auth.read(self.conn, self.who)
+        return self.caller
 
     @property
     def conn(self) -> asyncpg.Connection:
@@ -149,35 +157,44 @@ class Lent:
 _LENT = "ainarres.lent"
 
 
-def authenticated(scope: Scope) -> Principal | None:
-    """The caller an agent endpoint's dependency has already authenticated in this request, if it has."""
-    lent = scope.get(_LENT)
-    return getattr(lent, "caller", None)
+def lent_of(scope: Scope) -> Lent | None:
+    """The token and connection an agent endpoint's dependency lent this request, if it did."""
+    lent: Lent | None = scope.get(_LENT)
+    return lent
 
 
 class AgentAuth(Bearer):
     """The authentication of an agent endpoint, as one dependency that is also its security scheme: the bearer
-    token read as HTTPBearer reads it, checked, and the caller's features read from the database now
-    (services.auth.authenticate) on a pooled connection its work then uses — before the body is judged.
+    token read as HTTPBearer reads it and verified (services.auth.identity), and a pooled connection the work
+    then uses; with `reads`, the caller's features read from the database now (services.auth.read) — before the
+    body is judged. Without (the verbs: api/verbs.py), `verbs.run` reads them before a verb's work, or the
+    statement of a verb that moves a task reads them itself, in the same round trip (ADR 0027); a refusal
+    decided before the caller was read waits for that read, so a bad token is still refused first.
 
     One dependency node on purpose: FastAPI solves each node of a route's dependency tree on every request,
     and these routes are the hot path; being the HTTPBearer scheme itself, it is what /openapi.json shows
     as the route's security requirement. `ReleaseLent` gives the connection back when the request ends,
     whatever happened, so it is not a `yield` dependency."""
 
+    def __init__(self, *, reads: bool) -> None:
+        super().__init__(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
+        self.reads = reads
+
     async def __call__(self, request: Request) -> Lent:  # type: ignore[override]
         token = token_of(await super().__call__(request))
         st: AppState = request.app.state.ainarres
-        lent = Lent(await st.pool.acquire(), st.pool, token)
+        who = auth.identity(st.signer, token)
+        lent = Lent(await st.pool.acquire(), st.pool, token, who)
         request.scope[_LENT] = lent
-        lent.caller = await auth.authenticate(lent.conn, st.signer, token)
+        if self.reads:
+            await lent.principal()
         return lent
 
 
-agent_call = AgentAuth(auto_error=False, scheme_name="HTTPBearer", description="a token minted by POST /v1/tokens")
-
-
+agent_call = AgentAuth(reads=True)  # an agent route that reads the board: its caller is read first
+agent_verb = AgentAuth(reads=False)  # a verb (api/verbs.py): its caller is read by its work
 Agent = Annotated[Lent, Depends(agent_call)]
+AgentVerb = Annotated[Lent, Depends(agent_verb)]
 
 
 class ReleaseLent:

@@ -520,10 +520,10 @@ class McpFace:
                     used = args["lease"] = call.lease(task_id, args.get("lease"))
                 parsed = _validated(verb.body, **args)
                 st = call.st
-                lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer)
-                lent.caller = call.p
+                lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer, auth.named(call.p))
+                lent.caller = call.p  # read by the guard, on this request
                 try:
-                    out, _ = await verbs.run(verb, verbs.Call(st, call.p, lent, call.agent.bearer), task_id, parsed)
+                    out, _ = await verbs.run(verb, verbs.Call(st, lent), task_id, parsed)
                 except AinarresError as exc:
                     held, lease = exc.task, exc.extra.get("lease")
                     if exc.code == "already_holding" and held and lease:

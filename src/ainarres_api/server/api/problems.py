@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ainarres_api.server.api.deps import AppState, authenticated, authorization, bearer_of, lacking
+from ainarres_api.server.api.deps import AppState, authorization, bearer_of, lacking, lent_of
 from ainarres_api.server.errors import AinarresError, Invalid, NotFound, PayloadTooLarge, Unauthenticated
 from ainarres_api.server.services import auth
 
@@ -120,10 +120,12 @@ async def caller_refused(request: Request) -> JSONResponse | None:
         return None
     st: AppState = request.app.state.ainarres
     try:
-        # An agent endpoint's caller may be judged already (a path or query refused after it): its connection is
+        # An agent endpoint's token may be verified already (a path or query refused after it): its connection is
         # still lent to the request, so a second one is not asked for (with the pool taken by such requests, the
         # wait would never end).
-        if (caller := authenticated(request.scope)) is None:
+        if (lent := lent_of(request.scope)) is not None:
+            caller = await lent.principal()
+        else:
             token = bearer_of(authorization(request.scope["headers"]))
             async with st.pool.acquire() as conn:
                 caller = await auth.authenticate(conn, st.signer, token)

@@ -25,7 +25,7 @@ def _answers(model: type[Any], *refused: Any) -> dict[int | str, Any]:
             description="The task as it is now, if the caller may see its lane (its feature, or a seat).",
             responses=_answers(envelopes.Task, NotFound, Invalid))
 async def get_task(task_id: TaskId, lent: Agent) -> Response:
-    return FastJSONResponse(await tasks.get(lent.conn, lent.caller, task_id))
+    return FastJSONResponse(await tasks.get(lent.conn, await lent.principal(), task_id))
 
 
 @router.get("/tasks/{task_id}/card", summary="the role card of the task's current stage", response_model=None,
@@ -33,7 +33,7 @@ async def get_task(task_id: TaskId, lent: Agent) -> Response:
             description="What the holder of the task's current stage must do, and the ways out of it.",
             responses=_answers(envelopes.TaskCard, NotFound, Invalid))
 async def task_card(task_id: TaskId, lent: Agent) -> Response:
-    return FastJSONResponse(await tasks.card_of(lent.conn, lent.caller, task_id))
+    return FastJSONResponse(await tasks.card_of(lent.conn, await lent.principal(), task_id))
 
 
 @router.get("/lanes/{key}/cards", summary="every stage's role card for the lane's workflow", response_model=None,
@@ -42,7 +42,7 @@ async def task_card(task_id: TaskId, lent: Agent) -> Response:
                         "the lane's feature (or a seat).",
             responses=_answers(envelopes.LaneCards, NotEligible, NotFound, Invalid))
 async def lane_cards(key: Annotated[str, Path(max_length=96, description="the lane's key")], lent: Agent) -> Response:
-    return FastJSONResponse(await tasks.lane_cards(lent.conn, lent.caller, key))
+    return FastJSONResponse(await tasks.lane_cards(lent.conn, await lent.principal(), key))
 
 
 @router.get("/tasks/{task_id}/events", summary="a task's events, oldest first", response_model=None,
@@ -55,7 +55,7 @@ async def task_events(
     after: Annotated[int, empty_is(0), Query(ge=0, le=2**63 - 1, description="the last event id you have")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="at most this many events")] = 200,
 ) -> Response:
-    rows = await tasks.events(lent.conn, lent.caller, task_id, after, limit)
+    rows = await tasks.events(lent.conn, await lent.principal(), task_id, after, limit)
     # Bounded in bytes as well as rows: a page stops early, with its cursor, once it passes the budget.
     items, cut = pages.bounded(rows, request.app.state.ainarres.settings.max_read_bytes)
     return FastJSONResponse({"items": items, "next": items[-1]["id"] if cut or len(rows) == limit else None})
@@ -66,4 +66,4 @@ async def task_events(
             description="The caller's sub and family, its effective features now, its lanes and its holds.",
             responses=_answers(envelopes.Me))
 async def me(lent: Agent) -> Response:
-    return FastJSONResponse(await tasks.me(lent.conn, lent.caller))
+    return FastJSONResponse(await tasks.me(lent.conn, await lent.principal()))

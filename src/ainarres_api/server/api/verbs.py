@@ -3,8 +3,9 @@
 A `Verb` holds everything about one verb: its path, its request body, its answer, the refusals it can
 give, its words for a developer (/docs) and for a model (the MCP tool), and its work: one call into the
 services. `router` (the documented FastAPI routes) and the MCP tools (api/mcp_server.py) are both
-derived from `VERBS`; both authenticate with the same function (services.auth.authenticate, behind the
-`deps.agent_call` dependency and the MCP guard) and run the same `work`.
+derived from `VERBS`; both verify the token with the same function (services.auth.identity, behind the
+`deps.agent_verb` dependency and the MCP guard), read the caller as `run` says (services.auth.read, or the
+statement of a verb that moves a task: `Verb.reads_caller`) and run the same `work`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pydantic import BaseModel
 from starlette.types import Receive
 
 from ainarres_api.server.api import contract, envelopes, models, problems
-from ainarres_api.server.api.deps import Agent, AppState, FastJSONResponse, Lent
+from ainarres_api.server.api.deps import AgentVerb, AppState, FastJSONResponse, Lent
 from ainarres_api.server.api.schemas import (
     AdvanceIn,
     BlockIn,
@@ -51,18 +52,16 @@ from ainarres_api.server.errors import (
     RateLimited,
 )
 from ainarres_api.server.metrics import NEXT_CLAIM
-from ainarres_api.server.services import auth, claiming, spend, tasks, wake
+from ainarres_api.server.services import claiming, spend, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 
 @dataclass
 class Call:
-    """One call of a verb, whatever the entry point: the caller, its connection, the shared state."""
+    """One call of a verb, whatever the entry point: the caller's token and connection, the shared state."""
 
     st: AppState
-    caller: Principal
     lent: Lent
-    token: str
     gone: asyncio.Future[Any] | None = None  # completes when an HTTP client disconnects (long poll)
     next_claim: tuple[str, float] | None = None  # the code and seconds of the claim a move ran for `next`
 
@@ -70,6 +69,17 @@ class Call:
     def conn(self) -> Any:
         """The caller's pooled connection."""
         return self.lent.conn
+
+    @property
+    def caller(self) -> Principal:
+        """The caller, once read (`run` reads it before the work of a verb that does not read it itself)."""
+        assert self.lent.caller is not None, "the caller was not read"
+        return self.lent.caller
+
+    @property
+    def token(self) -> str:
+        """The caller's bearer token."""
+        return self.lent.token
 
 
 Work = Callable[[Call, uuid.UUID | None, Any], Awaitable[tuple[dict[str, Any], int]]]
@@ -97,14 +107,26 @@ class Verb:
     held: bool = False  # presents a lease (the MCP session may remember it)
     ends_hold: bool = False
     extra_statuses: dict[int, str] = field(default_factory=dict)
+    # The work's statement reads the caller itself (services.tasks.claim, .transition: ADR 0027), in the round
+    # trip that moves the task; `run` reads it first for every other verb.
+    reads_caller: bool = False
 
 
 async def run(verb: Verb, call: Call, task_id: uuid.UUID | None, body: Any) -> tuple[dict[str, Any], int]:
-    """Run a verb for any entry point (the HTTP route, the MCP tool): the checks every entry shares that need
-    the settings, then its work."""
-    if isinstance(body, EventBody):
-        check_event_bytes(body, call.st.settings.max_event_bytes)
-    return await verb.work(call, task_id, body)
+    """Run a verb for any entry point (the HTTP route, the MCP tool): the caller read from the database now
+    (by its work's statement, for a verb that `reads_caller`), the checks every entry shares that need the
+    settings, then its work. A refusal decided before the caller was read waits for that read: a bad token is
+    refused first (SPEC §2), whatever else is wrong."""
+    try:
+        if not verb.reads_caller:
+            await call.lent.principal()
+        if isinstance(body, EventBody):
+            check_event_bytes(body, call.st.settings.max_event_bytes)
+        return await verb.work(call, task_id, body)
+    except AinarresError:
+        if call.lent.caller is None:
+            await call.lent.principal()
+        raise
 
 
 def _artifacts(body: Any) -> list[dict[str, Any]]:
@@ -118,11 +140,15 @@ async def _create(c: Call, _: uuid.UUID | None, body: TaskCreate) -> tuple[dict[
 
 async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str, Any], int]:
     if body.wait_seconds <= 0:
-        out = await tasks.claim(c.conn, c.caller, body.lane, c.st.limits)
+        out, c.lent.caller = await tasks.claim(c.conn, c.lent.who, body.lane, c.st.limits)
         if out["code"] == "empty":  # refused if it can never match; else what may come
             out = await tasks.prospects(c.conn, c.caller, body.lane)
         return out, 200
-    await c.lent.release()  # a long poll holds no connection while it waits
+    # A long poll reads the caller now (its features decide what it watches), then holds no connection while it
+    # waits.
+    c.lent.caller = None
+    await c.lent.principal()
+    await c.lent.release()
     st, sub = c.st, c.caller.sub
     cap = st.settings.max_long_polls_per_agent
     if st.long_polls.get(sub, 0) >= cap:
@@ -149,22 +175,19 @@ async def _progress(c: Call, task_id: uuid.UUID | None, body: ProgressIn) -> tup
     return await tasks.progress(c.conn, c.caller, task_id, body.lease, body.note, _artifacts(body)), 200
 
 
-async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any], *, reread: bool = False
-                      ) -> tuple[dict[str, Any], int]:
+async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """A transition's answer, with the claim its body asked for (`next`) run after the transition committed: that
     claim's answer, or the problem document of its refusal (the move stands either way, hence 200).
 
-    `reread`: the move may have changed the caller's own features — a reject strikes the producer of the work,
-    which may be the caller's own family, and at the threshold bans it from the role — so the claim reads them
-    again (services.auth.authenticate) rather than take work the move just denied it."""
+    The claim reads the caller's features again, in its own statement: the move may have changed them — a
+    reject strikes the producer of the work, which may be the caller's own family, and at the threshold bans
+    it from the role — and the claim must not take work the move just denied it."""
     if want is None:
         return out, 200
     if want.wait_seconds > 0:
         wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
     started = time.perf_counter()
     try:
-        if reread:
-            c.caller = await auth.authenticate(c.conn, c.st.signer, c.token)
         nxt, _ = await _claim(c, None, want)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
@@ -172,16 +195,20 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any], *, rer
     return {**out, "next": nxt}, 200
 
 
-async def _advance(c: Call, task_id: uuid.UUID | None, body: AdvanceIn) -> tuple[dict[str, Any], int]:
+async def _move(c: Call, task_id: uuid.UUID | None, body: AdvanceIn | RejectIn, kind: str, text: str | None
+                ) -> tuple[dict[str, Any], int]:
     assert task_id is not None
-    return await _then_claim(c, body.next, await tasks.transition(
-        c.conn, c.caller, task_id, body.lease, "advance", body.to, body.note, _artifacts(body)))
+    out, c.lent.caller = await tasks.transition(c.conn, c.lent.who, task_id, body.lease, kind, body.to, text,
+                                                _artifacts(body))
+    return await _then_claim(c, body.next, out)
+
+
+async def _advance(c: Call, task_id: uuid.UUID | None, body: AdvanceIn) -> tuple[dict[str, Any], int]:
+    return await _move(c, task_id, body, "advance", body.note)
 
 
 async def _reject(c: Call, task_id: uuid.UUID | None, body: RejectIn) -> tuple[dict[str, Any], int]:
-    assert task_id is not None
-    return await _then_claim(c, body.next, await tasks.transition(
-        c.conn, c.caller, task_id, body.lease, "reject", body.to, body.reason, _artifacts(body)), reread=True)
+    return await _move(c, task_id, body, "reject", body.reason)
 
 
 async def _release(c: Call, task_id: uuid.UUID | None, body: ReleaseIn) -> tuple[dict[str, Any], int]:
@@ -258,7 +285,7 @@ key was used for different content: use a new key), invalid, payload_too_large."
         extra_statuses={200: "An idempotent repeat: the task the same `idempotency_key` made (code `existing`)."},
     ),
     Verb(
-        name="claim", path="/v1/claims", body=ClaimIn, answer=envelopes.Claimed,
+        name="claim", reads_caller=True, path="/v1/claims", body=ClaimIn, answer=envelopes.Claimed,
         refusals=(AlreadyHolding, NotEligible, RateLimited),
         summary="claim the best task you may do (optionally wait for one)",
         description=(
@@ -318,7 +345,7 @@ Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.
                         "event": {**_EVENT, "type": "progress", "data": {"note": "handler written, tests next"}}},
     ),
     Verb(
-        name="advance", path="/v1/tasks/{task_id}/advance", body=AdvanceIn, answer=envelopes.MovedOn,
+        name="advance", reads_caller=True, path="/v1/tasks/{task_id}/advance", body=AdvanceIn, answer=envelopes.MovedOn,
         refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
         ends_hold=True,
         summary="move a held task forward; releases the hold",
@@ -349,7 +376,7 @@ is that claim (this session then remembers its lease), `empty`, or the claim's r
                         "next": {**_CLAIMED, "task": {**_HELD, "id": "5e0c7a9d-1b2f-4c3e-8d4a-6f7b8c9d0e1f"}}},
     ),
     Verb(
-        name="reject", path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.MovedOn,
+        name="reject", reads_caller=True, path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.MovedOn,
         refusals=(*_HELD_REFUSALS, NotEligible, IllegalTransition, GuardFailed), on_task=True, held=True,
         ends_hold=True,
         summary="send a held task back for rework; releases the hold",
@@ -483,11 +510,11 @@ async def _disconnected(receive: Receive) -> None:
 def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
     """The FastAPI endpoint of a verb: the body and the caller solved by FastAPI, then the verb's work."""
 
-    async def endpoint(request: Request, lent: Agent, body: Any, task_id: uuid.UUID | None = None) -> Response:
+    async def endpoint(request: Request, lent: AgentVerb, body: Any, task_id: uuid.UUID | None = None) -> Response:
         gone: asyncio.Future[Any] | None = None
         if waits(body):
             gone = asyncio.ensure_future(_disconnected(request.receive))
-        call = Call(request.app.state.ainarres, lent.caller, lent, lent.token, gone)
+        call = Call(request.app.state.ainarres, lent, gone)
         try:
             out, status = await run(verb, call, task_id, body)
         finally:
@@ -499,7 +526,7 @@ def _endpoint(verb: Verb) -> Callable[..., Awaitable[Response]]:
 
     params = [
         inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-        inspect.Parameter("lent", inspect.Parameter.KEYWORD_ONLY, annotation=Agent),
+        inspect.Parameter("lent", inspect.Parameter.KEYWORD_ONLY, annotation=AgentVerb),
         inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
             verb.body, BodyParam(openapi_examples={verb.name: {"summary": verb.summary, "value": verb.example}})]),
     ]

@@ -6,7 +6,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -144,44 +144,69 @@ class Signer:
         return claims
 
 
-def identity(signer: Signer, token: str) -> tuple[uuid.UUID, str, str]:
-    """The (jti, sub, family) a bearer token names, once its signature, issuer, audience and expiry
-    check out (no database read: `authenticate`, or a verb that folds the read in, does that)."""
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token names: its signature, issuer, audience and expiry checked, nothing read yet. What
+    the caller may do is read from the database on every call, by `authenticate`, or by the statement of a
+    verb that moves a task (the claim, the transition), which reads it with `principal_of` and is `admit`ted."""
+
+    jti: uuid.UUID
+    sub: str
+    family: str
+
+
+def identity(signer: Signer, token: str) -> Identity:
+    """The identity a bearer token names, once its signature, issuer, audience and expiry check out."""
     claims = signer.verify(token)
     try:
         jti = uuid.UUID(str(claims["jti"]))
     except ValueError:
         raise Unauthenticated("the token's jti is not a uuid; present a token minted by this service") from None
-    return jti, str(claims["sub"]), str(claims["family"])
+    return Identity(jti, str(claims["sub"]), str(claims["family"]))
 
 
-async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
-    """Verify a bearer token and read the caller's effective features from the database now."""
-    jti, sub, family = identity(signer, token)
-    row = await conn.fetchrow(Q["resolve_principal"], jti)
-    if row is None or row["sub"] != sub or row["family_key"] != family:
-        raise Unauthenticated("this token was not issued by this service; ask an admin for one")
-    if row["revoked_at"] is not None:
-        raise Unauthenticated("this token has been revoked; ask an admin for a new one")
-    if row["expired"]:
-        raise Unauthenticated("the token has expired; ask an admin for a new one (POST /v1/tokens)")
-    if row["disabled"]:
-        raise Unauthenticated(f"family {row['family_key']} is disabled; an admin can re-enable it")
-    if row["agent_family"] is not None and row["agent_family"] != row["family_key"]:
-        raise Unauthenticated("this sub belongs to another family")
+def named(who: Identity | Principal) -> Identity:
+    """The identity of a caller, whether it was read already or not."""
+    return who if isinstance(who, Identity) else Identity(uuid.UUID(who.jti), who.sub, who.family)
+
+
+# Why principal_of refuses a caller (migration 0023: the rule is there, once), in words for it.
+_REFUSED = {
+    "unknown": "this token was not issued by this service; ask an admin for one",
+    "revoked": "this token has been revoked; ask an admin for a new one",
+    "expired": "the token has expired; ask an admin for a new one (POST /v1/tokens)",
+    "disabled": "family {family} is disabled; an admin can re-enable it",
+    "other_family": "this sub belongs to another family",
+}
+
+
+async def admit(conn: asyncpg.Connection, row: Mapping[str, Any], who: Identity) -> Principal:
+    """The caller a row of `principal_of` describes (read alone, or inside a verb's statement, which changed
+    nothing if it is refused), or the refusal (401); an agent is recorded on its first call and seen."""
+    if (refused := row["refused"]) is not None:
+        raise Unauthenticated(_REFUSED[refused].format(family=row["family_key"]))
     if row["agent_family"] is None:
         await conn.execute(Q["agent_ensure"], row["sub"], row["family_key"])
     elif row["seen_stale"]:
         await conn.execute(Q["agent_touch"], row["sub"])
-    scope = tuple(row["scope"]) if row["scope"] is not None else None
     return Principal(
         sub=row["sub"],
         family=row["family_key"],
-        jti=str(jti),
+        jti=str(who.jti),
         features=frozenset(row["features"]),
         max_active=row["max_active"],
-        scope=scope,
+        scope=tuple(row["scope"]) if row["scope"] is not None else None,
     )
+
+
+async def read(conn: asyncpg.Connection, who: Identity) -> Principal:
+    """The caller's effective features, read from the database now (or its refusal)."""
+    return await admit(conn, await conn.fetchrow(Q["resolve_principal"], who.jti, who.sub, who.family), who)
+
+
+async def authenticate(conn: asyncpg.Connection, signer: Signer, token: str) -> Principal:
+    """Verify a bearer token and read the caller's effective features from the database now."""
+    return await read(conn, identity(signer, token))
 
 
 # How long a token may live, whoever mints it (POST /v1/tokens, `ainarres token`): at least a minute, so a

@@ -52,7 +52,7 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
                     # Watch before claiming, so a change committed after the claim's snapshot
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
-                    out = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
+                    out, caller = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
                     if out["code"] == "empty" and (first or narrower):
                         # A claim that can never match is refused now, not after the wait: at the first look,
                         # and when the caller's features have narrowed since (a denial wakes every waiter).

@@ -23,7 +23,7 @@ from ainarres_api.server.errors import (
     NotFound,
 )
 from ainarres_api.server.services import auth, wake
-from ainarres_api.server.services.auth import Principal
+from ainarres_api.server.services.auth import Identity, Principal
 from ainarres_api.server.services.digest import request_digest
 
 MAX_ATTEMPTS_REASON = "max attempts exceeded"
@@ -31,6 +31,7 @@ MAX_ATTEMPTS_REASON = "max attempts exceeded"
 TRAIL_REASON_MAX = 2000
 # One claim never walks more than this many recovery steps (blocks/escalations) before answering.
 _MAX_CLAIM_STEPS = 32
+_SEATS = sorted(auth.OVERSIGHT)  # the transition's visibility rule: a caller holding one sees every lane
 
 
 @dataclass(frozen=True)
@@ -202,27 +203,29 @@ def _refused(verdict: str, task: dict[str, Any] | None, sub: str | None = None) 
     return LeaseLost(f"{words}; nothing was changed. Claim again (POST /v1/claims) to get work", task=task)
 
 
-async def claim(conn: asyncpg.Connection, p: Principal, lane: str | None, limits: Limits,
-                prefer: Collection[int] = ()) -> dict[str, Any]:
-    """Take the best task the caller may do, recovering expired leases on the way."""
-    features = sorted(p.features)
+async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str | None, limits: Limits,
+                prefer: Collection[int] = ()) -> tuple[dict[str, Any], Principal]:
+    """Take the best task the caller may do, recovering expired leases on the way. The statement reads the
+    caller (refused: 401, nothing done); the answer, and the caller as it read it."""
+    me = auth.named(who)
     for _ in range(_MAX_CLAIM_STEPS):
-        row = await conn.fetchrow(Q["claim"], p.sub, p.family, features, lane, p.max_active, limits.max_routes,
-                                  list(prefer))
+        row = await conn.fetchrow(Q["claim"], me.jti, me.sub, me.family, lane, limits.max_routes, list(prefer))
+        p = await auth.admit(conn, row, me)
         verdict = row["verdict"]
         if verdict == "take":
             return {"code": "claimed", "task": row["task"],
                     "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
                     "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
-                    "context": row["context"]}
+                    "context": row["context"]}, p
         if verdict == "empty":
-            return {"code": "empty", "task": None, "lease": None}
+            return {"code": "empty", "task": None, "lease": None}, p
         if verdict == "full":
             await _refuse_if_full(conn, p)  # counted again with a fresh snapshot: a hold may have ended
         elif verdict == "recover":
             await _recover(conn, p, row["candidate"])
-        # stale (a claim of this agent committed meanwhile), or recovered: claim again with a new snapshot
-    return {"code": "empty", "task": None, "lease": None}
+        # stale (a claim of this agent committed meanwhile, or its first: admit recorded it), or recovered: claim
+        # again with a new snapshot
+    return {"code": "empty", "task": None, "lease": None}, p
 
 
 async def prospects(conn: asyncpg.Connection, p: Principal, lane: str | None) -> dict[str, Any]:
@@ -326,11 +329,13 @@ async def progress(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, l
     return out | {"replay": True} if r["verdict"] == "replay" else out
 
 
-async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
+async def transition(conn: asyncpg.Connection, who: Identity | Principal, task_id: uuid.UUID, lease: uuid.UUID,
                      kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
-                     ) -> dict[str, Any]:
-    """Advance or reject a held task to stage `to`, releasing the hold."""
-    args = (task_id, lease, kind, to, text, artifacts, p.sub, p.family, sorted(p.features), p.oversees)
+                     ) -> tuple[dict[str, Any], Principal]:
+    """Advance or reject a held task to stage `to`, releasing the hold. The statement reads the caller
+    (refused: 401, nothing done); the answer, and the caller as it read it."""
+    me = auth.named(who)
+    args = (task_id, lease, kind, to, text, artifacts, me.jti, me.sub, me.family, _SEATS)
     for _ in range(3):
         try:
             if kind == "reject":
@@ -338,9 +343,11 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
                 # rework cap blocks the task: both in the same transaction; an advance pays for neither.
                 async with conn.transaction():
                     r = await conn.fetchrow(Q["transition"], *args, False)
+                    p = await auth.admit(conn, r, me)
                     capped = await _settle(conn, p, task_id, kind, r)
             else:
                 r, capped = await conn.fetchrow(Q["transition"], *args, False), None
+                p = await auth.admit(conn, r, me)
         except asyncpg.QueryCanceledError:
             # The statement time-out: a transition's own work is a few index lookups, so what ran long is
             # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.
@@ -357,12 +364,13 @@ async def transition(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID,
             # statement after the lock, whose snapshot sees every prerequisite that finished meanwhile.
             async with conn.transaction():
                 r = await conn.fetchrow(Q["transition"], *args, True)
+                p = await auth.admit(conn, r, me)
                 if r["verdict"] == "ok":
                     await _promote_dependents(conn, task_id)
                 capped = await _settle(conn, p, task_id, kind, r)
             if r["verdict"] in ("no_route", "dependents"):
                 continue
-        return capped or await _transitioned(conn, p, r, task_id, kind, to, lease, text, artifacts)
+        return capped or await _transitioned(conn, p, r, task_id, kind, to, lease, text, artifacts), p
     raise AssertionError("transition: the target route was not found after creating it")
 
 

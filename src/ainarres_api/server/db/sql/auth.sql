@@ -17,11 +17,11 @@ SELECT f.key, f.disabled,
   FROM families f WHERE f.key = $1;
 
 -- name: resolve_principal
--- Runs on every authenticated call, before its work (services.auth.authenticate): principal_of
--- (migration 0009) — the family's provisioned features, narrowed
--- by the token's scope, minus the family's active denials, read now, so a revocation bites on the
--- next call.
-SELECT * FROM principal_of($1);
+-- Runs on every authenticated call but the claim and the transition, whose statements read it themselves
+-- (services.auth.read; migration 0023): whether the caller is refused, and the family's provisioned
+-- features, narrowed by the token's scope, minus the family's active denials, read now, so a revocation
+-- bites on the next call. $1 the token's jti, $2 its sub, $3 its family.
+SELECT * FROM principal_of($1, $2, $3);
 
 -- name: token_insert
 INSERT INTO tokens (jti, family_key, sub, scope, issued_at, expires_at, created_by)

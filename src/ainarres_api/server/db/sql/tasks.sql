@@ -32,36 +32,42 @@ SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS 
   LEFT JOIN e ON true;
 
 -- name: claim
--- The claim, one statement (its own transaction when the service runs it alone). $1 the agent's sub,
--- $2 its family, $3 its effective features (sorted), $4 a lane or NULL, $5 the family's max_active,
--- $6 how many routes one claim probes, $7 routes to probe first (what woke a waiting claim).
--- The verdict says what happened; only 'take' changed anything:
+-- The claim, one statement (its own transaction when the service runs it alone). $1, $2, $3 the jti, sub
+-- and family of the caller's verified token, $4 a lane or NULL, $5 how many routes one claim probes, $6
+-- routes to probe first (what woke a waiting claim). The caller is read here, with principal_of (its
+-- columns are answered: services.auth.admit), in this statement's snapshot: its features, its family's
+-- max_active. The verdict says what happened; only 'take' changed anything:
+--   refused  the caller is refused (principal_of says why); nothing was read or locked
 --   take     the best candidate is now held by the caller (task, event, lease below)
 --   empty    nothing the caller may take (and it has room)
 --   full     the caller already holds max_active live leases (counted with this snapshot)
 --   stale    a claim of the same agent committed after this statement's snapshot: run it again
 --   recover  the best candidate is an expired hold whose recovery blocks or escalates it (due):
 --            the service applies that (claim_recover) and claims again
-WITH me AS (
+WITH caller AS (
+    SELECT * FROM principal_of($1, $2, $3)
+), me AS (
     -- Serialises one agent's claims on its own row. A row we waited for is read in its newest version
     -- (READ COMMITTED), while a plain read sees this statement's snapshot: if the two claim counts
     -- differ, a claim of the same agent committed after the snapshot and the holds counted below may
     -- miss it.
-    SELECT a.claims = (SELECT s.claims FROM agents s WHERE s.sub = $1) AS fresh
-      FROM agents a WHERE a.sub = $1
-       FOR UPDATE
+    SELECT a.claims = (SELECT s.claims FROM agents s WHERE s.sub = k.sub) AS fresh
+      FROM caller k JOIN agents a ON a.sub = k.sub
+     WHERE k.refused IS NULL
+       FOR UPDATE OF a
 ), eligible AS (
     -- Routes (lane, stage, required set) the caller may take from: the small, append-only route tables
-    -- alone decide it. Over $6 routes, the woken ones first, then a random subset, so that over a few
+    -- alone decide it. Over $5 routes, the woken ones first, then a random subset, so that over a few
     -- claims every queue is visited (docs/operations.md).
     SELECT r.id
       FROM routes r
       JOIN lanes l ON l.id = r.lane_id
      WHERE (SELECT fresh FROM me)
        AND ($4::text IS NULL OR l.key = $4)
-       AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id AND b.features <@ $3::text[])
-     ORDER BY r.id = ANY ($7::int[]) DESC, random()
-     LIMIT $6
+       AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id
+                      AND b.features <@ (SELECT k.features FROM caller k))
+     ORDER BY r.id = ANY ($6::int[]) DESC, random()
+     LIMIT $5
 ), ready AS (
     -- One O(log n) probe of the ready index per route; FOR UPDATE SKIP LOCKED on the head of each, so
     -- concurrent claimers step over each other's candidates instead of queueing on them (the heads not
@@ -105,40 +111,44 @@ WITH me AS (
       JOIN stages s ON s.id = b.stage_id
 ), verdict AS (
     SELECT CASE
+        WHEN (SELECT k.refused FROM caller k) IS NOT NULL THEN 'refused'
         WHEN NOT coalesce((SELECT fresh FROM me), false) THEN 'stale'
-        WHEN (SELECT count(*) FROM tasks h
-               WHERE h.holder = $1 AND h.state = 'held' AND h.lease_expires_at > now()) >= $5 THEN 'full'
+        WHEN (SELECT count(*) FROM tasks h, caller k
+               WHERE h.holder = k.sub AND h.state = 'held' AND h.lease_expires_at > now()) >= (SELECT k.max_active FROM caller k)
+            THEN 'full'
         WHEN NOT EXISTS (SELECT 1 FROM c) THEN 'empty'
         WHEN (SELECT due FROM c) IS NOT NULL THEN 'recover'
         ELSE 'take'
     END AS v
 ), u AS (
     UPDATE tasks t
-       SET state = 'held', holder = $1, lease_id = gen_random_uuid(),
+       SET state = 'held', holder = k.sub, lease_id = gen_random_uuid(),
            lease_expires_at = now() + make_interval(secs => c.lease_seconds),
            held_since = now(), progress_at = NULL, attempts = t.attempts + CASE WHEN c.expired THEN 1 ELSE 0 END,
            updated_at = now()
-      FROM c, verdict
+      FROM c, verdict, caller k
      WHERE t.id = c.id AND verdict.v = 'take'
  RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
-    SELECT (u.t).id, 'claimed', $1, $2,
+    SELECT (u.t).id, 'claimed', k.sub, k.family_key,
            jsonb_build_object('lease', (u.t).lease_id, 'lease_expires_at', (u.t).lease_expires_at,
                               'attempts', (u.t).attempts, 'stage', c.stage_key)
            || CASE WHEN c.expired
                    THEN jsonb_build_object('reclaimed', true, 'previous_holder', c.holder,
                                            'previous_lease', c.lease_id)
                    ELSE '{}'::jsonb END
-      FROM u, c
+      FROM u, c, caller k
  RETURNING events
 ), counted AS (
-    UPDATE agents SET claims = claims + 1 WHERE sub = $1 AND EXISTS (SELECT 1 FROM u)
+    UPDATE agents SET claims = claims + 1 WHERE sub = (SELECT k.sub FROM caller k) AND EXISTS (SELECT 1 FROM u)
 )
 SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
        (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at,
-       c.id AS candidate, c.stage_id, c.due, CASE WHEN (u.t).id IS NOT NULL THEN lane_context(c.lane_id) END AS context
+       c.id AS candidate, c.stage_id, c.due, CASE WHEN (u.t).id IS NOT NULL THEN lane_context(c.lane_id) END AS context,
+       k.*
   FROM verdict v
+ CROSS JOIN caller k
   LEFT JOIN c ON true
   LEFT JOIN u ON true
   LEFT JOIN e ON true;
@@ -466,10 +476,13 @@ RETURNING task_json(t) AS task;
 
 -- name: transition
 -- Advance or reject a held task, one statement. $1 task, $2 lease, $3 kind, $4 target stage key,
--- $5 note (advance) or reason (reject), $6 artifacts, $7 the caller's sub, $8 its family, $9 its
--- features (sorted), $10 whether it oversees (sees every lane), $11 whether the statement may finish a
--- task that others wait on (only inside a transaction that then promotes them: dependents_lock).
--- The verdict says what happened; only 'ok' changed anything:
+-- $5 note (advance) or reason (reject), $6 artifacts, $7, $8, $9 the jti, sub and family of the caller's
+-- verified token, $10 the seats that see every lane (services.auth.OVERSIGHT), $11 whether the statement
+-- may finish a task that others wait on (only inside a transaction that then promotes them:
+-- dependents_lock). The caller is read here, with principal_of (its columns are answered:
+-- services.auth.admit), in this statement's snapshot. The verdict says what happened; only 'ok' changed
+-- anything:
+--   refused             the caller is refused (principal_of says why); nothing was read or locked
 --   ok                  moved to the target stage (route_id: the queue it is ready in; NULL when done)
 --   rework_cap          a reject past the stage's max_rework, nothing changed yet: the service blocks it for a
 --                       human in the same transaction (transition_capped, with `refused_call` and the counts below)
@@ -490,25 +503,28 @@ RETURNING task_json(t) AS task;
 -- reject's strike (and the ban it may bring) is `governance_strike`, run by the service in the same
 -- transaction after an accepted reject only: in this statement it cost every advance 60 % of the raw cycle
 -- though only rejects use it (performance.md, 2026-12-03 evening).
-WITH locked AS (
+WITH caller AS (
+    SELECT * FROM principal_of($7, $8, $9)
+), locked AS (
     -- The task row alone: after a lock wait it is re-read in its newest version (a join here would be
     -- rechecked against the stage row read before the wait, and a task moved meanwhile would vanish).
-    SELECT t AS lk FROM tasks t WHERE t.id = $1 FOR UPDATE
+    SELECT t AS lk FROM tasks t WHERE t.id = $1 AND (SELECT me.refused FROM caller me) IS NULL FOR UPDATE
 ), x AS (
     SELECT k.lk, (k.lk).id AS id, (k.lk).stage_id AS stage_id, (k.lk).lane_id AS lane_id,
            coalesce((k.lk).base_required_features, (k.lk).required_features) AS base_required,
            l.key AS lane_key, s.key AS stage_key, coalesce(s.max_rework, w.max_rework) AS max_rework,
            w.key AS workflow_key,
            coalesce(((k.lk).rework_by_stage ->> s.key)::int, 0) AS rework_here,
-           may_see($9::text[], $10, l.key) AS visible, lease_state(k.lk, $7, $2) AS lease
+           may_see(me.features, me.features && $10::text[], l.key) AS visible, lease_state(k.lk, me.sub, $2) AS lease
       FROM locked k
+     CROSS JOIN caller me
       JOIN lanes l ON l.id = (k.lk).lane_id
       JOIN stages s ON s.id = (k.lk).stage_id
       JOIN workflows w ON w.id = s.workflow_id
 ), o AS (
     -- The transitions of kind $3 from the task's stage to $4, the most specific first.
     SELECT tr.id, tr.required_features, tr.guard, tr.position, ts.id AS to_stage_id, ts.terminal,
-           tr.required_features <@ $9::text[] AS eligible,
+           tr.required_features <@ (SELECT me.features FROM caller me) AS eligible,
            (SELECT r.id FROM routes r
              WHERE r.lane_id = x.lane_id AND r.stage_id = ts.id AND r.required_features = x.base_required) AS route_id
       FROM x
@@ -518,6 +534,7 @@ WITH locked AS (
     SELECT * FROM o WHERE eligible ORDER BY cardinality(required_features) DESC, position LIMIT 1
 ), verdict AS (
     SELECT CASE
+        WHEN (SELECT me.refused FROM caller me) IS NOT NULL THEN 'refused'
         WHEN x.id IS NULL OR NOT x.visible THEN 'not_found'
         WHEN x.lease <> 'ok' THEN x.lease
         WHEN NOT EXISTS (SELECT 1 FROM o) THEN 'illegal_transition'
@@ -563,15 +580,17 @@ WITH locked AS (
  RETURNING t
 ), e AS (
     INSERT INTO events (task_id, type, actor, family, data)
-    SELECT (m.t).id, 'transition', $7, $8, data.d FROM moved m, data
+    SELECT (m.t).id, 'transition', me.sub, me.family_key, data.d FROM moved m, data, caller me
  RETURNING events
 )
 SELECT v.v AS verdict, task_json(coalesce(m.t, x.lk)) AS task, event_json(e.events) AS event,
        (m.t).route_id AS route_id, (m.t).state AS state, x.stage_id, x.stage_key, x.lane_key, x.lane_id,
        x.base_required, ch.to_stage_id,
        -- What the rework cap's block records (transition_capped): the refused call, the counts.
-       CASE WHEN v.v = 'rework_cap' THEN (SELECT d FROM data) END AS refused_call, x.rework_here, x.max_rework
+       CASE WHEN v.v = 'rework_cap' THEN (SELECT d FROM data) END AS refused_call, x.rework_here, x.max_rework,
+       me.*
   FROM verdict v
+ CROSS JOIN caller me
   LEFT JOIN x ON true
   LEFT JOIN chosen ch ON true
   LEFT JOIN moved m ON true
