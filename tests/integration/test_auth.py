@@ -341,12 +341,14 @@ async def test_a_refused_caller_moves_nothing_where_the_verb_reads_the_caller_it
     events = await db.fetchval("SELECT count(*) FROM events")
     sql, words = _REFUSALS[reason]
     await db.execute(sql, agent.sub)
+    too_big = [{"type": "url", "uri": "https://x/" + "a" * 2000}] * 10  # an event over its bound (413 otherwise)
     calls = [("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"}),
              ("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review", "next": {"lane": "dev"}}),
              ("POST", f"/v1/tasks/{tid}/reject", {"lease": lease, "to": "todo", "reason": "no"}),
              ("POST", "/v1/claims", {"lane": "dev"}),
              ("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "nowhere"}),  # illegal: refused first
-             ("POST", f"/v1/tasks/{uuid.uuid4()}/advance", {"lease": lease, "to": "review"})]  # unknown task
+             ("POST", f"/v1/tasks/{uuid.uuid4()}/advance", {"lease": lease, "to": "review"}),  # unknown task
+             ("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review", "artifacts": too_big})]
     for method, path, body in calls:
         refused = _assert_401(await agent.call(method, path, body), token=token)
         assert words in refused["detail"], (path, refused["detail"])

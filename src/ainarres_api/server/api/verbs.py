@@ -50,6 +50,7 @@ from ainarres_api.server.errors import (
     NotEligible,
     NotFound,
     RateLimited,
+    Unauthenticated,
 )
 from ainarres_api.server.metrics import NEXT_CLAIM
 from ainarres_api.server.services import claiming, spend, tasks, wake
@@ -123,8 +124,8 @@ async def run(verb: Verb, call: Call, task_id: uuid.UUID | None, body: Any) -> t
         if isinstance(body, EventBody):
             check_event_bytes(body, call.st.settings.max_event_bytes)
         return await verb.work(call, task_id, body)
-    except AinarresError:
-        if call.lent.caller is None:
+    except AinarresError as exc:
+        if call.lent.caller is None and not isinstance(exc, Unauthenticated):
             await call.lent.principal()
         raise
 
