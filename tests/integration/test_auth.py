@@ -320,6 +320,8 @@ _REFUSALS = {
     "disabled": ("UPDATE families SET disabled = true WHERE key = (SELECT family_key FROM agents WHERE sub = $1)",
                  "disabled"),
     "other_family": ("UPDATE agents SET family_key = 'reviewers' WHERE sub = $1", "another family"),
+    # The token's row names another family than the token does.
+    "unknown": ("UPDATE tokens SET family_key = 'reviewers' WHERE sub = $1", "not issued by this service"),
 }
 
 
@@ -356,6 +358,30 @@ async def test_a_refused_caller_moves_nothing_where_the_verb_reads_the_caller_it
     assert dict(row) == {"state": "held", "holder": agent.sub, "lease": lease}
     assert await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1", agent.sub) == 1
     assert await db.fetchval("SELECT count(*) FROM events") == events
+
+
+@pytest.mark.parametrize("verb", ["advance", "claim"])
+async def test_a_refused_caller_waits_for_no_lock(admin, db, dsn, verb):
+    """The statement's gate stops a refused caller before it locks anything: while another transaction holds the
+    task's row (advance) or the agent's row (claim), the refusal is the 401 at once — not a wait for the lock
+    and then `503 unavailable` (lock_timeout), which would also put the lock before the token."""
+    w = await make_world(admin)
+    agent, token = await _agent_token(w)
+    tid = (await agent.create("dev", "held"))["task"]["id"]
+    lease = (await agent.claim("dev"))["lease"]["id"]
+    other = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction():
+            if verb == "advance":
+                await other.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", uuid.UUID(tid))
+                call = agent.call("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"})
+            else:
+                await other.execute("SELECT 1 FROM agents WHERE sub = $1 FOR UPDATE", agent.sub)
+                call = agent.call("POST", "/v1/claims", {"lane": "dev"})
+            await db.execute("UPDATE tokens SET revoked_at = now() WHERE sub = $1", agent.sub)
+            _assert_401(await asyncio.wait_for(call, 60), token=token)
+    finally:
+        await other.close()
 
 
 async def test_revoked_admin_token_cannot_administer(admin, client):

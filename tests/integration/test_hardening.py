@@ -332,3 +332,33 @@ def test_a_float_past_two_to_the_53_is_not_taken_for_an_integer():
 async def test_governance_thresholds_are_integers_not_text_or_booleans(admin, value, expect):
     await make_world(admin)
     await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": value}, expect)
+
+
+async def test_the_agent_seen_is_recorded_with_the_move_and_never_waits_for_its_row(admin, db, dsn):
+    """An agent is recorded seen (last_seen_at, at most every 30 s) by the move's own statement, which does not
+    wait for the agent's row: with another transaction holding it, an advance is answered 200 and the task has
+    moved — not a 503 "nothing was changed" for a move that happened (found by a review: the touch once ran
+    after the committed move) — and the next call records the agent seen."""
+    w = await make_world(admin)
+    agent = await w.agent("cheap")
+    first = (await agent.create("dev", "opens the review route"))["task"]["id"]
+    await agent.verb(first, "advance", lease=(await agent.claim("dev"))["lease"]["id"], to="review")
+    tid = (await agent.create("dev", "moves"))["task"]["id"]
+    lease = (await agent.claim("dev"))["lease"]["id"]
+    stale = "UPDATE agents SET last_seen_at = now() - interval '1 minute' WHERE sub = $1 RETURNING last_seen_at"
+    before = await db.fetchval(stale, agent.sub)
+    other = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM agents WHERE sub = $1 FOR UPDATE", agent.sub)
+            r = await asyncio.wait_for(
+                agent.call("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"}), 60)
+    finally:
+        await other.close()
+    assert r.status_code == 200, r.text
+    row = await db.fetchrow("SELECT s.key AS stage, t.state FROM tasks t JOIN stages s ON s.id = t.stage_id "
+                            "WHERE t.id = $1", uuid.UUID(tid))
+    assert dict(row) == {"stage": "review", "state": "ready"}
+    assert await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", agent.sub) == before  # skipped
+    await agent.claim("dev")  # the row free again: seen
+    assert await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", agent.sub) > before

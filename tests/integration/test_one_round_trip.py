@@ -155,26 +155,38 @@ async def test_a_lost_lease_says_which_way_the_hold_ended(admin: Api, db: Any) -
 async def test_over_http_a_claim_and_an_advance_are_one_statement_each_the_caller_read_inside(
         app: Any, admin: Api) -> None:
     """Authentication included: the route's dependency verifies the token, and the verb's own statement reads the
-    caller's features (ADR 0027) — one statement per request, the caller's read not a round trip of its own."""
+    caller's features (ADR 0027) — one statement per request, the caller's read not a round trip of its own; a
+    refusal decided after that statement does not read the caller again (the refusal carries it)."""
     w = await make_world(admin)
     dev = await w.agent("cheap")
     first = (await dev.create("dev", "opens the review route"))["task"]["id"]
     c = await dev.claim("dev")  # the agent recorded, the card cached
     await dev.verb(first, "advance", lease=c["lease"]["id"], to="review")  # the review route created
     tid = (await dev.create("dev", "one trip"))["task"]["id"]
+    await dev.create("dev", "queued")
     st = app.state.ainarres
+
+    async def sent(method: str, path: str, body: dict[str, Any] | None, status: int) -> list[str]:
+        recording.sent.clear()
+        r = await dev.call(method, path, body)
+        assert r.status_code == status, r.text
+        return _names(recording.sent)
+
     recording = RecordingPool(st.pool)
     st.pool = recording
     try:
         c = await dev.claim("dev")
-        claimed, recording.sent[:] = _names(recording.sent), []
-        await dev.verb(tid, "advance", lease=c["lease"]["id"], to="review")
-        advanced = _names(recording.sent)
-        me = await dev.get("/v1/me")  # a read: the caller read first, by the route's dependency
-        read = _names(recording.sent)[len(advanced):]
+        claimed = _names(recording.sent)
+        lease = c["lease"]["id"]
+        full = await sent("POST", "/v1/claims", {"lane": "dev"}, 409)  # already_holding (max_active 1)
+        illegal = await sent("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "nowhere"}, 409)
+        advanced = await sent("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"}, 200)
+        read = await sent("GET", "/v1/me", None, 200)  # a read: the caller read first, by the route's dependency
     finally:
         st.pool = recording.pool
-    assert c["task"]["id"] == tid and me["sub"] == dev.sub
+    assert c["task"]["id"] == tid
     assert claimed == ["claim"]
+    assert full == ["claim", "held_by_agent"]
+    assert illegal == ["transition", "transition_options"]
     assert advanced == ["transition"]
     assert read[0] == "resolve_principal"

@@ -18,6 +18,9 @@ class AinarresError(Exception):
         self.detail = detail
         self.task = task
         self.extra = extra
+        # The caller (services.auth.Principal) the refused call's own statement read, when it read one: the
+        # caller was judged, and admitted, before this refusal (api/verbs.py `run`).
+        self.caller: Any = None
 
 
 class Unauthenticated(AinarresError):

@@ -125,7 +125,8 @@ async def run(verb: Verb, call: Call, task_id: uuid.UUID | None, body: Any) -> t
             check_event_bytes(body, call.st.settings.max_event_bytes)
         return await verb.work(call, task_id, body)
     except AinarresError as exc:
-        if call.lent.caller is None and not isinstance(exc, Unauthenticated):
+        # Not read yet (no statement read it before refusing: exc.caller), and not itself the refusal of the caller.
+        if call.lent.caller is None and exc.caller is None and not isinstance(exc, Unauthenticated):
             await call.lent.principal()
         raise
 

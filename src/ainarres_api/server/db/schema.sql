@@ -169,6 +169,30 @@ CREATE FUNCTION public.may_see(features text[], oversees boolean, lane text) RET
 $$;
 
 
+CREATE FUNCTION public.principal_of(p_jti uuid) RETURNS TABLE(sub text, family_key text, scope text[], revoked_at timestamp with time zone, expired boolean, disabled boolean, max_active integer, agent_family text, seen_stale boolean, features text[])
+    LANGUAGE sql STABLE
+    AS $$
+SELECT t.sub, t.family_key, t.scope, t.revoked_at, t.expires_at <= now(),
+       f.disabled, f.max_active,
+       (SELECT a.family_key FROM agents a WHERE a.sub = t.sub),
+       -- last_seen_at is written at most every 30 s per agent, so calls do not each pay a write.
+       coalesce((SELECT a.last_seen_at < now() - interval '30 seconds' FROM agents a WHERE a.sub = t.sub),
+                false),
+       coalesce(array(
+           SELECT ff.feature FROM family_features ff
+            WHERE ff.family_key = t.family_key
+              AND (t.scope IS NULL OR ff.feature = ANY (t.scope))
+              AND NOT EXISTS (
+                  SELECT 1 FROM denials d
+                   WHERE d.family_key = ff.family_key AND d.feature = ff.feature
+                     AND (d.expires_at IS NULL OR d.expires_at > now()))
+            ORDER BY ff.feature), '{}')
+  FROM tokens t
+  JOIN families f ON f.key = t.family_key
+ WHERE t.jti = p_jti
+$$;
+
+
 CREATE FUNCTION public.principal_of(p_jti uuid, p_sub text, p_family text) RETURNS TABLE(refused text, sub text, family_key text, scope text[], max_active integer, agent_family text, seen_stale boolean, features text[])
     LANGUAGE sql STABLE
     AS $$

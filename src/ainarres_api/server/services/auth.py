@@ -180,14 +180,18 @@ _REFUSED = {
 }
 
 
-async def admit(conn: asyncpg.Connection, row: Mapping[str, Any], who: Identity) -> Principal:
+async def admit(conn: asyncpg.Connection, row: Mapping[str, Any], who: Identity, *, seen: bool = False
+                ) -> Principal:
     """The caller a row of `principal_of` describes (read alone, or inside a verb's statement, which changed
-    nothing if it is refused), or the refusal (401); an agent is recorded on its first call and seen."""
+    nothing if it is refused), or the refusal (401). An agent is recorded on its first call (no statement that
+    read it changed anything then: it held nothing), and seen — here, before the work, unless the statement
+    that read the row recorded it (`seen`: the claim, the transition), as this would only come after a
+    committed move and could fail it."""
     if (refused := row["refused"]) is not None:
         raise Unauthenticated(_REFUSED[refused].format(family=row["family_key"]))
     if row["agent_family"] is None:
         await conn.execute(Q["agent_ensure"], row["sub"], row["family_key"])
-    elif row["seen_stale"]:
+    elif row["seen_stale"] and not seen:
         await conn.execute(Q["agent_touch"], row["sub"])
     return Principal(
         sub=row["sub"],

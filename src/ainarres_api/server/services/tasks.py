@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ainarres_api.server.errors import (
     LeaseLost,
     NotEligible,
     NotFound,
+    Unauthenticated,
 )
 from ainarres_api.server.services import auth, wake
 from ainarres_api.server.services.auth import Identity, Principal
@@ -206,27 +208,29 @@ def _refused(verdict: str, task: dict[str, Any] | None, sub: str | None = None) 
 async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str | None, limits: Limits,
                 prefer: Collection[int] = ()) -> tuple[dict[str, Any], Principal]:
     """Take the best task the caller may do, recovering expired leases on the way. The statement reads the
-    caller (refused: 401, nothing done); the answer, and the caller as it read it."""
+    caller (refused: 401, nothing done); the answer, and the caller as it read it (which a refusal carries too)."""
     me = auth.named(who)
-    for _ in range(_MAX_CLAIM_STEPS):
-        row = await conn.fetchrow(Q["claim"], me.jti, me.sub, me.family, lane, limits.max_routes, list(prefer))
-        p = await auth.admit(conn, row, me)
-        verdict = row["verdict"]
-        if verdict == "take":
-            return {"code": "claimed", "task": row["task"],
-                    "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
-                    "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
-                    "context": row["context"]}, p
-        if verdict == "empty":
-            return {"code": "empty", "task": None, "lease": None}, p
-        if verdict == "full":
-            await _refuse_if_full(conn, p)  # counted again with a fresh snapshot: a hold may have ended
-        elif verdict == "recover":
-            await _recover(conn, p, row["candidate"])
-        # stale (a claim of this agent committed meanwhile, or its first: admit recorded it), or recovered: claim
-        # again with a new snapshot
-    return {"code": "empty", "task": None, "lease": None}, p
-
+    read: list[Principal] = []
+    with _carrying(read):
+        for _ in range(_MAX_CLAIM_STEPS):
+            row = await conn.fetchrow(Q["claim"], me.jti, me.sub, me.family, lane, limits.max_routes, list(prefer))
+            p = await auth.admit(conn, row, me, seen=True)
+            read.append(p)
+            verdict = row["verdict"]
+            if verdict == "take":
+                return {"code": "claimed", "task": row["task"],
+                        "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
+                        "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
+                        "context": row["context"]}, p
+            if verdict == "empty":
+                return {"code": "empty", "task": None, "lease": None}, p
+            if verdict == "full":
+                await _refuse_if_full(conn, p)  # counted again with a fresh snapshot: a hold may have ended
+            elif verdict == "recover":
+                await _recover(conn, p, row["candidate"])
+            # stale (a claim of this agent committed meanwhile, or its first: admit recorded it), or recovered:
+            # claim again with a new snapshot
+        return {"code": "empty", "task": None, "lease": None}, read[-1]
 
 async def prospects(conn: asyncpg.Connection, p: Principal, lane: str | None) -> dict[str, Any]:
     """After a claim found nothing: refuse a claim that can never match (a lane unknown or not held, every way
@@ -333,46 +337,64 @@ async def transition(conn: asyncpg.Connection, who: Identity | Principal, task_i
                      kind: str, to: str, text: str | None, artifacts: list[dict[str, Any]]
                      ) -> tuple[dict[str, Any], Principal]:
     """Advance or reject a held task to stage `to`, releasing the hold. The statement reads the caller
-    (refused: 401, nothing done); the answer, and the caller as it read it."""
+    (refused: 401, nothing done); the answer, and the caller as it read it (which a refusal carries too)."""
     me = auth.named(who)
     args = (task_id, lease, kind, to, text, artifacts, me.jti, me.sub, me.family, _SEATS)
-    for _ in range(3):
-        try:
-            if kind == "reject":
-                # A reject also strikes the producer of the rejected work (governance, ADR 0015), and one past the
-                # rework cap blocks the task: both in the same transaction; an advance pays for neither.
+    read: list[Principal] = []
+    with _carrying(read):
+        for _ in range(3):
+            r, capped = await _move(conn, me, args, task_id, kind, to, read, finishing=False)
+            if r["verdict"] == "no_route":  # routes are append-only: creating one ahead of the move is harmless
                 async with conn.transaction():
-                    r = await conn.fetchrow(Q["transition"], *args, False)
-                    p = await auth.admit(conn, r, me)
-                    capped = await _settle(conn, p, task_id, kind, r)
-            else:
-                r, capped = await conn.fetchrow(Q["transition"], *args, False), None
-                p = await auth.admit(conn, r, me)
-        except asyncpg.QueryCanceledError:
-            # The statement time-out: a transition's own work is a few index lookups, so what ran long is
-            # its guard (a JSONPath over a large payload). Refused; the statement changed nothing.
-            raise GuardFailed(f"the guard on the way to {to!r} did not finish within the statement time-out "
-                              "(AINARRES_STATEMENT_TIMEOUT_MS); nothing was changed. Try again later; if it keeps "
-                              "happening, ask an admin to simplify the guard") from None
-        verdict = r["verdict"]
-        if verdict == "no_route":  # routes are append-only: creating one ahead of the move is harmless
-            async with conn.transaction():
-                await _route(conn, r["lane_id"], r["lane_key"], r["to_stage_id"], list(r["base_required"]))
-            continue
-        if verdict == "dependents":
-            # Finishing a prerequisite: its dependents are locked and promoted in the same transaction, in a
-            # statement after the lock, whose snapshot sees every prerequisite that finished meanwhile.
-            async with conn.transaction():
-                r = await conn.fetchrow(Q["transition"], *args, True)
-                p = await auth.admit(conn, r, me)
-                if r["verdict"] == "ok":
-                    await _promote_dependents(conn, task_id)
-                capped = await _settle(conn, p, task_id, kind, r)
-            if r["verdict"] in ("no_route", "dependents"):
+                    await _route(conn, r["lane_id"], r["lane_key"], r["to_stage_id"], list(r["base_required"]))
                 continue
-        return capped or await _transitioned(conn, p, r, task_id, kind, to, lease, text, artifacts), p
-    raise AssertionError("transition: the target route was not found after creating it")
+            if r["verdict"] == "dependents":
+                r, capped = await _move(conn, me, args, task_id, kind, to, read, finishing=True)
+                if r["verdict"] in ("no_route", "dependents"):
+                    continue
+            p = read[-1]
+            return capped or await _transitioned(conn, p, r, task_id, kind, to, lease, text, artifacts), p
+        raise AssertionError("transition: the target route was not found after creating it")
 
+
+async def _move(conn: asyncpg.Connection, me: Identity, args: tuple[Any, ...], task_id: uuid.UUID, kind: str,
+                to: str, read: list[Principal], *, finishing: bool) -> tuple[asyncpg.Record, dict[str, Any] | None]:
+    """The transition statement once, the caller it read admitted (and kept in `read`), with what its verdict
+    owes in its own transaction: a reject's strike and rework cap (`_settle`); `finishing`, a task others wait on
+    finished and its dependents promoted, in a statement after the lock, whose snapshot sees every prerequisite
+    that finished meanwhile. An advance that finishes nothing pays for no transaction of its own."""
+    try:
+        if kind == "advance" and not finishing:
+            r = await conn.fetchrow(Q["transition"], *args, False)
+            read.append(await auth.admit(conn, r, me, seen=True))
+            return r, None
+        # A reject also strikes the producer of the rejected work (governance, ADR 0015), and one past the rework
+        # cap blocks the task: both in the same transaction.
+        async with conn.transaction():
+            r = await conn.fetchrow(Q["transition"], *args, finishing)
+            p = await auth.admit(conn, r, me, seen=True)
+            read.append(p)
+            if finishing and r["verdict"] == "ok":
+                await _promote_dependents(conn, task_id)
+            return r, await _settle(conn, p, task_id, kind, r)
+    except asyncpg.QueryCanceledError:
+        # The statement time-out: a transition's own work is a few index lookups, so what ran long is its guard
+        # (a JSONPath over a large payload). Refused; the statement changed nothing.
+        raise GuardFailed(f"the guard on the way to {to!r} did not finish within the statement time-out "
+                          "(AINARRES_STATEMENT_TIMEOUT_MS); nothing was changed. Try again later; if it keeps "
+                          "happening, ask an admin to simplify the guard") from None
+
+
+@contextlib.contextmanager
+def _carrying(read: list[Principal]) -> Iterator[None]:
+    """A refusal raised once the caller was read carries it (AinarresError.caller), so that it is not read again
+    before the refusal is answered (api/verbs.py `run`)."""
+    try:
+        yield
+    except AinarresError as exc:
+        if read and not isinstance(exc, Unauthenticated):
+            exc.caller = read[-1]
+        raise
 
 async def _settle(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, kind: str, r: asyncpg.Record
                   ) -> dict[str, Any] | None:

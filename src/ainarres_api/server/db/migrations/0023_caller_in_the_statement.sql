@@ -4,7 +4,10 @@
 -- alone before a route's work (services.auth.authenticate) or inside the statement of a verb that moves a task
 -- (the claim, the transition), which then changes nothing for a refused caller: one round trip, not two, and
 -- the rule of who is refused written once, here.
-DROP FUNCTION principal_of(uuid);
+--
+-- The one-argument principal_of(uuid) of migration 0009 stays, unused by this build, so that processes of the
+-- previous build still serving during a rolling upgrade keep working (docs/operations.md); a later migration
+-- drops it.
 
 CREATE FUNCTION principal_of(p_jti uuid, p_sub text, p_family text)
 RETURNS TABLE (refused text, sub text, family_key text, scope text[], max_active integer, agent_family text,

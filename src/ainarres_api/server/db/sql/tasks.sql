@@ -36,7 +36,7 @@ SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS 
 -- and family of the caller's verified token, $4 a lane or NULL, $5 how many routes one claim probes, $6
 -- routes to probe first (what woke a waiting claim). The caller is read here, with principal_of (its
 -- columns are answered: services.auth.admit), in this statement's snapshot: its features, its family's
--- max_active. The verdict says what happened; only 'take' changed anything:
+-- max_active; and recorded seen (`counted`). The verdict says what happened; only 'take' changed a task:
 --   refused  the caller is refused (principal_of says why); nothing was read or locked
 --   take     the best candidate is now held by the caller (task, event, lease below)
 --   empty    nothing the caller may take (and it has room)
@@ -141,7 +141,13 @@ WITH caller AS (
       FROM u, c, caller k
  RETURNING events
 ), counted AS (
-    UPDATE agents SET claims = claims + 1 WHERE sub = (SELECT k.sub FROM caller k) AND EXISTS (SELECT 1 FROM u)
+    -- The claim counted, and the agent seen (at most every 30 s: principal_of's seen_stale), on the row `me`
+    -- locked: recorded with the claim, never after it (a write that failed then would belie a committed claim).
+    UPDATE agents a
+       SET claims = a.claims + CASE WHEN EXISTS (SELECT 1 FROM u) THEN 1 ELSE 0 END,
+           last_seen_at = CASE WHEN k.seen_stale THEN now() ELSE a.last_seen_at END
+      FROM caller k
+     WHERE a.sub = k.sub AND EXISTS (SELECT 1 FROM me) AND (EXISTS (SELECT 1 FROM u) OR k.seen_stale)
 )
 SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
        (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at,
@@ -480,8 +486,8 @@ RETURNING task_json(t) AS task;
 -- verified token, $10 the seats that see every lane (services.auth.OVERSIGHT), $11 whether the statement
 -- may finish a task that others wait on (only inside a transaction that then promotes them:
 -- dependents_lock). The caller is read here, with principal_of (its columns are answered:
--- services.auth.admit), in this statement's snapshot. The verdict says what happened; only 'ok' changed
--- anything:
+-- services.auth.admit), in this statement's snapshot, and recorded seen (`seen`). The verdict says what
+-- happened; only 'ok' changed a task:
 --   refused             the caller is refused (principal_of says why); nothing was read or locked
 --   ok                  moved to the target stage (route_id: the queue it is ready in; NULL when done)
 --   rework_cap          a reject past the stage's max_rework, nothing changed yet: the service blocks it for a
@@ -582,6 +588,14 @@ WITH caller AS (
     INSERT INTO events (task_id, type, actor, family, data)
     SELECT (m.t).id, 'transition', me.sub, me.family_key, data.d FROM moved m, data, caller me
  RETURNING events
+), seen AS (
+    -- The agent seen (at most every 30 s: principal_of's seen_stale), in the move's own transaction, never
+    -- waiting for its row (a claim of the same agent may hold it: the next call records it then).
+    UPDATE agents a SET last_seen_at = now()
+      FROM (SELECT s.sub FROM agents s JOIN caller me ON me.sub = s.sub
+             WHERE me.seen_stale AND me.refused IS NULL
+               FOR UPDATE OF s SKIP LOCKED) x
+     WHERE a.sub = x.sub
 )
 SELECT v.v AS verdict, task_json(coalesce(m.t, x.lk)) AS task, event_json(e.events) AS event,
        (m.t).route_id AS route_id, (m.t).state AS state, x.stage_id, x.stage_key, x.lane_key, x.lane_id,
