@@ -114,8 +114,8 @@ WITH caller AS (
         WHEN (SELECT k.refused FROM caller k) IS NOT NULL THEN 'refused'
         WHEN NOT coalesce((SELECT fresh FROM me), false) THEN 'stale'
         WHEN (SELECT count(*) FROM tasks h, caller k
-               WHERE h.holder = k.sub AND h.state = 'held' AND h.lease_expires_at > now()) >= (SELECT k.max_active FROM caller k)
-            THEN 'full'
+               WHERE h.holder = k.sub AND h.state = 'held' AND h.lease_expires_at > now())
+             >= (SELECT k.max_active FROM caller k) THEN 'full'
         WHEN NOT EXISTS (SELECT 1 FROM c) THEN 'empty'
         WHEN (SELECT due FROM c) IS NOT NULL THEN 'recover'
         ELSE 'take'
