@@ -232,6 +232,7 @@ async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str |
             # claim again with a new snapshot
         return {"code": "empty", "task": None, "lease": None}, read[-1]
 
+
 async def prospects(conn: asyncpg.Connection, p: Principal, lane: str | None) -> dict[str, Any]:
     """After a claim found nothing: refuse a claim that can never match (a lane unknown or not held, every way
     out of the lane's stages needing a feature the caller lacks), else say what work exists that the caller
@@ -395,6 +396,7 @@ def _carrying(read: list[Principal]) -> Iterator[None]:
         if read and not isinstance(exc, Unauthenticated):
             exc.caller = read[-1]
         raise
+
 
 async def _settle(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, kind: str, r: asyncpg.Record
                   ) -> dict[str, Any] | None:
