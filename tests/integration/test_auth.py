@@ -313,6 +313,9 @@ async def test_revoked_token_is_refused_on_the_next_call(admin):
     await other.get("/v1/me")
 
 
+# The agent last seen a minute ago: due to be recorded seen (at most every 30 s) by its next admitted call.
+_AGED = "UPDATE agents SET last_seen_at = now() - interval '1 minute' WHERE sub = $1 RETURNING last_seen_at"
+
 # Each reason principal_of refuses a caller for (migration 0023), how to bring it about, and a word of its detail.
 _REFUSALS = {
     "revoked": ("UPDATE tokens SET revoked_at = now() WHERE sub = $1", "revoked"),
@@ -341,6 +344,7 @@ async def test_a_refused_caller_moves_nothing_where_the_verb_reads_the_caller_it
     assert c["task"]["id"] == tid
     lease = c["lease"]["id"]
     events = await db.fetchval("SELECT count(*) FROM events")
+    seen = await db.fetchval(_AGED, agent.sub)  # due to be recorded seen: a refused call must not record it
     sql, words = _REFUSALS[reason]
     await db.execute(sql, agent.sub)
     too_big = [{"type": "url", "uri": "https://x/" + "a" * 2000}] * 10  # an event over its bound (413 otherwise)
@@ -358,17 +362,20 @@ async def test_a_refused_caller_moves_nothing_where_the_verb_reads_the_caller_it
     assert dict(row) == {"state": "held", "holder": agent.sub, "lease": lease}
     assert await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1", agent.sub) == 1
     assert await db.fetchval("SELECT count(*) FROM events") == events
+    assert await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", agent.sub) == seen
 
 
 @pytest.mark.parametrize("verb", ["advance", "claim"])
 async def test_a_refused_caller_waits_for_no_lock(admin, db, dsn, verb):
     """The statement's gate stops a refused caller before it locks anything: while another transaction holds the
     task's row (advance) or the agent's row (claim), the refusal is the 401 at once — not a wait for the lock
-    and then `503 unavailable` (lock_timeout), which would also put the lock before the token."""
+    and then `503 unavailable` (lock_timeout), which would also put the lock before the token — nor writes that
+    the agent was seen, though it is due to be."""
     w = await make_world(admin)
     agent, token = await _agent_token(w)
     tid = (await agent.create("dev", "held"))["task"]["id"]
     lease = (await agent.claim("dev"))["lease"]["id"]
+    seen = await db.fetchval(_AGED, agent.sub)
     other = await asyncpg.connect(dsn)
     try:
         async with other.transaction():
@@ -382,6 +389,7 @@ async def test_a_refused_caller_waits_for_no_lock(admin, db, dsn, verb):
             _assert_401(await asyncio.wait_for(call, 60), token=token)
     finally:
         await other.close()
+    assert await db.fetchval("SELECT last_seen_at FROM agents WHERE sub = $1", agent.sub) == seen
 
 
 async def test_revoked_admin_token_cannot_administer(admin, client):

@@ -364,20 +364,25 @@ async def _move(conn: asyncpg.Connection, me: Identity, args: tuple[Any, ...], t
     owes in its own transaction: a reject's strike and rework cap (`_settle`); `finishing`, a task others wait on
     finished and its dependents promoted, in a statement after the lock, whose snapshot sees every prerequisite
     that finished meanwhile. An advance that finishes nothing pays for no transaction of its own."""
+    if kind == "advance" and not finishing:
+        r = await _transition_statement(conn, args, to, finishing)
+        read.append(await auth.admit(conn, r, me, seen=True))
+        return r, None
+    # A reject also strikes the producer of the rejected work (governance, ADR 0015), and one past the rework cap
+    # blocks the task: both in the same transaction.
+    async with conn.transaction():
+        r = await _transition_statement(conn, args, to, finishing)
+        p = await auth.admit(conn, r, me, seen=True)
+        read.append(p)
+        if finishing and r["verdict"] == "ok":
+            await _promote_dependents(conn, task_id)
+        return r, await _settle(conn, p, task_id, kind, r)
+
+
+async def _transition_statement(conn: asyncpg.Connection, args: tuple[Any, ...], to: str, finishing: bool
+                                ) -> asyncpg.Record:
     try:
-        if kind == "advance" and not finishing:
-            r = await conn.fetchrow(Q["transition"], *args, False)
-            read.append(await auth.admit(conn, r, me, seen=True))
-            return r, None
-        # A reject also strikes the producer of the rejected work (governance, ADR 0015), and one past the rework
-        # cap blocks the task: both in the same transaction.
-        async with conn.transaction():
-            r = await conn.fetchrow(Q["transition"], *args, finishing)
-            p = await auth.admit(conn, r, me, seen=True)
-            read.append(p)
-            if finishing and r["verdict"] == "ok":
-                await _promote_dependents(conn, task_id)
-            return r, await _settle(conn, p, task_id, kind, r)
+        return await conn.fetchrow(Q["transition"], *args, finishing)
     except asyncpg.QueryCanceledError:
         # The statement time-out: a transition's own work is a few index lookups, so what ran long is its guard
         # (a JSONPath over a large payload). Refused; the statement changed nothing.
