@@ -53,7 +53,7 @@ from ainarres_api.server.errors import (
     Unauthenticated,
 )
 from ainarres_api.server.metrics import NEXT_CLAIM
-from ainarres_api.server.services import claiming, spend, tasks, wake
+from ainarres_api.server.services import auth, claiming, spend, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 
@@ -146,10 +146,9 @@ async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str,
         if out["code"] == "empty":  # refused if it can never match; else what may come
             out = await tasks.prospects(c.conn, c.caller, body.lane)
         return out, 200
-    # A long poll reads the caller now (its features decide what it watches), then holds no connection while it
-    # waits.
-    c.lent.caller = None
-    await c.lent.principal()
+    # A long poll reads the caller now, again after a move (its features decide what it watches), then holds no
+    # connection while it waits.
+    c.lent.caller = await auth.read(c.conn, c.lent.who)
     await c.lent.release()
     st, sub = c.st, c.caller.sub
     cap = st.settings.max_long_polls_per_agent
