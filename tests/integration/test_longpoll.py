@@ -8,19 +8,23 @@ observable state (who is waiting, who is idle), never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
 from ainarres_api.server.app import create_app
 from ainarres_api.server.services import auth
-from ainarres_api.server.services.wake import Wake
+from ainarres_api.server.services.wake import Recorded, Wake
 from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
 from tests.helpers import DEV_WORKFLOW, Api, make_world
@@ -394,3 +398,99 @@ async def test_a_reflexive_ban_refuses_the_banned_familys_waiting_claims(app, ad
     await rev.verb(tid, "reject", lease=c["lease"]["id"], to="todo", reason="no tests")
     got = await woken(waiter)
     assert got["code"] == "not_eligible" and "role:dev" in got["detail"], got
+
+
+class Clock:
+    """A monotonic clock the test moves by hand (a replica's presence is judged by the time since it spoke)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def channel(dsn: str) -> AsyncIterator[tuple[str, asyncpg.Connection, asyncio.Queue[str]]]:
+    """A channel of the test's own, and a plain LISTEN connection on it that records what is said there
+    (not a replica: it never speaks unless the test makes it)."""
+    name = f"wake_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(dsn)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(name, lambda *msg: heard.put_nowait(msg[3]))
+    yield name, conn, heard
+    await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def hub_on(dsn: str, channel: str, clock: Clock) -> AsyncIterator[Wake]:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    hub = Wake(pool, listen_dsn=dsn, notify_dsn=dsn, channel=channel, sweep_seconds=100, clock=clock)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+        await pool.close()
+
+
+def made_ready(*routes: int) -> Recorded:
+    return Recorded(Counter(routes))
+
+
+async def said(heard: asyncio.Queue[str]) -> str:
+    return await asyncio.wait_for(heard.get(), WOKEN_WITHIN)
+
+
+async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica_is_heard(dsn, channel):
+    name, conn, heard = channel
+    clock = Clock()
+    async with hub_on(dsn, name, clock) as hub:
+        assert await said(heard) == f"{hub.id}|hello"
+        # Just started listening: the answers to its hello may still be on their way, so it tells.
+        hub.publish(made_ready(7))
+        assert await said(heard) == f"{hub.id}|7"
+
+        # Three sweep intervals later nobody has answered: what it makes ready wakes its own waiters only. The
+        # heartbeat then due is sent; the route is not (the test's next notification arrives right after it).
+        clock.now = 300
+        flushes = hub.flushes
+        hub.publish(made_ready(8))
+        await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+        assert hub.alone
+        assert await said(heard) == f"{hub.id}|here"
+
+        # Another replica says hello: it is answered, and told from then on.
+        await conn.execute("SELECT pg_notify($1, 'peer|hello')", name)
+        assert await said(heard) == "peer|hello"
+        assert await said(heard) == f"{hub.id}|here"
+        assert not hub.alone
+        hub.publish(made_ready(9))
+        assert await said(heard) == f"{hub.id}|9"
+
+        # A replica unheard for three intervals is gone.
+        clock.now = 600
+        flushes = hub.flushes
+        hub.publish(made_ready(10))
+        await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+        assert await said(heard) == f"{hub.id}|here"
+        await conn.execute("SELECT pg_notify($1, 'probe')", name)
+        assert await said(heard) == "probe"
+
+
+async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channel):
+    name, _conn, heard = channel
+    clock = Clock()
+    async with hub_on(dsn, name, clock) as first:
+        assert await said(heard) == f"{first.id}|hello"
+        async with hub_on(dsn, name, clock) as second:
+            # The newcomer's hello is answered, so each knows the other at once, past any start-up grace.
+            assert await said(heard) == f"{second.id}|hello"
+            assert await said(heard) == f"{first.id}|here"
+            await first.until(lambda h: not h.alone, WOKEN_WITHIN)
+            await second.until(lambda h: bool(h._peers), WOKEN_WITHIN)
+            clock.now = 250
+            assert not first.alone and not second.alone
+            second.publish(made_ready(5))
+            assert await said(heard) == f"{second.id}|here"  # the heartbeat due since the clock moved
+            assert await said(heard) == f"{second.id}|5"

@@ -8,7 +8,11 @@ once the request has succeeded (so the change has committed), hands it to `Wake.
   passes the wake on to the next waiter of the same routes, so a burst of N tasks wakes about N+1
   waiters and a single task does not wake a herd;
 - queues the route ids for the other replicas: a flusher sends one `NOTIFY ainarres_ready` per
-  coalescing window, on its own connection, so writers never pay the notify lock themselves;
+  coalescing window, on its own connection, so writers never pay the notify lock themselves — and
+  only while another replica is there to hear it. Each process says `hello` when it starts
+  listening (every process that hears it answers `here`) and `here` every `sweep_seconds`; one that
+  has heard nobody for three of those, and has listened that long, keeps its wake-ups to itself
+  (a lone `ainarres serve` under load would otherwise send hundreds of NOTIFYs a second to nobody);
 - hears the other replicas' notifications on one LISTEN connection per process, a direct
   connection outside the pool (poolers in transaction mode cannot hold a LISTEN), and wakes local
   waiters for those routes; if that connection drops, it reconnects and wakes every waiter once;
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +44,11 @@ CHANNEL = "ainarres_ready"
 # pg_notify payloads must stay under 8000 bytes; route ids are split across notifications above this.
 _MAX_PAYLOAD = 7000
 _RESCAN = "*"
+# Presence: a process that starts listening says hello (whoever hears it answers here); here again every sweep.
+_HELLO = "hello"
+_HERE = "here"
+# A replica not heard for this many sweep intervals is gone (it says `here` once per interval).
+_PEER_INTERVALS = 3
 
 # The sweep: for each watched route, whether it holds ready work, and how long until its earliest
 # lease expires (negative: already expired, so a claim would recover it). One probe of tasks_ready
@@ -180,7 +190,8 @@ class Wake:
     """The per-process wake-up hub (see the module docstring)."""
 
     def __init__(self, pool: asyncpg.Pool, *, listen_dsn: str, notify_dsn: str, pgbouncer: bool = False,
-                 coalesce_seconds: float = 0.005, sweep_seconds: float = 3.0, channel: str = CHANNEL) -> None:
+                 coalesce_seconds: float = 0.005, sweep_seconds: float = 3.0, channel: str = CHANNEL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.id = uuid.uuid4().hex[:12]
         self._pool = pool
         self._listen_dsn = listen_dsn
@@ -193,7 +204,13 @@ class Wake:
         self._by_route: dict[int, dict[Waiter, None]] = {}
         self._outbox: set[int] = set()
         self._outbox_rescan = False
+        self._outbox_said: list[str] = []  # presence to say (hello, here), sent alone or with route ids
         self._outbox_ready = asyncio.Event()
+        self._clock = clock
+        self._peers: dict[str, float] = {}  # the other replicas heard, by hub id: when last
+        self._listening_since = clock()  # since the LISTEN connection was last made (a new one may have missed hellos)
+        self._said_at = clock()  # when this process last said hello or here
+        self.flushes = 0  # flushes done, whether or not they had anything to send (tests wait on it)
         self._sweep_now = asyncio.Event()
         self._sweep_running = False
         self._listener: asyncpg.Connection | None = None
@@ -209,8 +226,9 @@ class Wake:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open the LISTEN connection and start the flusher and the sweeper."""
+        """Open the LISTEN connection, say hello, and start the flusher and the sweeper."""
         await self._listen()
+        self._say(_HELLO)
         self._tasks = [asyncio.create_task(self._flush_loop(), name="ainarres-wake-flush"),
                        asyncio.create_task(self._sweep_loop(), name="ainarres-wake-sweep")]
 
@@ -311,6 +329,21 @@ class Wake:
         self._outbox_rescan = self._outbox_rescan or rec.rescan
         self._outbox_ready.set()
 
+    def _say(self, word: str) -> None:
+        if word not in self._outbox_said:
+            self._outbox_said.append(word)
+        self._outbox_ready.set()
+
+    @property
+    def alone(self) -> bool:
+        """No other replica has been heard for three sweep intervals, and this one has listened that long
+        (a process that has just started listening sends its wake-ups until the answers to its hello are in)."""
+        now, span = self._clock(), _PEER_INTERVALS * self._sweep_seconds
+        for hub, heard in list(self._peers.items()):
+            if now - heard >= span:
+                del self._peers[hub]
+        return not self._peers and now - self._listening_since >= span
+
     def _payloads(self, routes: set[int], rescan: bool) -> list[str]:
         items = ([_RESCAN] if rescan else []) + [str(r) for r in sorted(routes)]
         out: list[str] = []
@@ -328,26 +361,40 @@ class Wake:
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._outbox_ready.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_ready.wait(), self._sweep_seconds)
+            if self._clock() - self._said_at >= self._sweep_seconds:
+                self._say(_HERE)  # once a sweep interval, busy or not: the other replicas know this one is there
             # The coalescing window: every change recorded meanwhile rides on the same NOTIFY.
             await asyncio.sleep(self._coalesce)
             self._outbox_ready.clear()
-            routes, rescan = self._outbox, self._outbox_rescan
-            self._outbox, self._outbox_rescan = set(), False
+            routes, rescan, said = self._outbox, self._outbox_rescan, self._outbox_said
+            self._outbox, self._outbox_rescan, self._outbox_said = set(), False, []
+            if self.alone:
+                routes, rescan = set(), False  # nobody else listens: the local waiters were woken on publish
+            payloads = [f"{self.id}|{word}" for word in said] + (self._payloads(routes, rescan)
+                                                                if routes or rescan else [])
             try:
-                if self._notifier is None or self._notifier.is_closed():
-                    self._notifier = await asyncpg.connect(
-                        self._notify_dsn, statement_cache_size=0 if self._pgbouncer else 100,
-                        server_settings={"application_name": "ainarres-notify"})
-                await self._notifier.execute(
-                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self._channel,
-                    self._payloads(routes, rescan))
+                if payloads:
+                    await self._notify(payloads)
+                if said:
+                    self._said_at = self._clock()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # The other replicas' sweeps pick the work up; the next flush reconnects.
                 log.warning("notify failed (%s); other replicas wake on their next sweep", exc)
                 if self._notifier is not None:
                     self._notifier.terminate()
                 self._notifier = None
+            finally:
+                self.flushes += 1
+                self._fire_changed()
+
+    async def _notify(self, payloads: list[str]) -> None:
+        if self._notifier is None or self._notifier.is_closed():
+            self._notifier = await asyncpg.connect(
+                self._notify_dsn, statement_cache_size=0 if self._pgbouncer else 100,
+                server_settings={"application_name": "ainarres-notify"})
+        await self._notifier.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self._channel, payloads)
 
     # -- listening
 
@@ -362,6 +409,7 @@ class Wake:
             conn.terminate()
             raise
         self._listener = conn
+        self._listening_since = self._clock()
         self.generation += 1
         self._fire_changed()
 
@@ -369,6 +417,14 @@ class Wake:
         origin, _, body = payload.partition("|")
         if origin == self.id or not body:
             return  # our own notification: local waiters were woken when it was published
+        fresh = origin not in self._peers
+        self._peers[origin] = self._clock()  # whatever it says (a build before presence only sends route ids)
+        if fresh:
+            self._fire_changed()
+        if body == _HELLO:
+            self._say(_HERE)
+        if body in (_HELLO, _HERE):
+            return
         routes: Counter[int] = Counter()
         rescan = False
         for item in body.split(","):
@@ -388,6 +444,7 @@ class Wake:
             while not self._stopped:
                 try:
                     await self._listen()
+                    self._say(_HELLO)  # replicas that started while this one was deaf do not know it
                     break
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                     log.warning("LISTEN connection lost; reconnecting in %.1fs (%s)", delay, exc)
