@@ -243,9 +243,9 @@ def bench_pickup(dsn: str, svc: harness.Service, args: argparse.Namespace, resul
 
 def bench_create(dsn: str, svc: harness.Service, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """32 writers: alone; with long-poll waiters that never claim what they create (waiting on
-    another lane: what the creates pay is the waiters' presence and the coalesced NOTIFY, the
-    figure the target is about); and, for reference, with waiters taking every task (each create
-    then also costs the service a claim and an advance)."""
+    another lane: what the creates pay is the waiters' presence, the figure the target is about; a
+    lone process sends no NOTIFY since ADR 0028); and, for reference, with waiters taking every task
+    (each create then also costs the service a claim and an advance)."""
     lane = "mk"
     writers = asyncio.run(harness.mint(dsn, "w_mk", 32))
     others = asyncio.run(harness.mint(dsn, "w_lp", max(args.create_waiters)))
