@@ -464,7 +464,7 @@ async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica
         await conn.execute("SELECT pg_notify($1, 'peer|hello')", name)
         assert await said(heard) == "peer|hello"
         assert await said(heard) == f"{hub.id}|here"
-        assert not hub.alone
+        assert not hub.alone and hub.peers == 1
         hub.publish(made_ready(9))
         assert await said(heard) == f"{hub.id}|9"
 
@@ -474,6 +474,7 @@ async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica
         hub.publish(made_ready(10))
         await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
         assert await said(heard) == f"{hub.id}|here"
+        assert hub.peers == 0
         await conn.execute("SELECT pg_notify($1, 'probe')", name)
         assert await said(heard) == "probe"
 
@@ -487,8 +488,8 @@ async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channe
             # The newcomer's hello is answered, so each knows the other at once, past any start-up grace.
             assert await said(heard) == f"{second.id}|hello"
             assert await said(heard) == f"{first.id}|here"
-            await first.until(lambda h: not h.alone, WOKEN_WITHIN)
-            await second.until(lambda h: bool(h._peers), WOKEN_WITHIN)
+            await first.until(lambda h: h.peers == 1, WOKEN_WITHIN)
+            await second.until(lambda h: h.peers == 1, WOKEN_WITHIN)
             clock.now = 250
             assert not first.alone and not second.alone
             second.publish(made_ready(5))

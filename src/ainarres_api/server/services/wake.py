@@ -335,14 +335,19 @@ class Wake:
         self._outbox_ready.set()
 
     @property
-    def alone(self) -> bool:
-        """No other replica has been heard for three sweep intervals, and this one has listened that long
-        (a process that has just started listening sends its wake-ups until the answers to its hello are in)."""
+    def peers(self) -> int:
+        """How many other replicas this process has heard within the last three sweep intervals."""
         now, span = self._clock(), _PEER_INTERVALS * self._sweep_seconds
         for hub, heard in list(self._peers.items()):
             if now - heard >= span:
                 del self._peers[hub]
-        return not self._peers and now - self._listening_since >= span
+        return len(self._peers)
+
+    @property
+    def alone(self) -> bool:
+        """No other replica has been heard for three sweep intervals, and this one has listened that long
+        (a process that has just started listening sends its wake-ups until the answers to its hello are in)."""
+        return not self.peers and self._clock() - self._listening_since >= _PEER_INTERVALS * self._sweep_seconds
 
     def _payloads(self, routes: set[int], rescan: bool) -> list[str]:
         items = ([_RESCAN] if rescan else []) + [str(r) for r in sorted(routes)]
