@@ -442,6 +442,14 @@ async def said(heard: asyncio.Queue[str]) -> str:
     return await asyncio.wait_for(heard.get(), WOKEN_WITHIN)
 
 
+async def publish_at(hub: Wake, clock: Clock, now: float, route: int) -> None:
+    """Move the clock to `now`, make `route` ready, and return once the hub has flushed what that queued."""
+    clock.now = now
+    flushes = hub.flushes
+    hub.publish(made_ready(route))
+    await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+
+
 async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica_is_heard(dsn, channel):
     name, conn, heard = channel
     clock = Clock()
@@ -453,10 +461,7 @@ async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica
 
         # Three sweep intervals later nobody has answered: what it makes ready wakes its own waiters only. The
         # heartbeat then due is sent; the route is not (the test's next notification arrives right after it).
-        clock.now = 300
-        flushes = hub.flushes
-        hub.publish(made_ready(8))
-        await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+        await publish_at(hub, clock, 300, 8)
         assert hub.alone
         assert await said(heard) == f"{hub.id}|here"
 
@@ -469,10 +474,7 @@ async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica
         assert await said(heard) == f"{hub.id}|9"
 
         # A replica unheard for three intervals is gone.
-        clock.now = 600
-        flushes = hub.flushes
-        hub.publish(made_ready(10))
-        await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+        await publish_at(hub, clock, 600, 10)
         assert await said(heard) == f"{hub.id}|here"
         assert hub.peers == 0
         await conn.execute("SELECT pg_notify($1, 'probe')", name)
