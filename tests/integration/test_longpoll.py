@@ -442,58 +442,123 @@ async def said(heard: asyncio.Queue[str]) -> str:
     return await asyncio.wait_for(heard.get(), WOKEN_WITHIN)
 
 
-async def publish_at(hub: Wake, clock: Clock, now: float, route: int) -> None:
-    """Move the clock to `now`, make `route` ready, and return once the hub has flushed what that queued."""
+async def publish_at(hub: Wake, clock: Clock, now: float, made: Recorded) -> None:
+    """Move the clock to `now`, publish what was made ready, and return once the hub has flushed what it queued."""
     clock.now = now
     flushes = hub.flushes
-    hub.publish(made_ready(route))
+    hub.publish(made)
     await hub.until(lambda h: h.flushes > flushes, WOKEN_WITHIN)
+
+
+async def said_all(heard: asyncio.Queue[str], *expected: str) -> None:
+    """The next notifications are these, in any order (two sessions' notifications interleave as they commit)."""
+    assert sorted([await said(heard) for _ in expected]) == sorted(expected)
 
 
 async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica_is_heard(dsn, channel):
     name, conn, heard = channel
     clock = Clock()
     async with hub_on(dsn, name, clock) as hub:
-        assert await said(heard) == f"{hub.id}|hello"
-        # Just started listening: the answers to its hello may still be on their way, so it tells.
-        hub.publish(made_ready(7))
-        assert await said(heard) == f"{hub.id}|7"
+        me = hub.id
+        assert await said(heard) == f"{me}|hello:100"
+        # Listening for less than three intervals: the answers to its hello may still be on their way, so it tells.
+        # The heartbeat due once an interval has passed goes first; it hears it come back.
+        await publish_at(hub, clock, 150, made_ready(7))
+        assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|7"]
+        assert not hub.alone
 
-        # Three sweep intervals later nobody has answered: what it makes ready wakes its own waiters only. The
-        # heartbeat then due is sent; the route is not (the test's next notification arrives right after it).
-        await publish_at(hub, clock, 300, 8)
+        # Three intervals listening, its own words heard, nobody else: what it makes ready wakes its own waiters
+        # only. The route is not sent (the test's next notification arrives right after the heartbeat); a rescan,
+        # which no sweep makes up for, still is.
+        await publish_at(hub, clock, 300, made_ready(8))
         assert hub.alone
-        assert await said(heard) == f"{hub.id}|here"
+        assert await said(heard) == f"{me}|here:100"
+        await publish_at(hub, clock, 300, Recorded(rescan=True))
+        assert await said(heard) == f"{me}|*"
 
         # Another replica says hello: it is answered, and told from then on.
         await conn.execute("SELECT pg_notify($1, 'peer|hello')", name)
         assert await said(heard) == "peer|hello"
-        assert await said(heard) == f"{hub.id}|here"
+        assert await said(heard) == f"{me}|here:100"
         assert not hub.alone and hub.peers == 1
         hub.publish(made_ready(9))
-        assert await said(heard) == f"{hub.id}|9"
+        assert await said(heard) == f"{me}|9"
 
-        # A replica unheard for three intervals is gone.
-        await publish_at(hub, clock, 600, 10)
-        assert await said(heard) == f"{hub.id}|here"
-        assert hub.peers == 0
+        # A replica unheard for three intervals is gone (judged by this process's interval: it sent none).
+        await publish_at(hub, clock, 450, made_ready(10))
+        assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|10"]
+        await publish_at(hub, clock, 600, made_ready(11))
+        assert await said(heard) == f"{me}|here:100"
+        assert hub.peers == 0 and hub.alone
         await conn.execute("SELECT pg_notify($1, 'probe')", name)
         assert await said(heard) == "probe"
+
+
+async def test_a_process_that_cannot_hear_tells_everything(dsn, channel, db):
+    name, _conn, heard = channel
+    clock = Clock()
+    async with hub_on(dsn, name, clock) as hub:
+        me = hub.id
+        assert await said(heard) == f"{me}|hello:100"
+        await publish_at(hub, clock, 150, made_ready(1))
+        await said_all(heard, f"{me}|here:100", f"{me}|1")
+        await publish_at(hub, clock, 300, made_ready(2))
+        assert await said(heard) == f"{me}|here:100"
+        assert hub.alone
+
+        # Its LISTEN connection drops: it reconnects, says hello again (replicas that started meanwhile do not know
+        # it), and tells everything until it has listened three intervals more.
+        generation = hub.generation
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", hub.listener_pid)
+        await hub.until(lambda h: h.generation > generation, WOKEN_WITHIN)
+        assert await said(heard) == f"{me}|hello:100"
+        assert not hub.alone
+        hub.publish(made_ready(3))
+        assert await said(heard) == f"{me}|3"
+
+        # Three intervals later nothing it said has come back (a half-open connection looks like this): it tells.
+        await publish_at(hub, clock, 700, made_ready(4))
+        await said_all(heard, f"{me}|here:100", f"{me}|4")
+
+
+async def test_a_replica_is_judged_by_its_own_interval(dsn, channel):
+    name, conn, heard = channel
+    clock = Clock()
+    async with hub_on(dsn, name, clock) as hub:
+        assert await said(heard) == f"{hub.id}|hello:100"
+        await conn.execute("SELECT pg_notify($1, 'slow|here:1000')", name)
+        assert await said(heard) == "slow|here:1000"
+        await hub.until(lambda h: h.peers == 1, WOKEN_WITHIN)
+        clock.now = 2999
+        assert hub.peers == 1  # three of its intervals, not of this process's
+        clock.now = 3000
+        assert hub.peers == 0
+        # A build before presence sends only route ids: they count, judged by this process's interval.
+        await conn.execute("SELECT pg_notify($1, 'older|5')", name)
+        assert await said(heard) == "older|5"
+        await hub.until(lambda h: h.peers == 1, WOKEN_WITHIN)
+        clock.now = 3299
+        assert hub.peers == 1
+        clock.now = 3300
+        assert hub.peers == 0
 
 
 async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channel):
     name, _conn, heard = channel
     clock = Clock()
     async with hub_on(dsn, name, clock) as first:
-        assert await said(heard) == f"{first.id}|hello"
+        assert await said(heard) == f"{first.id}|hello:100"
         async with hub_on(dsn, name, clock) as second:
-            # The newcomer's hello is answered, so each knows the other at once, past any start-up grace.
-            assert await said(heard) == f"{second.id}|hello"
-            assert await said(heard) == f"{first.id}|here"
+            # The newcomer's hello is answered, so each knows the other at once.
+            await said_all(heard, f"{second.id}|hello:100", f"{first.id}|here:100")
             await first.until(lambda h: h.peers == 1, WOKEN_WITHIN)
             await second.until(lambda h: h.peers == 1, WOKEN_WITHIN)
-            clock.now = 250
+            # Their heartbeats keep it so past the start-up grace, when a lone process would stop telling.
+            await publish_at(first, clock, 200, made_ready(1))
+            await publish_at(second, clock, 200, made_ready(2))
+            await said_all(heard, f"{first.id}|here:100", f"{first.id}|1", f"{second.id}|here:100", f"{second.id}|2")
+            clock.now = 350
+            assert first.peers == 1 and second.peers == 1
             assert not first.alone and not second.alone
-            second.publish(made_ready(5))
-            assert await said(heard) == f"{second.id}|here"  # the heartbeat due since the clock moved
-            assert await said(heard) == f"{second.id}|5"
+            await publish_at(second, clock, 350, made_ready(5))
+            await said_all(heard, f"{second.id}|here:100", f"{second.id}|5")

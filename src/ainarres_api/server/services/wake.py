@@ -9,10 +9,11 @@ once the request has succeeded (so the change has committed), hands it to `Wake.
   waiters and a single task does not wake a herd;
 - queues the route ids for the other replicas: a flusher sends one `NOTIFY ainarres_ready` per
   coalescing window, on its own connection, so writers never pay the notify lock themselves — and
-  only while another replica is there to hear it. Each process says `hello` when it starts
+  only while another replica may be there to hear it. Each process says `hello` when it starts
   listening (every process that hears it answers `here`) and `here` every `sweep_seconds`; one that
-  has heard nobody for three of those, and has listened that long, keeps its wake-ups to itself
-  (a lone `ainarres serve` under load would otherwise send hundreds of NOTIFYs a second to nobody);
+  has heard nobody for three of their intervals, while it hears (its own words come back), keeps
+  route ids to itself — never a rescan (a lone `ainarres serve` under load would otherwise send
+  hundreds of NOTIFYs a second to nobody; ADR 0028);
 - hears the other replicas' notifications on one LISTEN connection per process, a direct
   connection outside the pool (poolers in transaction mode cannot hold a LISTEN), and wakes local
   waiters for those routes; if that connection drops, it reconnects and wakes every waiter once;
@@ -44,10 +45,11 @@ CHANNEL = "ainarres_ready"
 # pg_notify payloads must stay under 8000 bytes; route ids are split across notifications above this.
 _MAX_PAYLOAD = 7000
 _RESCAN = "*"
-# Presence: a process that starts listening says hello (whoever hears it answers here); here again every sweep.
+# Presence: a process that starts listening says hello (whoever hears it answers here); here again every sweep
+# interval. Each says `<hub id>|<word>:<its sweep seconds>`, so replicas with other intervals judge it by its own.
 _HELLO = "hello"
 _HERE = "here"
-# A replica not heard for this many sweep intervals is gone (it says `here` once per interval).
+# A replica not heard for this many of its sweep intervals is gone (it says `here` once per interval).
 _PEER_INTERVALS = 3
 
 # The sweep: for each watched route, whether it holds ready work, and how long until its earliest
@@ -207,7 +209,8 @@ class Wake:
         self._outbox_said: list[str] = []  # presence to say (hello, here), sent alone or with route ids
         self._outbox_ready = asyncio.Event()
         self._clock = clock
-        self._peers: dict[str, float] = {}  # the other replicas heard, by hub id: when last
+        self._peers: dict[str, float] = {}  # the other replicas heard, by hub id: until when they count as there
+        self._echo_at: float | None = None  # when this process last heard its own presence come back
         self._listening_since = clock()  # since the LISTEN connection was last made (a new one may have missed hellos)
         self._said_at = clock()  # when this process last said hello or here
         self.flushes = 0  # flushes done, whether or not they had anything to send (tests wait on it)
@@ -336,18 +339,24 @@ class Wake:
 
     @property
     def peers(self) -> int:
-        """How many other replicas this process has heard within the last three sweep intervals."""
-        now, span = self._clock(), _PEER_INTERVALS * self._sweep_seconds
-        for hub, heard in list(self._peers.items()):
-            if now - heard >= span:
+        """How many other replicas this process has heard within the last three of their sweep intervals."""
+        now = self._clock()
+        for hub, until in list(self._peers.items()):
+            if now >= until:
                 del self._peers[hub]
         return len(self._peers)
 
     @property
     def alone(self) -> bool:
-        """No other replica has been heard for three sweep intervals, and this one has listened that long
-        (a process that has just started listening sends its wake-ups until the answers to its hello are in)."""
-        return not self.peers and self._clock() - self._listening_since >= _PEER_INTERVALS * self._sweep_seconds
+        """Sure that no other replica listens: none heard for three of its sweep intervals, while this process
+        hears (its LISTEN connection is up, has been for three intervals — a new one may have missed hellos —
+        and its own last words came back, so the connection is not half-open). A process that cannot tell
+        sends its wake-ups."""
+        now, span = self._clock(), _PEER_INTERVALS * self._sweep_seconds
+        hearing = (self._listener is not None and not self._listener.is_closed() and self._reconnecting is None
+                   and now - self._listening_since >= span
+                   and self._echo_at is not None and now - self._echo_at < span)
+        return hearing and not self.peers
 
     def _payloads(self, routes: set[int], rescan: bool) -> list[str]:
         items = ([_RESCAN] if rescan else []) + [str(r) for r in sorted(routes)]
@@ -366,8 +375,10 @@ class Wake:
 
     async def _flush_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_ready.wait(), self._sweep_seconds)
+            due = self._said_at + self._sweep_seconds - self._clock()
+            if due > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_ready.wait(), due)
             if self._clock() - self._said_at >= self._sweep_seconds:
                 self._say(_HERE)  # once a sweep interval, busy or not: the other replicas know this one is there
             # The coalescing window: every change recorded meanwhile rides on the same NOTIFY.
@@ -376,17 +387,22 @@ class Wake:
             routes, rescan, said = self._outbox, self._outbox_rescan, self._outbox_said
             self._outbox, self._outbox_rescan, self._outbox_said = set(), False, []
             if self.alone:
-                routes, rescan = set(), False  # nobody else listens: the local waiters were woken on publish
-            payloads = [f"{self.id}|{word}" for word in said] + (self._payloads(routes, rescan)
-                                                                if routes or rescan else [])
+                # Nobody else listens: the local waiters were woken on publish. A rescan (a new route, narrowed
+                # eligibility) is rare and no sweep makes up for it, so it is told whatever this process believes.
+                routes = set()
+            payloads = [f"{self.id}|{word}:{self._sweep_seconds:g}" for word in said] + (
+                self._payloads(routes, rescan) if routes or rescan else [])
             try:
                 if payloads:
                     await self._notify(payloads)
                 if said:
                     self._said_at = self._clock()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # The other replicas' sweeps pick the work up; the next flush reconnects.
+            except Exception as exc:  # any failure: a flusher that died would leave this process silent
+                # The other replicas' sweeps pick the work up; the next flush reconnects and says it again (not
+                # before the next change or the next interval: a database that is down is not asked in a loop).
                 log.warning("notify failed (%s); other replicas wake on their next sweep", exc)
+                self._outbox_said = [*said, *(w for w in self._outbox_said if w not in said)]
+                self._said_at = self._clock()
                 if self._notifier is not None:
                     self._notifier.terminate()
                 self._notifier = None
@@ -420,15 +436,24 @@ class Wake:
 
     def _heard(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         origin, _, body = payload.partition("|")
-        if origin == self.id or not body:
-            return  # our own notification: local waiters were woken when it was published
+        word, _, interval = body.partition(":")
+        if origin == self.id:  # our own notification: local waiters were woken when it was published
+            if word in (_HELLO, _HERE):
+                self._echo_at = self._clock()  # and this process hears
+            return
+        if not body:
+            return
+        try:
+            span = _PEER_INTERVALS * max(float(interval), self._sweep_seconds)
+        except ValueError:  # a build before presence sends route ids only: judged by this process's interval
+            span = _PEER_INTERVALS * self._sweep_seconds
         fresh = origin not in self._peers
-        self._peers[origin] = self._clock()  # whatever it says (a build before presence only sends route ids)
+        self._peers[origin] = self._clock() + span  # whatever it says
         if fresh:
             self._fire_changed()
-        if body == _HELLO:
+        if word == _HELLO:
             self._say(_HERE)
-        if body in (_HELLO, _HERE):
+        if word in (_HELLO, _HERE):
             return
         routes: Counter[int] = Counter()
         rescan = False
