@@ -455,24 +455,29 @@ async def said_all(heard: asyncio.Queue[str], *expected: str) -> None:
     assert sorted([await said(heard) for _ in expected]) == sorted(expected)
 
 
+async def left_alone(hub: Wake, clock: Clock, heard: asyncio.Queue[str]) -> None:
+    """Take a new hub, with nobody else on its channel, to three intervals of listening (clock 300)."""
+    me = hub.id
+    assert await said(heard) == f"{me}|hello:100"
+    # Listening for less than three intervals: the answers to its hello may still be on their way, so it tells.
+    # The heartbeat due once an interval has passed goes first; it hears it come back.
+    await publish_at(hub, clock, 150, made_ready(7))
+    assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|7"]
+    assert not hub.alone
+    # Three intervals listening, its own words heard, nobody else: what it makes ready wakes its own waiters
+    # only. The route is not sent (the test's next notification arrives right after the heartbeat).
+    await publish_at(hub, clock, 300, made_ready(8))
+    assert hub.alone
+    assert await said(heard) == f"{me}|here:100"
+
+
 async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica_is_heard(dsn, channel):
     name, conn, heard = channel
     clock = Clock()
     async with hub_on(dsn, name, clock) as hub:
         me = hub.id
-        assert await said(heard) == f"{me}|hello:100"
-        # Listening for less than three intervals: the answers to its hello may still be on their way, so it tells.
-        # The heartbeat due once an interval has passed goes first; it hears it come back.
-        await publish_at(hub, clock, 150, made_ready(7))
-        assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|7"]
-        assert not hub.alone
-
-        # Three intervals listening, its own words heard, nobody else: what it makes ready wakes its own waiters
-        # only. The route is not sent (the test's next notification arrives right after the heartbeat); a rescan,
-        # which no sweep makes up for, still is.
-        await publish_at(hub, clock, 300, made_ready(8))
-        assert hub.alone
-        assert await said(heard) == f"{me}|here:100"
+        await left_alone(hub, clock, heard)
+        # A rescan, which no sweep makes up for, is still sent.
         await publish_at(hub, clock, 300, Recorded(rescan=True))
         assert await said(heard) == f"{me}|*"
 
@@ -499,12 +504,7 @@ async def test_a_process_that_cannot_hear_tells_everything(dsn, channel, db):
     clock = Clock()
     async with hub_on(dsn, name, clock) as hub:
         me = hub.id
-        assert await said(heard) == f"{me}|hello:100"
-        await publish_at(hub, clock, 150, made_ready(1))
-        await said_all(heard, f"{me}|here:100", f"{me}|1")
-        await publish_at(hub, clock, 300, made_ready(2))
-        assert await said(heard) == f"{me}|here:100"
-        assert hub.alone
+        await left_alone(hub, clock, heard)
 
         # Its LISTEN connection drops: it reconnects, says hello again (replicas that started meanwhile do not know
         # it), and tells everything until it has listened three intervals more.
