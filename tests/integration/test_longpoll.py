@@ -443,7 +443,9 @@ async def said(heard: asyncio.Queue[str]) -> str:
 
 
 async def publish_at(hub: Wake, clock: Clock, now: float, made: Recorded) -> None:
-    """Move the clock to `now`, publish what was made ready, and return once the hub has flushed what it queued."""
+    """Move the clock to `now` (once the hub's flush under way, if any, is done: what it sent, the test may have heard
+    already), publish what was made ready, and return once the hub has flushed what it queued."""
+    await hub.until(lambda h: not h.flushing, WOKEN_WITHIN)
     clock.now = now
     flushes = hub.flushes
     hub.publish(made)
@@ -464,6 +466,7 @@ async def left_alone(hub: Wake, clock: Clock, heard: asyncio.Queue[str]) -> None
     await publish_at(hub, clock, 150, made_ready(7))
     assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|7"]
     assert not hub.alone
+    await hub.until(lambda h: h.echoes >= 2, WOKEN_WITHIN)  # its hello and this heartbeat came back
     # Three intervals listening, its own words heard, nobody else: what it makes ready wakes its own waiters
     # only. The route is not sent (the test's next notification arrives right after the heartbeat).
     await publish_at(hub, clock, 300, made_ready(8))
@@ -490,8 +493,10 @@ async def test_a_lone_process_keeps_its_wake_ups_to_itself_until_another_replica
         assert await said(heard) == f"{me}|9"
 
         # A replica unheard for three intervals is gone (judged by this process's interval: it sent none).
+        echoes = hub.echoes
         await publish_at(hub, clock, 450, made_ready(10))
         assert [await said(heard), await said(heard)] == [f"{me}|here:100", f"{me}|10"]
+        await hub.until(lambda h: h.echoes > echoes, WOKEN_WITHIN)
         await publish_at(hub, clock, 600, made_ready(11))
         assert await said(heard) == f"{me}|here:100"
         assert hub.peers == 0 and hub.alone
@@ -526,21 +531,26 @@ async def test_a_replica_is_judged_by_its_own_interval(dsn, channel):
     clock = Clock()
     async with hub_on(dsn, name, clock) as hub:
         assert await said(heard) == f"{hub.id}|hello:100"
-        await conn.execute("SELECT pg_notify($1, 'slow|here:1000')", name)
-        assert await said(heard) == "slow|here:1000"
-        await hub.until(lambda h: h.peers == 1, WOKEN_WITHIN)
-        clock.now = 2999
+
+        async def heard_at(now: float, payload: str) -> None:
+            clock.now = now
+            await conn.execute("SELECT pg_notify($1, $2)", name, payload)
+            assert await said(heard) == payload
+            await hub.until(lambda h: h.peers == 1, WOKEN_WITHIN)
+
+        await heard_at(0, "slow|here:250")
+        clock.now = 749
         assert hub.peers == 1  # three of its intervals, not of this process's
-        clock.now = 3000
+        clock.now = 750
         assert hub.peers == 0
-        # A build before presence sends only route ids: they count, judged by this process's interval.
-        await conn.execute("SELECT pg_notify($1, 'older|5')", name)
-        assert await said(heard) == "older|5"
-        await hub.until(lambda h: h.peers == 1, WOKEN_WITHIN)
-        clock.now = 3299
-        assert hub.peers == 1
-        clock.now = 3300
-        assert hub.peers == 0
+        # A build before presence sends only route ids, and a word without a believable interval is not trusted:
+        # both are judged by this process's interval.
+        for payload in ("older|5", "odd|here:nan", "odd|here:1e9"):
+            await heard_at(1000, payload)
+            clock.now = 1299
+            assert hub.peers == 1
+            clock.now = 1300
+            assert hub.peers == 0
 
 
 async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channel):
@@ -554,9 +564,13 @@ async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channe
             await first.until(lambda h: h.peers == 1, WOKEN_WITHIN)
             await second.until(lambda h: h.peers == 1, WOKEN_WITHIN)
             # Their heartbeats keep it so past the start-up grace, when a lone process would stop telling.
+            heard_by = first.heard_others, second.heard_others
             await publish_at(first, clock, 200, made_ready(1))
             await publish_at(second, clock, 200, made_ready(2))
             await said_all(heard, f"{first.id}|here:100", f"{first.id}|1", f"{second.id}|here:100", f"{second.id}|2")
+            # Each has heard the other's heartbeat and route (at 200) before the clock moves on.
+            await first.until(lambda h: h.heard_others >= heard_by[0] + 2, WOKEN_WITHIN)
+            await second.until(lambda h: h.heard_others >= heard_by[1] + 2, WOKEN_WITHIN)
             clock.now = 350
             assert first.peers == 1 and second.peers == 1
             assert not first.alone and not second.alone

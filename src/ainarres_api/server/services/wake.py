@@ -51,6 +51,7 @@ _HELLO = "hello"
 _HERE = "here"
 # A replica not heard for this many of its sweep intervals is gone (it says `here` once per interval).
 _PEER_INTERVALS = 3
+_MAX_INTERVAL = 300.0  # the longest sweep interval a process may be set to (settings: wake_sweep_seconds)
 
 # The sweep: for each watched route, whether it holds ready work, and how long until its earliest
 # lease expires (negative: already expired, so a claim would recover it). One probe of tasks_ready
@@ -214,6 +215,9 @@ class Wake:
         self._listening_since = clock()  # since the LISTEN connection was last made (a new one may have missed hellos)
         self._said_at = clock()  # when this process last said hello or here
         self.flushes = 0  # flushes done, whether or not they had anything to send (tests wait on it)
+        self.flushing = False  # a flush has taken the outbox and is not done
+        self.heard_others = 0  # messages heard from other replicas (tests wait on it)
+        self.echoes = 0  # its own presence heard back (tests wait on it)
         self._sweep_now = asyncio.Event()
         self._sweep_running = False
         self._listener: asyncpg.Connection | None = None
@@ -384,6 +388,7 @@ class Wake:
             # The coalescing window: every change recorded meanwhile rides on the same NOTIFY.
             await asyncio.sleep(self._coalesce)
             self._outbox_ready.clear()
+            self.flushing, at = True, self._clock()
             routes, rescan, said = self._outbox, self._outbox_rescan, self._outbox_said
             self._outbox, self._outbox_rescan, self._outbox_said = set(), False, []
             if self.alone:
@@ -396,18 +401,19 @@ class Wake:
                 if payloads:
                     await self._notify(payloads)
                 if said:
-                    self._said_at = self._clock()
+                    self._said_at = at
             except Exception as exc:  # any failure: a flusher that died would leave this process silent
                 # The other replicas' sweeps pick the work up; the next flush reconnects and says it again (not
                 # before the next change or the next interval: a database that is down is not asked in a loop).
                 log.warning("notify failed (%s); other replicas wake on their next sweep", exc)
                 self._outbox_said = [*said, *(w for w in self._outbox_said if w not in said)]
-                self._said_at = self._clock()
+                self._said_at = at
                 if self._notifier is not None:
                     self._notifier.terminate()
                 self._notifier = None
             finally:
                 self.flushes += 1
+                self.flushing = False
                 self._fire_changed()
 
     async def _notify(self, payloads: list[str]) -> None:
@@ -440,17 +446,21 @@ class Wake:
         if origin == self.id:  # our own notification: local waiters were woken when it was published
             if word in (_HELLO, _HERE):
                 self._echo_at = self._clock()  # and this process hears
+                self.echoes += 1
+                self._fire_changed()
             return
         if not body:
             return
         try:
-            span = _PEER_INTERVALS * max(float(interval), self._sweep_seconds)
+            seconds = float(interval)
         except ValueError:  # a build before presence sends route ids only: judged by this process's interval
-            span = _PEER_INTERVALS * self._sweep_seconds
-        fresh = origin not in self._peers
+            seconds = self._sweep_seconds
+        if not 0 < seconds <= _MAX_INTERVAL:  # NaN too: a hand-made NOTIFY does not keep a replica forever
+            seconds = self._sweep_seconds
+        span = _PEER_INTERVALS * max(seconds, self._sweep_seconds)
         self._peers[origin] = self._clock() + span  # whatever it says
-        if fresh:
-            self._fire_changed()
+        self.heard_others += 1
+        self._fire_changed()
         if word == _HELLO:
             self._say(_HERE)
         if word in (_HELLO, _HERE):
