@@ -9,6 +9,16 @@ from typing import Any
 import httpx
 
 
+class Clock:
+    """A monotonic clock a test moves by hand (`clock.now = …`), for what takes one (rate buckets, the wake hub)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Api:
     """One caller of the HTTP API: a client and a bearer token."""
 

@@ -27,7 +27,7 @@ from ainarres_api.server.services import auth
 from ainarres_api.server.services.wake import Recorded, Wake
 from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
-from tests.helpers import DEV_WORKFLOW, Api, make_world
+from tests.helpers import DEV_WORKFLOW, Api, Clock, make_world
 
 # Long enough that a missing wake-up shows as a timeout of the test, not as a claim at the deadline.
 WAIT = 60
@@ -398,16 +398,6 @@ async def test_a_reflexive_ban_refuses_the_banned_familys_waiting_claims(app, ad
     await rev.verb(tid, "reject", lease=c["lease"]["id"], to="todo", reason="no tests")
     got = await woken(waiter)
     assert got["code"] == "not_eligible" and "role:dev" in got["detail"], got
-
-
-class Clock:
-    """A monotonic clock the test moves by hand (a replica's presence is judged by the time since it spoke)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

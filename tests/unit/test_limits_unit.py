@@ -15,14 +15,7 @@ from ainarres_api.server.api import render, schemas
 from ainarres_api.server.errors import PayloadTooLarge
 from ainarres_api.server.services.pages import bounded, json_size
 from ainarres_api.server.settings import Settings
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def test_a_bucket_lets_a_burst_through_then_refills_at_its_rate() -> None:
