@@ -99,7 +99,9 @@ class Fleet:
     async def start(self, name: str, token: str, script: str, *args: str) -> Runner:
         path = self.tmp / f"{name}.sh"
         path.write_text(textwrap.dedent(script))
-        env = self.live.env(AINARRES_TOKEN=token, PY=sys.executable, WORK=str(self.tmp))
+        # TMPDIR: a runner killed mid-task (mode "hang") cannot remove its task's scratch directory; it is left
+        # in the test's own directory, not in /tmp.
+        env = self.live.env(AINARRES_TOKEN=token, PY=sys.executable, WORK=str(self.tmp), TMPDIR=str(self.tmp))
         err = open(self.tmp / f"{name}.stderr", "wb")  # noqa: ASYNC230 - a test; the runner owns it
         proc = await asyncio.create_subprocess_exec(
             *AINARRES, "work", "--poll", "1", "--grace", "2", *args, "--", "sh", str(path),
