@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 
@@ -130,3 +133,41 @@ def process_table() -> list[tuple[int, int, list[bytes]]]:
             continue
         table.append((int(d.name), ppid, args))
     return table
+
+
+async def wait_for_lock(observer: asyncpg.Connection, pid: int | None, what: str, query: str | None = None) -> None:
+    """Return once the backend `pid` (or, with `query`, any backend running that statement) waits on a lock."""
+    for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
+        # pg_stat_activity keeps a statement's first track_activity_query_size bytes (1 kB): compared by its start.
+        if await observer.fetchval("SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND (pid = $1 OR left(query, 500) = left($2, 500))", pid, query):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} never waited on a lock")
+
+
+async def second_waits(dsn: str, first: Callable[[asyncpg.Connection], Awaitable[Any]],
+                       second: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    """Two changes sent at once, made to meet: `first(conn)` in a transaction left open, then `second(conn)` on
+    another connection, which must wait for it (a lock the two share: else AssertionError); the first committed,
+    the second's outcome (its answer, or the exception it raised)."""
+    c1, c2, observer = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        tx = c1.transaction()
+        await tx.start()
+        await first(c1)
+        later = asyncio.create_task(second(c2))
+        waited = asyncio.create_task(wait_for_lock(observer, c2.get_server_pid(), "the second"))
+        await asyncio.wait({later, waited}, return_when=asyncio.FIRST_COMPLETED)
+        if later.done():
+            waited.cancel()
+            raise AssertionError(f"the second did not wait for the first: {later.exception() or later.result()}")
+        await waited
+        await tx.commit()
+        try:
+            return await asyncio.wait_for(later, 30)
+        except Exception as exc:  # the outcome under test
+            return exc
+    finally:
+        for conn in (c1, c2, observer):
+            await conn.close()

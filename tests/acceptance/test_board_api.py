@@ -81,6 +81,16 @@ async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
     assert out["disabled"] is False
     assert (await cheap.get("/v1/me"))["family"] == "cheap"
 
+    # What an admin disabled only an admin re-enables — also after an overseer disables it again (found by a
+    # review: that cleared the admin's mark, and the overseer's enable then went through).
+    await admin.post("/v1/families/cheap/disable", expect=200)
+    await overseer.post("/v1/families/cheap/disable", expect=200)
+    refused = await overseer.post("/v1/families/cheap/enable", expect=403)
+    assert refused["code"] == "not_eligible" and "disabled by an admin" in refused["detail"]
+    assert (await cheap.get("/v1/me", expect=401))["code"] == "unauthenticated"
+    await admin.post("/v1/families/cheap/enable", expect=200)
+    assert (await cheap.get("/v1/me"))["family"] == "cheap"
+
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 

@@ -4,6 +4,7 @@ track-record read at volume."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -14,9 +15,11 @@ from jsonschema import Draft202012Validator
 
 from ainarres_api.server.db import migrate
 from ainarres_api.server.db.queries import Q
+from ainarres_api.server.errors import Conflict
+from ainarres_api.server.services import auth, governance
 from ainarres_api.server.services import spend as spend_svc
 from ainarres_api.server.services.tasks import MAX_ATTEMPTS_REASON
-from tests.helpers import Api, World, make_world, review_flow
+from tests.helpers import Api, World, make_world, review_flow, second_waits
 
 LOOP = review_flow("loop")  # todo → review → done; review rejects back to todo; no rework cap
 
@@ -163,6 +166,22 @@ async def test_the_ban_ladder_threshold_doubling_cap_expiry_reset(admin, db):
     assert await db.fetch("SELECT * FROM family_features ORDER BY family_key, feature") == features_before
 
 
+async def test_a_family_banned_a_thousand_times_is_banned_for_the_cap(admin, db):
+    """The doubling is bounded before it is computed: past ~1,000 bans 2^bans overflowed, and every reject of the
+    family's work in that role was refused as the reviewer's mistake (422) — found by a review."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/feature/role:dev",
+                     {"strike_threshold": 1, "ban_base_seconds": 3600, "ban_cap_seconds": 7200}, 200)
+    await db.execute("INSERT INTO governance_strikes (family_key, feature, threshold, bans) "
+                     "VALUES ('cheap', 'role:dev', 1, 5000)")
+    maker, reviewer = await w.agent("cheap"), await w.agent("reviewers")
+    t = (await maker.create("dev", "sloppy"))["task"]["id"]
+    await produce(maker, t)
+    assert (await reject(reviewer, t))["code"] == "ok"
+    assert 7100 < await ban_seconds(db, "cheap", "role:dev") <= 7200
+    assert strike_of(await status(admin), "cheap", "role:dev")["bans"] == 5001
+
+
 async def test_governance_never_shortens_or_replaces_a_permanent_ban(admin, db):
     w = await make_world(admin, workflow=LOOP)
     await admin.call("PUT", "/v1/governance/policies/workflow/loop", {"strike_threshold": 2}, 200)
@@ -306,6 +325,64 @@ async def test_flags_never_deny_and_make_recommendations_at_the_threshold(admin,
                              "AND expires_at IS NULL") == "permanent"
     again = await admin.post(f"/v1/governance/recommendations/{rec['id']}/dismiss", {"reason": "x"}, 409)
     assert again["code"] == "conflict"
+
+
+async def test_an_overseer_may_not_clear_what_is_said_of_its_own_family(admin, db):
+    """ADR 0008: an overseer does not judge its own family — neither a flag about it nor a recommendation to ban it
+    (found by a review: it could dismiss both); an admin may."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 1}, 200)
+    await admin.post("/v1/families", {"key": "ovs", "features": ["seat:overseer", "role:dev"]}, 201)
+    ovs, aud = await w.agent("ovs"), await auditor(w)
+    f = await aud.post("/v1/governance/flags", {"kind": "spinning", "family": "ovs", "note": "loops"}, 201)
+    trail = await db.fetchval("SELECT count(*) FROM governance_trail")
+    for path, body in ((f"/v1/governance/flags/{f['id']}/dismiss", {}),
+                       (f"/v1/governance/recommendations/{f['recommendation']}/dismiss", {}),
+                       (f"/v1/governance/recommendations/{f['recommendation']}/accept", {"feature": "role:dev"})):
+        r = await ovs.post(path, {"reason": "all fine here", **body}, 403)
+        assert r["code"] == "not_eligible" and "its own family" in r["detail"], r
+    assert await db.fetchval("SELECT count(*) FROM governance_trail") == trail  # the refusals changed nothing
+    assert (await admin.post(f"/v1/governance/flags/{f['id']}/dismiss", {"reason": "seen"}, 200))["dismissed_by"]
+    out = await admin.post(f"/v1/governance/recommendations/{f['recommendation']}/dismiss", {"reason": "no"}, 200)
+    assert out["status"] == "dismissed"
+
+
+async def test_one_decision_per_recommendation_when_two_are_sent_at_once(app, admin, db, dsn):
+    """A dismiss and an accept of one recommendation at once: the second waits, then is refused (409); no ban is
+    applied under a recommendation that reads `dismissed` (found by a review: both answered 200)."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 1}, 200)
+    rec = (await (await auditor(w)).post("/v1/governance/flags", {"kind": "spinning", "family": "cheap",
+                                                                   "note": "loops"}, 201))["recommendation"]
+    p = await auth.authenticate(db, app.state.ainarres.signer, str(admin.token))
+    outcome = await second_waits(dsn, lambda c: governance.dismiss(c, p, rec, "a one-off"),
+                                 lambda c: governance.accept(c, p, rec, "ban it", "role:dev"))
+    assert isinstance(outcome, Conflict) and "dismissed already" in str(outcome)
+    assert (await admin.get("/v1/governance"))["recommendations"] == []
+    assert await db.fetchval("SELECT count(*) FROM denials") == 0
+    assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'accept_recommendation'") == 0
+
+
+async def test_flags_raised_at_once_make_the_recommendation_their_count_reaches(app, admin, db, dsn):
+    """Each flag counts the open ones before it; raised at once, each missed the other and the threshold they
+    reached together made no recommendation (found by a review: 3 flags at once, none in 4 runs of 5)."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 2}, 200)
+    await auditor(w)
+    p = await auth.authenticate(db, app.state.ainarres.signer, str(admin.token))
+
+    def flag(note: str) -> Any:
+        return lambda c: governance.raise_flag(c, p, "health", "cheap", None, None, note)
+
+    second = await second_waits(dsn, flag("first"), flag("second"))
+    assert second["recommendation"] is not None
+    assert len((await admin.get("/v1/governance"))["recommendations"]) == 1
 
 
 async def test_a_dismissed_recommendation_bans_nothing(admin, db):
@@ -504,7 +581,6 @@ async def test_track_record_read_never_scans_events(admin, db):
 
 
 async def test_concurrent_rejects_each_count_one_strike(admin, db):
-    import asyncio
 
     w = await make_world(admin, workflow=LOOP)
     await admin.call("PUT", "/v1/governance/policies/feature/role:dev", {"strike_threshold": 4}, 200)

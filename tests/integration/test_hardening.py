@@ -14,9 +14,10 @@ import pytest
 
 from ainarres_api.server.db.pool import _init_connection
 from ainarres_api.server.db.queries import Q
-from ainarres_api.server.errors import Invalid
+from ainarres_api.server.errors import Conflict, Invalid
+from ainarres_api.server.services import admin as admin_svc
 from ainarres_api.server.services import auth, tasks
-from tests.helpers import make_world
+from tests.helpers import make_world, second_waits, wait_for_lock
 
 FLAT = {"key": "flat", "stages": [{"key": "todo", "initial": True}, {"key": "done", "terminal": True}],
         "transitions": [{"from": "todo", "to": "done", "kind": "advance", "required_features": ["role:dev"]}]}
@@ -36,17 +37,6 @@ class _PauseBeforeDependents:
             self._reached.set()
             await self._gate.wait()
         return await self._c.fetch(query, *args)
-
-
-async def _wait_for_lock(observer: asyncpg.Connection, pid: int | None, what: str, query: str | None = None) -> None:
-    """Return once the backend `pid` (or, with `query`, any backend running that statement) waits on a lock."""
-    for _ in range(3000):  # no event tells another session's lock wait; poll pg_stat_activity
-        # pg_stat_activity keeps a statement's first track_activity_query_size bytes (1 kB): compared by its start.
-        if await observer.fetchval("SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND (pid = $1 OR left(query, 500) = left($2, 500))", pid, query):
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"{what} never waited on a lock")
 
 
 async def _prerequisite_race(admin: Any) -> tuple[Any, str, str, dict[str, Any]]:
@@ -86,7 +76,7 @@ async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_
         await asyncio.wait_for(reached.wait(), 30)  # the advance holds A
         create = asyncio.create_task(tasks.create(c2, p, {"lane": "flat", "title": "C", "depends_on": [a, b]},
                                                   st.limits))
-        await _wait_for_lock(observer, c2.get_server_pid(), "the create")  # it holds B, wants A
+        await wait_for_lock(observer, c2.get_server_pid(), "the create")  # it holds B, wants A
         gate.set()
         (done, _), created = await asyncio.wait_for(asyncio.gather(advance, create), 30)
     finally:
@@ -94,6 +84,25 @@ async def test_create_naming_a_task_and_its_prerequisite_does_not_deadlock_with_
             await conn.close()
     assert done["task"]["state"] == "done"
     assert created[0]["task"]["state"] == "waiting"  # B is still open
+
+
+async def test_two_changes_that_take_seat_admin_at_once_leave_an_admin(app, admin, dsn):
+    """ADR 0008's last-admin rule holds when two admin families act on each other at once: the second change
+    waits for the first (they take one lock) and then sees that it would leave no admin (found by a review: two
+    denials sent together both went through, and every admin was locked out). A denial and a disable: every
+    change that may take seat:admin takes the same lock."""
+    st = app.state.ainarres
+    await admin.post("/v1/families", {"key": "admins2", "features": ["seat:admin"]}, 201)
+    other = (await admin.post("/v1/tokens", {"family": "admins2"}, 201))["token"]
+    db = await asyncpg.connect(dsn)
+    try:
+        p1, p2 = [await auth.authenticate(db, st.signer, t) for t in (str(admin.token), other)]
+    finally:
+        await db.close()
+    outcome = await second_waits(dsn, lambda c: admin_svc.deny(c, p1, "admins2", "seat:admin", "we disagree", None),
+                                 lambda c: admin_svc.set_family_disabled(c, p2, "admin", True))
+    assert isinstance(outcome, Conflict) and "last one holding seat:admin" in str(outcome)
+    assert "seat:admin" in (await admin.get("/v1/me"))["features"]
 
 
 async def test_an_escalation_stays_in_the_stage_where_the_work_failed(admin):
@@ -279,7 +288,7 @@ async def test_a_dependent_created_while_its_prerequisite_finishes_is_promoted(a
         assert created["task"]["state"] == "waiting"  # A is still held: B waits, A locked by the create
         advance = asyncio.create_task(tasks.transition(c1, p, uuid.UUID(a), uuid.UUID(c["lease"]["id"]),
                                                        "advance", "done", None, []))
-        await _wait_for_lock(observer, c1.get_server_pid(), "the advance")  # its statement began before B
+        await wait_for_lock(observer, c1.get_server_pid(), "the advance")  # its statement began before B
         await outer.commit()
         done, _ = await asyncio.wait_for(advance, 30)
     finally:
@@ -304,7 +313,7 @@ async def test_the_overseers_unblock_records_the_block_it_lifts(admin, dsn, db):
         await tx.start()
         await holder.execute("UPDATE tasks SET blocked_reason = 'second block' WHERE id = $1", uuid.UUID(tid))
         unblock = asyncio.create_task(admin.post("/v1/governance/unblock", {"task_id": tid, "note": "fixed"}, 200))
-        await _wait_for_lock(observer, None, "the unblock", query=Q["task_lock"])
+        await wait_for_lock(observer, None, "the unblock", query=Q["task_lock"])
         await tx.commit()
         await asyncio.wait_for(unblock, 30)
     finally:

@@ -235,6 +235,28 @@ async def test_rework_cap_blocks_for_a_human_and_unblock_resets_it(admin, db):
     assert rj["code"] == "ok" and rj["task"]["stage"] == "todo" and rj["task"]["rework_count"] == 3
 
 
+async def test_an_agents_own_block_and_unblock_start_nothing_over(admin):
+    """Only a human's unblock (seat:overseer) starts attempts and the stage's rework count over (ADR 0006): an
+    agent that blocks a task and unblocks it again would otherwise take the rework cap, the escalation and the
+    max-attempts block out of the workflow at will (found by a review: a max_rework 2 stage took 4 rejects)."""
+    w = await make_world(admin)
+    task = (await (await w.agent("cheap")).create("dev"))["task"]
+    for _ in (1, 2):
+        await _reject_once(w, task["id"])
+    await to_review(w, task["id"])
+    rev = await w.agent("reviewers")
+    c = await rev.claim()
+    await rev.verb(task["id"], "release", lease=c["lease"]["id"])  # a failed hold: attempts 1
+    c = await rev.claim()
+    assert c["task"]["id"] == task["id"] and c["task"]["attempts"] == 1
+    await rev.verb(task["id"], "block", lease=c["lease"]["id"], reason="need a moment")
+    u = await rev.verb(task["id"], "unblock", note="ok")
+    assert u["task"]["attempts"] == 1 and u["task"]["rework_count"] == 2
+    c = await rev.claim()
+    capped = await rev.verb(task["id"], "reject", lease=c["lease"]["id"], to="todo", reason="again")
+    assert capped["code"] == "blocked" and capped["task"]["rework_count"] == 2  # the cap still holds
+
+
 async def test_a_retried_reject_past_the_rework_cap_answers_its_block(admin):
     """The rework cap's block records the refused call: the same reject sent again (its answer lost) is told
     that outcome, a replay, and nothing is applied twice."""

@@ -144,20 +144,27 @@ async def raise_flag(body: FlagIn, caller: Auditor, conn: Conn) -> dict[str, Any
 
 
 @router.post("/flags/{flag_id}/dismiss", response_model=models.Flag,
-             summary="dismiss a flag (seat:overseer)", description=_OVERSEER, responses=_ACT)
+             summary="dismiss a flag (seat:overseer)",
+             description=f"{_OVERSEER} Not a flag about the caller's own family (an admin may). 409: dismissed "
+                         "already.",
+             responses=_ACT)
 async def dismiss_flag(flag_id: Id, body: DecisionIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.dismiss_flag(conn, caller, flag_id, body.reason)
 
 
+_DECIDE = ("Not a recommendation about the caller's own family (an admin may). One decision per recommendation: "
+           "409 once it is accepted or dismissed, also when two decisions are sent at once.")
+
+
 @router.post("/recommendations/{rec_id}/accept", response_model=models.Recommendation,
              summary="accept a recommendation: the permanent ban it recommends (seat:overseer)",
-             description=_OVERSEER, responses=_ACT)
+             description=f"{_OVERSEER} {_DECIDE}", responses=_ACT)
 async def accept_recommendation(rec_id: Id, body: AcceptIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.accept(conn, caller, rec_id, body.reason, body.feature)
 
 
 @router.post("/recommendations/{rec_id}/dismiss", response_model=models.Recommendation,
-             summary="dismiss a recommendation: nothing is banned (seat:overseer)", description=_OVERSEER,
-             responses=_ACT)
+             summary="dismiss a recommendation: nothing is banned (seat:overseer)",
+             description=f"{_OVERSEER} {_DECIDE}", responses=_ACT)
 async def dismiss_recommendation(rec_id: Id, body: DecisionIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.dismiss(conn, caller, rec_id, body.reason)

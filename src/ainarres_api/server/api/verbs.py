@@ -439,7 +439,8 @@ Refusals: lease_lost, not_found, invalid.""",
         refusals=(NotFound, NotEligible, Conflict), on_task=True,
         summary="make a blocked task claimable again",
         description=(
-            "Puts a blocked task back in its queue; its attempts and the stage's rework count start over. "
+            "Puts a blocked task back in its queue. Unblocked by `seat:overseer` (a human's decision), its "
+            "attempts and the stage's rework count start over; by an agent, they are kept. "
             "Needs `seat:overseer`, or the lane's feature and the features of a way out of the task's stage. "
             "A block the substrate made (max attempts, the rework cap) only `seat:overseer` may lift "
             "(`403 not_eligible`: a human must lift it), with a `note` saying what was decided, which goes on the "
@@ -447,10 +448,11 @@ Refusals: lease_lost, not_found, invalid.""",
             "characters). A task that is not blocked: `409 conflict`."),
         tool="unblock", tool_title="Unblock a task",
         tool_text="""\
-Make a blocked task claimable again once what blocked it is resolved (its attempts start over). No
-hold needed; needs seat:overseer, or the features to work the task's stage. A block the substrate
-made (max attempts, rework cap) only a human with seat:overseer may lift, with a note saying what
-was decided (it goes on the governance trail): do not retry.
+Make a blocked task claimable again once what blocked it is resolved (its attempts and rework
+count start over only when a human with seat:overseer unblocks it). No hold needed; needs
+seat:overseer, or the features to work the task's stage. A block the substrate made (max
+attempts, rework cap) only a human with seat:overseer may lift, with a note saying what was
+decided (it goes on the governance trail): do not retry.
 Refusals: not_eligible, conflict (the task is not blocked), not_found, invalid (a note is needed).""",
         work=_unblock,
         example={"note": "credentials added to the vault"},

@@ -95,11 +95,18 @@ def _may_govern(p: Principal, family: str, feature: str) -> None:
         raise NotEligible("an overseer may not deny or lift features of its own family; ask an admin")
 
 
-async def _keep_an_admin(conn: asyncpg.Connection, family: str) -> None:
-    """Refuse a change that would leave no enabled family able to administer (a lock-out)."""
+async def lock_admins(conn: asyncpg.Connection) -> None:
+    """Take the lock every change that may take seat:admin from a family holds while it checks and makes the change
+    (`keep_an_admin`); first in its transaction, before any family's row."""
+    await conn.execute(Q["admins_lock"])
+
+
+async def keep_an_admin(conn: asyncpg.Connection, family: str, doing: str = "doing this") -> None:
+    """Refuse a change that would leave no enabled family able to administer (a lock-out). The caller's transaction
+    holds `lock_admins`: two such changes checked at once would each see the other's family still an admin."""
     holds = await conn.fetchval(Q["family_holds_admin"], family)
     if holds and not await conn.fetchval(Q["other_admin_families"], family):
-        raise Conflict(f"family {family} is the last one holding seat:admin; doing this would lock every "
+        raise Conflict(f"family {family} is the last one holding seat:admin; {doing} would lock every "
                        "admin out. Provision seat:admin to another family first")
 
 
@@ -107,11 +114,14 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
                         disabled: bool | None, max_active: int | None, description: str | None
                         ) -> dict[str, Any]:
     """Change what a family holds, or disable it; takes effect on its agents' next call."""
+    takes_admin = disabled or (features is not None and "seat:admin" not in features)
     async with conn.transaction():
+        if takes_admin:
+            await lock_admins(conn)
         if await conn.fetchrow(Q["family_lock"], key) is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
-        if disabled or (features is not None and "seat:admin" not in features):
-            await _keep_an_admin(conn, key)
+        if takes_admin:
+            await keep_an_admin(conn, key)
         if features is not None:
             await auth.registered(conn, "features", features)
             await conn.execute(Q["family_features_clear"], key)
@@ -128,6 +138,8 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
     re-enable a family provisioned with a seat:* feature (an admin family among them); nobody disables
     their own family (a lock-out) or the last enabled admin family."""
     async with conn.transaction():
+        if disabled:
+            await lock_admins(conn)
         fam = await conn.fetchrow(Q["family_lock"], key)
         if fam is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
@@ -142,7 +154,7 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
                 raise NotEligible(f"family {key} holds {', '.join(seats)}: only seat:admin may "
                                   f"{'disable' if disabled else 're-enable'} a family that holds a seat")
         if disabled:
-            await _keep_an_admin(conn, key)
+            await keep_an_admin(conn, key)
         await conn.execute(Q["family_update"], key, disabled, None, None, p.has("seat:admin"))
         return await get_family(conn, key)
 
@@ -155,11 +167,13 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
                       "lasts until lifted")
     await auth.registered(conn, "feature", [feature])
     async with conn.transaction():
+        if feature == "seat:admin":
+            await lock_admins(conn)
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")
         _may_govern(p, family, feature)
         if feature == "seat:admin":
-            await _keep_an_admin(conn, family)
+            await keep_an_admin(conn, family)
         row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family)
         if row is None:
             if kind := await conn.fetchval(Q["denial_kind"], family, feature):

@@ -16,7 +16,7 @@ import asyncpg
 
 from ainarres_api.server.db.queries import Q
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
-from ainarres_api.server.services import auth, tasks, wake
+from ainarres_api.server.services import admin, auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
 TRAIL_LATEST = 100
@@ -26,15 +26,15 @@ POLICY_FIELDS = (*ROLE_ONLY, "recommend_after_flags")
 OPERATIONAL_KINDS = ("spinning", "overspending", "health", "integrity")
 
 
-def _may_govern(p: Principal, family: str, feature: str) -> None:
-    """ADR 0008: overseers govern other families' work features; seats and their own family are for admins."""
+def _may_govern(p: Principal, family: str, feature: str | None, act: str = "ban or lift features of") -> None:
+    """ADR 0008: overseers govern other families' work features; seats and their own family are for admins. `act`
+    names what was asked, for the refusal (`feature` None: the family as a whole)."""
     if p.has("seat:admin"):
         return
-    if feature.startswith("seat:"):
-        raise NotEligible("only seat:admin may ban or lift a seat:* feature")
+    if feature is not None and feature.startswith("seat:"):
+        raise NotEligible(f"only seat:admin may {act.removesuffix(' features of')} a seat:* feature")
     if family == p.family:
-        raise NotEligible("an overseer may not ban or lift features of its own family; ask another overseer "
-                          "or an admin")
+        raise NotEligible(f"an overseer may not {act} its own family; ask another overseer or an admin")
 
 
 async def _known(conn: asyncpg.Connection, family: str, feature: str | None) -> None:
@@ -104,10 +104,8 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
     await _known(conn, family, feature)
     async with conn.transaction():
         if feature == "seat:admin":  # ADR 0008: never lock every admin out
-            holds = await conn.fetchval(Q["family_holds_admin"], family)
-            if holds and not await conn.fetchval(Q["other_admin_families"], family):
-                raise Conflict(f"family {family} is the last one holding seat:admin; banning it would lock every "
-                               "admin out. Provision seat:admin to another family first")
+            await admin.lock_admins(conn)
+            await admin.keep_an_admin(conn, family, "banning it")
         row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
     if row is not None:
         wake.narrowed()
@@ -145,25 +143,32 @@ async def raise_flag(conn: asyncpg.Connection, p: Principal, kind: str, family: 
     if task_id is not None and not await conn.fetchval(Q["task_known"], task_id):
         raise NotFound("task_id: no such task")
     async with conn.transaction():
+        await conn.execute(Q["flags_lock"], family, feature)
         row = await conn.fetchrow(Q["flag_insert"], kind, family, feature, task_id, note, p.sub)
     return dict(row)
 
 
 async def dismiss_flag(conn: asyncpg.Connection, p: Principal, flag_id: int, note: str) -> dict[str, Any]:
+    """Dismiss an auditor's flag, on the trail: an overseer, not one about its own family (ADR 0008)."""
+    flag = await conn.fetchrow(Q["flag_get"], flag_id)
+    if flag is None:
+        raise NotFound(f"no flag {flag_id}")
+    _may_govern(p, flag["family"], flag["feature"], "dismiss a flag about")
     async with conn.transaction():
         row = await conn.fetchrow(Q["flag_dismiss"], flag_id, p.sub, note)
         if row is None:
-            if await conn.fetchrow(Q["flag_get"], flag_id) is None:
-                raise NotFound(f"no flag {flag_id}")
             raise Conflict(f"flag {flag_id} was dismissed already")
         await conn.execute(Q["trail_flag_dismissed"], flag_id, p.sub, p.family, note)
     return dict(row) | {"recommendation": None}
 
 
-async def _open_recommendation(conn: asyncpg.Connection, rec_id: int) -> asyncpg.Record:
-    rec = await conn.fetchrow(Q["recommendation_get"], rec_id)
+async def _open_recommendation(conn: asyncpg.Connection, p: Principal, rec_id: int, act: str) -> asyncpg.Record:
+    """The recommendation, locked until the caller's transaction ends, if it is open and the caller may decide on
+    it (an overseer not about its own family: ADR 0008)."""
+    rec = await conn.fetchrow(Q["recommendation_lock"], rec_id)
     if rec is None:
         raise NotFound(f"no recommendation {rec_id}")
+    _may_govern(p, rec["family"], rec["feature"], act)
     if rec["status"] != "open":
         raise Conflict(f"recommendation {rec_id} was {rec['status']} already")
     return rec
@@ -172,19 +177,18 @@ async def _open_recommendation(conn: asyncpg.Connection, rec_id: int) -> asyncpg
 async def accept(conn: asyncpg.Connection, p: Principal, rec_id: int, reason: str, feature: str | None
                  ) -> dict[str, Any]:
     """Accept a recommendation: the permanent ban it recommends (a family-wide one names the feature)."""
-    rec = await _open_recommendation(conn, rec_id)
-    feature = rec["feature"] or feature
-    if feature is None:
-        raise Invalid("feature: this recommendation is about the family as a whole; name the feature to ban")
-    await ban(conn, p, rec["family"], feature, reason, rec_id)
-    return dict(await conn.fetchrow(Q["recommendation_get"], rec_id))
+    async with conn.transaction():
+        rec = await _open_recommendation(conn, p, rec_id, "accept a recommendation about")
+        feature = rec["feature"] or feature
+        if feature is None:
+            raise Invalid("feature: this recommendation is about the family as a whole; name the feature to ban")
+        await ban(conn, p, rec["family"], feature, reason, rec_id)
+        return dict(await conn.fetchrow(Q["recommendation_get"], rec_id))
 
 
 async def dismiss(conn: asyncpg.Connection, p: Principal, rec_id: int, reason: str) -> dict[str, Any]:
     """Dismiss a recommendation: nothing is banned; it stays on the trail."""
-    await _open_recommendation(conn, rec_id)
     async with conn.transaction():
+        await _open_recommendation(conn, p, rec_id, "dismiss a recommendation about")
         row = await conn.fetchrow(Q["recommendation_decide"], rec_id, "dismissed", p.sub, p.family, reason)
-    if row is None:
-        raise Conflict(f"recommendation {rec_id} was decided meanwhile")
     return dict(row)

@@ -522,7 +522,9 @@ async def _replay(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
 
 async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, note: str | None, *,
                   on_trail: bool = False) -> dict[str, Any]:
-    """Make a blocked task claimable again; attempts and this stage's rework count start over.
+    """Make a blocked task claimable again. A human's unblock (seat:overseer: ADR 0006) starts attempts and this
+    stage's rework count over; an agent's keeps them, or blocking and unblocking a task would take the rework
+    cap, the escalation and the max-attempts block out of the workflow.
 
     Lifting a block the substrate made (max attempts, the rework cap) is a human's decision (SPEC §8): whichever
     call makes it, the note is its reason on the governance trail, written here with the unblock. `on_trail`: the
@@ -550,11 +552,15 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
             raise Conflict("the task is not blocked; nothing to do", task=row["task"])
         required = list(row["required_features"])
         route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
-        rework = dict(row["rework_by_stage"])
-        rework.pop(row["stage_key"], None)
-        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, 0, rework)
+        rework, attempts = dict(row["rework_by_stage"]), row["attempts"]
+        human = p.has("seat:overseer")
+        if human:
+            rework.pop(row["stage_key"], None)
+            attempts = 0
+        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, attempts, rework)
         wake.ready(route)
-        ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"]})
+        ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"],
+                                                          "counts_reset": human})
         if substrate or on_trail:
             await conn.execute(Q["trail_unblock"], p.sub, p.family, task_id, note, row["blocked_by"],
                                row["blocked_reason"])

@@ -71,11 +71,14 @@ INSERT INTO families (key, description, max_active) VALUES ($1, $2, $3);
 SELECT key, disabled_by_admin FROM families WHERE key = $1 FOR UPDATE;
 
 -- name: family_update
--- $5: whether the caller holds seat:admin (a disable records it; an enable clears it).
+-- $5: whether the caller holds seat:admin (a disable records it; an enable clears it). An overseer's disable of a
+-- family an admin disabled keeps the admin's mark: else disabling it again would clear the mark, and its enable
+-- then undo the admin's decision (found by a review).
 UPDATE families
    SET disabled = coalesce($2, disabled), max_active = coalesce($3, max_active),
        description = coalesce($4, description), updated_at = now(),
-       disabled_by_admin = CASE WHEN $2 IS NULL THEN disabled_by_admin ELSE $2 AND coalesce($5, false) END
+       disabled_by_admin = CASE WHEN $2 IS NULL THEN disabled_by_admin
+                                ELSE $2 AND (coalesce($5, false) OR (disabled AND disabled_by_admin)) END
  WHERE key = $1;
 
 -- name: feature_get
@@ -182,6 +185,14 @@ SELECT DISTINCT ON (key) key, version FROM workflows WHERE key > $1 ORDER BY key
 -- The seat:* features a family is provisioned with (ADR 0008: governing such a family is for admins).
 SELECT coalesce(array_agg(feature ORDER BY feature), '{}') FROM family_features
  WHERE family_key = $1 AND feature LIKE 'seat:%';
+
+-- name: admins_lock
+-- Serialises every change that may take seat:admin from a family (a denial or ban of it, a disable, features
+-- without it): each checks that another admin family remains, and two such checks made at once would each see
+-- the other's family still an admin and both go through (write skew: found by a review, which locked every admin
+-- out with two denials sent together). Taken first in the transaction, before any family's row, so that it is
+-- always taken in the same order.
+SELECT pg_advisory_xact_lock(hashtextextended('ainarres.admins', 0));
 
 -- name: family_holds_admin
 -- Whether a family is provisioned with seat:admin and is enabled.

@@ -23,7 +23,13 @@ RETURNING id, kind, family_key AS family, feature, task_id, note, raised_by, rai
           dismiss_note;
 
 -- name: flag_get
-SELECT id, dismissed_at FROM governance_flags WHERE id = $1;
+SELECT id, dismissed_at, family_key AS family, feature FROM governance_flags WHERE id = $1;
+
+-- name: flags_lock
+-- Serialises the flags raised on one (family $1, feature $2): flag_insert counts the open ones in its snapshot, and
+-- flags raised at once would each miss the others and the count they reach together (found by a review: three
+-- flags at once, no recommendation). Transaction-scoped; taken before flag_insert, in its own statement.
+SELECT pg_advisory_xact_lock(hashtextextended('ainarres.flags:' || $1 || ':' || coalesce($2, ''), 0));
 
 -- name: flag_insert
 -- A flag, and a recommendation when the open flags on (family, feature) reach the policy's count (the
@@ -159,6 +165,13 @@ SELECT id, family_key AS family, feature, reason, status, created_at, decided_by
 SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
   FROM governance_recommendations WHERE id = $1;
 
+-- name: recommendation_lock
+-- A recommendation, locked for the decision on it: an accept and a dismiss sent at once are decided one after the
+-- other, the second seeing the first's (found by a review: both answered 200, the ban applied under a
+-- recommendation that read `dismissed`).
+SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
+  FROM governance_recommendations WHERE id = $1 FOR UPDATE;
+
 -- name: recommendations_open
 SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
   FROM governance_recommendations
@@ -237,7 +250,9 @@ WITH x AS (
  RETURNING g.family_key, g.feature, g.bans, coalesce(g.last_ban_at = now(), false) AS banned
 ), ban AS (
     SELECT st.family_key, st.feature, st.bans, s.strike_threshold, s.recommend_after_bans,
-           least(s.ban_base_seconds * power(2, st.bans - 1), s.ban_cap_seconds)::int AS seconds
+           -- The exponent bounded: 2^30 × the least base (60 s) is past the greatest cap (a year), and past ~1,000
+           -- bans an unbounded one overflowed float8, refusing every later reject of the family's work.
+           least(s.ban_base_seconds * power(2, least(st.bans - 1, 30)), s.ban_cap_seconds)::int AS seconds
       FROM struck st JOIN strike s ON s.family = st.family_key AND s.feature = st.feature
      WHERE st.banned
 ), denied AS (
