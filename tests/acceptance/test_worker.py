@@ -101,7 +101,8 @@ class Fleet:
         path.write_text(textwrap.dedent(script))
         # TMPDIR: a runner killed mid-task (mode "hang") cannot remove its task's scratch directory; it is left
         # in the test's own directory, not in /tmp.
-        env = self.live.env(AINARRES_TOKEN=token, PY=sys.executable, WORK=str(self.tmp), TMPDIR=str(self.tmp))
+        env = self.live.env(AINARRES_TOKEN=token, PY=sys.executable, WORK=str(self.tmp), TMPDIR=str(self.tmp),
+                            AINARRES_STATE_DIR=str(self.tmp / "state"))
         err = open(self.tmp / f"{name}.stderr", "wb")  # noqa: ASYNC230 - a test; the runner owns it
         proc = await asyncio.create_subprocess_exec(
             *AINARRES, "work", "--poll", "1", "--grace", "2", *args, "--", "sh", str(path),
@@ -321,6 +322,50 @@ async def test_runner_releases_on_crash_bad_line_timeout_and_shutdown(fleet: Fle
     assert await fleet.stop(w3) == 0
     assert "shut down" in _release_reason(live, late)
     assert _alive_in_group(_started(w3, late)["pid"]) == []
+
+
+SOLO = review_flow("solo", "write", lease=30, first_stage={"max_attempts": 5})
+
+# Holds its task until killed (its process group is noted for the fleet's cleanup).
+HOLD = r"""
+echo $$ > "$WORK/$AINARRES_TASK_ID.hung"
+sleep 60
+"""
+
+
+async def test_one_runner_per_token_and_only_what_it_took_is_released(fleet: Fleet) -> None:
+    """Found by a review: a second runner with the same token released the first one's running task as "left over
+    from an earlier run", and so did a runner started while the token held a task claimed with curl. One runner per
+    token; at start a runner releases only what an earlier run of it noted (a crash's leftovers)."""
+    live = fleet.live
+    lane = "solo"
+    creator = _setup(live, lane, SOLO)
+    live.admin("PATCH", f"/v1/families/dev-{lane}", {"max_active": 2}, expect=200)  # the curl hold and the runner's
+    dev = live.mint(f"dev-{lane}")
+    by_hand = _create(live, creator, lane, "claimed with curl", priority=9)
+    c = live.http.post("/v1/claims", json={"lane": lane}, headers={"Authorization": f"Bearer {dev['token']}"}).json()
+    assert c["task"]["id"] == by_hand
+    work = _create(live, creator, lane, "for the runner")
+
+    a = await fleet.start("a", dev["token"], HOLD)
+    await fleet.until(lambda evs: any(e["event"] == "started" and e["task"] == work for e in evs), "a's task")
+    assert [e["task"] for e in a.events if e["event"] == "left_alone"] == [by_hand]
+    b = await fleet.start("b", dev["token"], HOLD)
+    assert await asyncio.wait_for(b.proc.wait(), LIMIT) == 2
+    await asyncio.wait_for(b.reader, LIMIT)
+    assert [e.get("code") for e in b.events] == ["runner_busy"] and "one runner per token" in b.events[0]["detail"]
+
+    # `a` dies holding its task; started again, the runner releases that task (and works it again), not the other.
+    a.proc.send_signal(signal.SIGKILL)
+    await a.proc.wait()
+    a2 = await fleet.start("a2", dev["token"], HOLD)
+    await fleet.until(lambda evs: any(e["runner"] == "a2" and e["event"] == "started" for e in evs), "a2's task")
+    assert [(e["task"], e["reason"]) for e in a2.events if e["event"] == "released"] == [
+        (work, "left over from an earlier run of this runner")]
+    assert await fleet.stop(a2) == 0
+    held = live.admin("GET", f"/v1/tasks/{by_hand}", expect=200)
+    assert held["state"] == "held" and held["holder"] == dev["sub"], held
+    assert [e["type"] for e in _events(live, by_hand)] == ["created", "claimed"]
 
 
 # A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON

@@ -17,6 +17,12 @@ the task itself. The runner decides nothing about routing: it asks only for work
 and the stage to move to comes from the command. SIGINT/SIGTERM stop it cleanly: running commands
 are terminated and their tasks released. Progress is reported as one JSON line per event on stdout.
 
+One runner per token: a second one with the same token and AINARRES_STATE_DIR refuses to start
+(`runner_busy`). The runner notes what it holds under AINARRES_STATE_DIR/runner/; started again
+after a crash, it releases what its earlier run still held, and only that: a task the token holds
+otherwise (claimed with curl or the agent CLI, or by a runner elsewhere) is left alone
+(`left_alone`) and comes back to the queue if its lease runs out.
+
 What the run cost is recorded on the task (POST /v1/tasks/{id}/usage), anchored to the event of the verb
 the runner sent, with the wall time the runner measured. The command may say what it spent in a line
 on stdout or stderr (the last such line counts):
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -43,7 +50,16 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
-from ainarres_api.agent.cli import JsonParser, Leases, UsageError, emit, resolve_token, resolve_url, token_sub
+from ainarres_api.agent.cli import (
+    JsonParser,
+    Leases,
+    UsageError,
+    emit,
+    resolve_token,
+    resolve_url,
+    state_root,
+    token_sub,
+)
 from ainarres_api.agent.client import AsyncClient, Claim, Hold, Refused, Unreachable
 
 VERBS = ("advance", "reject", "release", "block")
@@ -188,7 +204,7 @@ class Runner:
 
     def __init__(self, client: AsyncClient, command: list[str], *, lane: str | None, concurrency: int,
                  timeout: float, poll: float, grace: float, max_tasks: int | None, workdir: str | None,
-                 url: str, token: str) -> None:
+                 url: str, token: str, state: Path) -> None:
         self.client = client
         self.command = command
         self.lane = lane
@@ -207,6 +223,11 @@ class Runner:
         self.done = 0
         self.following: dict[int, Claim] = {}  # per slot: the claim an advance or reject took with `next`
         self.fatal: Refused | None = None
+        # What this runner holds, noted as soon as it is claimed and forgotten once it is let go: what a crashed
+        # run leaves here, the next run releases (and nothing else the token holds).
+        self.journal = Leases(state / "runner", self.sub)
+        self.foreign: set[str] = set()  # held by the token when the runner started, not taken by it: left alone
+        self.cut_off = False  # a claim was abandoned in flight (the stop): what it may have taken is released
 
     def log(self, event: str, **fields: Any) -> None:
         emit({"event": event, "sub": self.sub, **fields})
@@ -222,25 +243,70 @@ class Runner:
 
     async def run(self) -> int:
         """Work until stopped (a signal, --max-tasks, or a refusal that no retry can fix)."""
-        self.log("ready", concurrency=self.concurrency, lane=self.lane, command=self.command)
-        await self._sweep("left over from an earlier run of this agent")
-        slots = [asyncio.create_task(self._slot(i), name=f"slot {i}") for i in range(self.concurrency)]
-        await asyncio.gather(*slots)
-        await self._sweep("the runner shut down")
-        self.log("stopped", done=self.done)
-        return 1 if self.fatal is not None else 0
+        lock = self._take_lock()
+        if lock is None:
+            return 2
+        try:
+            self.log("ready", concurrency=self.concurrency, lane=self.lane, command=self.command)
+            await self._sweep("left over from an earlier run of this runner", start=True)
+            slots = [asyncio.create_task(self._slot(i), name=f"slot {i}") for i in range(self.concurrency)]
+            await asyncio.gather(*slots)
+            await self._sweep("the runner shut down", start=False)
+            self.log("stopped", done=self.done)
+            return 1 if self.fatal is not None else 0
+        finally:
+            os.close(lock)
 
-    async def _sweep(self, reason: str) -> None:
-        """Release whatever this agent holds outside a slot: at start, what an earlier run of it left;
-        at the end, a claim whose answer the shutdown cut off. (One runner process per token.)"""
+    def _take_lock(self) -> int | None:
+        """One runner per token and state directory: an exclusive lock on a file beside the journal, held for the
+        runner's life (the system lets it go if the process dies); its file descriptor, or None if another runner
+        holds it."""
+        self.journal.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.journal.dir / ".runner.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            self.log("refused", code="runner_busy",
+                     detail=f"another `ainarres work` (pid {pid}) runs with this token from {self.journal.dir.parent}: "
+                            "one runner per token (mint each runner its own: POST /v1/tokens or `ainarres token`), "
+                            "or give this one another AINARRES_STATE_DIR if the other runs elsewhere with the same "
+                            "state directory")
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    async def _sweep(self, reason: str, *, start: bool) -> None:
+        """Release what this runner holds outside a slot: at start, what an earlier run of it noted and still
+        holds; at the end, a claim taken with `next` and not worked, and what a claim the stop cut off may have
+        taken. What the token holds otherwise is left alone: another client's, or another runner's."""
         try:
             me = await self.client.me()
         except (Refused, Unreachable):
             return
+        held = set()
         for h in me.get("held", []):
+            tid, lease = str(h["task"]["id"]), str(h["lease"]["id"])
+            held.add(tid)
+            noted = self.journal.get(tid)
+            ours = noted is not None and str(noted.get("lease")) == lease
+            if not ours and (start or not self.cut_off or tid in self.foreign):
+                if start:
+                    self.foreign.add(tid)
+                    self.log("left_alone", task=tid, detail="this token holds the task but this runner did not take "
+                             "it (another client or runner with the same token?); it comes back to the queue if "
+                             "its lease runs out")
+                continue
             with contextlib.suppress(Refused, Unreachable):
-                await self.client.release(h["task"]["id"], h["lease"]["id"], reason)
-                self.log("released", task=h["task"]["id"], reason=reason)
+                await self.client.release(tid, lease, reason)
+                self.log("released", task=tid, reason=reason)
+                self.journal.forget(tid)
+        for tid in self.journal.tasks():  # noted, no longer held: let go meanwhile (its lease ran out)
+            if tid not in held:
+                self.journal.forget(tid)
 
     async def _claim(self) -> Claim | None:
         """One long-poll claim, abandoned if the runner is told to stop."""
@@ -250,10 +316,18 @@ class Runner:
         stop.cancel()
         if not claim.done():
             claim.cancel()
+            self.cut_off = True
             with contextlib.suppress(asyncio.CancelledError, Refused, Unreachable):
                 await claim
             return None
-        return claim.result()
+        out = claim.result()
+        self._note(out)
+        return out
+
+    def _note(self, claim: Mapping[str, Any] | None) -> None:
+        """Note a claim's hold in the journal (what a crash would leave for the next run to release)."""
+        if claim is not None and claim.get("code") == "claimed" and claim.get("task") and claim.get("lease"):
+            self.journal.remember(claim["task"], claim["lease"])
 
     async def _slot(self, n: int) -> None:
         while not self.stopping.is_set():
@@ -302,16 +376,20 @@ class Runner:
         self.log("claimed", slot=n, task=task_id, stage=task.get("stage"), attempts=task.get("attempts"),
                  rework_count=task.get("rework_count"), via=via)
         scratch = Path(tempfile.mkdtemp(prefix="ainarres-task-"))
+        let_go = False
         try:
             async with self.client.held(claim) as hold:
                 outcome = await self._execute(n, claim, hold, scratch)
                 event = await self._conclude(n, hold, outcome)
+            let_go = True
             lease = claim.get("lease")
             await self._record_usage(n, task_id, str(lease["id"]) if lease else task_id, outcome, event)
         except (Refused, Unreachable) as exc:
             self.log("error", slot=n, task=task_id, detail=str(exc))
         finally:
             self.holding.discard(task_id)
+            if let_go:  # else still noted: the end of this run, or the next run, releases it
+                self.journal.forget(task_id)
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _environment(self, claim: Claim, scratch: Path) -> dict[str, str]:
@@ -489,6 +567,7 @@ class Runner:
                  stage=task.get("stage"), state=task.get("state"), exit=status)
         nxt = res.get("next")
         if isinstance(nxt, dict) and nxt.get("code") == "claimed":
+            self._note(nxt)
             self.following[n] = cast(Claim, nxt)
         elif isinstance(nxt, dict) and nxt.get("status"):  # the next claim was refused; the slot claims again
             self.log("refused", slot=n, verb="claim", code=nxt.get("code"), detail=nxt.get("detail"))
@@ -567,5 +646,5 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     url = resolve_url(args.url, env)
     runner = Runner(AsyncClient(url, token), command, lane=args.lane, concurrency=args.concurrency,
                     timeout=args.timeout, poll=min(args.poll, 60.0), grace=args.grace,
-                    max_tasks=args.max_tasks, workdir=args.workdir, url=url, token=token)
+                    max_tasks=args.max_tasks, workdir=args.workdir, url=url, token=token, state=state_root(env))
     return asyncio.run(_serve(runner))
