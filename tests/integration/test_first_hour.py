@@ -139,6 +139,9 @@ async def test_a_retried_release_or_block_answers_its_original_outcome(admin: Ap
     first = await dev.verb(tid, "block", lease=lease, reason="needs a key")
     again = await dev.verb(tid, "block", lease=lease, reason="needs a key")
     assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+    # A release without a reason on that ended lease was never sent: not a replay of the block (found by a review).
+    r = await dev.call("POST", f"/v1/tasks/{tid}/release", {"lease": lease}, 409)
+    assert r.json()["code"] == "lease_lost"
 
 
 async def test_a_retried_progress_records_one_event(admin: Api) -> None:

@@ -59,3 +59,21 @@ async def test_a_guard_that_runs_long_refuses_and_changes_nothing(admin: Api, db
     assert "time-out" in r.json()["detail"]
     row = await db.fetchrow("SELECT state, holder FROM tasks WHERE id = $1", uuid.UUID(tid))
     assert row["state"] == "held" and row["holder"] == dev.sub
+
+
+async def test_a_guard_comparing_times_with_and_without_a_zone_is_judged_not_a_crash(admin: Api, db: Any) -> None:
+    """A date in the payload without a time zone, compared with one that has it: PostgreSQL's plain JSONPath
+    functions raise on the conversion even when told to be silent, and every advance through that way out answered
+    500 — for good, since a payload never changes (found by a review). The guard judges the times in UTC."""
+    flow = review_flow("dated")
+    flow["transitions"][0]["guard"] = '$.payload.due.datetime() < "2030-01-01T00:00:00+00:00".datetime()'
+    w = await make_world(admin, workflow=flow, lane="dated")
+    dev = await w.agent("cheap")
+    for due, answer in (("2029-05-05", (200, "ok")), ("2031-05-05", (409, "guard_failed")),
+                        ("2029-12-31T23:30:00-02:00", (409, "guard_failed")), ("2029-12-31T23:30:00", (200, "ok"))):
+        tid = (await dev.create("dated", due, payload={"due": due}))["task"]["id"]
+        lease = (await dev.claim("dated"))["lease"]["id"]
+        r = await dev.call("POST", f"/v1/tasks/{tid}/advance", {"lease": lease, "to": "review"})
+        assert (r.status_code, r.json()["code"]) == answer, (due, r.text[:300])
+        if answer[0] == 409:  # parked, out of the next claim's way
+            await dev.verb(tid, "block", lease=lease, reason="the guard refused")

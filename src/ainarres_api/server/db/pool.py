@@ -102,7 +102,8 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool
     `lock_timeout_ms`: how long a statement waits for a row lock before it fails (55P03, a 503 for the
     caller) instead of holding its connection while another transaction sits on the row;
     `statement_timeout_ms` bounds every statement (a guard's JSONPath included). 0: no bound. Both are
-    session defaults sent at connection start; behind PgBouncer, which refuses unknown startup
+    session defaults sent at connection start, with the time zone (UTC: times are rendered with +00:00,
+    and a guard reads a time without a zone as UTC); behind PgBouncer, which refuses unknown startup
     parameters, set them on the database role instead (docs/operations.md).
     """
     kwargs: dict[str, Any] = {}
@@ -111,7 +112,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, pgbouncer: bool
         kwargs["statement_cache_size"] = 0
     else:
         kwargs["server_settings"] = {"lock_timeout": str(lock_timeout_ms),
-                                     "statement_timeout": str(statement_timeout_ms)}
+                                     "statement_timeout": str(statement_timeout_ms), "timezone": "UTC"}
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session, **kwargs
     )

@@ -545,7 +545,9 @@ WITH caller AS (
         WHEN x.lease <> 'ok' THEN x.lease
         WHEN NOT EXISTS (SELECT 1 FROM o) THEN 'illegal_transition'
         WHEN ch.id IS NULL THEN 'not_eligible'
-        WHEN ch.guard IS NOT NULL AND NOT coalesce(jsonb_path_match(task_json(x.lk), ch.guard, '{}', true), false)
+        -- The _tz form: a time without a zone is taken in the session's (UTC: db/pool.py), where the plain form raised
+        -- even when silent, on every advance of such a payload (found by a review).
+        WHEN ch.guard IS NOT NULL AND NOT coalesce(jsonb_path_match_tz(task_json(x.lk), ch.guard, '{}', true), false)
             THEN 'guard_failed'
         WHEN $3 = 'reject' AND x.max_rework IS NOT NULL AND x.rework_here + 1 > x.max_rework THEN 'rework_cap'
         WHEN NOT ch.terminal AND ch.route_id IS NULL THEN 'no_route'
@@ -659,9 +661,11 @@ SELECT tr.kind, tr.required_features FROM transitions tr WHERE tr.from_stage = $
 
 -- name: replay_of
 -- The event with which agent $2 ended its hold of task $1 under lease $3 by this very call: an event of type
--- $4 whose data field $5 equals $6 (NULL matches NULL). A retry of an applied release or block answers it.
+-- $4 whose data has the field $5, equal to $6 (NULL matches NULL). A retry of an applied release or block answers
+-- it. The field must be there: a block the agent made (its data has `reason`, no `release_reason`) is not the
+-- block a release without a reason made (found by a review: such a release was answered as a replay of it).
 SELECT event_json(ev) AS event FROM events ev
  WHERE ev.task_id = $1 AND ev.actor = $2 AND ev.type = $4 AND ev.data ->> 'lease' = ($3::uuid)::text
-   AND (ev.data ->> $5::text) IS NOT DISTINCT FROM $6::text
+   AND ev.data ? $5::text AND (ev.data ->> $5::text) IS NOT DISTINCT FROM $6::text
  ORDER BY ev.id DESC
  LIMIT 1;
