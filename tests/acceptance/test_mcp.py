@@ -188,6 +188,31 @@ async def test_advance_with_next_remembers_the_next_hold(served: Served) -> None
         assert ok(await client.call_tool("progress", {"note": "on it"}))["task"]["id"] == second["id"]
 
 
+async def test_the_same_call_sent_again_is_answered_as_a_replay(served: Served) -> None:
+    """A model whose answer was lost sends the same call again: it goes to the task and lease the first one used,
+    and the service answers its outcome with "replay": true — not `invalid` (the session had forgotten the hold),
+    nor the move of the task the first call's `next` claimed meanwhile (found by a newcomer review)."""
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    first, second = [(await dev.create("dev", t))["task"]["id"] for t in ("one", "two")]
+    async with mcp_client(served.url, dev.token) as client:
+        ok(await client.call_tool("claim", {"lane": "dev"}))
+        move = {"to": "review", "note": "done", "next": {"lane": "dev"}}
+        adv = ok(await client.call_tool("advance", move))
+        assert adv["task"]["id"] == first and adv["next"]["task"]["id"] == second
+        again = ok(await client.call_tool("advance", move))
+        assert again["replay"] is True and again["task"]["id"] == first and again["event"] == adv["event"]
+        # What the session holds since is untouched; a call that is not the same goes to it.
+        assert ok(await client.call_tool("progress", {"note": "on it"}))["task"]["id"] == second
+        done = ok(await client.call_tool("advance", {"to": "review"}))
+        assert done["task"]["id"] == second and "replay" not in done
+        # Not right after it (another call came between): not a retry; the session holds nothing now.
+        ok(await client.call_tool("me", {}))
+        refused(await client.call_tool("advance", {"to": "review"}), "invalid")
+    events = (await dev.get(f"/v1/tasks/{second}/events"))["items"]
+    assert [e["type"] for e in events] == ["created", "claimed", "progress", "transition"]
+
+
 async def test_a_refusal_is_a_tool_error_carrying_the_code(served: Served) -> None:
     w = await make_world(served.admin)
     dev = await w.agent("cheap")
@@ -233,9 +258,10 @@ async def test_the_lease_is_remembered_per_session(served: Served) -> None:
             held = ok(await second.call_tool("me", {}))["held"]
             assert [h["task"]["id"] for h in held] == [task["id"]]
             assert ok(await second.call_tool("release", {"reason": "handing over"}))["task"]["holder"] is None
-        # The first session's lease died with the release.
+        # The first session's lease died with the release: refused, and the same call sent again is told the same.
         refused(await first.call_tool("advance", {"to": "review"}), "lease_lost")
-        refused(await first.call_tool("advance", {"to": "review"}), "invalid")  # forgotten once found dead
+        refused(await first.call_tool("advance", {"to": "review"}), "lease_lost")
+        refused(await first.call_tool("progress", {"note": "x"}), "invalid")  # the hold forgotten once found dead
 
 
 async def test_features_are_read_live_on_every_call(served: Served) -> None:

@@ -12,6 +12,7 @@ id and lease, so a model may omit both; an explicit `lease` always wins.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -56,7 +57,8 @@ The detail says what to do next. The codes:
 - not_found: no such task or lane visible to you. Check the id (claim, me and show_task show ids).
 - lease_lost: you no longer hold the task (your hold expired, or it was finished or taken over).
   Stop working on it; nothing you sent was applied. Call claim for new work. (Retrying a call whose
-  answer you lost is safe: if it was applied, the same call answers its outcome with "replay": true.)
+  answer you lost is safe: send the same call again, next; if it was applied, it answers its outcome
+  with "replay": true.)
 - rate_limited: too many calls, waiting claims or sessions at once; wait the retry_after seconds.
 - unavailable: the service could not reach its database, or a row stayed locked; nothing was changed.
   Wait a few seconds and send the same call again.
@@ -288,6 +290,7 @@ class Call:
     st: AppState
     memory_id: str = ""
     remembered: dict[str, Any] = field(default_factory=dict)
+    again: dict[str, str] | None = None  # the session's last verb call on a held task (Memory.retry), if the last call
 
     @property
     def p(self) -> Principal:
@@ -323,6 +326,13 @@ class Call:
 
 
 # -- results -----------------------------------------------------------------------------------------
+
+def _digest(tool: str, args: dict[str, Any]) -> str:
+    """A call as sent (its tool and arguments), for telling the same call sent again."""
+    sent = json.dumps([tool, {k: v for k, v in args.items() if v is not None}], sort_keys=True,
+                      default=to_jsonable_python)
+    return hashlib.sha256(sent.encode()).hexdigest()
+
 
 def _ok(out: dict[str, Any]) -> CallToolResult:
     data = to_jsonable_python(out)
@@ -463,6 +473,7 @@ class McpFace:
         call: Call | None = None
         try:
             call = await self._call(ctx)
+            call.again, call.memory.retry = call.memory.retry, None  # only the very next call may be its retry
             _no_unknown_arguments()
             with wake.recording() as rec:
                 out = await body(call)
@@ -513,11 +524,14 @@ class McpFace:
 
         async def tool(ctx: Context[Any, Any], **args: Any) -> CallToolResult:
             async def body(call: Call) -> dict[str, Any]:
-                task_id = call.task_id(args.pop("task_id", None)) if verb.on_task else None
+                sent = _digest(verb.tool, args)
+                again = call.again if call.again is not None and call.again["call"] == sent else {}
+                task_id = call.task_id(args.pop("task_id", None) or again.get("task")) if verb.on_task else None
                 used = None
                 if takes_lease:
                     assert task_id is not None
-                    used = args["lease"] = call.lease(task_id, args.get("lease"))
+                    used = args["lease"] = call.lease(task_id, args.get("lease") or again.get("lease"))
+                    call.memory.retry = {"call": sent, "task": str(task_id), "lease": used}
                 parsed = _validated(verb.body, **args)
                 st = call.st
                 lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer, auth.named(call.p))

@@ -25,6 +25,10 @@ class Memory:
 
     leases: dict[str, str] = field(default_factory=dict)
     last: str | None = None
+    # The session's last call of a verb on a held task, resolved: {"call": a digest of its tool and arguments as
+    # sent, "task", "lease"}. The same call sent again next (its answer lost) goes to the same task and lease, so
+    # the service answers it as a replay — not to what the session holds since (the task its `next` claimed).
+    retry: dict[str, str] | None = None
 
     @classmethod
     def of(cls, stored: Any) -> Memory:
@@ -36,10 +40,13 @@ class Memory:
                     mem.leases[pair[0]] = pair[1]
             last = stored.get("last")
             mem.last = last if isinstance(last, str) else None
+            retry = stored.get("retry")
+            if isinstance(retry, dict) and all(isinstance(retry.get(k), str) for k in ("call", "task", "lease")):
+                mem.retry = {k: retry[k] for k in ("call", "task", "lease")}
         return mem
 
     def stored(self) -> dict[str, Any]:
-        return {"leases": [[t, lease] for t, lease in self.leases.items()], "last": self.last}
+        return {"leases": [[t, lease] for t, lease in self.leases.items()], "last": self.last, "retry": self.retry}
 
     def hold(self, task_id: str, lease: str) -> None:
         self.leases.pop(task_id, None)  # re-taken: now the most recent
