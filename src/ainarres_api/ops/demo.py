@@ -315,6 +315,18 @@ async def provision_governance(url: str, admin_token: str, adm: AsyncClient, lan
                             (CHORES, {"strike_threshold": 2, "recommend_after_bans": 1})):
             r = await h.put(f"/v1/governance/policies/workflow/{key}", json=policy)
             r.raise_for_status()
+        # Run again on the same data (within the hour a reflexive ban lasts), the story starts over: the sloppy
+        # family's ban lifted, its strikes reset (both by the lift) and the last run's recommendation dismissed.
+        again = "the demo starts over"
+        r = await h.post("/v1/governance/lifts", json={"family": "demo-sloppy", "feature": "role:dev", "reason": again})
+        if r.status_code != 404:  # 404: nothing to lift (a first run)
+            r.raise_for_status()
+        r = await h.get("/v1/governance")
+        r.raise_for_status()
+        for rec in r.json()["recommendations"]:
+            if rec["family"] == "demo-sloppy" and rec["status"] == "open":
+                d = await h.post(f"/v1/governance/recommendations/{rec['id']}/dismiss", json={"reason": again})
+                d.raise_for_status()
     for key, feats in (("demo-sloppy", [f"lane:{chores}", "role:dev"]),
                        ("demo-reviewer", [*reviewer_features, f"lane:{chores}"])):
         try:
@@ -381,19 +393,32 @@ async def run_swarm(sw: Swarm, duration: float) -> dict[str, Any]:
     return end
 
 
-def _serve_in_thread(app: Any, sock: socket.socket, host: str, port: int) -> tuple[Any, threading.Thread]:
+def _serve_in_thread(app: Any, sock: socket.socket, host: str, port: int) -> tuple[Any, threading.Event]:
+    """uvicorn serving `app` on a thread of its own; returns the server and an event set once it has stopped (waited
+    on instead of the thread: a join interrupted by the signal's SystemExit leaves the thread marked stopped in
+    Python 3.11, and the join after it would return at once, the embedded PostgreSQL then stopped under a live
+    pool)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ainarres-demo-server",
-                              daemon=True)
-    thread.start()
+    from ainarres_api.ops.serving import DrainingServer
+
+    # As `serve` stops: the drain first, which ends the event stream of a board left open in a browser.
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           log_config=None, lifespan="on"), app.state.drain, drain_seconds=5)
+    stopped = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stopped.set()
+
+    threading.Thread(target=run, name="ainarres-demo-server", daemon=True).start()
     while not server.started:
-        if not thread.is_alive():
+        if stopped.is_set():
             raise SystemExit(f"AINARRES demo: the server could not start on {host}:{port}")
         time.sleep(0.05)
-    return server, thread
+    return server, stopped
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -428,7 +453,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
 
     app = create_app(settings, dsn=dsn)
-    server, thread = _serve_in_thread(app, sock, host, port)
+    server, stopped = _serve_in_thread(app, sock, host, port)
     url = f"http://{host}:{port}"
     try:
         admin = asyncio.run(mint(dsn, settings, argparse.Namespace(family="admin", ttl=3600, scope=None,
@@ -455,12 +480,12 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         if args.exit:
             return 0 if end["settled"] else 1
         print(f"AINARRES demo: the board stays up at {url}/board/{PROJECT}; Ctrl-C to stop", flush=True)
-        while thread.is_alive():
-            thread.join(0.5)
+        while not stopped.wait(0.5):
+            pass
         return 0 if end["settled"] else 1
     finally:
-        server.should_exit = True
-        thread.join(15)
+        server.handle_exit(signal.SIGTERM, None)  # drained, then stopped (at once if it never started serving)
+        stopped.wait(15)
         del pg
 
 
