@@ -367,6 +367,13 @@ async def test_one_runner_per_token_and_only_what_it_took_is_released(fleet: Fle
     assert held["state"] == "held" and held["holder"] == dev["sub"], held
     assert [e["type"] for e in _events(live, by_hand)] == ["created", "claimed"]
 
+    # More slots than the family may hold at once: said at start, not left to be found out.
+    c = await fleet.start("c", dev["token"], HOLD, "--concurrency", "3")
+    warned = await fleet.until(lambda evs: next((e for e in evs if e["runner"] == "c" and e["event"] == "warning"),
+                                                None), "c's warning")
+    assert "max_active" in warned["detail"] and "1 slot(s) will wait" in warned["detail"]
+    assert await fleet.stop(c) == 0
+
 
 # A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON
 # result (the last stdout line, after the verb line), or not at all; then advances.

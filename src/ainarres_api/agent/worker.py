@@ -287,6 +287,11 @@ class Runner:
             me = await self.client.me()
         except (Refused, Unreachable):
             return
+        cap = me.get("max_active")
+        if start and isinstance(cap, int) and cap < self.concurrency:
+            self.log("warning", detail=f"--concurrency {self.concurrency}, but family {me.get('family')} may hold "
+                     f"{cap} task(s) at once (max_active): {self.concurrency - cap} slot(s) will wait; an admin "
+                     "raises it with PATCH /v1/families/{key}")
         held = set()
         for h in me.get("held", []):
             tid, lease = str(h["task"]["id"]), str(h["lease"]["id"])

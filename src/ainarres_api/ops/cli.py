@@ -93,7 +93,7 @@ def _refused(exc: Exception) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     if not args.init:
         try:
-            runtime.require_existing(settings)
+            runtime.require_existing(settings, creating="`ainarres migrate --init` makes a new embedded database here")
         except runtime.NoDatabase as exc:
             return _refused(exc)
     dsn, _server = runtime.database(settings)

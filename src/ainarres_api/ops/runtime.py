@@ -21,11 +21,14 @@ def _where(settings: Settings) -> str:
     return str(settings.data_dir.resolve())
 
 
-def require_existing(settings: Settings, *, signing: bool = False) -> None:
+def require_existing(settings: Settings, *, signing: bool = False, creating: str | None = None) -> None:
     """Refuse (NoDatabase) when the command would create a fresh embedded database, or a fresh signing
-    key, instead of finding the service's: an empty database and an unknown key are never what it meant."""
+    key, instead of finding the service's: an empty database and an unknown key are never what it meant.
+    `creating`: how the command is told to create one after all (`migrate --init`), named in the refusal."""
+    secret = " and AINARRES_JWT_SECRET" if signing else ""
     point = ("run it where you ran `ainarres serve`, or point it at the service's data with AINARRES_DATA_DIR=PATH "
-             "(or with AINARRES_DATABASE_URL and AINARRES_JWT_SECRET for a service on its own PostgreSQL)")
+             f"(or with AINARRES_DATABASE_URL{secret} for a service on its own PostgreSQL)"
+             + (f"; {creating}" if creating else ""))
     if not settings.database_url and not (settings.data_dir / "pgdata" / "PG_VERSION").is_file():
         raise NoDatabase(f"no AINARRES_DATABASE_URL and no embedded database in {_where(settings)}/pgdata: "
                          f"{point}")

@@ -235,8 +235,10 @@ async def registered(conn: asyncpg.Connection, field: str, features: Collection[
     """Refuse the request if the body's `field` names a feature that is not registered: a 422 on that field,
     in one wording wherever a body names features (ADR 0025)."""
     if unknown := await unregistered(conn, features):
+        lanes = " (a lane:<key> feature comes with its lane: POST /v1/lanes)" if any(
+            f.startswith("lane:") for f in unknown) else ""
         raise Invalid(f"{field}: not registered: {', '.join(unknown)} (GET /v1/features lists them; POST "
-                      "/v1/features registers one)")
+                      f"/v1/features registers one){lanes}")
 
 
 async def mint(

@@ -119,7 +119,8 @@ async def create(conn: asyncpg.Connection, p: Principal, body: dict[str, Any], l
         # The feature first: an outsider learns nothing about which lanes exist.
         if not p.has(f"lane:{lane_key}"):
             raise NotEligible(f"creating in lane {lane_key} needs feature lane:{lane_key}"
-                              f"{await _why_missing(conn, p, [f'lane:{lane_key}'])}")
+                              f"{await _why_missing(conn, p, [f'lane:{lane_key}'])}; create it with the token of an "
+                              "agent whose family holds it (GET /v1/me lists your lanes)")
         lane = await conn.fetchrow(Q["lane_for_create"], lane_key)
         if lane is None:
             raise NotFound(f"no lane {lane_key!r}; GET /v1/me shows the lanes your features name")
@@ -196,7 +197,7 @@ def _refused(verdict: str, task: dict[str, Any] | None, sub: str | None = None) 
     words = _LEASE_WORDS[verdict]
     if verdict == "ended" and task is not None:
         if task.get("state") != "held":
-            words = f"this lease holds nothing: the task is {task.get('state')} at {task.get('stage')} now"
+            words = f"this lease holds nothing: the task is now {task.get('state')} (stage {task.get('stage')})"
         elif task.get("holder") == sub:  # another claim under this identity (a worker sharing the token too)
             words = "the task is held under another lease of this identity; this one holds nothing"
         else:

@@ -183,7 +183,7 @@ $("#signin").addEventListener("submit", async (e) => {
   try {
     const me = await api("GET", "/v1/me");
     if (!me.features.some((f) => f.startsWith("seat:"))) {
-      throw new Error("this token has no seat: the board needs seat:overseer or seat:monitor");
+      throw new Error("this token has no seat: the board needs seat:overseer, seat:monitor or seat:admin");
     }
   } catch (err) {
     S.token = null;
