@@ -149,7 +149,7 @@ async def test_a_lost_lease_says_which_way_the_hold_ended(admin: Api, db: Any) -
     assert r["code"] == "lease_lost" and "another agent holds the task now" in r["detail"], r
     await b.verb(tid, "advance", lease=theirs, to="review")
     r = await a.verb(tid, "heartbeat", 409, lease=mine)
-    assert "the task is ready at review now" in r["detail"], r
+    assert "the task is now ready (stage review)" in r["detail"], r
 
 
 async def test_over_http_a_claim_and_an_advance_are_one_statement_each_the_caller_read_inside(
