@@ -73,9 +73,11 @@ async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
     assert (await overseer.post("/v1/families/seat-overseer/disable", expect=409))["code"] == "conflict"
     assert (await overseer.post("/v1/families/nope/disable", expect=404))["code"] == "not_found"
 
-    out = await overseer.post("/v1/families/cheap/disable", expect=200)
+    out = await overseer.post("/v1/families/cheap/disable", {"reason": "spinning on dev since 09:00"}, expect=200)
     assert out["key"] == "cheap" and out["disabled"] is True
     assert (await cheap.get("/v1/me", expect=401))["code"] == "unauthenticated"
+    blank = await overseer.post("/v1/families/cheap/enable", {"reason": "  "}, expect=422)
+    assert blank["code"] == "invalid"
 
     out = await overseer.post("/v1/families/cheap/enable", expect=200)
     assert out["disabled"] is False
@@ -90,6 +92,18 @@ async def test_an_overseer_disables_and_enables_a_family(admin: Api) -> None:
     assert (await cheap.get("/v1/me", expect=401))["code"] == "unauthenticated"
     await admin.post("/v1/families/cheap/enable", expect=200)
     assert (await cheap.get("/v1/me"))["family"] == "cheap"
+    await admin.patch("/v1/families/cheap", {"disabled": True})
+    await admin.patch("/v1/families/cheap", {"disabled": True, "max_active": 2})  # no change to the state: no entry
+
+    # Each change of state is a governance act on the trail, with its reason or a note that none was given (found by
+    # a review: disabling a family, a ban of everything it does, left no record).
+    trail = [(e["action"], e["actor_family"], e["reason"], e["data"]["by_admin"])
+             for e in (await admin.get("/v1/governance/trail"))["items"] if e["family"] == "cheap"]
+    assert trail == [("disable", "admin", "disabled; no reason given", True),
+                     ("enable", "admin", "enabled; no reason given", True),
+                     ("disable", "admin", "disabled; no reason given", True),
+                     ("enable", "seat-overseer", "enabled; no reason given", False),
+                     ("disable", "seat-overseer", "spinning on dev since 09:00", False)], trail
 
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"

@@ -106,8 +106,9 @@ async def get_family(key: str, _: Governor, conn: Conn) -> dict[str, Any]:
                           "registered). Takes effect on its agents' very next call. A change that would leave no "
                           "enabled family holding seat:admin is refused with 409 (no lock-out).",
               responses=refusals(*_WRITE, NotFound, Conflict))
-async def update_family(key: str, body: FamilyPatch, _: Admin, conn: Conn) -> dict[str, Any]:
-    return await admin.update_family(conn, key, body.features, body.disabled, body.max_active, body.description)
+async def update_family(key: str, body: FamilyPatch, caller: Admin, conn: Conn) -> dict[str, Any]:
+    return await admin.update_family(conn, caller, key, body.features, body.disabled, body.max_active,
+                                     body.description)
 
 
 @router.post("/families/{key}/denials", status_code=201, response_model=DenialMade,

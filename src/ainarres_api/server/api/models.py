@@ -255,7 +255,7 @@ class TrailEntry(BaseModel):
     actor: str
     actor_family: str | None
     action: Literal["reflexive_ban", "recommend", "permanent_ban", "lift", "unblock", "flag", "dismiss_flag",
-                    "accept_recommendation", "dismiss_recommendation", "policy", "deny"]
+                    "accept_recommendation", "dismiss_recommendation", "policy", "deny", "disable", "enable"]
     family: str | None
     feature: str | None
     task_id: uuid.UUID | None

@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import Body as BodyParam
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field
 
@@ -17,6 +18,7 @@ from ainarres_api import __version__
 from ainarres_api.server.api import models
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Conn, Governor, require
+from ainarres_api.server.api.schemas import Body, Reason
 from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
 from ainarres_api.server.services import admin, layout
 from ainarres_api.server.services.auth import Principal
@@ -82,23 +84,36 @@ async def get_layout(_: Watcher, conn: Conn,
     return await layout.layout(conn, project)
 
 
+class FamilyActIn(Body):
+    """Why a family is disabled or enabled, for the governance trail (optional: without it the trail says none was
+    given)."""
+
+    reason: Reason | None = None
+
+
+FamilyAct = Annotated[FamilyActIn | None, BodyParam(openapi_examples={
+    "why": {"summary": "with a reason", "value": {"reason": "spinning on the payments lane since 09:00"}}})]
+
+
 @router.post("/families/{key}/disable", summary="disable a family: its agents are refused from their next call",
-             description="A governance act for seat:overseer (or seat:admin). Held tasks come back through "
-                         "their leases running out. An overseer may not disable a family holding a seat, nor its "
-                         "own family (409); the last admin family cannot be disabled (409).",
+             description="A governance act for seat:overseer (or seat:admin), on the governance trail (`disable`, "
+                         "with the body's `reason` if one is sent). Held tasks come back through their leases "
+                         "running out. An overseer may not disable a family holding a seat (403) nor its own family "
+                         "(409); the last admin family cannot be disabled (409).",
              response_model=models.Family, responses=_GOVERN)
-async def disable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
-                         ) -> dict[str, Any]:
-    return await admin.set_family_disabled(conn, caller, key, True)
+async def disable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn,
+                         body: FamilyAct = None) -> dict[str, Any]:
+    return await admin.set_family_disabled(conn, caller, key, True, body.reason if body else None)
 
 
 @router.post("/families/{key}/enable", summary="re-enable a disabled family (seat:overseer or seat:admin)",
-             description="Its agents may call again from their next call. An overseer may not re-enable a "
-                         "family holding a seat.",
+             description="Its agents may call again from their next call; on the governance trail (`enable`, with "
+                         "the body's `reason` if one is sent). An overseer may not re-enable a family holding a "
+                         "seat, nor one an admin disabled (403).",
              response_model=models.Family, responses=_GOVERN)
-async def enable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn
-                        ) -> dict[str, Any]:
-    return await admin.set_family_disabled(conn, caller, key, False)
+async def enable_family(key: Annotated[str, Path(max_length=200)], caller: Governor, conn: Conn,
+                        body: FamilyAct = None) -> dict[str, Any]:
+    return await admin.set_family_disabled(conn, caller, key, False, body.reason if body else None)
 
 
 @pages.get("/board", include_in_schema=False)

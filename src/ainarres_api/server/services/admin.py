@@ -110,7 +110,15 @@ async def keep_an_admin(conn: asyncpg.Connection, family: str, doing: str = "doi
                        "admin out. Provision seat:admin to another family first")
 
 
-async def update_family(conn: asyncpg.Connection, key: str, features: list[str] | None,
+async def _trail_state(conn: asyncpg.Connection, p: Principal, key: str, disabled: bool, reason: str | None) -> None:
+    """A disable or an enable that changed the family, on the governance trail (migration 0024), with its reason or
+    a note that none was given."""
+    act = "disable" if disabled else "enable"
+    await conn.execute(Q["trail_family_state"], p.sub, p.family, act, key, reason or f"{act}d; no reason given",
+                       p.has("seat:admin"))
+
+
+async def update_family(conn: asyncpg.Connection, p: Principal, key: str, features: list[str] | None,
                         disabled: bool | None, max_active: int | None, description: str | None
                         ) -> dict[str, Any]:
     """Change what a family holds, or disable it; takes effect on its agents' next call."""
@@ -118,7 +126,8 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
     async with conn.transaction():
         if takes_admin:
             await lock_admins(conn)
-        if await conn.fetchrow(Q["family_lock"], key) is None:
+        fam = await conn.fetchrow(Q["family_lock"], key)
+        if fam is None:
             raise NotFound(f"no family {key!r}; GET /v1/families lists them")
         if takes_admin:
             await keep_an_admin(conn, key)
@@ -128,10 +137,13 @@ async def update_family(conn: asyncpg.Connection, key: str, features: list[str] 
             await conn.execute(Q["family_features_add"], key, sorted(set(features)))
             wake.narrowed()
         await conn.execute(Q["family_update"], key, disabled, max_active, description, True)
+        if disabled is not None and disabled != fam["disabled"]:
+            await _trail_state(conn, p, key, disabled, None)
         return await get_family(conn, key)
 
 
-async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, disabled: bool) -> dict[str, Any]:
+async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, disabled: bool,
+                              reason: str | None = None) -> dict[str, Any]:
     """Disable or re-enable a family as a governance act (POST /v1/families/{key}/disable|enable).
 
     ADR 0008: seats are an admin's decision, so a caller without seat:admin may neither disable nor
@@ -156,6 +168,8 @@ async def set_family_disabled(conn: asyncpg.Connection, p: Principal, key: str, 
         if disabled:
             await keep_an_admin(conn, key)
         await conn.execute(Q["family_update"], key, disabled, None, None, p.has("seat:admin"))
+        if disabled != fam["disabled"]:  # a disable of a disabled family (or the reverse) changes nothing to record
+            await _trail_state(conn, p, key, disabled, reason)
         return await get_family(conn, key)
 
 

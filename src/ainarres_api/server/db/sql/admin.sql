@@ -67,8 +67,8 @@ SELECT f.key, f.description, f.max_active, f.disabled, f.created_at, f.updated_a
 INSERT INTO families (key, description, max_active) VALUES ($1, $2, $3);
 
 -- name: family_lock
--- The family's row, locked, with whether an admin disabled it.
-SELECT key, disabled_by_admin FROM families WHERE key = $1 FOR UPDATE;
+-- The family's row, locked, with whether it is disabled and whether an admin disabled it.
+SELECT key, disabled, disabled_by_admin FROM families WHERE key = $1 FOR UPDATE;
 
 -- name: family_update
 -- $5: whether the caller holds seat:admin (a disable records it; an enable clears it). An overseer's disable of a
@@ -80,6 +80,12 @@ UPDATE families
        disabled_by_admin = CASE WHEN $2 IS NULL THEN disabled_by_admin
                                 ELSE $2 AND (coalesce($5, false) OR (disabled AND disabled_by_admin)) END
  WHERE key = $1;
+
+-- name: trail_family_state
+-- A family disabled or enabled ($3 'disable' | 'enable'), on the governance trail: $1 sub, $2 actor family, $4 the
+-- family, $5 the reason, $6 whether an admin did it (an admin's disable only an admin lifts).
+INSERT INTO governance_trail (actor, actor_family, action, family_key, reason, data)
+VALUES ($1, $2, $3, $4, $5, jsonb_build_object('by_admin', $6::boolean));
 
 -- name: feature_get
 SELECT name, kind, description, created_at FROM features WHERE name = $1;
