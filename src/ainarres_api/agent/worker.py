@@ -226,7 +226,8 @@ class Runner:
         # What this runner holds, noted as soon as it is claimed and forgotten once it is let go: what a crashed
         # run leaves here, the next run releases (and nothing else the token holds).
         self.journal = Leases(state / "runner", self.sub)
-        self.foreign: set[str] = set()  # held by the token when the runner started, not taken by it: left alone
+        self.foreign: set[str] | None = None  # held by the token at start, not taken by this runner: left alone
+        # (None until read: then nothing this runner did not note is released, not even at the end)
         self.cut_off = False  # a claim was abandoned in flight (the stop): what it may have taken is released
 
     def log(self, event: str, **fields: Any) -> None:
@@ -261,9 +262,14 @@ class Runner:
         """One runner per token and state directory: an exclusive lock on a file beside the journal, held for the
         runner's life (the system lets it go if the process dies); its file descriptor, or None if another runner
         holds it."""
-        self.journal.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.journal.dir / ".runner.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.journal.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self.log("refused", code="state_dir", detail=f"cannot write the runner's notes in {self.journal.dir}: "
+                     f"{exc.strerror}; point AINARRES_STATE_DIR at a directory this user may write")
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -293,13 +299,15 @@ class Runner:
                      f"{cap} task(s) at once (max_active): {self.concurrency - cap} slot(s) will wait; an admin "
                      "raises it with PATCH /v1/families/{key}")
         held = set()
+        if start:
+            self.foreign = set()
         for h in me.get("held", []):
             tid, lease = str(h["task"]["id"]), str(h["lease"]["id"])
             held.add(tid)
             noted = self.journal.get(tid)
             ours = noted is not None and str(noted.get("lease")) == lease
-            if not ours and (start or not self.cut_off or tid in self.foreign):
-                if start:
+            if not ours and (start or not self.cut_off or self.foreign is None or tid in self.foreign):
+                if start and self.foreign is not None:
                     self.foreign.add(tid)
                     self.log("left_alone", task=tid, detail="this token holds the task but this runner did not take "
                              "it (another client or runner with the same token?); it comes back to the queue if "
