@@ -152,7 +152,10 @@ async def lift_denial(key: str, feature: str, caller: Governor, conn: Conn) -> R
                          "another family's is 409, as is minting for a disabled family). `scope` may only narrow "
                          "the family's features (a feature it is not provisioned with is 403; one not registered, "
                          "422). `ttl_seconds` defaults to the service's setting. The token text is in this answer "
-                         "only. A service configured with a public key alone cannot mint (422).",
+                         "only. A service configured with a public key alone cannot mint (422). A scope narrows "
+                         "what the token's calls may do, not what seat:admin is: a token that keeps seat:admin may "
+                         "mint any token of any family, its own unscoped included, so scope it without seat:admin "
+                         "to hand out less.",
              responses=refusals(*_WRITE, NotFound, Conflict))
 async def mint_token(body: TokenIn, caller: Admin, conn: Conn, st: State) -> dict[str, Any]:
     ttl = body.ttl_seconds or st.settings.token_ttl_seconds
