@@ -190,27 +190,32 @@ async def test_advance_with_next_remembers_the_next_hold(served: Served) -> None
 
 async def test_the_same_call_sent_again_is_answered_as_a_replay(served: Served) -> None:
     """A model whose answer was lost sends the same call again: it goes to the task and lease the first one used,
-    and the service answers its outcome with "replay": true — not `invalid` (the session had forgotten the hold),
-    nor the move of the task the first call's `next` claimed meanwhile (found by a newcomer review)."""
+    and the service answers its outcome with "replay": true — not `invalid`, the session having forgotten the
+    hold (found by a newcomer review). But in the one-call loop the same `advance` with `next` is the next task's
+    move, not a retry (found by a review of that fix): after a call that took a hold, the same call goes to it."""
     w = await make_world(served.admin)
     dev = await w.agent("cheap")
-    first, second = [(await dev.create("dev", t))["task"]["id"] for t in ("one", "two")]
+    first, second, third = [(await dev.create("dev", t))["task"]["id"] for t in ("one", "two", "three")]
     async with mcp_client(served.url, dev.token) as client:
         ok(await client.call_tool("claim", {"lane": "dev"}))
-        move = {"to": "review", "note": "done", "next": {"lane": "dev"}}
+        move = {"to": "review", "note": "done"}
         adv = ok(await client.call_tool("advance", move))
-        assert adv["task"]["id"] == first and adv["next"]["task"]["id"] == second
+        assert adv["task"]["id"] == first and "replay" not in adv
         again = ok(await client.call_tool("advance", move))
         assert again["replay"] is True and again["task"]["id"] == first and again["event"] == adv["event"]
-        # What the session holds since is untouched; a call that is not the same goes to it.
-        assert ok(await client.call_tool("progress", {"note": "on it"}))["task"]["id"] == second
-        done = ok(await client.call_tool("advance", {"to": "review"}))
-        assert done["task"]["id"] == second and "replay" not in done
-        # Not right after it (another call came between): not a retry; the session holds nothing now.
+
+        assert ok(await client.call_tool("claim", {"lane": "dev"}))["task"]["id"] == second
+        loop = {"to": "review", "note": "done", "next": {"lane": "dev"}}
+        a = ok(await client.call_tool("advance", loop))
+        assert a["task"]["id"] == second and a["next"]["task"]["id"] == third
+        b = ok(await client.call_tool("advance", loop))
+        assert b["task"]["id"] == third and "replay" not in b and b["next"]["code"] == "empty"
+        # Not right after itself (another call came between): not a retry; the session holds nothing now.
         ok(await client.call_tool("me", {}))
         refused(await client.call_tool("advance", {"to": "review"}), "invalid")
-    events = (await dev.get(f"/v1/tasks/{second}/events"))["items"]
-    assert [e["type"] for e in events] == ["created", "claimed", "progress", "transition"]
+    for tid in (first, second, third):
+        events = (await dev.get(f"/v1/tasks/{tid}/events"))["items"]
+        assert [e["type"] for e in events] == ["created", "claimed", "transition"], (tid, events)
 
 
 async def test_a_refusal_is_a_tool_error_carrying_the_code(served: Served) -> None:

@@ -374,6 +374,19 @@ async def test_one_runner_per_token_and_only_what_it_took_is_released(fleet: Fle
     assert "max_active" in warned["detail"] and "1 slot(s) will wait" in warned["detail"]
     assert await fleet.stop(c) == 0
 
+    # Stopped while idle (its claim in flight), a runner leaves alone what the token held when it started.
+    auth = {"Authorization": f"Bearer {dev['token']}"}
+    got = live.http.post("/v1/claims", json={"lane": lane}, headers=auth).json()
+    assert got["task"]["id"] == work, got
+    r = live.http.post(f"/v1/tasks/{work}/block", json={"lease": got["lease"]["id"], "reason": "parked"}, headers=auth)
+    assert r.status_code == 200, r.text  # nothing claimable: the next runner waits in its claim
+    d = await fleet.start("d", dev["token"], HOLD)
+    await fleet.until(lambda evs: any(e["runner"] == "d" and e["event"] == "left_alone" for e in evs), "d's start")
+    assert await fleet.stop(d) == 0
+    assert [e["event"] for e in d.events if e["event"] == "released"] == []
+    still = live.admin("GET", f"/v1/tasks/{by_hand}", expect=200)
+    assert still["state"] == "held" and still["holder"] == dev["sub"], still
+
 
 # A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON
 # result (the last stdout line, after the verb line), or not at all; then advances.

@@ -19,7 +19,7 @@ from ainarres_api.server.errors import Conflict
 from ainarres_api.server.services import auth, governance
 from ainarres_api.server.services import spend as spend_svc
 from ainarres_api.server.services.tasks import MAX_ATTEMPTS_REASON
-from tests.helpers import Api, World, make_world, review_flow, second_waits
+from tests.helpers import Api, World, make_world, review_flow, second_waits, wait_for_lock
 
 LOOP = review_flow("loop")  # todo → review → done; review rejects back to todo; no rework cap
 
@@ -365,6 +365,54 @@ async def test_one_decision_per_recommendation_when_two_are_sent_at_once(app, ad
     assert (await admin.get("/v1/governance"))["recommendations"] == []
     assert await db.fetchval("SELECT count(*) FROM denials") == 0
     assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'accept_recommendation'") == 0
+
+
+class _PauseAfter:
+    """A connection that stops after one statement (its locks taken) until let go."""
+
+    def __init__(self, conn: asyncpg.Connection, query: str) -> None:
+        self._c, self._query = conn, query
+        self.reached, self.go = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._c, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        out = await self._c.fetch(query, *args)
+        if query == self._query:
+            self.reached.set()
+            await self.go.wait()
+        return out
+
+
+async def test_an_accept_and_a_direct_ban_of_the_same_feature_take_their_locks_in_one_order(app, admin, db, dsn):
+    """The accept of a recommendation and a direct ban of its (family, feature), interleaved: the accept holds the
+    recommendation when the direct ban starts; the direct ban waits for it before writing anything, and is then
+    told the ban is made (found by a review: in opposite orders, one of the two was aborted as a deadlock)."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 1}, 200)
+    judged = (await (await w.agent("cheap")).create("dev", "judged"))["task"]["id"]
+    rec = (await (await auditor(w)).post("/v1/governance/flags", {
+        "kind": "quality", "family": "cheap", "feature": "role:dev", "task_id": judged, "note": "sloppy"},
+        201))["recommendation"]
+    p = await auth.authenticate(db, app.state.ainarres.signer, str(admin.token))
+    c1, c2, observer = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        paused = _PauseAfter(c1, Q["recommendations_lock"])
+        accepting = asyncio.create_task(governance.accept(paused, p, rec, "agreed", None))  # type: ignore[arg-type]
+        await asyncio.wait_for(paused.reached.wait(), 30)
+        direct = asyncio.create_task(governance.ban(c2, p, "cheap", "role:dev", "banning it myself"))
+        await wait_for_lock(observer, c2.get_server_pid(), "the direct ban")
+        paused.go.set()
+        accepted, banned = await asyncio.wait_for(asyncio.gather(accepting, direct, return_exceptions=True), 30)
+    finally:
+        for conn in (c1, c2, observer):
+            await conn.close()
+    assert accepted["status"] == "accepted", accepted
+    assert isinstance(banned, Conflict) and "permanently banned" in str(banned), banned
+    assert await db.fetchval("SELECT count(*) FROM denials WHERE family_key = 'cheap' AND expires_at IS NULL") == 1
 
 
 async def test_flags_raised_at_once_make_the_recommendation_their_count_reaches(app, admin, db, dsn):

@@ -23,11 +23,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from ainarres_api.server.app import create_app
+from ainarres_api.server.db.queries import Q
 from ainarres_api.server.services import auth
 from ainarres_api.server.services.wake import Recorded, Wake
 from ainarres_api.server.settings import Settings
 from tests.conftest import TEST_SECRET
-from tests.helpers import DEV_WORKFLOW, Api, Clock, make_world
+from tests.helpers import DEV_WORKFLOW, Api, Clock, make_world, wait_for_lock
 
 # Long enough that a missing wake-up shows as a timeout of the test, not as a claim at the deadline.
 WAIT = 60
@@ -315,6 +316,56 @@ async def test_client_disconnect_frees_the_waiter(app, admin, db):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert hub.waiting == 0
+
+
+async def test_a_task_claimed_for_a_client_that_left_is_given_back(app, admin, db, dsn):
+    """A waiting claim whose client leaves while the claim is being made: nobody would receive the task, and it
+    would wait out its lease held by no one (found by a review: an idle `ainarres work` stopped with Ctrl-C left one
+    such task). Given back as it was: ready, its attempts unchanged, a `released` event saying why."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    await dev.get("/v1/me")  # the agent's row exists
+    task = (await dev.create("dev", "for whoever stays"))["task"]
+    body = json.dumps({"wait_seconds": WAIT}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
+             "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50001),
+             "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()),
+                         (b"authorization", f"Bearer {dev.token}".encode())]}
+    leave, left = asyncio.Event(), asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await leave.wait()
+        left.set()  # the disconnect is delivered in this step; the server's watch of it ends with it
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        pass
+
+    holder, observer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM agents WHERE sub = $1 FOR UPDATE", dev.sub)  # the claim waits on it
+        served = asyncio.create_task(app(scope, receive, send))
+        await wait_for_lock(observer, None, "the claim", query=Q["claim"])
+        leave.set()
+        await left.wait()
+        await tx.rollback()  # the claim goes on, for a client that has left
+        await asyncio.wait_for(served, WOKEN_WITHIN)
+    finally:
+        await holder.close()
+        await observer.close()
+    now = await admin.get(f"/v1/tasks/{task['id']}")
+    assert now["state"] == "ready" and now["holder"] is None and now["attempts"] == 0, now
+    events = (await admin.get(f"/v1/tasks/{task['id']}/events"))["items"]
+    assert [e["type"] for e in events] == ["created", "claimed", "released"], events
+    assert events[-1]["data"]["counted"] is False and "left" in events[-1]["data"]["reason"]
+    assert (await dev.claim())["task"]["id"] == task["id"]  # claimable at once
 
 
 async def test_a_thousand_waiters_hold_no_more_connections_than_the_pool(app, admin, db, settings):

@@ -226,9 +226,11 @@ class Runner:
         # What this runner holds, noted as soon as it is claimed and forgotten once it is let go: what a crashed
         # run leaves here, the next run releases (and nothing else the token holds).
         self.journal = Leases(state / "runner", self.sub)
-        self.foreign: set[str] | None = None  # held by the token at start, not taken by this runner: left alone
-        # (None until read: then nothing this runner did not note is released, not even at the end)
-        self.cut_off = False  # a claim was abandoned in flight (the stop): what it may have taken is released
+        # Held by the token when the runner started and not noted by it: never released by it. None until read.
+        self.foreign: set[str] | None = None
+        # A claim was abandoned in flight (the stop): the service may have taken a task for it as the answer was
+        # lost, and nothing tells that task from another client's taken since the start (one runner per token).
+        self.cut_off = False
 
     def log(self, event: str, **fields: Any) -> None:
         emit({"event": event, "sub": self.sub, **fields})
@@ -287,8 +289,11 @@ class Runner:
 
     async def _sweep(self, reason: str, *, start: bool) -> None:
         """Release what this runner holds outside a slot: at start, what an earlier run of it noted and still
-        holds; at the end, a claim taken with `next` and not worked, and what a claim the stop cut off may have
-        taken. What the token holds otherwise is left alone: another client's, or another runner's."""
+        holds; at the end, a claim taken with `next` and not worked and, if the stop cut a claim off, what the token
+        took since the start that this runner did not note (what that claim took as its answer was lost: a stop
+        racing a wake-up does, and the task would wait out its lease). What the token held at the start is left alone
+        (another client's or runner's); what another client takes with the same token while the runner runs is
+        not told apart from a cut-off claim's (one runner per token)."""
         try:
             me = await self.client.me()
         except (Refused, Unreachable):
@@ -301,14 +306,15 @@ class Runner:
         held = set()
         if start:
             self.foreign = set()
+        foreign = self.foreign
         for h in me.get("held", []):
             tid, lease = str(h["task"]["id"]), str(h["lease"]["id"])
             held.add(tid)
             noted = self.journal.get(tid)
             ours = noted is not None and str(noted.get("lease")) == lease
-            if not ours and (start or not self.cut_off or self.foreign is None or tid in self.foreign):
-                if start and self.foreign is not None:
-                    self.foreign.add(tid)
+            if not ours and (start or not self.cut_off or foreign is None or tid in foreign):
+                if start and foreign is not None:
+                    foreign.add(tid)
                     self.log("left_alone", task=tid, detail="this token holds the task but this runner did not take "
                              "it (another client or runner with the same token?); it comes back to the queue if "
                              "its lease runs out")

@@ -484,8 +484,9 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
             pass
         return 0 if end["settled"] else 1
     finally:
-        server.handle_exit(signal.SIGTERM, None)  # drained, then stopped (at once if it never started serving)
-        stopped.wait(15)
+        if not stopped.is_set():  # (stopped by itself, its loop is closed: nothing to tell it)
+            server.handle_exit(signal.SIGTERM, None)  # drained, then stopped (at once if it never started serving)
+            stopped.wait(15)
         del pg
 
 

@@ -554,6 +554,10 @@ class McpFace:
                 nxt = out.get("next") or {}
                 if nxt.get("lease") and nxt.get("task"):  # the next claim a transition asked for (or still held)
                     call.memory.hold(str(nxt["task"]["id"]), nxt["lease"]["id"])
+                    # The session holds a task the caller may know of now: the same call sent next is that task's
+                    # move (the one-call loop), not a retry — the retry of a move whose `next` answer was lost
+                    # cannot be told from it, and goes to the held task as any call without an id does.
+                    call.memory.retry = None
                 return out
             return await self._run(ctx, body)
 

@@ -53,13 +53,20 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
                     out, caller = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
-                    if out["code"] == "empty" and (first or narrower):
+                    if out["code"] == "claimed" and gone is not None and gone.done():
+                        # The client left while the claim was being made: nobody would receive the task, and it
+                        # would wait out its lease held by no one. Given back as it was, no attempt counted.
+                        await tasks.give_back(conn, caller, out["task"]["id"], out["lease"]["id"])
+                        out = {"code": "empty"}
+                    elif out["code"] == "empty" and (first or narrower):
                         # A claim that can never match is refused now, not after the wait: at the first look,
                         # and when the caller's features have narrowed since (a denial wakes every waiter).
                         out = await tasks.prospects(conn, caller, lane)
-            hub.publish(rec)  # what the claim made claimable on its way (escalations)
+            hub.publish(rec)  # what the claim made claimable on its way (escalations), or gave back
             first = False
             if out["code"] != "empty":
+                return out
+            if gone is not None and gone.done():
                 return out
             w.found_nothing()
             remaining = deadline - loop.time()

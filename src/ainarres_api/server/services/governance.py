@@ -103,8 +103,15 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
     _may_govern(p, family, feature)
     await _known(conn, family, feature)
     async with conn.transaction():
+        # One order for every ban (the accept of a recommendation too): the admin lock, the open recommendations it
+        # decides, then the denial.
         if feature == "seat:admin":  # ADR 0008: never lock every admin out
             await admin.lock_admins(conn)
+        decided = await conn.fetch(Q["recommendations_lock"], family, feature, recommendation)
+        if recommendation is not None and recommendation not in {r["id"] for r in decided}:
+            rec = await conn.fetchrow(Q["recommendation_get"], recommendation)
+            raise Conflict(f"recommendation {recommendation} was {rec['status'] if rec else 'removed'} already")
+        if feature == "seat:admin":
             await admin.keep_an_admin(conn, family, "banning it")
         row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
     if row is not None:
@@ -162,10 +169,12 @@ async def dismiss_flag(conn: asyncpg.Connection, p: Principal, flag_id: int, not
     return dict(row) | {"recommendation": None}
 
 
-async def _open_recommendation(conn: asyncpg.Connection, p: Principal, rec_id: int, act: str) -> asyncpg.Record:
-    """The recommendation, locked until the caller's transaction ends, if it is open and the caller may decide on
-    it (an overseer not about its own family: ADR 0008)."""
-    rec = await conn.fetchrow(Q["recommendation_lock"], rec_id)
+async def _open_recommendation(conn: asyncpg.Connection, p: Principal, rec_id: int, act: str, *, lock: bool = True
+                               ) -> asyncpg.Record:
+    """The recommendation if it is open and the caller may decide on it (an overseer not about its own family: ADR
+    0008); locked until the caller's transaction ends, unless `lock` is false (the accept: its ban locks it, in the
+    order every ban takes its locks, and sees again that it is open)."""
+    rec = await conn.fetchrow(Q["recommendation_lock" if lock else "recommendation_get"], rec_id)
     if rec is None:
         raise NotFound(f"no recommendation {rec_id}")
     _may_govern(p, rec["family"], rec["feature"], act)
@@ -178,7 +187,7 @@ async def accept(conn: asyncpg.Connection, p: Principal, rec_id: int, reason: st
                  ) -> dict[str, Any]:
     """Accept a recommendation: the permanent ban it recommends (a family-wide one names the feature)."""
     async with conn.transaction():
-        rec = await _open_recommendation(conn, p, rec_id, "accept a recommendation about")
+        rec = await _open_recommendation(conn, p, rec_id, "accept a recommendation about", lock=False)
         feature = rec["feature"] or feature
         if feature is None:
             raise Invalid("feature: this recommendation is about the family as a whole; name the feature to ban")

@@ -499,6 +499,25 @@ async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
     return {"code": "ok", "task": task, "event": ev}
 
 
+async def give_back(conn: asyncpg.Connection, p: Principal, task_id: Any, lease: Any) -> None:
+    """Give back a task claimed for a client that left before the answer (a waiting claim whose connection closed
+    as it was made): ready again in its place, its attempts as they were (no hold failed), with a `released` event
+    saying so. Nothing if the hold has ended meanwhile."""
+    task_id, lease = uuid.UUID(str(task_id)), uuid.UUID(str(lease))
+    async with conn.transaction():
+        row = await _lock(conn, p, task_id, lease)
+        if row["lease"] != "ok":
+            return
+        required = list(row["required_features"])
+        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
+        await conn.fetchval(Q["task_set_ready"], task_id, route, required, False, row["attempts"],
+                            dict(row["rework_by_stage"]))
+        wake.ready(route)
+        await _event(conn, task_id, "released", p, {"reason": "the claimer left before the claim's answer",
+                                                    "attempts": row["attempts"], "lease": str(lease),
+                                                    "escalated": False, "counted": False})
+
+
 async def block(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, lease: uuid.UUID,
                 reason: str) -> dict[str, Any]:
     """Park a held task for a human: not claimable until unblocked; the hold is released."""

@@ -165,6 +165,16 @@ SELECT id, family_key AS family, feature, reason, status, created_at, decided_by
 SELECT id, family_key AS family, feature, reason, status, created_at, decided_by, decided_at, decision_note
   FROM governance_recommendations WHERE id = $1;
 
+-- name: recommendations_lock
+-- The open recommendations a ban of feature $2 for family $1 decides (its own, $3, and any for the feature), locked
+-- before the ban is written: a direct ban and the accept of a recommendation take them in one order (the admin
+-- lock first for seat:admin, then these, then the denial), where the accept's lock then the ban's denial met the
+-- ban's denial then its update of the same row, and one was aborted as a deadlock (found by a review).
+SELECT id, status FROM governance_recommendations
+ WHERE family_key = $1 AND status = 'open' AND (feature = $2 OR id = $3)
+ ORDER BY id
+   FOR UPDATE;
+
 -- name: recommendation_lock
 -- A recommendation, locked for the decision on it: an accept and a dismiss sent at once are decided one after the
 -- other, the second seeing the first's (found by a review: both answered 200, the ban applied under a
