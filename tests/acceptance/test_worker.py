@@ -387,6 +387,20 @@ async def test_one_runner_per_token_and_only_what_it_took_is_released(fleet: Fle
     still = live.admin("GET", f"/v1/tasks/{by_hand}", expect=200)
     assert still["state"] == "held" and still["holder"] == dev["sub"], still
 
+    # With --lane, a runner stopped with its claim in flight leaves alone what the token took in another lane
+    # meanwhile: its cut-off claim could not have taken that (found by a review).
+    live.lane("other", SOLO, {})
+    live.admin("PATCH", f"/v1/families/dev-{lane}", {"features": [f"lane:{lane}", "role:dev", "lane:other"]},
+               expect=200)
+    e = await fleet.start("e", dev["token"], HOLD, "--lane", lane)
+    await fleet.until(lambda evs: any(x["runner"] == "e" and x["event"] == "left_alone" for x in evs), "e's start")
+    meanwhile = _create(live, creator, "other", "taken by hand meanwhile")
+    got = live.http.post("/v1/claims", json={"lane": "other"}, headers=auth).json()
+    assert got["task"]["id"] == meanwhile, got
+    assert await fleet.stop(e) == 0
+    assert [x for x in e.events if x["event"] == "released"] == [], e.events
+    assert live.admin("GET", f"/v1/tasks/{meanwhile}", expect=200)["state"] == "held"
+
 
 # A metered harness: says what it spent in an AINARRES_USAGE line (on stderr), as Claude Code's JSON
 # result (the last stdout line, after the verb line), or not at all; then advances.

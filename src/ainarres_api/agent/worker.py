@@ -290,10 +290,11 @@ class Runner:
     async def _sweep(self, reason: str, *, start: bool) -> None:
         """Release what this runner holds outside a slot: at start, what an earlier run of it noted and still
         holds; at the end, a claim taken with `next` and not worked and, if the stop cut a claim off, what the token
-        took since the start that this runner did not note (what that claim took as its answer was lost: a stop
-        racing a wake-up does, and the task would wait out its lease). What the token held at the start is left alone
-        (another client's or runner's); what another client takes with the same token while the runner runs is
-        not told apart from a cut-off claim's (one runner per token)."""
+        took since the start (in the runner's lane, with --lane) that this runner did not note: what that claim took
+        as its answer was lost, if the service could not give it back itself (a stop racing a wake-up), which would
+        wait out its lease. What the token held at the start is left alone (another client's or runner's); what
+        another client takes with the same token while the runner runs is not told apart from a cut-off claim's
+        (one runner per token)."""
         try:
             me = await self.client.me()
         except (Refused, Unreachable):
@@ -312,7 +313,9 @@ class Runner:
             held.add(tid)
             noted = self.journal.get(tid)
             ours = noted is not None and str(noted.get("lease")) == lease
-            if not ours and (start or not self.cut_off or foreign is None or tid in foreign):
+            # A cut-off claim of `--lane L` could only have taken a task of lane L.
+            elsewhere = self.lane is not None and h["task"].get("lane") != self.lane
+            if not ours and (start or not self.cut_off or foreign is None or tid in foreign or elsewhere):
                 if start and foreign is not None:
                     foreign.add(tid)
                     self.log("left_alone", task=tid, detail="this token holds the task but this runner did not take "
