@@ -139,13 +139,18 @@ def serve(dsn: str, data_dir: Path) -> Iterator[Live]:
         yield Live(url, env, token, http, proc)
     finally:
         http.close()
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.acceptance.live_server import AINARRES, clean_env, clone_database, free_port
+from tests.acceptance.live_server import AINARRES, clean_env, clone_database, free_port, stop_process
 
 LIMIT = 75  # seconds the whole fast demo may take before the test fails
 
@@ -114,7 +114,7 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
             page = http.get("/board/demo")
             assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     finally:
-        _stop(proc)
+        stop_process(proc)
 
     # Run again on the same data, within the hour the ban lasts: the story is told again (found by a newcomer
     # review: the sloppy family, still banned, crashed on its first create and the governance story was gone).
@@ -127,13 +127,5 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
         assert "demo-sloppy banned from role:dev by the substrate itself" in text, text
         assert "Needs you — recommendation" in text, text
     finally:
-        _stop(again)
+        stop_process(again)
 
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -273,19 +273,25 @@ async def test_survives_a_dropped_listen_connection_across_replicas(app, admin, 
     assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
 
 
+def _waiting_claim_request(agent: Api) -> tuple[bytes, dict[str, Any]]:
+    """The body and ASGI scope of a waiting claim by `agent`, for driving the app with a hand-made receive (a client
+    that goes away)."""
+    body = json.dumps({"wait_seconds": WAIT}).encode()
+    return body, {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                  "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
+                  "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50000),
+                  "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
+                              (b"content-length", str(len(body)).encode()),
+                              (b"authorization", f"Bearer {agent.token}".encode())]}
+
+
 async def test_client_disconnect_frees_the_waiter(app, admin, db):
     w = await make_world(admin)
     dev = await w.agent("cheap")
     hub = hub_of(app)
 
     # A client that goes away: the server must notice without anything being claimed.
-    body = json.dumps({"wait_seconds": WAIT}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
-             "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50000),
-             "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()),
-                         (b"authorization", f"Bearer {dev.token}".encode())]}
+    body, scope = _waiting_claim_request(dev)
     gone = asyncio.Event()
     sent: list[dict[str, Any]] = []
     messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -326,13 +332,7 @@ async def test_a_task_claimed_for_a_client_that_left_is_given_back(app, admin, d
     dev = await w.agent("cheap")
     await dev.get("/v1/me")  # the agent's row exists
     task = (await dev.create("dev", "for whoever stays"))["task"]
-    body = json.dumps({"wait_seconds": WAIT}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
-             "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50001),
-             "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode()),
-                         (b"authorization", f"Bearer {dev.token}".encode())]}
+    body, scope = _waiting_claim_request(dev)
     leave, left = asyncio.Event(), asyncio.Event()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 

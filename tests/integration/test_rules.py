@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.helpers import World, make_world
+from tests.helpers import Api, World, make_world
 
 # Review can be left forward only by role:lead; role:reviewer may only send work back.
 REJECT_ONLY_WORKFLOW = {
@@ -235,17 +235,23 @@ async def test_rework_cap_blocks_for_a_human_and_unblock_resets_it(admin, db):
     assert rj["code"] == "ok" and rj["task"]["stage"] == "todo" and rj["task"]["rework_count"] == 3
 
 
-async def test_an_agents_own_block_and_unblock_start_nothing_over(admin):
-    """Only a human's unblock (seat:overseer) starts attempts and the stage's rework count over (ADR 0006): an
-    agent that blocks a task and unblocks it again would otherwise take the rework cap, the escalation and the
-    max-attempts block out of the workflow at will (found by a review: a max_rework 2 stage took 4 rejects)."""
+async def _at_the_cap(admin: Api) -> tuple[dict[str, Any], Api, dict[str, Any]]:
+    """A task rejected twice out of review (DEV_WORKFLOW's cap) and back in review, held by a reviewer: the task,
+    the reviewer and the claim."""
     w = await make_world(admin)
     task = (await (await w.agent("cheap")).create("dev"))["task"]
     for _ in (1, 2):
         await _reject_once(w, task["id"])
     await to_review(w, task["id"])
     rev = await w.agent("reviewers")
-    c = await rev.claim()
+    return task, rev, await rev.claim()
+
+
+async def test_an_agents_own_block_and_unblock_start_nothing_over(admin):
+    """Only a human's unblock (seat:overseer) starts attempts and the stage's rework count over (ADR 0006): an
+    agent that blocks a task and unblocks it again would otherwise take the rework cap, the escalation and the
+    max-attempts block out of the workflow at will (found by a review: a max_rework 2 stage took 4 rejects)."""
+    task, rev, c = await _at_the_cap(admin)
     await rev.verb(task["id"], "release", lease=c["lease"]["id"])  # a failed hold: attempts 1
     c = await rev.claim()
     assert c["task"]["id"] == task["id"] and c["task"]["attempts"] == 1
@@ -260,13 +266,7 @@ async def test_an_agents_own_block_and_unblock_start_nothing_over(admin):
 async def test_a_retried_reject_past_the_rework_cap_answers_its_block(admin):
     """The rework cap's block records the refused call: the same reject sent again (its answer lost) is told
     that outcome, a replay, and nothing is applied twice."""
-    w = await make_world(admin)
-    task = (await (await w.agent("cheap")).create("dev"))["task"]
-    for _ in (1, 2):
-        await _reject_once(w, task["id"])
-    await to_review(w, task["id"])
-    rev = await w.agent("reviewers")
-    c = await rev.claim()
+    task, rev, c = await _at_the_cap(admin)
     body = {"lease": c["lease"]["id"], "to": "todo", "reason": "again", "artifacts": [{"type": "file", "path": "x"}]}
     first = await rev.verb(task["id"], "reject", **body)
     again = await rev.verb(task["id"], "reject", **body)
