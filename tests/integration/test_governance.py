@@ -415,6 +415,50 @@ async def test_an_accept_and_a_direct_ban_of_the_same_feature_take_their_locks_i
     assert await db.fetchval("SELECT count(*) FROM denials WHERE family_key = 'cheap' AND expires_at IS NULL") == 1
 
 
+async def test_a_recommendation_made_while_a_ban_is_under_way_is_left_to_its_own_decision(app, admin, db, dsn):
+    """A direct ban locks the open recommendations it decides (none yet); a flag then makes one for the same
+    feature, and its accept starts. The ban decides only what it locked: it once updated the new recommendation
+    after writing the denial, the order the accept takes the other way round, and one of the two was aborted as
+    a deadlock (found by a review, with a denial row held to line the two up)."""
+
+    w = await make_world(admin, workflow=LOOP)
+    await admin.call("PUT", "/v1/governance/policies/system/*",
+                     {"strike_threshold": 3, "ban_base_seconds": 3600, "ban_cap_seconds": 86400,
+                      "recommend_after_bans": 3, "recommend_after_flags": 1}, 200)
+    judged = (await (await w.agent("cheap")).create("dev", "judged"))["task"]["id"]
+    aud = await auditor(w)
+    # An expiring (reflexive) denial of the feature: both bans turn it permanent (ON CONFLICT DO UPDATE).
+    await db.execute("INSERT INTO denials (family_key, feature, reason, expires_at, created_by, governance) "
+                     "VALUES ('cheap', 'role:dev', 'reflexive', now() + interval '1 hour', 'governance', 'reflexive')")
+    p = await auth.authenticate(db, app.state.ainarres.signer, str(admin.token))
+    c1, c2, x, observer = [await asyncpg.connect(dsn) for _ in range(4)]
+    try:
+        paused = _PauseAfter(c1, Q["recommendations_lock"])
+        direct = asyncio.create_task(governance.ban(paused, p, "cheap", "role:dev", "banning it myself"))
+        await asyncio.wait_for(paused.reached.wait(), 30)  # locked the open recommendations: none
+        rec = (await aud.post("/v1/governance/flags", {"kind": "quality", "family": "cheap", "feature": "role:dev",
+                                                        "task_id": judged, "note": "sloppy"}, 201))["recommendation"]
+        assert rec is not None
+        tx = x.transaction()
+        await tx.start()
+        await x.execute("SELECT 1 FROM denials WHERE family_key = 'cheap' AND feature = 'role:dev' FOR UPDATE")
+        paused.go.set()
+        await wait_for_lock(observer, c1.get_server_pid(), "the direct ban's denial")
+        accepting = asyncio.create_task(governance.accept(c2, p, rec, "agreed", None))
+        await wait_for_lock(observer, c2.get_server_pid(), "the accept's denial")
+        await tx.commit()
+        outcomes = await asyncio.wait_for(asyncio.gather(direct, accepting, return_exceptions=True), 30)
+    finally:
+        for conn in (c1, c2, x, observer):
+            await conn.close()
+    assert not any(isinstance(o, asyncpg.DeadlockDetectedError) for o in outcomes), outcomes
+    banned, accepted = outcomes
+    assert banned["action"] == "permanent_ban", banned
+    assert isinstance(accepted, Conflict) and "permanently banned" in str(accepted), accepted
+    # The recommendation the ban did not lock is left to a decision of its own (a dismiss, now).
+    assert await db.fetchval("SELECT status FROM governance_recommendations WHERE id = $1", rec) == "open"
+
+
 async def test_flags_raised_at_once_make_the_recommendation_their_count_reaches(app, admin, db, dsn):
     """Each flag counts the open ones before it; raised at once, each missed the other and the threshold they
     reached together made no recommendation (found by a review: 3 flags at once, none in 4 runs of 5)."""

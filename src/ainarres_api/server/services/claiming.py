@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,8 @@ from ainarres_api.server.services import auth, tasks, wake
 from ainarres_api.server.services.auth import Principal, Signer
 from ainarres_api.server.services.oversight import EventClock
 from ainarres_api.server.services.tasks import Limits
+
+log = logging.getLogger("ainarres.claims")
 
 
 async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
@@ -56,7 +59,11 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
                     if out["code"] == "claimed" and gone is not None and gone.done():
                         # The client left while the claim was being made: nobody would receive the task, and it
                         # would wait out its lease held by no one. Given back as it was, no attempt counted.
-                        await tasks.give_back(conn, caller, out["task"]["id"], out["lease"]["id"])
+                        try:
+                            await tasks.give_back(conn, caller, out["task"]["id"], out["lease"]["id"])
+                        except (asyncpg.PostgresError, OSError) as exc:  # nobody to tell: its lease brings it back
+                            log.warning("could not give back task %s claimed for a client that left: %s",
+                                        out["task"]["id"], exc)
                         out = {"code": "empty"}
                     elif out["code"] == "empty" and (first or narrower):
                         # A claim that can never match is refused now, not after the wait: at the first look,

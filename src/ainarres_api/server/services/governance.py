@@ -113,7 +113,8 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
             raise Conflict(f"recommendation {recommendation} was {rec['status'] if rec else 'removed'} already")
         if feature == "seat:admin":
             await admin.keep_an_admin(conn, family, "banning it")
-        row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation)
+        row = await conn.fetchrow(Q["permanent_ban"], family, feature, reason, p.sub, p.family, recommendation,
+                                  [r["id"] for r in decided])
     if row is not None:
         wake.narrowed()
     if row is None:

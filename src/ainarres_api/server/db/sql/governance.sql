@@ -89,9 +89,11 @@ WITH d AS (
 SELECT t.* FROM t;
 
 -- name: permanent_ban
--- A human's permanent ban: replaces any denial of the feature (an expiring one included), closes an open
--- recommendation for it as accepted, and writes the trail. $1 family, $2 feature, $3 reason, $4 sub,
--- $5 actor family, $6 recommendation id or NULL. No row: it is permanently banned already.
+-- A human's permanent ban: replaces any denial of the feature (an expiring one included), closes the open
+-- recommendations it decides as accepted, and writes the trail. $1 family, $2 feature, $3 reason, $4 sub,
+-- $5 actor family, $6 recommendation id or NULL, $7 the ids of the recommendations recommendations_lock locked
+-- (only those: one made since, by a flag, was not locked first, and updating it after the denial would take the
+-- two locks in the order an accept does not). No row: it is permanently banned already.
 WITH d AS (
     INSERT INTO denials AS x (family_key, feature, reason, expires_at, created_by, governance)
     VALUES ($1, $2, $3, NULL, $4, 'permanent')
@@ -103,7 +105,7 @@ WITH d AS (
 ), r AS (
     UPDATE governance_recommendations
        SET status = 'accepted', decided_by = $4, decided_at = now(), decision_note = $3
-     WHERE family_key = $1 AND status = 'open' AND (id = $6 OR feature = $2) AND EXISTS (SELECT 1 FROM d)
+     WHERE id = ANY ($7::bigint[]) AND status = 'open' AND EXISTS (SELECT 1 FROM d)
     RETURNING id
 ), t AS (
     INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)

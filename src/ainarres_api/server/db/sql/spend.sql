@@ -33,6 +33,8 @@ WITH st AS (
       JOIN tasks t ON t.id = (u.ev).task_id
       JOIN lanes l ON l.id = t.lane_id
      WHERE (u.ev).type IN ('transition', 'released', 'blocked')
+       -- A task given back for a client that left as it was claimed (services.tasks.give_back) is no release.
+       AND (u.ev).data ->> 'counted' IS DISTINCT FROM 'false'
 ), x AS (
     SELECT (b.ev).id, (b.ev).task_id, (b.ev).type, (b.ev).family, (b.ev).created_at,
            (b.ev).data ->> 'kind' AS kind, b.lane_id,
