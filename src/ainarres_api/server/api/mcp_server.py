@@ -58,7 +58,7 @@ The detail says what to do next. The codes:
 - lease_lost: you no longer hold the task (your hold expired, or it was finished or taken over).
   Stop working on it; nothing you sent was applied. Call claim for new work. (Retrying a call whose
   answer you lost is safe: send the same call again, next; if it was applied, it answers its outcome
-  with "replay": true.)
+  with "replay": true. After a move with `next` you hold the next task: pass the first task_id.)
 - rate_limited: too many calls, waiting claims or sessions at once; wait the retry_after seconds.
 - unavailable: the service could not reach its database, or a row stayed locked; nothing was changed.
   Wait a few seconds and send the same call again.
