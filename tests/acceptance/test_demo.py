@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import selectors
 import subprocess
 import time
@@ -15,22 +16,29 @@ from tests.acceptance.live_server import AINARRES, clean_env, clone_database, fr
 LIMIT = 75  # seconds the whole fast demo may take before the test fails
 
 
-def _read_until(proc: subprocess.Popen[str], marker: str, deadline: float) -> list[str]:
-    """stdout lines up to and including the first one holding `marker`."""
+def read_until(proc: subprocess.Popen[str], marker: str, deadline: float) -> list[str]:
+    """stdout lines up to and including the first one holding `marker`. Read from the pipe's descriptor: a buffered
+    readline after select() may take several lines into its buffer at once, and select() then waits for more while
+    the marker sits in that buffer."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     lines: list[str] = []
+    pending = b""
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         while True:
             left = deadline - time.monotonic()
             assert left > 0, "the demo did not finish in time:\n" + "".join(lines[-40:])
             if not sel.select(left):
                 continue
-            line = proc.stdout.readline()
-            assert line, f"the demo exited ({proc.wait()}):\n" + "".join(lines[-40:])
-            lines.append(line)
-            if marker in line:
-                return lines
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the demo exited ({proc.wait()}):\n" + "".join(lines[-40:])
+            pending += chunk
+            *done, pending = pending.split(b"\n")
+            for raw in done:
+                lines.append(raw.decode() + "\n")
+                if marker in lines[-1]:
+                    return lines
 
 
 def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
@@ -45,7 +53,7 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
                              "--duration", str(LIMIT - 15)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out = _read_until(proc, "AINARRES demo: finished", time.monotonic() + LIMIT)
+        out = read_until(proc, "AINARRES demo: finished", time.monotonic() + LIMIT)
         text = "".join(out)
         assert f"http://127.0.0.1:{port}/board/demo" in text
         token = out[next(i for i, ln in enumerate(out) if "overseer token" in ln) + 1].strip()
@@ -122,7 +130,7 @@ def test_demo_runs_to_completion_and_leaves_every_task_done_or_blocked(
                               "--duration", str(LIMIT - 15), "--exit"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        text = "".join(_read_until(again, "AINARRES demo: finished", time.monotonic() + LIMIT))
+        text = "".join(read_until(again, "AINARRES demo: finished", time.monotonic() + LIMIT))
         assert "crashed" not in text, text
         assert "demo-sloppy banned from role:dev by the substrate itself" in text, text
         assert "Needs you — recommendation" in text, text

@@ -177,3 +177,37 @@ def test_serve_after_a_killed_serve_stops_the_postgresql_it_left_running(home: P
     second.wait(BOUND_S)
     wait_until(lambda: postmaster_pid(data_dir) is None and not postgres_pids(pgdata),
                f"a PostgreSQL still serves {pgdata}: {postgres_pids(pgdata)}")
+
+
+def test_the_demo_stopped_with_its_board_open_stops_quietly_and_takes_its_postgresql_along(home: Path) -> None:
+    """Ctrl-C on `ainarres demo` with a board open in a browser (its event stream): the server drains, the stream
+    ends, the embedded PostgreSQL stops after the pool, and nothing is printed as a warning (found by a newcomer
+    review: a join interrupted by the signal returned at once in Python 3.11, PostgreSQL was stopped under a live
+    pool, and the shutdown printed the pool's and the wake-up hub's tracebacks)."""
+    from tests.acceptance.test_demo import read_until
+
+    port = free_port()
+    env = clean_env()
+    env.pop("XDG_RUNTIME_DIR", None)
+    with open(home / "demo.err", "w") as err:
+        proc = subprocess.Popen([*ainarres_command(), "demo", "--port", str(port), "--speed", "20"], cwd=home,
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        out = read_until(proc, "the board stays up", time.monotonic() + BOUND_S)
+        token = out[next(i for i, ln in enumerate(out) if "overseer token" in ln) + 1].strip()
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/events/stream", timeout=BOUND_S,
+                          headers={"Authorization": f"Bearer {token}"}) as stream:
+            assert stream.status_code == 200
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(BOUND_S) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = (home / "demo.err").read_text()
+    noise = [ln for ln in said.splitlines() if '"level":"warning"' in ln or '"level":"error"' in ln
+             or "Traceback" in ln]
+    assert noise == [], said[-3000:]
+    pgdata = (home / ".ainarres-demo" / "pgdata").resolve()
+    wait_until(lambda: postmaster_pid(home / ".ainarres-demo") is None and not postgres_pids(pgdata),
+               f"the demo left a PostgreSQL serving {pgdata}")
