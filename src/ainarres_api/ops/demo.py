@@ -485,7 +485,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if end["settled"] else 1
     finally:
         if not stopped.is_set():  # (stopped by itself, its loop is closed: nothing to tell it)
-            server.handle_exit(signal.SIGTERM, None)  # drained, then stopped (at once if it never started serving)
+            with contextlib.suppress(RuntimeError):  # it stopped by itself between the check and the call
+                server.handle_exit(signal.SIGTERM, None)  # drained, then stopped (at once if it never served)
             stopped.wait(15)
         del pg
 
