@@ -290,7 +290,7 @@ class Call:
     st: AppState
     memory_id: str = ""
     remembered: dict[str, Any] = field(default_factory=dict)
-    again: dict[str, str] | None = None  # the session's last verb call on a held task (Memory.retry), if the last call
+    again: dict[str, str] | None = None  # the previous call, if it was a verb on a held task (Memory.retry)
 
     @property
     def p(self) -> Principal:

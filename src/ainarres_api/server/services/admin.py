@@ -85,14 +85,15 @@ async def create_family(conn: asyncpg.Connection, key: str, features: list[str],
         return await get_family(conn, key)
 
 
-def _may_govern(p: Principal, family: str, feature: str) -> None:
-    """Overseers govern other families' work features; seats and their own family are for admins."""
+def may_govern(p: Principal, family: str, feature: str | None, act: str = "deny or lift features of") -> None:
+    """ADR 0008: overseers govern other families' work features; seats and their own family are for admins. `act`
+    names what was asked, for the refusal (`feature` None: the family as a whole)."""
     if p.has("seat:admin"):
         return
-    if feature.startswith("seat:"):
-        raise NotEligible("only seat:admin may deny or lift a seat:* feature")
+    if feature is not None and feature.startswith("seat:"):
+        raise NotEligible(f"only seat:admin may {act.removesuffix(' features of')} a seat:* feature")
     if family == p.family:
-        raise NotEligible("an overseer may not deny or lift features of its own family; ask an admin")
+        raise NotEligible(f"an overseer may not {act} its own family; ask another overseer or an admin")
 
 
 async def lock_admins(conn: asyncpg.Connection) -> None:
@@ -185,7 +186,7 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
             await lock_admins(conn)
         if await conn.fetchval(Q["family_lock"], family) is None:
             raise NotFound(f"no family {family!r}")
-        _may_govern(p, family, feature)
+        may_govern(p, family, feature)
         if feature == "seat:admin":
             await keep_an_admin(conn, family)
         row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family)
@@ -209,7 +210,7 @@ async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dic
 
 async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str) -> None:
     """Remove a family's denial of a feature (on the governance trail, when it was in force)."""
-    _may_govern(p, family, feature)
+    may_govern(p, family, feature)
     row = await conn.fetchrow(Q["denial_delete"], family, feature, p.sub, p.family)
     if row is None:  # lifted already, or never denied: what was asked holds (a retried DELETE is not refused)
         if not await conn.fetchval(Q["family_known"], family):

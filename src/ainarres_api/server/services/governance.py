@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from ainarres_api.server.db.queries import Q
-from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
+from ainarres_api.server.errors import Conflict, Invalid, NotFound
 from ainarres_api.server.services import admin, auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
@@ -24,17 +24,6 @@ TRAIL_LATEST = 100
 ROLE_ONLY = ("strike_threshold", "ban_base_seconds", "ban_cap_seconds", "recommend_after_bans")
 POLICY_FIELDS = (*ROLE_ONLY, "recommend_after_flags")
 OPERATIONAL_KINDS = ("spinning", "overspending", "health", "integrity")
-
-
-def _may_govern(p: Principal, family: str, feature: str | None, act: str = "ban or lift features of") -> None:
-    """ADR 0008: overseers govern other families' work features; seats and their own family are for admins. `act`
-    names what was asked, for the refusal (`feature` None: the family as a whole)."""
-    if p.has("seat:admin"):
-        return
-    if feature is not None and feature.startswith("seat:"):
-        raise NotEligible(f"only seat:admin may {act.removesuffix(' features of')} a seat:* feature")
-    if family == p.family:
-        raise NotEligible(f"an overseer may not {act} its own family; ask another overseer or an admin")
 
 
 async def _known(conn: asyncpg.Connection, family: str, feature: str | None) -> None:
@@ -100,7 +89,7 @@ async def set_policy(conn: asyncpg.Connection, p: Principal, scope: str, key: st
 async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str,
               recommendation: int | None = None) -> dict[str, Any]:
     """A human's permanent ban of a feature for a family (until lifted), on the trail."""
-    _may_govern(p, family, feature)
+    admin.may_govern(p, family, feature, "ban or lift features of")
     await _known(conn, family, feature)
     async with conn.transaction():
         # One order for every ban (the accept of a recommendation too): the admin lock, the open recommendations it
@@ -124,7 +113,7 @@ async def ban(conn: asyncpg.Connection, p: Principal, family: str, feature: str,
 
 async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str, reason: str) -> dict[str, Any]:
     """Lift a ban (temporary or permanent) and start the family's strikes in that role over, on the trail."""
-    _may_govern(p, family, feature)
+    admin.may_govern(p, family, feature, "ban or lift features of")
     await _known(conn, family, feature)
     async with conn.transaction():
         row = await conn.fetchrow(Q["lift"], family, feature, p.sub, p.family, reason)
@@ -161,7 +150,7 @@ async def dismiss_flag(conn: asyncpg.Connection, p: Principal, flag_id: int, not
     flag = await conn.fetchrow(Q["flag_get"], flag_id)
     if flag is None:
         raise NotFound(f"no flag {flag_id}")
-    _may_govern(p, flag["family"], flag["feature"], "dismiss a flag about")
+    admin.may_govern(p, flag["family"], flag["feature"], "dismiss a flag about")
     async with conn.transaction():
         row = await conn.fetchrow(Q["flag_dismiss"], flag_id, p.sub, note)
         if row is None:
@@ -178,7 +167,7 @@ async def _open_recommendation(conn: asyncpg.Connection, p: Principal, rec_id: i
     rec = await conn.fetchrow(Q["recommendation_lock" if lock else "recommendation_get"], rec_id)
     if rec is None:
         raise NotFound(f"no recommendation {rec_id}")
-    _may_govern(p, rec["family"], rec["feature"], act)
+    admin.may_govern(p, rec["family"], rec["feature"], act)
     if rec["status"] != "open":
         raise Conflict(f"recommendation {rec_id} was {rec['status']} already")
     return rec

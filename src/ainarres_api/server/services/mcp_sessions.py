@@ -27,7 +27,8 @@ class Memory:
     last: str | None = None
     # The session's last call of a verb on a held task, resolved: {"call": a digest of its tool and arguments as
     # sent, "task", "lease"}. The same call sent again next (its answer lost) goes to the same task and lease, so
-    # the service answers it as a replay — not to what the session holds since (the task its `next` claimed).
+    # the service answers it as a replay. None after a call that took a hold (`next`): the same call is that
+    # hold's move then (api/mcp_server.py, ADR 0029).
     retry: dict[str, str] | None = None
 
     @classmethod

@@ -489,14 +489,22 @@ async def release(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, le
             released = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
                                                                    "lease": str(lease), "escalated": True})
             return {"code": "ok", "task": task, "event": released}
-        required = list(row["required_features"])
-        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
-        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, attempts,
-                                   dict(row["rework_by_stage"]))
-        wake.ready(route)
+        task = await _back_in_queue(conn, row, task_id, attempts, dict(row["rework_by_stage"]), to_tail=True)
         ev = await _event(conn, task_id, "released", p, {"reason": reason, "attempts": attempts,
                                                        "lease": str(lease), "escalated": False})
     return {"code": "ok", "task": task, "event": ev}
+
+
+async def _back_in_queue(conn: asyncpg.Connection, row: asyncpg.Record, task_id: uuid.UUID, attempts: int,
+                         rework: dict[str, Any], *, to_tail: bool) -> dict[str, Any]:
+    """A locked task (`_lock`'s row) back in its route's queue with these counts — at the tail of its priority, or
+    in its place — its waiters woken once the request succeeds; the task as it is now."""
+    required = list(row["required_features"])
+    route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
+    task: dict[str, Any] = await conn.fetchval(Q["task_set_ready"], task_id, route, required, to_tail, attempts,
+                                               rework)
+    wake.ready(route)
+    return task
 
 
 async def give_back(conn: asyncpg.Connection, p: Principal, task_id: Any, lease: Any) -> None:
@@ -508,11 +516,7 @@ async def give_back(conn: asyncpg.Connection, p: Principal, task_id: Any, lease:
         row = await _lock(conn, p, task_id, lease)
         if row["lease"] != "ok":
             return
-        required = list(row["required_features"])
-        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
-        await conn.fetchval(Q["task_set_ready"], task_id, route, required, False, row["attempts"],
-                            dict(row["rework_by_stage"]))
-        wake.ready(route)
+        await _back_in_queue(conn, row, task_id, row["attempts"], dict(row["rework_by_stage"]), to_tail=False)
         await _event(conn, task_id, "released", p, {"reason": "the claimer left before the claim's answer",
                                                     "attempts": row["attempts"], "lease": str(lease),
                                                     "escalated": False, "counted": False})
@@ -570,15 +574,12 @@ async def unblock(conn: asyncpg.Connection, p: Principal, task_id: uuid.UUID, no
                                   f"missing {', '.join(p.missing(closest))}", task=row["task"])
         if row["state"] != "blocked":
             raise Conflict("the task is not blocked; nothing to do", task=row["task"])
-        required = list(row["required_features"])
-        route = await _route(conn, row["lane_id"], row["lane_key"], row["stage_id"], required)
         rework, attempts = dict(row["rework_by_stage"]), row["attempts"]
         human = p.has("seat:overseer")
         if human:
             rework.pop(row["stage_key"], None)
             attempts = 0
-        task = await conn.fetchval(Q["task_set_ready"], task_id, route, required, True, attempts, rework)
-        wake.ready(route)
+        task = await _back_in_queue(conn, row, task_id, attempts, rework, to_tail=True)
         ev = await _event(conn, task_id, "unblocked", p, {"note": note, "previous_attempts": row["attempts"],
                                                           "counts_reset": human})
         if substrate or on_trail:
