@@ -40,6 +40,7 @@ from ainarres_api.server.api.schemas import (
     UsageIn,
     check_event_bytes,
 )
+from ainarres_api.server.api.verb_route import VerbRoute
 from ainarres_api.server.errors import (
     AinarresError,
     AlreadyHolding,
@@ -554,8 +555,8 @@ def add_routes(app: FastAPI) -> None:
     """The documented routes of the verbs, made from VERBS, on the app's own router: matched first and
     directly (an included router costs FastAPI a matching pass of its own on every request)."""
     for verb in VERBS:
-        app.add_api_route(
+        app.router.add_api_route(
             verb.path, _endpoint(verb), methods=["POST"], status_code=verb.status, response_model=None,
             summary=verb.summary, description=verb.description, operation_id=verb.name,
-            responses=_responses(verb), tags=["agent verbs"],
+            responses=_responses(verb), tags=["agent verbs"], route_class_override=VerbRoute,
         )
