@@ -343,7 +343,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
             raise
         return {"status": "ok", "version": __version__}
 
-    verbs.add_routes(app)  # first: the hot routes are matched first
+    verbs.add_routes(app)  # matched before every other route
     app.include_router(tasks_api.router)
     app.include_router(admin_api.router)
     app.include_router(oversight_api.router)

@@ -19,10 +19,11 @@ The handler here, made once per route from the route's own `dependant`:
   route (Starlette's `wrap_app_handling_exceptions`, as FastAPI's `request_response` does).
 
 Whatever it does not serve goes to FastAPI's own handler for the route, built as usual and kept: a request with a
-query string, a content type other than exactly `application/json`, an empty body or one that is not JSON, or
-an app with dependency overrides (tests). A route whose declaration it cannot serve (a `yield` dependency, a
-dependency with parameters of its own, query/header/cookie parameters) is refused when the app is built, so a
-change to a verb's signature cannot quietly take the verb off this path or onto a wrong one.
+query string, a content type other than exactly `application/json`, an empty body or one that is not JSON, a
+request FastAPI's OpenTelemetry is tracing, or an app with dependency overrides (tests). A route whose
+declaration it cannot serve (a `yield` dependency, a dependency with parameters of its own, query/header/cookie
+parameters) is refused when the app is built, so a change to a verb's signature cannot quietly take the verb off
+this path or onto a wrong one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from fastapi.telemetry import get_telemetry_data
 from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -113,8 +115,8 @@ class VerbRoute(APIRoute):
 
     def _plain(self, scope: Scope) -> bool:
         """A request this handler serves: no query string, `Content-Type: application/json` exactly, no
-        dependency overrides on the app."""
-        if scope.get("query_string"):
+        dependency overrides on the app, FastAPI's telemetry off for it (on, FastAPI's handler records its spans)."""
+        if scope.get("query_string") or get_telemetry_data() is not None:
             return False
         provider = self.dependency_overrides_provider
         if provider is not None and getattr(provider, "dependency_overrides", None):

@@ -552,11 +552,14 @@ def _responses(verb: Verb) -> dict[int | str, Any]:
 
 
 def add_routes(app: FastAPI) -> None:
-    """The documented routes of the verbs, made from VERBS, on the app's own router: matched first and
-    directly (an included router costs FastAPI a matching pass of its own on every request)."""
+    """The documented routes of the verbs, made from VERBS, on the app's own router (an included router costs
+    FastAPI a matching pass of its own on every request), ahead of every route already there (FastAPI's docs,
+    the probes): a request is matched against the routes in order, and these are the hot path."""
     for verb in VERBS:
         app.router.add_api_route(
             verb.path, _endpoint(verb), methods=["POST"], status_code=verb.status, response_model=None,
             summary=verb.summary, description=verb.description, operation_id=verb.name,
             responses=_responses(verb), tags=["agent verbs"], route_class_override=VerbRoute,
         )
+    routes = app.router.routes
+    routes[:] = [r for r in routes if isinstance(r, VerbRoute)] + [r for r in routes if not isinstance(r, VerbRoute)]
