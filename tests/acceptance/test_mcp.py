@@ -191,8 +191,9 @@ async def test_advance_with_next_remembers_the_next_hold(served: Served) -> None
 async def test_the_same_call_sent_again_is_answered_as_a_replay(served: Served) -> None:
     """A model whose answer was lost sends the same call again: it goes to the task and lease the first one used,
     and the service answers its outcome with "replay": true — not `invalid`, the session having forgotten the
-    hold (found by a newcomer review). But in the one-call loop the same `advance` with `next` is the next task's
-    move, not a retry (found by a review of that fix): after a call that took a hold, the same call goes to it."""
+    hold (found by a newcomer review). In the one-call loop the same `advance` with `next` and no task_id could be
+    that retry or the next task's move (found by a review of that fix): it is refused, naming both, until the
+    caller names the task; named, a retry answers the same outcome and the same `next`."""
     w = await make_world(served.admin)
     dev = await w.agent("cheap")
     first, second, third = [(await dev.create("dev", t))["task"]["id"] for t in ("one", "two", "three")]
@@ -204,12 +205,23 @@ async def test_the_same_call_sent_again_is_answered_as_a_replay(served: Served) 
         again = ok(await client.call_tool("advance", move))
         assert again["replay"] is True and again["task"]["id"] == first and again["event"] == adv["event"]
 
-        assert ok(await client.call_tool("claim", {"lane": "dev"}))["task"]["id"] == second
+        c = ok(await client.call_tool("claim", {"lane": "dev"}))
+        assert c["task"]["id"] == second
         loop = {"to": "review", "note": "done", "next": {"lane": "dev"}}
         a = ok(await client.call_tool("advance", loop))
         assert a["task"]["id"] == second and a["next"]["task"]["id"] == third
-        b = ok(await client.call_tool("advance", loop))
+        for _ in range(2):  # refused, and still refused sent once more: nothing was moved
+            err = refused(await client.call_tool("advance", loop), "invalid")
+            assert second in err["detail"] and third in err["detail"] and c["lease"]["id"] in err["detail"]
+        r = ok(await client.call_tool("advance", {**loop, "task_id": second, "lease": c["lease"]["id"]}))
+        assert r["replay"] is True and r["event"] == a["event"]
+        assert r["next"]["replay"] is True and r["next"]["task"]["id"] == third
+        assert r["next"]["lease"] == a["next"]["lease"]
+        named = {**loop, "task_id": third}
+        b = ok(await client.call_tool("advance", named))
         assert b["task"]["id"] == third and "replay" not in b and b["next"]["code"] == "empty"
+        b2 = ok(await client.call_tool("advance", named))  # named, the same call again is its retry
+        assert b2["replay"] is True and b2["event"] == b["event"]
         # Not right after itself (another call came between): not a retry; the session holds nothing now.
         ok(await client.call_tool("me", {}))
         refused(await client.call_tool("advance", {"to": "review"}), "invalid")

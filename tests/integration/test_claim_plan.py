@@ -122,11 +122,11 @@ async def test_the_claim_probes_indexes_over_a_large_backlog(seeded: list[int], 
     eligible route; the task it takes is the claimer's own best."""
     assert await db.fetchval("SELECT count(*) FROM tasks") >= BACKLOG
     jti, sub, family = await _claimer(db)
-    args = (jti, sub, family, "dev", 64, [])
+    args = (jti, sub, family, "dev", 64, [], None)
     # EXPLAIN takes no bind parameters: the statement is prepared, then explained with literal arguments,
     # with a custom plan (the values known to the planner) and with the generic plan a long-lived
     # connection switches to (the routes and features unknown to it).
-    await db.execute(f"PREPARE claim_plan(uuid, text, text, text, int, int[]) AS {Q['claim']}")
+    await db.execute(f"PREPARE claim_plan(uuid, text, text, text, int, int[], bigint) AS {Q['claim']}")
     literals = ", ".join(_literal(a) for a in args)
     for mode in ("force_custom_plan", "force_generic_plan"):
         await db.execute(f"SET plan_cache_mode = {mode}")
@@ -149,7 +149,9 @@ class _Rollback(Exception):
 
 
 def _literal(value: Any) -> str:
-    """A SQL literal for a test value (text, int or a list of them)."""
+    """A SQL literal for a test value (text, int, None or a list of them)."""
+    if value is None:
+        return "NULL"
     if isinstance(value, list):
         return "ARRAY[" + ", ".join(_literal(v) for v in value) + "]::" + ("text[]" if value else "int[]")
     if isinstance(value, int):

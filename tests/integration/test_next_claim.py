@@ -82,9 +82,9 @@ async def test_a_refused_next_claim_is_a_problem_document_beside_the_move(admin,
     assert await db.fetchval("SELECT stage_id IS NOT NULL FROM tasks WHERE id = $1", uuid.UUID(task["id"]))
 
 
-async def test_next_still_holding_answers_already_holding_with_the_held_task(admin, db: asyncpg.Connection):
-    # A retry whose first answer was lost: the move replays, and the claim it asked for the first time is
-    # the task the agent now holds (max_active 1): `next` names it, with its lease.
+async def test_a_retried_move_with_room_for_one_answers_its_first_next(admin, db: asyncpg.Connection):
+    # A retry whose first answer was lost: the move replays, and so does the claim it asked for the first time
+    # (max_active 1; with room for more: test_a_retried_move_answers_the_next_claim_its_first_call_made).
     w = await make_world(admin)
     dev, task, lease = await held(w)
     await dev.create("dev", "second")
@@ -92,7 +92,7 @@ async def test_next_still_holding_answers_already_holding_with_the_held_task(adm
     first = await dev.post(f"/v1/tasks/{task['id']}/advance", body, 200)
     again = await dev.post(f"/v1/tasks/{task['id']}/advance", body, 200)
     assert again.get("replay") is True and again["event"]["id"] == first["event"]["id"]
-    assert again["next"]["code"] == "already_holding"
+    assert again["next"]["code"] == "claimed" and again["next"]["replay"] is True
     assert again["next"]["task"]["id"] == first["next"]["task"]["id"]
     assert again["next"]["lease"]["id"] == first["next"]["lease"]["id"]
 
@@ -127,3 +127,58 @@ async def test_a_reject_that_bans_the_callers_own_family_claims_nothing_the_ban_
     assert "role:dev" not in (await agent.get("/v1/me"))["features"]  # banned by its own reject
     nxt = out["next"]
     assert nxt["code"] == "empty", nxt  # the `todo` task needs role:dev, just denied; no review work is left
+
+
+async def _held_count(db: asyncpg.Connection, sub: str) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1 AND state = 'held'", sub))
+
+
+async def test_a_retried_move_answers_the_next_claim_its_first_call_made(admin, db):
+    """The answer of an advance with `next` is lost and the client sends it again: the move is a replay, and so is
+    its `next` — the task and lease the first call claimed, not a second task (with room for two, a second claim
+    would take one more and leave the first held by a lease nobody heard of)."""
+    w = await make_world(admin)
+    await admin.patch("/v1/families/cheap", {"max_active": 2})
+    dev, task, lease = await held(w)
+    for title in ("second", "third"):
+        await dev.create("dev", title)
+    body = {"lease": lease, "to": "review", "note": "done", "next": {"lane": "dev"}}
+    first = await dev.verb(task["id"], "advance", **body)
+    again = await dev.verb(task["id"], "advance", **body)
+    assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
+    assert again["next"]["code"] == "claimed" and again["next"]["replay"] is True
+    assert again["next"]["task"]["id"] == first["next"]["task"]["id"]
+    assert again["next"]["lease"]["id"] == first["next"]["lease"]["id"]
+    assert again["next"]["event"]["id"] == first["next"]["event"]["id"]
+    assert again["next"]["card"] == first["next"]["card"]
+    assert await _held_count(db, dev.sub) == 1
+    # The same with a long-poll `next` and a reject.
+    rev = await w.agent("reviewers")
+    c = await rev.claim()
+    await dev.verb(first["next"]["task"]["id"], "advance", lease=first["next"]["lease"]["id"], to="review")
+    body = {"lease": c["lease"]["id"], "to": "todo", "reason": "no", "next": {"lane": "dev", "wait_seconds": 1}}
+    one = await rev.verb(c["task"]["id"], "reject", **body)
+    two = await rev.verb(c["task"]["id"], "reject", **body)
+    assert two["replay"] is True and one["next"]["code"] == "claimed"
+    assert two["next"]["task"]["id"] == one["next"]["task"]["id"] and two["next"]["replay"] is True
+    assert await _held_count(db, rev.sub) == 1
+
+
+async def test_a_retried_move_claims_anew_when_its_first_next_is_over(admin, db):
+    """Nothing to answer again — the first `next` found nothing, or its hold has ended — and the retry claims as
+    any `next` does."""
+    w = await make_world(admin)
+    dev, task, lease = await held(w)
+    body = {"lease": lease, "to": "review", "next": {"lane": "dev"}}
+    first = await dev.verb(task["id"], "advance", **body)
+    assert first["next"]["code"] == "empty"
+    second = (await dev.create("dev", "second"))["task"]
+    again = await dev.verb(task["id"], "advance", **body)
+    assert again["replay"] is True and again["next"]["code"] == "claimed" and "replay" not in again["next"]
+    assert again["next"]["task"]["id"] == second["id"]
+    # Its hold ended (released): a retry of the move that claimed it claims what there is now.
+    await dev.verb(second["id"], "release", lease=again["next"]["lease"]["id"])
+    third = await dev.verb(task["id"], "advance", **body)
+    assert third["replay"] is True and third["next"]["code"] == "claimed" and "replay" not in third["next"]
+    assert third["next"]["lease"]["id"] != again["next"]["lease"]["id"]
+    assert await _held_count(db, dev.sub) == 1

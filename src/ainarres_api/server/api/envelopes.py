@@ -226,6 +226,10 @@ class ClaimedTask(Answer):
     card: Card = Field(description="the stage's role card: what to do, and the ways out")
     event: Event = Field(description="the `claimed` event")
     context: WhereWorkLives = Field(description="where the work lives")
+    replay: Literal[True] | None = Field(default=None, description="only in the `next` of a move answered as a "
+                                                                   "replay: present (true) when this is the claim the "
+                                                                   "move's first call made, answered again (you still "
+                                                                   "hold it under this lease)")
 
 
 class ClaimEmpty(Answer):

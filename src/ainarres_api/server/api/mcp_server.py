@@ -58,7 +58,8 @@ The detail says what to do next. The codes:
 - lease_lost: you no longer hold the task (your hold expired, or it was finished or taken over).
   Stop working on it; nothing you sent was applied. Call claim for new work. (Retrying a call whose
   answer you lost is safe: send the same call again, next; if it was applied, it answers its outcome
-  with "replay": true. After a move with `next` you hold the next task: pass the first task_id.)
+  with "replay": true — a move with `next` answers the same `next` too. Name the task_id in a move with
+  `next`: without one, the same call sent again is refused, as it could mean the next task's move.)
 - rate_limited: too many calls, waiting claims or sessions at once; wait the retry_after seconds.
 - unavailable: the service could not reach its database, or a row stayed locked; nothing was changed.
   Wait a few seconds and send the same call again.
@@ -526,7 +527,15 @@ class McpFace:
             async def body(call: Call) -> dict[str, Any]:
                 sent = _digest(verb.tool, args)
                 again = call.again if call.again is not None and call.again["call"] == sent else {}
-                task_id = call.task_id(args.pop("task_id", None) or again.get("task")) if verb.on_task else None
+                if again.get("next"):
+                    call.memory.retry = again  # refused until the caller says which it means
+                    raise Invalid(
+                        f"task_id: this call is the same as your last one, which moved task {again['task']} and "
+                        f"claimed task {again['next']} for you (its `next`): pass task_id={again['next']} to move "
+                        f"that task, or task_id={again['task']} with lease={again['lease']} to send the last move "
+                        "again (if its answer was lost: it answers the same outcome and the same `next`)")
+                named = args.pop("task_id", None)
+                task_id = call.task_id(named or again.get("task")) if verb.on_task else None
                 used = None
                 if takes_lease:
                     assert task_id is not None
@@ -554,10 +563,10 @@ class McpFace:
                 nxt = out.get("next") or {}
                 if nxt.get("lease") and nxt.get("task"):  # the next claim a transition asked for (or still held)
                     call.memory.hold(str(nxt["task"]["id"]), nxt["lease"]["id"])
-                    # The session holds a task the caller may know of now: the same call sent next is that task's
-                    # move (the one-call loop), not a retry — the retry of a move whose `next` answer was lost
-                    # cannot be told from it, and goes to the held task as any call without an id does.
-                    call.memory.retry = None
+                    # Without a task_id, the same call sent next could be this move's retry (its answer lost) or
+                    # the move of the task just claimed: it is refused then, naming both. With one, it is a retry.
+                    if call.memory.retry is not None and not named:
+                        call.memory.retry = {**call.memory.retry, "next": str(nxt["task"]["id"])}
                 return out
             return await self._run(ctx, body)
 

@@ -141,9 +141,10 @@ async def _create(c: Call, _: uuid.UUID | None, body: TaskCreate) -> tuple[dict[
     return {"code": "created" if created else "existing", **out}, 201 if created else 200
 
 
-async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str, Any], int]:
+async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn, after: int | None = None) -> tuple[dict[str, Any], int]:
+    """A claim; `after`, the event of the move whose `next` it is (kept on the claim's event: tasks.claim_after)."""
     if body.wait_seconds <= 0:
-        out, c.lent.caller = await tasks.claim(c.conn, c.lent.who, body.lane, c.st.limits)
+        out, c.lent.caller = await tasks.claim(c.conn, c.lent.who, body.lane, c.st.limits, after=after)
         if out["code"] == "empty":  # refused if it can never match; else what may come
             out = await tasks.prospects(c.conn, c.caller, body.lane)
         return out, 200
@@ -159,7 +160,7 @@ async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn) -> tuple[dict[str,
     st.long_polls[sub] = st.long_polls.get(sub, 0) + 1
     try:
         return await claiming.claim_waiting(st.pool, st.signer, st.wake, st.limits, c.token, c.caller, body.lane,
-                                            body.wait_seconds, c.gone, st.events), 200
+                                            body.wait_seconds, c.gone, st.events, after), 200
     finally:
         if (left := st.long_polls[sub] - 1) > 0:
             st.long_polls[sub] = left
@@ -183,14 +184,21 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
 
     The claim reads the caller's features again, in its own statement: the move may have changed them — a
     reject strikes the producer of the work, which may be the caller's own family, and at the threshold bans
-    it from the role — and the claim must not take work the move just denied it."""
+    it from the role — and the claim must not take work the move just denied it.
+
+    A move answered as a replay (its first answer was lost) answers the claim its first call made, while the
+    caller still holds that task (tasks.claim_after); only if there is none does it claim."""
     if want is None:
         return out, 200
+    move = out["event"]["id"] if out.get("event") else None
+    if out.get("replay") and move is not None and (again := await tasks.claim_after(c.conn, c.caller, move)):
+        c.next_claim = ("claimed", 0.0)
+        return {**out, "next": again}, 200
     if want.wait_seconds > 0:
         wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
     started = time.perf_counter()
     try:
-        nxt, _ = await _claim(c, None, want)
+        nxt, _ = await _claim(c, None, want, after=move)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
     c.next_claim = (str(nxt["code"]), time.perf_counter() - started)
@@ -359,7 +367,9 @@ Refusals: lease_lost (stop; claim again), not_found, invalid, payload_too_large.
             "on it claimable. With `next` (what POST /v1/claims takes) the caller's next claim runs once the move "
             "has committed, and its answer is `next` in this one: one call per task for a worker loop. A "
             "refused move claims nothing; a refused next claim leaves the move standing (`next` is then the "
-            "claim's problem document, status 200)."),
+            "claim's problem document, status 200). Sent again after it was applied (its answer was lost), the "
+            "call is answered as a replay (`replay: true`, the same event), and so is its `next`: the task the "
+            "first call claimed, same lease, while you still hold it."),
         tool="advance", tool_title="Finish my stage",
         tool_text="""\
 Finish your stage: move the task you hold forward to stage `to` (a transition of kind advance on
@@ -370,7 +380,9 @@ release), guard_failed (a condition on the task, the card's guard, is false: sen
 nothing, take another transition on the card or block for a human; if the detail says the guard did
 not finish in time, try again later), lease_lost (stop; claim again).
 Pass next={"lane": ...} (or next={}) to claim your next task in the same call: the answer's `next`
-is that claim (this session then remembers its lease), `empty`, or the claim's refusal.""",
+is that claim (this session then remembers its lease), `empty`, or the claim's refusal. With `next`,
+name the task you move (task_id): the same call again without one is refused, as it could mean
+either task.""",
         work=_advance,
         example={**_LEASED, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/health"}],
                  "next": {"lane": "backend"}},

@@ -19,13 +19,13 @@ log = logging.getLogger("ainarres.claims")
 
 async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
                         caller: Principal, lane: str | None, wait_seconds: float,
-                        gone: asyncio.Future[Any] | None = None, clock: EventClock | None = None
-                        ) -> dict[str, Any]:
+                        gone: asyncio.Future[Any] | None = None, clock: EventClock | None = None,
+                        after: int | None = None) -> dict[str, Any]:
     """Claim; while there is nothing, wait for a wake-up (holding no connection) and claim again.
 
     Returns the claim, or `empty` at the deadline, or as soon as `gone` completes (the client left). With
     `clock`, a token revoked (or expired, or its family disabled) while the claim waits is found within the
-    clock's tick, and the claim is refused then (401), not at its deadline.
+    clock's tick, and the claim is refused then (401), not at its deadline. `after`: as for tasks.claim.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
@@ -33,7 +33,8 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
     lapsed = asyncio.ensure_future(clock.until_lapsed(caller.jti)) if clock is not None else None
     try:
         with watching:
-            return await _claim_waiting(pool, signer, hub, limits, token, caller, lane, deadline, gone, lapsed)
+            return await _claim_waiting(pool, signer, hub, limits, token, caller, lane, deadline, gone, lapsed,
+                                        after)
     finally:
         if lapsed is not None:
             lapsed.cancel()
@@ -41,7 +42,7 @@ async def claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limi
 
 async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, limits: Limits, token: str,
                          caller: Principal, lane: str | None, deadline: float, gone: asyncio.Future[Any] | None,
-                         lapsed: asyncio.Future[Any] | None) -> dict[str, Any]:
+                         lapsed: asyncio.Future[Any] | None, after: int | None) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     with hub.waiter() as w:
         first = True
@@ -55,7 +56,7 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
                     # Watch before claiming, so a change committed after the claim's snapshot
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
-                    out, caller = await tasks.claim(conn, caller, lane, limits, prefer=w.begin())
+                    out, caller = await tasks.claim(conn, caller, lane, limits, prefer=w.begin(), after=after)
                     if out["code"] == "claimed" and gone is not None and gone.done():
                         # The client left while the claim was being made: nobody would receive the task, and it
                         # would wait out its lease held by no one. Given back as it was, no attempt counted.

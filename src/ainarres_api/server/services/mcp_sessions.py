@@ -26,9 +26,9 @@ class Memory:
     leases: dict[str, str] = field(default_factory=dict)
     last: str | None = None
     # The session's last call of a verb on a held task, resolved: {"call": a digest of its tool and arguments as
-    # sent, "task", "lease"}. The same call sent again next (its answer lost) goes to the same task and lease, so
-    # the service answers it as a replay. None after a call that took a hold (`next`): the same call is that
-    # hold's move then (api/mcp_server.py, ADR 0029).
+    # sent, "task", "lease"}, and "next", the task that call claimed with `next` if it named no task_id. The same
+    # call sent again next (its answer lost) goes to the same task and lease, so the service answers it as a
+    # replay; with "next" it is refused, as it may as well mean that task's move (api/mcp_server.py, ADR 0029).
     retry: dict[str, str] | None = None
 
     @classmethod
@@ -43,7 +43,7 @@ class Memory:
             mem.last = last if isinstance(last, str) else None
             retry = stored.get("retry")
             if isinstance(retry, dict) and all(isinstance(retry.get(k), str) for k in ("call", "task", "lease")):
-                mem.retry = {k: retry[k] for k in ("call", "task", "lease")}
+                mem.retry = {k: retry[k] for k in ("call", "task", "lease", "next") if isinstance(retry.get(k), str)}
         return mem
 
     def stored(self) -> dict[str, Any]:

@@ -34,7 +34,8 @@ SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS 
 -- name: claim
 -- The claim, one statement (its own transaction when the service runs it alone). $1, $2, $3 the jti, sub
 -- and family of the caller's verified token, $4 a lane or NULL, $5 how many routes one claim probes, $6
--- routes to probe first (what woke a waiting claim). The caller is read here, with principal_of (its
+-- routes to probe first (what woke a waiting claim), $7 the event of the move whose `next` this claim is (or
+-- NULL), kept on the claim's event (`after`: a retry of the move finds its claim, claim_after). The caller is read here, with principal_of (its
 -- columns are answered: services.auth.admit), in this statement's snapshot: its features, its family's
 -- max_active; and recorded seen (`counted`). The verdict says what happened; only 'take' changed a task:
 --   refused  the caller is refused (principal_of says why); nothing was read or locked
@@ -134,6 +135,7 @@ WITH caller AS (
     SELECT (u.t).id, 'claimed', k.sub, k.family_key,
            jsonb_build_object('lease', (u.t).lease_id, 'lease_expires_at', (u.t).lease_expires_at,
                               'attempts', (u.t).attempts, 'stage', c.stage_key)
+           || CASE WHEN $7::bigint IS NOT NULL THEN jsonb_build_object('after', $7::bigint) ELSE '{}'::jsonb END
            || CASE WHEN c.expired
                    THEN jsonb_build_object('reclaimed', true, 'previous_holder', c.holder,
                                            'previous_lease', c.lease_id)
@@ -158,6 +160,19 @@ SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
   LEFT JOIN c ON true
   LEFT JOIN u ON true
   LEFT JOIN e ON true;
+
+-- name: claim_after
+-- The live hold agent $1 took with the claim made for the `next` of the move recorded by event $2 (its claimed
+-- event says `after`: claim), if it still holds it under that claim's lease: a retry of the move, answered as a
+-- replay, answers that claim again instead of claiming more. At most max_active rows to look at (tasks_by_holder).
+SELECT task_json(t) AS task, t.lease_id, t.lease_expires_at, t.stage_id, event_json(l.c) AS event,
+       lane_context(t.lane_id) AS context
+  FROM tasks t
+ CROSS JOIN LATERAL (SELECT ev AS c FROM events ev WHERE ev.task_id = t.id AND ev.type = 'claimed'
+                      ORDER BY ev.id DESC LIMIT 1) l
+ WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
+   AND (l.c).actor = $1 AND (l.c).data ->> 'after' = $2::bigint::text AND (l.c).data ->> 'lease' = t.lease_id::text
+ LIMIT 1;
 
 -- name: claim_prospects
 -- Why a claim by a caller with features $1 (sorted), optionally in lane $2, found nothing. Run only when
