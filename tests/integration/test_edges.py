@@ -134,6 +134,7 @@ async def test_a_crash_answers_with_the_request_id_its_log_line_carries(
     assert crashes[2].headers.get("x-request-id") == "edge-crash-2"
     for r in crashes:
         body = _problem(r, 500, "internal")
+        assert r.headers.get("connection") == "close"  # the server closes it after a crash: said, not left to find
         rid = r.headers.get("x-request-id")
         assert rid, r.headers
         assert [x["request_id"] for x in lines if x["request_id"] == rid]

@@ -4,10 +4,12 @@ anything else goes to FastAPI's handler."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.responses import JSONResponse, Response
 
 from ainarres_api.server.api import verbs
 from ainarres_api.server.api.verb_route import VerbRoute
@@ -35,7 +37,7 @@ def test_a_declaration_it_cannot_serve_is_refused_when_the_app_is_built():
     served half-judged: building the app fails, naming the route."""
     app = FastAPI()
 
-    async def with_query(request: Request, lane: str, body: dict[str, Any]) -> None: ...
+    async def with_query(request: Request, lane: str, body: dict[str, Any]) -> Response: ...
 
     with pytest.raises(TypeError, match=r"/x: .*query"):
         app.router.add_api_route("/x", with_query, methods=["POST"], route_class_override=VerbRoute)
@@ -43,10 +45,40 @@ def test_a_declaration_it_cannot_serve_is_refused_when_the_app_is_built():
     async def needs(lane: str) -> str:
         return lane
 
-    async def with_dep(request: Request, body: dict[str, Any], got: str = Depends(needs)) -> None: ...
+    async def with_dep(request: Request, body: dict[str, Any], got: str = Depends(needs)) -> Response: ...
 
     with pytest.raises(TypeError, match=r"/y: .*takes more than the request"):
         app.router.add_api_route("/y", with_dep, methods=["POST"], route_class_override=VerbRoute)
+
+    # Found by a review: declarations the route would have served otherwise than FastAPI.
+    async def form(request: Request, body: Annotated[str, Form()]) -> Response: ...
+
+    def sync(request: Request, body: dict[str, Any]) -> Response: ...
+
+    async def returns_dict(request: Request, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def plain(request: Request, body: dict[str, Any]) -> Response: ...
+
+    for path, endpoint, why, kw in [("/form", form, "form", {}), ("/sync", sync, "coroutine", {}),
+                                    ("/dict", returns_dict, "Response", {}),
+                                    ("/bound", plain, "max_body_size", {"max_body_size": 10})]:
+        with pytest.raises(TypeError, match=why):
+            app.router.add_api_route(path, endpoint, methods=["POST"], route_class_override=VerbRoute, **kw)
+
+
+async def _who(*, request: Request) -> str:
+    return request.headers.get("x-who", "")
+
+
+async def test_a_dependency_taking_the_request_by_keyword_is_served():
+    async def endpoint(request: Request, body: dict[str, Any], got: Annotated[str, Depends(_who)]) -> Response:
+        return JSONResponse({"got": got, "body": body})
+
+    app = FastAPI()
+    app.router.add_api_route("/x", endpoint, methods=["POST"], route_class_override=VerbRoute)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/x", json={"a": 1}, headers={"x-who": "me"})
+    assert r.status_code == 200 and r.json() == {"got": "me", "body": {"a": 1}}
 
 
 class _Counted:
@@ -145,3 +177,37 @@ async def test_the_route_answers_as_fastapis_own_handler_does(app, admin: Api):
     # and nothing moved: the task is still held under the same lease
     r = await agent.verb(task, "heartbeat", lease=lease)
     assert r["code"] == "ok"
+
+
+async def _send_half(app: Any, token: str) -> tuple[int, bytes]:
+    """A claim whose client declares 100 bytes of body, sends 9 and goes away: (status, body) of the answer."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"t"), (b"authorization", f"Bearer {token}".encode()),
+                         (b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+    parts = [{"type": "http.request", "body": b'{"lane": ', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_a_client_that_leaves_mid_body_is_answered_as_fastapi_answers_it(app, admin: Api):
+    """Found by a review: the body read outside the exception handlers let the disconnect escape as a 500."""
+    world = await make_world(admin)
+    agent = await world.agent("cheap")
+    ours = await _send_half(app, agent.token)
+    app.dependency_overrides[_requests] = _requests
+    try:
+        theirs = await _send_half(app, agent.token)
+    finally:
+        app.dependency_overrides.clear()
+    assert ours == theirs and ours[0] < 500, (ours, theirs)

@@ -308,13 +308,15 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        if (unavailable := outage.respond(exc, request.url.path)) is not None:
-            return unavailable
-        if isinstance(exc, asyncpg.PostgresError):
-            err = translate(exc)
-            if err is not None:
-                return problems.refusal(err, request.url.path)
-        return problems.crash(exc, request.url.path)
+        resp = outage.respond(exc, request.url.path)
+        if resp is None and isinstance(exc, asyncpg.PostgresError) and (err := translate(exc)) is not None:
+            resp = problems.refusal(err, request.url.path)
+        if resp is None:
+            resp = problems.crash(exc, request.url.path)
+        # Answered from ServerErrorMiddleware, which raises the exception again once it has: the server then
+        # closes the connection. Said in the answer, so that a client does not send its next request on it.
+        resp.headers["connection"] = "close"
+        return resp
 
     @app.get("/healthz", tags=["operations"], summary="liveness: the process answers (no database read)",
              description="For a supervisor's liveness probe: 200 while the process serves requests. It reads no "

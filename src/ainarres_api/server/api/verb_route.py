@@ -20,9 +20,10 @@ The handler here, made once per route from the route's own `dependant`:
 
 Whatever it does not serve goes to FastAPI's own handler for the route, built as usual and kept: a request with a
 query string, a content type other than exactly `application/json`, an empty body or one that is not JSON, a
-request FastAPI's OpenTelemetry is tracing, or an app with dependency overrides (tests). A route whose
+request while FastAPI's OpenTelemetry is on, or an app with dependency overrides (tests). A route whose
 declaration it cannot serve (a `yield` dependency, a dependency with parameters of its own, query/header/cookie
-parameters) is refused when the app is built, so a change to a verb's signature cannot quietly take the verb off
+parameters, a form body, a body bound of its own, an endpoint that is not a coroutine declared to return a
+Response) is refused when the app is built, so a change to a verb's signature cannot quietly take the verb off
 this path or onto a wrong one.
 """
 
@@ -32,13 +33,16 @@ import inspect
 import json
 from typing import Any
 
+from fastapi import params
 from fastapi.dependencies.models import Dependant
-from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
+from fastapi.dependencies.utils import get_typed_return_annotation, request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.telemetry import get_telemetry_data
 from starlette._exception_handler import wrap_app_handling_exceptions
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _JSON = b"application/json"
@@ -51,6 +55,15 @@ def _servable(route: APIRoute) -> str | None:
         return "it takes query, header or cookie parameters"
     if len(d.body_params) != 1 or d.request_param_name is None:
         return "its endpoint must take one body and the request"
+    if isinstance(d.body_params[0].field_info, params.Form):
+        return "its body is a form"
+    if route.max_body_size is not None:
+        return "it bounds its own body (max_body_size)"
+    if not inspect.iscoroutinefunction(d.call):
+        return "its endpoint is not a coroutine function"
+    returns = get_typed_return_annotation(d.call) if d.call is not None else None
+    if not (inspect.isclass(returns) and issubclass(returns, Response)):
+        return "its endpoint is not declared to return a Response"
     if any(p for p in (d.background_tasks_param_name, d.response_param_name, d.http_connection_param_name,
                        d.security_scopes_param_name, d.websocket_param_name)):
         return "its endpoint takes a response, background tasks or security scopes"
@@ -86,19 +99,24 @@ class VerbRoute(APIRoute):
         if not self._plain(scope):
             return await self.fastapi_app(scope, receive, send)
         request = Request(scope, receive, send)
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else None
-        except (ValueError, RecursionError):  # not JSON, or nested past what Python's parser follows
-            body = None
-        if body is None:  # empty, `null` or not JSON: FastAPI's handler judges it (and words the refusal) as usual
-            return await self.fastapi_app(scope, _replay(raw, receive), send)
 
         async def solve(scope: Scope, receive: Receive, send: Send) -> None:
+            try:  # as FastAPI's handler reads it: inside the exception handlers, any failure but an HTTPException a 400
+                raw = await request.body()
+            except HTTPException:
+                raise
+            except Exception as exc:
+                raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc
+            try:
+                body = json.loads(raw) if raw else None
+            except (ValueError, RecursionError):  # not JSON, or nested past what Python's parser follows
+                body = None
+            if body is None:  # empty, `null` or not JSON: FastAPI's handler judges it (and words the refusal)
+                return await self.fastapi_app(scope, _replay(raw, receive), send)
             d = self.dependant
             values: dict[str, Any] = {}
             for sub in d.dependencies:
-                solved = await sub.call(request)  # type: ignore[misc]
+                solved = await sub.call(**{sub.request_param_name: request})  # type: ignore[misc,arg-type]
                 if sub.name is not None:
                     values[sub.name] = solved
             path_values, errors = request_params_to_args(d.path_params, request.path_params)
@@ -115,7 +133,7 @@ class VerbRoute(APIRoute):
 
     def _plain(self, scope: Scope) -> bool:
         """A request this handler serves: no query string, `Content-Type: application/json` exactly, no
-        dependency overrides on the app, FastAPI's telemetry off for it (on, FastAPI's handler records its spans)."""
+        dependency overrides on the app, FastAPI's telemetry off for it (on, FastAPI's handler records it)."""
         if scope.get("query_string") or get_telemetry_data() is not None:
             return False
         provider = self.dependency_overrides_provider
