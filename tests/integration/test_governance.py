@@ -277,6 +277,28 @@ async def test_callers_without_the_seat_or_role_are_refused(admin, db):
     assert await db.fetchval("SELECT count(*) FROM governance_trail") == 0  # refusals changed nothing
 
 
+async def test_what_an_admin_denied_only_an_admin_lifts(admin, db):
+    """As with disable: an overseer's lift of an admin's denial (an administrative decision, not a ban) is refused,
+    naming the way; the bans overseers make, they lift."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.post("/v1/families", {"key": "ovs", "features": ["seat:overseer"]}, 201)
+    ovs = await w.agent("ovs")
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "budget"}, 201)
+    refused = await ovs.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 403)
+    assert refused["code"] == "not_eligible" and "DELETE /v1/families/cheap/denials/role:dev" in refused["detail"]
+    assert [d["feature"] for d in (await admin.get("/v1/families/cheap"))["denials"]] == ["role:dev"]
+    assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'lift'") == 0
+    await ovs.post("/v1/governance/bans", {"family": "reviewers", "feature": "role:reviewer", "reason": "x"}, 201)
+    lifted = await ovs.post("/v1/governance/lifts", {"family": "reviewers", "feature": "role:reviewer",
+                                                      "reason": "y"}, 200)
+    assert lifted["data"]["was"] == "permanent"
+    lifted = await admin.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev",
+                                                       "reason": "budget back"}, 200)
+    assert lifted["data"]["was"] == "denial" and (await admin.get("/v1/families/cheap"))["denials"] == []
+    gone = await ovs.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 404)
+    assert gone["code"] == "not_found"
+
+
 # -- flags and recommendations ---------------------------------------------------------------------------
 
 

@@ -35,8 +35,9 @@ WITH d AS (
 SELECT * FROM d;
 
 -- name: denial_kind
--- The governance kind of a family's denial of a feature ('' for an admin's), if it has one.
-SELECT coalesce(governance, '') FROM denials WHERE family_key = $1 AND feature = $2;
+-- The governance kind of a family's denial of a feature in force ('' for an admin's), if it has one.
+SELECT coalesce(governance, '') FROM denials
+ WHERE family_key = $1 AND feature = $2 AND (expires_at IS NULL OR expires_at > now());
 
 -- name: denial_get
 SELECT feature, reason, expires_at, created_by, created_at,
