@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -83,7 +86,18 @@ def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
         if dead:
             log.warning("process(es) %s ended (killed?) without letting go of the embedded PostgreSQL in %s; "
                         "this process takes it over and stops it when it exits", ", ".join(map(str, dead)), pgdata)
-    return postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
+    server = postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
+    atexit.register(_stop_in_peace)  # after the server's own hook, so run before it (atexit runs the last first)
+    return server
+
+
+def _stop_in_peace() -> None:
+    """At exit, before the server's stop: a Ctrl-C or SIGTERM now (a second one, or one after a drained shutdown)
+    would be raised inside `pg_ctl stop`, cut it short with a traceback and leave PostgreSQL to stop by itself. The
+    stop takes a moment; SIGKILL still ends the process."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def admin_uri(server: Any) -> str:

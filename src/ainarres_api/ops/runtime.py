@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import socket
 import sys
 from types import FrameType
@@ -86,7 +87,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def exit_on_signal(signum: int, _frame: FrameType | None) -> None:
-    """Exit through SystemExit so atexit (the embedded PostgreSQL's stop) runs."""
+    """Exit through SystemExit so atexit (the embedded PostgreSQL's stop) runs. Once exiting, a second Ctrl-C or
+    SIGTERM is ignored (as during that stop: embedded._stop_in_peace); SIGKILL still ends the process."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -109,6 +109,7 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
     (SchemaRefused, nothing changed) a database a newer or another build has migrated."""
     applied_now: list[int] = []
     pending = available()
+    fresh: bool | None = None  # a database with no migration yet: one log line for all of them, not one each
     while True:
         async with conn.transaction():
             # Another replica may be migrating (wait for it), and a migration may take long: no bounds here.
@@ -117,10 +118,13 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
             await conn.execute(_TABLE)
             done = {r["version"]: r["name"] for r in await conn.fetch("SELECT version, name FROM ainarres_migrations")}
             _refuse_others(done, pending)
+            fresh = not done if fresh is None else fresh
             mig = next((m for m in pending if m.version not in done), None)
             if mig is None:
+                if fresh and applied_now:
+                    log.info("created the schema: applied migrations %04d to %04d", applied_now[0], applied_now[-1])
                 return applied_now
             await conn.execute(mig.sql)
             await conn.execute("INSERT INTO ainarres_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name)
-        log.info("applied migration %04d_%s", mig.version, mig.name)
+        log.log(logging.DEBUG if fresh else logging.INFO, "applied migration %04d_%s", mig.version, mig.name)
         applied_now.append(mig.version)
