@@ -630,3 +630,36 @@ async def test_replicas_that_know_each_other_keep_telling_each_other(dsn, channe
             assert not first.alone and not second.alone
             await publish_at(second, clock, 350, made_ready(5))
             await said_all(heard, f"{second.id}|here:100", f"{second.id}|5")
+
+
+async def test_a_retry_racing_its_first_waiting_next_never_takes_a_second_task(app, admin, db):
+    """Found by a review: the first call's `next` is a long poll still waiting when the same move comes again (an
+    MCP client that timed out; an HTTP client retrying on a new connection while the old one stays open). The
+    retry replays the move and waits too; when work comes, one of the two claims takes it and the other answers
+    that same hold (`replay: true`), decided under the agent's lock — never two tasks for one move."""
+    w = await make_world(admin)
+    await admin.patch("/v1/families/cheap", {"max_active": 2})
+    dev, maker = await w.agent("cheap"), await w.agent("cheap")
+    tid = (await dev.create("dev", "x"))["task"]["id"]
+    lease = (await dev.claim())["lease"]["id"]
+    hub = hub_of(app)
+    body = {"lease": lease, "to": "review", "next": {"lane": "dev", "wait_seconds": WAIT}}
+
+    async def waiting_move() -> asyncio.Task[Any]:
+        before = {id(x) for x in hub.waiters}
+        move = asyncio.create_task(dev.verb(tid, "advance", **body))
+        await hub.until(lambda h: (any(id(x) not in before and x.idle for x in h.waiters) and not h.sweeping)
+                        or move.done(), WOKEN_WITHIN)
+        assert not move.done(), move.result()
+        return move
+
+    first = await waiting_move()
+    retry = await waiting_move()
+    made = [(await maker.create("dev", t))["task"]["id"] for t in ("b", "c")]
+    one, two = await woken(first), await woken(retry)
+    assert two["replay"] is True and two["event"] == one["event"]
+    assert one["next"]["task"]["id"] == two["next"]["task"]["id"] in made
+    assert one["next"]["lease"] == two["next"]["lease"]
+    assert sorted(bool(x["next"].get("replay")) for x in (one, two)) == [False, True]
+    held = await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1 AND state = 'held'", dev.sub)
+    assert held == 1

@@ -77,7 +77,8 @@ class Event(BaseModel):
     data: dict[str, Any] = Field(description=(
         "what happened, by `type`: created {lane, stage, state, priority, required_features, depends_on}; claimed "
         "{stage, lease, lease_expires_at, attempts; reclaimed, previous_holder, previous_lease when it took over "
-        "an expired hold}; progress {note, artifacts, lease}; transition {kind, from, to, note (advance) or "
+        "an expired hold; next_of, the id of the move's event when an advance's or reject's `next` made it}; "
+        "progress {note, artifacts, lease}; transition {kind, from, to, note (advance) or "
         "reason (reject), artifacts, lease; role, the role:* the move took; stage_seconds, an advance's time in "
         "the stage it left}; released {reason, attempts, lease, escalated}; blocked {reason, …}; unblocked "
         "{note, previous_attempts}; escalated {from_tier, to_tier, attempts}; ready {after: the task whose "

@@ -474,7 +474,10 @@ class McpFace:
         call: Call | None = None
         try:
             call = await self._call(ctx)
-            call.again, call.memory.retry = call.memory.retry, None  # only the very next call may be its retry
+            # Only the very next call may be a retry; but which task an identical move means, after a move that
+            # took a `next` hold and named no task (Memory.retry "next"), stays asked until a move answers it.
+            call.again = call.memory.retry
+            call.memory.retry = call.again if call.again is not None and "next" in call.again else None
             _no_unknown_arguments()
             with wake.recording() as rec:
                 out = await body(call)
@@ -527,13 +530,12 @@ class McpFace:
             async def body(call: Call) -> dict[str, Any]:
                 sent = _digest(verb.tool, args)
                 again = call.again if call.again is not None and call.again["call"] == sent else {}
-                if again.get("next"):
-                    call.memory.retry = again  # refused until the caller says which it means
+                if again.get("next"):  # refused until the caller names the task (the marker stays)
                     raise Invalid(
-                        f"task_id: this call is the same as your last one, which moved task {again['task']} and "
-                        f"claimed task {again['next']} for you (its `next`): pass task_id={again['next']} to move "
-                        f"that task, or task_id={again['task']} with lease={again['lease']} to send the last move "
-                        "again (if its answer was lost: it answers the same outcome and the same `next`)")
+                        f"task_id: this call is the same as your last move, which was applied: it moved task "
+                        f"{again['task']}, and its `next` claimed task {again['next']} for you, which you hold now "
+                        f"(show_task shows it). Nothing more was done. To move task {again['next']}, send the "
+                        f"call with task_id={again['next']}.")
                 named = args.pop("task_id", None)
                 task_id = call.task_id(named or again.get("task")) if verb.on_task else None
                 used = None

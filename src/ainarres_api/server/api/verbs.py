@@ -142,7 +142,7 @@ async def _create(c: Call, _: uuid.UUID | None, body: TaskCreate) -> tuple[dict[
 
 
 async def _claim(c: Call, _: uuid.UUID | None, body: ClaimIn, after: int | None = None) -> tuple[dict[str, Any], int]:
-    """A claim; `after`, the event of the move whose `next` it is (kept on the claim's event: tasks.claim_after)."""
+    """A claim; `after`, the event of the move whose `next` it is (tasks.claim: `next_of`)."""
     if body.wait_seconds <= 0:
         out, c.lent.caller = await tasks.claim(c.conn, c.lent.who, body.lane, c.st.limits, after=after)
         if out["code"] == "empty":  # refused if it can never match; else what may come
@@ -186,14 +186,12 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
     reject strikes the producer of the work, which may be the caller's own family, and at the threshold bans
     it from the role — and the claim must not take work the move just denied it.
 
-    A move answered as a replay (its first answer was lost) answers the claim its first call made, while the
-    caller still holds that task (tasks.claim_after); only if there is none does it claim."""
+    The claim names the move (its event): a claim for that move made already — the move is a retry whose first
+    answer was lost — is answered again while the caller still holds its task (`replay: true`), never a second
+    one (tasks.claim)."""
     if want is None:
         return out, 200
     move = out["event"]["id"] if out.get("event") else None
-    if out.get("replay") and move is not None and (again := await tasks.claim_after(c.conn, c.caller, move)):
-        c.next_claim = ("claimed", 0.0)
-        return {**out, "next": again}, 200
     if want.wait_seconds > 0:
         wake.flush(c.st.wake)  # the move committed: wake others now, not when this long poll answers
     started = time.perf_counter()
@@ -201,7 +199,8 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
         nxt, _ = await _claim(c, None, want, after=move)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
-    c.next_claim = (str(nxt["code"]), time.perf_counter() - started)
+    if not nxt.get("replay"):  # a claim answered again was counted when it was made
+        c.next_claim = (str(nxt["code"]), time.perf_counter() - started)
     return {**out, "next": nxt}, 200
 
 

@@ -210,7 +210,8 @@ async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str |
                 prefer: Collection[int] = (), after: int | None = None) -> tuple[dict[str, Any], Principal]:
     """Take the best task the caller may do, recovering expired leases on the way. The statement reads the
     caller (refused: 401, nothing done); the answer, and the caller as it read it (which a refusal carries too).
-    `after`: the event of the move whose `next` this claim is, kept on the claim's event (claim_after)."""
+    `after`: the event of the move whose `next` this claim is, kept on the claim's event (`next_of`); a hold a
+    claim for that move took already is answered again (`replay: true`), never a second one."""
     me = auth.named(who)
     read: list[Principal] = []
     with _carrying(read):
@@ -220,11 +221,12 @@ async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str |
             p = await auth.admit(conn, row, me, seen=True)
             read.append(p)
             verdict = row["verdict"]
-            if verdict == "take":
-                return {"code": "claimed", "task": row["task"],
-                        "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
-                        "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
-                        "context": row["context"]}, p
+            if verdict in ("take", "again"):
+                out = {"code": "claimed", "task": row["task"],
+                       "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
+                       "card": await stage_card(conn, row["stage_id"]), "event": row["event"],
+                       "context": row["context"]}
+                return (out | {"replay": True} if verdict == "again" else out), p
             if verdict == "empty":
                 return {"code": "empty", "task": None, "lease": None}, p
             if verdict == "full":
@@ -234,19 +236,6 @@ async def claim(conn: asyncpg.Connection, who: Identity | Principal, lane: str |
             # stale (a claim of this agent committed meanwhile, or its first: admit recorded it), or recovered:
             # claim again with a new snapshot
         return {"code": "empty", "task": None, "lease": None}, read[-1]
-
-
-async def claim_after(conn: asyncpg.Connection, p: Principal, move_event: int) -> dict[str, Any] | None:
-    """The claim made for the `next` of the move recorded by `move_event`, answered again (`replay: true`) while the
-    caller still holds its task under its lease; None if there is none (the claim found nothing, was refused, or
-    its hold has ended). A retry of a move answered as a replay answers its `next` with it: claiming again would
-    take a second task while the first one's hold, which the caller never heard of, waits out its lease."""
-    row = await conn.fetchrow(Q["claim_after"], p.sub, move_event)
-    if row is None:
-        return None
-    return {"code": "claimed", "task": row["task"], "lease": _lease_out(row["lease_id"], row["lease_expires_at"]),
-            "card": await stage_card(conn, row["stage_id"]), "event": row["event"], "context": row["context"],
-            "replay": True}
 
 
 async def prospects(conn: asyncpg.Connection, p: Principal, lane: str | None) -> dict[str, Any]:

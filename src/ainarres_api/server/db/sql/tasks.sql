@@ -35,11 +35,14 @@ SELECT coalesce(x.v, 'not_found') AS verdict, task_json(coalesce(u.t, x.lk)) AS 
 -- The claim, one statement (its own transaction when the service runs it alone). $1, $2, $3 the jti, sub
 -- and family of the caller's verified token, $4 a lane or NULL, $5 how many routes one claim probes, $6
 -- routes to probe first (what woke a waiting claim), $7 the event of the move whose `next` this claim is (or
--- NULL), kept on the claim's event (`after`: a retry of the move finds its claim, claim_after). The caller is read here, with principal_of (its
+-- NULL), kept on the claim's event as `next_of`. The caller is read here, with principal_of (its
 -- columns are answered: services.auth.admit), in this statement's snapshot: its features, its family's
 -- max_active; and recorded seen (`counted`). The verdict says what happened; only 'take' changed a task:
 --   refused  the caller is refused (principal_of says why); nothing was read or locked
 --   take     the best candidate is now held by the caller (task, event, lease below)
+--   again    a claim for the `next` of move $7 was made already (a retry of the move, or the first call's long
+--            poll answering after its retry claimed): the hold it took, still live, is answered again; nothing
+--            changed. Decided under the agent's lock, so two claims for one move never take two tasks
 --   empty    nothing the caller may take (and it has room)
 --   full     the caller already holds max_active live leases (counted with this snapshot)
 --   stale    a claim of the same agent committed after this statement's snapshot: run it again
@@ -56,6 +59,17 @@ WITH caller AS (
       FROM caller k JOIN agents a ON a.sub = k.sub
      WHERE k.refused IS NULL
        FOR UPDATE OF a
+), prior AS (
+    -- The live hold a claim for the `next` of move $7 took, if one did. Read once `me` holds the agent's row, with
+    -- a snapshot `fresh` says no claim of the agent committed after: every such claim is seen.
+    SELECT t AS t, ev AS ev
+      FROM caller k
+      JOIN tasks t ON t.holder = k.sub AND t.state = 'held' AND t.lease_expires_at > now()
+      JOIN events ev ON ev.task_id = t.id AND ev.type = 'claimed' AND ev.actor = k.sub
+                    AND ev.data ->> 'lease' = t.lease_id::text AND ev.data ->> 'next_of' = $7::bigint::text
+     WHERE $7::bigint IS NOT NULL AND (SELECT fresh FROM me)
+     ORDER BY ev.id
+     LIMIT 1
 ), eligible AS (
     -- Routes (lane, stage, required set) the caller may take from: the small, append-only route tables
     -- alone decide it. Over $5 routes, the woken ones first, then a random subset, so that over a few
@@ -63,7 +77,7 @@ WITH caller AS (
     SELECT r.id
       FROM routes r
       JOIN lanes l ON l.id = r.lane_id
-     WHERE (SELECT fresh FROM me)
+     WHERE (SELECT fresh FROM me) AND NOT EXISTS (SELECT 1 FROM prior)
        AND ($4::text IS NULL OR l.key = $4)
        AND EXISTS (SELECT 1 FROM route_bundles b WHERE b.route_id = r.id
                       AND b.features <@ (SELECT k.features FROM caller k))
@@ -114,6 +128,7 @@ WITH caller AS (
     SELECT CASE
         WHEN (SELECT k.refused FROM caller k) IS NOT NULL THEN 'refused'
         WHEN NOT coalesce((SELECT fresh FROM me), false) THEN 'stale'
+        WHEN EXISTS (SELECT 1 FROM prior) THEN 'again'
         WHEN (SELECT count(*) FROM tasks h, caller k
                WHERE h.holder = k.sub AND h.state = 'held' AND h.lease_expires_at > now())
              >= (SELECT k.max_active FROM caller k) THEN 'full'
@@ -135,7 +150,7 @@ WITH caller AS (
     SELECT (u.t).id, 'claimed', k.sub, k.family_key,
            jsonb_build_object('lease', (u.t).lease_id, 'lease_expires_at', (u.t).lease_expires_at,
                               'attempts', (u.t).attempts, 'stage', c.stage_key)
-           || CASE WHEN $7::bigint IS NOT NULL THEN jsonb_build_object('after', $7::bigint) ELSE '{}'::jsonb END
+           || CASE WHEN $7::bigint IS NOT NULL THEN jsonb_build_object('next_of', $7::bigint) ELSE '{}'::jsonb END
            || CASE WHEN c.expired
                    THEN jsonb_build_object('reclaimed', true, 'previous_holder', c.holder,
                                            'previous_lease', c.lease_id)
@@ -151,28 +166,19 @@ WITH caller AS (
       FROM caller k
      WHERE a.sub = k.sub AND EXISTS (SELECT 1 FROM me) AND (EXISTS (SELECT 1 FROM u) OR k.seen_stale)
 )
-SELECT v.v AS verdict, task_json(u.t) AS task, event_json(e.events) AS event,
-       (u.t).lease_id AS lease_id, (u.t).lease_expires_at AS lease_expires_at,
-       c.id AS candidate, c.stage_id, c.due, CASE WHEN (u.t).id IS NOT NULL THEN lane_context(c.lane_id) END AS context,
+SELECT v.v AS verdict, task_json(coalesce(u.t, p.t)) AS task, event_json(coalesce(e.events, p.ev)) AS event,
+       coalesce((u.t).lease_id, (p.t).lease_id) AS lease_id,
+       coalesce((u.t).lease_expires_at, (p.t).lease_expires_at) AS lease_expires_at,
+       c.id AS candidate, coalesce((p.t).stage_id, c.stage_id) AS stage_id, c.due,
+       CASE WHEN (u.t).id IS NOT NULL THEN lane_context(c.lane_id)
+            WHEN (p.t).id IS NOT NULL THEN lane_context((p.t).lane_id) END AS context,
        k.*
   FROM verdict v
  CROSS JOIN caller k
   LEFT JOIN c ON true
   LEFT JOIN u ON true
-  LEFT JOIN e ON true;
-
--- name: claim_after
--- The live hold agent $1 took with the claim made for the `next` of the move recorded by event $2 (its claimed
--- event says `after`: claim), if it still holds it under that claim's lease: a retry of the move, answered as a
--- replay, answers that claim again instead of claiming more. At most max_active rows to look at (tasks_by_holder).
-SELECT task_json(t) AS task, t.lease_id, t.lease_expires_at, t.stage_id, event_json(l.c) AS event,
-       lane_context(t.lane_id) AS context
-  FROM tasks t
- CROSS JOIN LATERAL (SELECT ev AS c FROM events ev WHERE ev.task_id = t.id AND ev.type = 'claimed'
-                      ORDER BY ev.id DESC LIMIT 1) l
- WHERE t.holder = $1 AND t.state = 'held' AND t.lease_expires_at > now()
-   AND (l.c).actor = $1 AND (l.c).data ->> 'after' = $2::bigint::text AND (l.c).data ->> 'lease' = t.lease_id::text
- LIMIT 1;
+  LEFT JOIN e ON true
+  LEFT JOIN prior p ON true;
 
 -- name: claim_prospects
 -- Why a claim by a caller with features $1 (sorted), optionally in lane $2, found nothing. Run only when
