@@ -285,9 +285,20 @@ async def test_what_an_admin_denied_only_an_admin_lifts(admin, db):
     ovs = await w.agent("ovs")
     await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "budget"}, 201)
     refused = await ovs.post("/v1/governance/lifts", {"family": "cheap", "feature": "role:dev", "reason": "x"}, 403)
-    assert refused["code"] == "not_eligible" and "DELETE /v1/families/cheap/denials/role:dev" in refused["detail"]
+    assert refused["code"] == "not_eligible" and "only seat:admin lifts it" in refused["detail"]
+    refused = (await ovs.delete("/v1/families/cheap/denials/role:dev", 403)).json()  # nor through the other door
+    assert refused["code"] == "not_eligible" and "only seat:admin lifts it" in refused["detail"]
     assert [d["feature"] for d in (await admin.get("/v1/families/cheap"))["denials"]] == ["role:dev"]
     assert await db.fetchval("SELECT count(*) FROM governance_trail WHERE action = 'lift'") == 0
+    # An overseer's own denial, the overseer lifts (either way).
+    for lift in ("delete", "governance"):
+        await ovs.post("/v1/families/reviewers/denials", {"feature": "role:reviewer", "reason": "slow"}, 201)
+        if lift == "delete":
+            await ovs.delete("/v1/families/reviewers/denials/role:reviewer", 204)
+        else:
+            await ovs.post("/v1/governance/lifts", {"family": "reviewers", "feature": "role:reviewer",
+                                                    "reason": "fast again"}, 200)
+        assert (await admin.get("/v1/families/reviewers"))["denials"] == []
     await ovs.post("/v1/governance/bans", {"family": "reviewers", "feature": "role:reviewer", "reason": "x"}, 201)
     lifted = await ovs.post("/v1/governance/lifts", {"family": "reviewers", "feature": "role:reviewer",
                                                       "reason": "y"}, 200)
@@ -738,3 +749,17 @@ async def test_the_migration_backfill_rebuilds_the_counts_from_events(admin, db)
     await db.execute(backfill)
     rebuilt = await db.fetch(f"SELECT {cols} FROM track_counts GROUP BY 1, 2 ORDER BY 1, 2")
     assert rebuilt == live and len(live) == 3  # cheap and capable in role:dev, reviewers in role:reviewer
+
+
+async def test_migration_0025_marks_the_denials_admins_made(admin, db):
+    """Denials made before 0025 carry no mark: the migration marks those whose maker's family holds seat:admin."""
+    w = await make_world(admin, workflow=LOOP)
+    await admin.post("/v1/families", {"key": "ovs", "features": ["seat:overseer"]}, 201)
+    ovs = await w.agent("ovs")
+    await admin.post("/v1/families/cheap/denials", {"feature": "role:dev", "reason": "budget"}, 201)
+    await ovs.post("/v1/families/reviewers/denials", {"feature": "role:reviewer", "reason": "slow"}, 201)
+    await db.execute("UPDATE denials SET by_admin = false")  # as before the migration
+    sql = next(m.sql for m in migrate.available() if m.version == 25)
+    await db.execute(sql[sql.index("-- Existing denials"):])
+    marks = {r["family_key"]: r["by_admin"] for r in await db.fetch("SELECT family_key, by_admin FROM denials")}
+    assert marks == {"cheap": True, "reviewers": False}

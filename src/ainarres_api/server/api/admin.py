@@ -138,7 +138,8 @@ async def get_denial(key: str, feature: str, _: Governor, conn: Conn) -> dict[st
 @router.delete("/families/{key}/denials/{feature}", status_code=204, response_class=Response,
                summary="lift a denial",
                description=f"{_GOVERN} The family's agents hold the feature again from their next call. An "
-                           "overseer may not lift a `seat:*` denial or one of its own family's (403). A denial the "
+                           "overseer may not lift a `seat:*` denial, one of its own family's, or one an admin made "
+                           "(403: an administrative decision, only seat:admin lifts it). A denial the "
                            "family does not have (lifted already, or never made) is 204 too, so a retried DELETE "
                            "is safe; an unknown family or feature is 404.",
                responses={204: {"description": "Lifted."}, **refusals(*_SEAT, NotFound, Conflict)})

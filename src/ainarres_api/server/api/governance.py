@@ -122,8 +122,9 @@ async def ban_permanently(body: BanIn, caller: Overseer, conn: Conn) -> dict[str
 @router.post("/lifts", response_model=models.TrailEntry,
              summary="lift a family's ban of a feature, temporary or permanent (seat:overseer), on the trail",
              description=f"{_OVERSEER} The family's strikes in that role start over. A denial an admin made "
-                         "(POST /v1/families/{key}/denials) is an administrative decision that only seat:admin lifts "
-                         "(403 not_eligible to an overseer without it). 404: nothing to lift.",
+                         "(POST /v1/families/{key}/denials by a caller with seat:admin) is an administrative "
+                         "decision that only seat:admin lifts, here or with DELETE (403 not_eligible to an overseer "
+                         "without it). 404: nothing to lift.",
              responses=_ACT)
 async def lift_ban(body: BanIn, caller: Overseer, conn: Conn) -> dict[str, Any]:
     return await governance.lift(conn, caller, body.family, body.feature, body.reason)

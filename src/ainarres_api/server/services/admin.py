@@ -96,6 +96,12 @@ def may_govern(p: Principal, family: str, feature: str | None, act: str = "deny 
         raise NotEligible(f"an overseer may not {act} its own family; ask another overseer or an admin")
 
 
+def admin_denied(family: str, feature: str) -> NotEligible:
+    """The refusal of an overseer's lift of a denial an admin made (either lift: admin.lift, governance.lift)."""
+    return NotEligible(f"family {family}'s {feature} was denied by an admin (an administrative decision, as a "
+                       "disable is): only seat:admin lifts it")
+
+
 async def lock_admins(conn: asyncpg.Connection) -> None:
     """Take the lock every change that may take seat:admin from a family holds while it checks and makes the change
     (`keep_an_admin`); first in its transaction, before any family's row."""
@@ -189,9 +195,11 @@ async def deny(conn: asyncpg.Connection, p: Principal, family: str, feature: str
         may_govern(p, family, feature)
         if feature == "seat:admin":
             await keep_an_admin(conn, family)
-        row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family)
+        row = await conn.fetchrow(Q["denial_insert"], family, feature, reason, expires_at, p.sub, p.family,
+                                  p.has("seat:admin"))
         if row is None:
-            if kind := await conn.fetchval(Q["denial_kind"], family, feature):
+            held = await conn.fetchrow(Q["denial_kind"], family, feature)
+            if held is not None and (kind := held["governance"]):
                 raise Conflict(f"family {family} is under a {kind} governance ban of {feature}; an overseer lifts "
                                "it with POST /v1/governance/lifts (family, feature, reason)")
             raise Conflict(f"family {family} already has an active denial of {feature}; "
@@ -211,12 +219,14 @@ async def get_denial(conn: asyncpg.Connection, family: str, feature: str) -> dic
 async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str) -> None:
     """Remove a family's denial of a feature (on the governance trail, when it was in force)."""
     may_govern(p, family, feature)
-    row = await conn.fetchrow(Q["denial_delete"], family, feature, p.sub, p.family)
+    row = await conn.fetchrow(Q["denial_delete"], family, feature, p.sub, p.family, p.has("seat:admin"))
     if row is None:  # lifted already, or never denied: what was asked holds (a retried DELETE is not refused)
         if not await conn.fetchval(Q["family_known"], family):
             raise NotFound(f"no family {family!r}")
         await auth.feature_exists(conn, feature)
         return
+    if not row["lifted"] and not row["governance"] and row["by_admin"]:
+        raise admin_denied(family, feature)
     if not row["lifted"]:
         raise Conflict(f"family {family!r}'s denial of {feature!r} is a {row['governance']} governance ban; lift it "
                        "with POST /v1/governance/lifts (family, feature, reason), which records it on the trail")

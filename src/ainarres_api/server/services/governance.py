@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from ainarres_api.server.db.queries import Q
-from ainarres_api.server.errors import Conflict, Invalid, NotEligible, NotFound
+from ainarres_api.server.errors import Conflict, Invalid, NotFound
 from ainarres_api.server.services import admin, auth, tasks, wake
 from ainarres_api.server.services.auth import Principal
 
@@ -118,10 +118,9 @@ async def lift(conn: asyncpg.Connection, p: Principal, family: str, feature: str
     async with conn.transaction():
         row = await conn.fetchrow(Q["lift"], family, feature, p.sub, p.family, reason, p.has("seat:admin"))
     if row is None:
-        if await conn.fetchval(Q["denial_kind"], family, feature) == "":
-            # As with disable: what an admin decided, only an admin undoes (governance.md, ADR 0008).
-            raise NotEligible(f"family {family}'s {feature} is denied by an admin (an administrative decision, not a "
-                              f"ban); only seat:admin lifts it (DELETE /v1/families/{family}/denials/{feature})")
+        held = await conn.fetchrow(Q["denial_kind"], family, feature)
+        if held is not None and held["by_admin"]:  # as with disable: what an admin decided, only an admin undoes
+            raise admin.admin_denied(family, feature)
         raise NotFound(f"family {family} has no active ban or denial of {feature}; GET /v1/governance lists them")
     return dict(row)
 

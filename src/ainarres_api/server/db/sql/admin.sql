@@ -1,31 +1,34 @@
 -- Administration: vocabulary, families, denials, workflows, projects, lanes.
 
 -- name: denial_delete
--- Lifts an ordinary denial, with a trail entry ($3 sub, $4 actor family) when it was still in force. A
--- governance-made one (reflexive or permanent) stays: its lift goes through /v1/governance/lifts. Answers the
--- denial's governance kind and whether it was lifted, or no row when none is in force (an expired one, of
--- any kind, is lifted already: a retried DELETE is not refused).
-WITH d AS (SELECT governance FROM denials WHERE family_key = $1 AND feature = $2
-                                            AND (expires_at IS NULL OR expires_at > now())),
+-- Lifts an ordinary denial, with a trail entry ($3 sub, $4 actor family) when it was still in force; one an admin
+-- made only if $5 (the caller holds seat:admin). A governance-made one (reflexive or permanent) stays: its lift
+-- goes through /v1/governance/lifts. Answers the denial's governance kind, whether an admin made it and whether it
+-- was lifted, or no row when none is in force (an expired one, of any kind, is lifted already: a retried DELETE is
+-- not refused).
+WITH d AS (SELECT governance, by_admin FROM denials WHERE family_key = $1 AND feature = $2
+                                                      AND (expires_at IS NULL OR expires_at > now())),
      gone AS (DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND governance IS NULL
+                                    AND ($5 OR NOT by_admin OR (expires_at IS NOT NULL AND expires_at <= now()))
               RETURNING reason, expires_at),
      t AS (INSERT INTO governance_trail (actor, actor_family, action, family_key, feature, reason, data)
            SELECT $3, $4, 'lift', $1, $2, 'removed with DELETE /v1/families/' || $1 || '/denials/' || $2,
                   jsonb_build_object('was', 'denial', 'expires_at', g.expires_at, 'denied_for', g.reason)
              FROM gone g WHERE g.expires_at IS NULL OR g.expires_at > now())
-SELECT coalesce((SELECT governance FROM d), '') AS governance, (SELECT count(*) FROM gone) AS lifted
+SELECT coalesce((SELECT governance FROM d), '') AS governance, (SELECT by_admin FROM d) AS by_admin,
+       (SELECT count(*) FROM gone) AS lifted
  WHERE EXISTS (SELECT 1 FROM d);
 
 -- name: denial_insert
 -- A denial that has already expired is replaced (an expired governance ban included: the new row is the
 -- admin's, not the governance's); an active one is a conflict (no row returned). On the governance trail as
--- `deny` ($6 the actor's family).
+-- `deny` ($6 the actor's family); $7 whether the caller holds seat:admin (only seat:admin lifts it then).
 WITH d AS (
-    INSERT INTO denials (family_key, feature, reason, expires_at, created_by)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO denials (family_key, feature, reason, expires_at, created_by, by_admin)
+    VALUES ($1, $2, $3, $4, $5, $7)
     ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
        SET reason = EXCLUDED.reason, expires_at = EXCLUDED.expires_at, created_by = EXCLUDED.created_by,
-           created_at = now(), governance = NULL
+           created_at = now(), governance = NULL, by_admin = EXCLUDED.by_admin
      WHERE denials.expires_at IS NOT NULL AND denials.expires_at <= now()
     RETURNING feature, reason, expires_at, created_by, created_at
 ), t AS (
@@ -35,8 +38,9 @@ WITH d AS (
 SELECT * FROM d;
 
 -- name: denial_kind
--- The governance kind of a family's denial of a feature in force ('' for an admin's), if it has one.
-SELECT coalesce(governance, '') FROM denials
+-- A family's denial of a feature in force, if it has one: its governance kind ('' for one made through the denials
+-- route) and whether an admin made it (only seat:admin lifts it then).
+SELECT coalesce(governance, '') AS governance, by_admin FROM denials
  WHERE family_key = $1 AND feature = $2 AND (expires_at IS NULL OR expires_at > now());
 
 -- name: denial_get

@@ -73,11 +73,11 @@ SELECT id, kind, family_key AS family, feature, task_id, note, raised_by, raised
 
 -- name: lift
 -- Lift a family's denial of a feature (temporary or permanent) and start its strikes over, with a trail
--- entry. $1 family, $2 feature, $3 sub, $4 actor family, $5 reason, $6 whether the caller may lift an admin's
--- denial (seat:admin; `governance` NULL). No row: nothing was lifted (denial_kind says why).
+-- entry. $1 family, $2 feature, $3 sub, $4 actor family, $5 reason, $6 whether the caller may lift what an admin
+-- denied (seat:admin: `by_admin`). No row: nothing was lifted (denial_kind says why).
 WITH d AS (
     DELETE FROM denials WHERE family_key = $1 AND feature = $2 AND (expires_at IS NULL OR expires_at > now())
-       AND ($6 OR governance IS NOT NULL)
+       AND ($6 OR NOT by_admin)
     RETURNING family_key, feature, expires_at, governance
 ), s AS (
     UPDATE governance_strikes SET strikes = 0 WHERE family_key = $1 AND feature = $2 AND EXISTS (SELECT 1 FROM d)
