@@ -172,7 +172,7 @@ async def test_the_claim_answers_are_unions_told_apart_by_code(admin: Api) -> No
                           ("Created", {"created": "CreatedNew", "existing": "CreatedExisting"})):
         mapping = components[union]["discriminator"]["mapping"]
         assert {code: ref.rsplit("/", 1)[1] for code, ref in mapping.items()} == shapes
-    claim_refusals = {err.code for err in verbs.BY_NAME["claim"].refusals} | {"unauthenticated"}
+    claim_refusals = {err.code for err in verbs.BY_NAME["claim"].refusals} | {"unauthenticated", "unavailable"}
     assert set(get_args(envelopes.ClaimRefusalCode)) == claim_refusals
     mapping = components["NextClaim"]["discriminator"]["mapping"]
     assert {code for code, ref in mapping.items() if ref.endswith("/ClaimRefusal")} == claim_refusals

@@ -182,3 +182,24 @@ async def test_a_retried_move_claims_anew_when_its_first_next_is_over(admin, db)
     assert third["replay"] is True and third["next"]["code"] == "claimed" and "replay" not in third["next"]
     assert third["next"]["lease"]["id"] != again["next"]["lease"]["id"]
     assert await _held_count(db, dev.sub) == 1
+
+
+async def test_a_next_claim_the_database_fails_is_refused_inside_the_200(admin, db, dsn):
+    """Found by a review: the move committed, then its `next` claim met a lock time-out (another transaction held
+    the agent's row) and the whole request was answered `503 … nothing was changed`. The move stands: 200, and
+    `next` is the claim's refusal, `unavailable`, with when to claim again."""
+    w = await make_world(admin)
+    dev, task, lease = await held(w)
+    await dev.create("dev", "second")
+    other = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM agents WHERE sub = $1 FOR UPDATE", dev.sub)
+            out = await dev.verb(task["id"], "advance", lease=lease, to="review", next={"lane": "dev"})
+    finally:
+        await other.close()
+    assert out["code"] == "ok" and out["task"]["stage"] == "review"
+    nxt = out["next"]
+    assert nxt["code"] == "unavailable" and nxt["status"] == 503 and nxt["retry_after"] >= 1
+    assert "the move stands" in nxt["detail"] and "Claim again" in nxt["detail"]
+    assert await db.fetchval("SELECT count(*) FROM tasks WHERE holder = $1", dev.sub) == 0

@@ -248,9 +248,10 @@ class Claimed(RootModel[Annotated[ClaimedTask | ClaimEmpty, Field(discriminator=
     """The answer to claim: `claimed`, a task you now hold, or `empty`."""
 
 
-# The codes a move's `next` claim can be refused with: the claim verb's refusals, and `unauthenticated` when the
-# caller's features are read again after a reject and its token no longer holds (test_docs checks the set).
-ClaimRefusalCode = Literal["already_holding", "not_eligible", "rate_limited", "unauthenticated"]
+# The codes a move's `next` claim can be refused with: the claim verb's refusals, `unauthenticated` when the
+# caller's features are read again after a reject and its token no longer holds, and `unavailable` when the
+# database failed the claim after the move committed (test_docs checks the set).
+ClaimRefusalCode = Literal["already_holding", "not_eligible", "rate_limited", "unauthenticated", "unavailable"]
 
 
 class ClaimRefusal(Problem):

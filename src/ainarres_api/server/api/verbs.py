@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import asyncpg
 from fastapi import Body as BodyParam
 from fastapi import FastAPI, Path, Request, Response
 from pydantic import BaseModel
 from starlette.types import Receive
 
-from ainarres_api.server.api import contract, envelopes, models, problems
+from ainarres_api.server.api import contract, envelopes, models, outage, problems
 from ainarres_api.server.api.deps import AgentVerb, AppState, FastJSONResponse, Lent
 from ainarres_api.server.api.schemas import (
     AdvanceIn,
@@ -41,6 +42,7 @@ from ainarres_api.server.api.schemas import (
     check_event_bytes,
 )
 from ainarres_api.server.api.verb_route import VerbRoute
+from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import (
     AinarresError,
     AlreadyHolding,
@@ -52,6 +54,7 @@ from ainarres_api.server.errors import (
     NotFound,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 from ainarres_api.server.metrics import NEXT_CLAIM
 from ainarres_api.server.services import auth, claiming, spend, tasks, wake
@@ -199,6 +202,16 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
         nxt, _ = await _claim(c, None, want, after=move)
     except AinarresError as exc:
         nxt = problems.refused(exc, "/v1/claims")
+    except Exception as exc:
+        # The move has committed: a claim the database failed (a lock time-out, a collision, an outage) is this
+        # claim's refusal inside the 200 — a 503 for the request would say that nothing was changed.
+        known = (translate(exc) if isinstance(exc, asyncpg.PostgresError) else None) or outage.noted(exc, "/v1/claims")
+        if known is None:
+            raise
+        nxt = problems.refused(Unavailable(
+            "the next claim could not be made now (a row it needs stayed locked, it collided with a concurrent "
+            "change, or the database could not be reached); the move stands. Claim again (POST /v1/claims) after "
+            "Retry-After seconds", retry_after=known.extra.get("retry_after", 1)), "/v1/claims")
     if not nxt.get("replay"):  # a claim answered again was counted when it was made
         c.next_claim = (str(nxt["code"]), time.perf_counter() - started)
     return {**out, "next": nxt}, 200
