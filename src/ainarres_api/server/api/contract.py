@@ -109,8 +109,8 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
     """Make every operation of an OpenAPI document tell the whole truth about refusals: FastAPI documents a
     422 as its own JSON shape, which the service never sends (it sends problem+json `invalid`); every
     operation may meet 503 `unavailable` (the database out of reach, a lock that did not come), 400, 408 and
-    431 at the door, 422 `invalid` (at least for a query parameter it does not take), every one but the
-    probes 429 `rate_limited`, and every one that takes a body 413 `payload_too_large`."""
+    431 at the door, 413 `payload_too_large` and 422 `invalid` (a body over the bound, or compressed, whatever the
+    method; a query parameter it does not take), and every one but the probes 429 `rate_limited`."""
     add_components(schema)
     for path, ops in schema.get("paths", {}).items():
         for op in ops.values():
@@ -120,10 +120,9 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
             extra: list[type[AinarresError]] = [Unavailable]
             if path not in _EVERYWHERE_EXEMPT:
                 extra.append(RateLimited)
-            if path not in QUERY_UNCHECKED or "422" in answers or "requestBody" in op or op.get("parameters"):
-                extra.append(Invalid)  # a query parameter it does not take is refused (deps.judge_queries)
-            if "requestBody" in op:
-                extra.append(PayloadTooLarge)
+            # Any request may carry a body, whatever its method: one over the bound is 413, a compressed one 422
+            # (app.BodyLimit, before the route); and a query parameter an operation does not take is 422.
+            extra += [Invalid, PayloadTooLarge]
             if op.get("security"):
                 extra.append(Unauthenticated)
             # The door's own refusals (server/limits.py), before any route: a head too large, a request too slow.

@@ -38,10 +38,16 @@ TAGS = [
     {"name": "agent verbs", "description": "Create, claim and move tasks: what an agent calls."},
     {"name": "administration", "description": "Features, families, tokens, workflows, projects and lanes "
                                               "(`seat:admin`; denials also `seat:overseer`)."},
-    {"name": "oversight", "description": "The board, the feed, stuck work, demand, agents, track records and "
-                                         "the live event stream (`seat:overseer`, `seat:monitor` or "
-                                         "`seat:admin`; the stream also for any caller, within its lanes)."},
-    {"name": "operations", "description": "Liveness and metrics: no token."},
+    {"name": "agent reads", "description": "What an agent reads: itself (`/v1/me`), a task and its events, a "
+                                          "stage's card, a lane's cards — within the lanes it holds."},
+    {"name": "oversight", "description": "The board, the feed, stuck work, demand, agents, track records, spend "
+                                         "and the live event stream (`seat:overseer`, `seat:monitor` or "
+                                         "`seat:admin`; the stream also for any caller, within its lanes); "
+                                         "disabling and enabling a family (`seat:overseer` or `seat:admin`)."},
+    {"name": "governance", "description": "Strikes, bans and their lifts, auditor flags, recommendations, "
+                                          "thresholds and the governance trail (`seat:overseer`; thresholds "
+                                          "`seat:admin`; flags `role:auditor`): docs/governance.md."},
+    {"name": "operations", "description": "Liveness, readiness, metrics and the index page: no token."},
 ]
 
 
@@ -66,7 +72,7 @@ may do; oversight reads the whole board.
 
 ## Authentication
 
-Every operation but `/healthz` and `/metrics` takes `Authorization: Bearer <token>`. A token is a JWT
+Every operation but `/healthz`, `/readyz`, `/metrics` and `/` takes `Authorization: Bearer <token>`. A token is a JWT
 minted by an admin with **POST /v1/tokens** (or `ainarres token` on the server); it names the agent
 (`sub`), its `family`, and when it expires. The text is shown once; DELETE /v1/tokens/{{jti}} revokes it.
 
@@ -83,9 +89,9 @@ minted by an admin with **POST /v1/tokens** (or `ainarres token` on the server);
 
 **POST /v1/claims** hands the caller the next task it may do (priority first, then age) and a **lease**:
 `lease.id` and `lease.expires_at`. Every verb on the held task — heartbeat, progress, advance, reject,
-release, block — presents that lease id. Heartbeat or progress renews it. A lease that ran out is taken
-over by the next claim that meets the task (asking for work is the recovery); from then on, and for any
-stale or foreign lease, the verb is refused with `409 lease_lost` and changes nothing.
+release, block — presents that lease id. Heartbeat or progress renews it. A lease that ran out holds
+nothing: a verb presenting it, or any stale or foreign lease, is refused with `409 lease_lost` and changes
+nothing; the task is taken over by the next claim that meets it (asking for work is the recovery).
 
 ## Long-poll
 
@@ -111,8 +117,10 @@ a 500. Each operation below lists the statuses and codes it can answer with.
 
 {_error_table()}
 
-Besides these, a method a path does not take is `405 method_not_allowed` (with `Allow`), and an
-unexpected failure is `500 internal` with a reference to quote.
+Besides these, at the door, before any operation: a request that is not valid HTTP/1.1 is `400 invalid`,
+one whose head or body stopped arriving `408 invalid`, one whose head is too large `431 payload_too_large`.
+A method a path does not take is `405 method_not_allowed` (with `Allow`), and an unexpected failure is `500
+internal` with a reference to quote.
 """
 
 

@@ -78,10 +78,12 @@ class Event(BaseModel):
         "what happened, by `type`: created {lane, stage, state, priority, required_features, depends_on}; claimed "
         "{stage, lease, lease_expires_at, attempts; reclaimed, previous_holder, previous_lease when it took over "
         "an expired hold; next_of, the id of the move's event when an advance's or reject's `next` made it}; "
-        "progress {note, artifacts, lease}; transition {kind, from, to, note (advance) or "
+        "progress {note, artifacts, lease, stage}; transition {kind, from, to, note (advance) or "
         "reason (reject), artifacts, lease; role, the role:* the move took; stage_seconds, an advance's time in "
-        "the stage it left}; released {reason, attempts, lease, escalated}; blocked {reason, …}; unblocked "
-        "{note, previous_attempts}; escalated {from_tier, to_tier, attempts}; ready {after: the task whose "
+        "the stage it left}; released {reason, attempts, lease, escalated; counted: false when the service gave "
+        "back a claim whose client had left}; blocked {reason, lease, stage (an agent's block), or the "
+        "substrate's reason and counts}; unblocked {note, previous_attempts, counts_reset}; escalated "
+        "{from_tier, to_tier, attempts}; ready {after: the task whose "
         "finishing made it claimable} (a task that waited on others). Keys may be added; none is "
         "removed"))
     created_at: datetime
@@ -239,8 +241,9 @@ class ClaimEmpty(Answer):
     code: Literal["empty"]
     task: None = Field(description="null")
     lease: None = Field(description="null")
-    pending: Pending | None = Field(default=None, description="work you may not take yet (absent when a long "
-                                                              "poll's time ran out)")
+    pending: Pending | None = Field(default=None, description="work you may not take yet, and `hint`, whether "
+                                                              "waiting can help (a long poll's time running out "
+                                                              "included)")
     hint: str | None = Field(default=None, description="whether waiting can help")
 
 

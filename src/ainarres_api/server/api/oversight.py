@@ -406,7 +406,8 @@ async def stream_events(request: Request, caller: Caller, st: State,
          description="The Prometheus text exposition format: agent verb calls and latency by verb and result "
                      "code, claims by outcome, events recorded by type, reclaimed leases, escalations, blocks, "
                      "pending work and live / expired leases by lane, waiting claims, open event streams, and "
-                     "the connection pool. Takes no token and refuses nothing.",
+                     "the connection pool. Takes no token; it reads the database (503 when it is out of "
+                     "reach).",
          responses={200: {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request, st: State) -> Response:
     metrics: Metrics = request.app.state.metrics

@@ -127,6 +127,10 @@ class Body(BaseModel):
 class Artifact(Body):
     """A reference to a work product that lives elsewhere."""
 
+    # What `_locates_something` requires, told to a client generator (a validator does not show in the schema).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": [k], "properties": {k: {"type": "string"}}} for k in ("uri", "path", "sha", "name")]})
+
     type: Annotated[str, Field(min_length=1, max_length=40, examples=["pr", "commit", "file", "branch"])] = Field(
         description="what it is: pr, commit, branch, file, url, …")
     uri: Annotated[str, Field(max_length=2048)] | None = Field(default=None, description="where it is (a URL)")
@@ -222,8 +226,8 @@ class ProgressIn(EventBody):
 _NEXT = ("then claim your next task in the same call, once this one has moved: what POST /v1/claims takes "
          "(`lane`, `wait_seconds`); the answer's `next` is that claim's answer, or the problem document of its "
          "refusal (the move stands either way). With `wait_seconds` the answer comes when that claim does: give "
-         "the HTTP client a longer read timeout (a move sent again is answered as a replay, never applied twice; if "
-         "the first call's claim took a task, `next` is then `already_holding` naming it). "
+         "the HTTP client a longer read timeout (a move sent again is answered as a replay, never applied twice, and "
+         "its `next` is the claim the first call made, marked `replay`). "
          "Omit it to claim separately")
 
 
@@ -390,6 +394,10 @@ Tokens = Annotated[StrictInt, Field(ge=0, le=1_000_000_000_000), WHOLE]
 class UsageIn(Body):
     """What a piece of work cost: any of model, tokens, cost (with its currency) and wall time. Leave out what
     you do not know: an unknown amount stays unknown (null), never zero."""
+
+    # What `_cost_has_currency` requires, told to a client generator.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"dependentRequired": {
+        "cost": ["currency"], "currency": ["cost"]}})
 
     model: Annotated[str, Field(min_length=1, max_length=200, examples=["claude-sonnet-4-5"])] | None = Field(
         default=None, description="the model that did the work")

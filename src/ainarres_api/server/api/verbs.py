@@ -264,7 +264,8 @@ _LEASE = {"id": "7d1f0c2a-5b3e-4a6d-8c9f-0e1d2c3b4a59", "expires_at": "2026-12-0
 _EVENT = {"id": 1041, "task_id": _TASK["id"], "type": "transition", "actor": "opencode+qwen3.5f1c2a",
           "family": "opencode+qwen3", "data": {"kind": "advance", "from": "todo", "to": "review",
                                                "note": "handler and tests", "lease": _LEASE["id"],
-                                               "artifacts": [{"type": "branch", "name": "feat/health"}]},
+                                               "artifacts": [{"type": "branch", "name": "feat/health"}],
+                                               "role": "role:dev", "stage_seconds": 300.0},
           "created_at": "2026-12-03T10:05:00+00:00"}
 _CARD = {"workflow": "dev-review", "workflow_version": 1, "stage": "todo", "initial": True, "terminal": False,
          "instructions": "Implement it on a branch; advance to review with the branch as an artifact.",
@@ -274,9 +275,20 @@ _CARD = {"workflow": "dev-review", "workflow_version": 1, "stage": "todo", "init
          "when_stuck": tasks.WHEN_STUCK}
 _LEASED = {"lease": _LEASE["id"]}
 _CLAIMED = {"code": "claimed", "task": _HELD, "lease": _LEASE, "card": _CARD,
-            "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "stage": "todo"}},
+            "event": {**_EVENT, "type": "claimed", "data": {"lease": _LEASE["id"], "lease_expires_at":
+                                                             _LEASE["expires_at"], "attempts": 0, "stage": "todo"}},
             "context": {"project": {"slug": "demo", "context": {"repo": "git@example.com:demo/app.git"}},
                         "lane": {"key": "backend", "context": {"rules": "small commits, tests first"}}}}
+
+# The claim an advance's `next` made: another task, a lease of its own, a claimed event naming the move.
+_NEXT_TASK = {**_HELD, "id": "5e0c7a9d-1b2f-4c3e-8d4a-6f7b8c9d0e1f", "title": "Add a /ready endpoint",
+              "payload": {"issue": 43}, "lease_expires_at": "2026-12-03T10:15:01+00:00"}
+_NEXT_LEASE = {"id": "c3a9e6d2-8f1b-4e7a-9d2c-5b6a7e8f9012", "expires_at": "2026-12-03T10:15:01+00:00"}
+_NEXT_EVENT: dict[str, Any] = {**_EVENT, "id": 1042, "type": "claimed", "task_id": _NEXT_TASK["id"],
+                               "data": {"lease": _NEXT_LEASE["id"], "lease_expires_at": _NEXT_LEASE["expires_at"],
+                                        "attempts": 0, "stage": "todo", "next_of": _EVENT["id"]},
+                               "created_at": "2026-12-03T10:05:01+00:00"}
+_NEXT_CLAIMED = {**_CLAIMED, "task": _NEXT_TASK, "lease": _NEXT_LEASE, "event": _NEXT_EVENT}
 
 _HELD_REFUSALS = (NotFound, LeaseLost)
 
@@ -398,8 +410,7 @@ either task.""",
         work=_advance,
         example={**_LEASED, "to": "review", "note": "done", "artifacts": [{"type": "branch", "name": "feat/health"}],
                  "next": {"lane": "backend"}},
-        answer_example={"code": "ok", "task": _TASK, "event": _EVENT,
-                        "next": {**_CLAIMED, "task": {**_HELD, "id": "5e0c7a9d-1b2f-4c3e-8d4a-6f7b8c9d0e1f"}}},
+        answer_example={"code": "ok", "task": _TASK, "event": _EVENT, "next": _NEXT_CLAIMED},
     ),
     Verb(
         name="reject", reads_caller=True, path="/v1/tasks/{task_id}/reject", body=RejectIn, answer=envelopes.MovedOn,
@@ -421,7 +432,8 @@ lease_lost (stop; claim again). `next` claims your next task in the same call, a
         example={**_LEASED, "to": "todo", "reason": "no test for the 503 case"},
         answer_example={"code": "ok", "task": {**_TASK, "stage": "todo", "rework_count": 1},
                         "event": {**_EVENT, "data": {"kind": "reject", "from": "review", "to": "todo",
-                                                     "reason": "no test for the 503 case"}}},
+                                                     "reason": "no test for the 503 case", "artifacts": [],
+                                                     "lease": _LEASE["id"], "role": "role:reviewer"}}},
     ),
     Verb(
         name="release", path="/v1/tasks/{task_id}/release", body=ReleaseIn, answer=envelopes.Moved,
@@ -440,7 +452,9 @@ Refusals: lease_lost, not_found.""",
         work=_release,
         example={**_LEASED, "reason": "context window full"},
         answer_example={"code": "ok", "task": {**_TASK, "stage": "todo", "attempts": 1},
-                        "event": {**_EVENT, "type": "released", "data": {"reason": "context window full"}}},
+                        "event": {**_EVENT, "type": "released",
+                                  "data": {"reason": "context window full", "attempts": 1, "lease": _LEASE["id"],
+                                           "escalated": False}}},
     ),
     Verb(
         name="block", path="/v1/tasks/{task_id}/block", body=BlockIn, answer=envelopes.Moved,
@@ -457,7 +471,9 @@ Refusals: lease_lost, not_found, invalid.""",
         example={**_LEASED, "reason": "needs credentials for the staging database"},
         answer_example={"code": "ok", "task": {**_TASK, "state": "blocked", "blocked": True,
                                                "blocked_reason": "needs credentials for the staging database"},
-                        "event": {**_EVENT, "type": "blocked"}},
+                        "event": {**_EVENT, "type": "blocked",
+                                  "data": {"reason": "needs credentials for the staging database",
+                                           "lease": _LEASE["id"], "stage": "todo"}}},
     ),
     Verb(
         name="unblock", path="/v1/tasks/{task_id}/unblock", body=UnblockIn, answer=envelopes.Moved,
@@ -481,7 +497,10 @@ decided (it goes on the governance trail): do not retry.
 Refusals: not_eligible, conflict (the task is not blocked), not_found, invalid (a note is needed).""",
         work=_unblock,
         example={"note": "credentials added to the vault"},
-        answer_example={"code": "ok", "task": _TASK, "event": {**_EVENT, "type": "unblocked"}},
+        answer_example={"code": "ok", "task": {**_TASK, "stage": "todo"},
+                        "event": {**_EVENT, "type": "unblocked",
+                                  "data": {"note": "credentials added to the vault", "previous_attempts": 1,
+                                           "counts_reset": False}}},
     ),
     Verb(
         name="usage", path="/v1/tasks/{task_id}/usage", body=UsageIn, answer=models.UsageRecorded,
