@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     dsn, server = runtime.database(settings)
     try:  # a database a newer build migrated: refused before serving anything
-        asyncio.run(runtime.check_schema(dsn))
+        asyncio.run(runtime.check_schema(dsn, settings))
     except BaseException:
         sock.close()
         raise
@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lifetime (default AINARRES_TOKEN_TTL_SECONDS, else 3600)")
     t.add_argument("--scope", metavar="F1,F2", help="comma-separated kind:key features to narrow the token to")
     t.add_argument("--sub", help="name the agent instead of creating a new one")
+    t.add_argument("--rotate-key", action="store_true",
+                   help="record this process's signing key as the database's (a deliberate key change): replicas "
+                        "with the old key are refused at their next start, and its tokens stop verifying once "
+                        "they restart with the new one (docs/operations.md)")
     t.set_defaults(func=cmd_token)
     from ainarres_api.ops import demo
 
@@ -175,9 +179,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker.main(argv[1:])
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
     from ainarres_api.server.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Where and why, never the value: pydantic's own text echoes the settings it was given, secrets included.
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"AINARRES: {where}: {err['msg']}", file=sys.stderr, flush=True)
+        return 2
     from ainarres_api.server import logs
 
     logs.configure(settings.log_level, sys.stderr)
@@ -189,5 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         rc: int = args.func(args, settings)
     except SchemaRefused as exc:  # serve, demo, migrate, token: a database a newer (or another) build migrated
         print(json.dumps({"code": exc.code, "detail": str(exc)}), flush=True)
+        return 1
+    except runtime.Unstartable as exc:  # a database out of reach, a key that is not the database's
+        if args.command in ("token", "migrate"):  # their one JSON line on stdout
+            print(json.dumps({"code": exc.code, "detail": str(exc)}), flush=True)
+        else:
+            print(f"AINARRES: {exc}", file=sys.stderr, flush=True)
         return 1
     return rc

@@ -447,7 +447,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AINARRES demo: {exc}", file=sys.stderr, flush=True)
         return 1
     dsn, pg = database(settings)
-    asyncio.run(check_schema(dsn))  # as `serve`: a database a newer build migrated is refused (schema_newer)
+    asyncio.run(check_schema(dsn, settings))  # as `serve`: a newer build's database, another key, refused
 
     def say(line: str) -> None:
         print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)

@@ -14,6 +14,27 @@ if TYPE_CHECKING:
     from ainarres_api.server.settings import Settings
 
 
+class Unstartable(Exception):
+    """What an operator must fix before the command can run: the database out of reach, a signing key that is not
+    the one the database's tokens were signed with. One line, without a secret (the URL's password masked)."""
+
+    code = "no_database"
+
+
+def masked(dsn: str) -> str:
+    """A database URL without its password, to show."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "the configured URL"
+
+
 class NoDatabase(Exception):
     """The command must not create the embedded database it would otherwise use; the message says why."""
 
@@ -99,13 +120,21 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
     from ainarres_api.server.db import migrate
     from ainarres_api.server.db.pool import create_pool
     from ainarres_api.server.services import admin
-    from ainarres_api.server.services.auth import Signer
 
-    signer = Signer(settings)
-    pool = await create_pool(dsn, min_size=1, max_size=1, pgbouncer=True)  # pooler-safe, whatever the URL
+    signer = signer_of(settings)
+    try:
+        pool = await create_pool(dsn, min_size=1, max_size=1, pgbouncer=True)  # pooler-safe, whatever the URL
+    except Exception as exc:  # as `connect` words it
+        import asyncpg
+
+        if isinstance(exc, (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+            raise Unstartable(f"cannot reach the database at {masked(dsn)}: {' '.join(str(exc).split())[:300]}") \
+                from None
+        raise
     try:
         async with pool.acquire() as conn:
             await migrate.apply(conn)
+            await key_held(conn, signer, rotate=getattr(args, "rotate_key", False))
             scope = sorted(set(args.scope.split(","))) if args.scope else None
             return await admin.mint_token(conn, signer, None, args.family,
                                           settings.token_ttl_seconds if args.ttl is None else args.ttl, scope,
@@ -120,25 +149,49 @@ async def connect(dsn: str) -> Any:
     kept (and no session setting is sent at start, which PgBouncer refuses)."""
     import asyncpg
 
-    return await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        return await asyncpg.connect(dsn, statement_cache_size=0)
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise Unstartable(f"cannot reach the database at {masked(dsn)}: {why}") from None
 
 
-async def check_schema(dsn: str) -> None:
-    """Refuse (migrate.SchemaRefused) a database a newer or another build has migrated, before serving it. A
-    database that cannot be reached is not this check's to report: the start-up that follows says so, as it
-    always has."""
-    import asyncpg
-
+async def check_schema(dsn: str, settings: Settings | None = None) -> None:
+    """Refuse, before serving it (and before saying so), a database that cannot be reached (Unstartable), that a
+    newer or another build has migrated (migrate.SchemaRefused), or whose tokens carry another key than the one
+    `settings` give (Unstartable)."""
     from ainarres_api.server.db import migrate
 
-    try:
-        conn = await connect(dsn)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return
+    conn = await connect(dsn)
     try:
         await migrate.check(conn)
+        if settings is not None and await conn.fetchval("SELECT to_regclass('signing_key') IS NOT NULL"):
+            await key_held(conn, signer_of(settings))
     finally:
         await conn.close()
+
+
+def signer_of(settings: Settings) -> Any:
+    """The service's Signer, or Unstartable if its key material is unusable (a secret too short, a key file
+    missing), worded in one line."""
+    from ainarres_api.server.services.auth import Signer
+
+    try:
+        return Signer(settings)
+    except (ValueError, OSError) as exc:
+        raise Unstartable(str(exc)) from None
+
+
+async def key_held(conn: Any, signer: Any, *, rotate: bool = False) -> None:
+    """auth.hold_key, its refusal as Unstartable (`key_mismatch`)."""
+    from ainarres_api.server.services import auth
+
+    try:
+        await auth.hold_key(conn, signer, rotate=rotate)
+    except auth.KeyMismatch as exc:
+        err = Unstartable(str(exc))
+        err.code = "key_mismatch"
+        raise err from None
 
 
 async def prepare(dsn: str, settings: Settings) -> int:
@@ -146,12 +199,13 @@ async def prepare(dsn: str, settings: Settings) -> int:
     token, and return the newest event id (the workers' metrics count events from there)."""
     from ainarres_api.server.db import migrate
     from ainarres_api.server.services import admin, oversight
-    from ainarres_api.server.services.auth import Signer
 
+    signer = signer_of(settings)
     conn = await connect(dsn)
     try:
         await migrate.apply(conn)
-        boot = await admin.bootstrap(conn, Signer(settings), settings.admin_token_ttl_seconds)
+        await key_held(conn, signer)
+        boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds)
         since: int = await oversight.last_event_id(conn)
     finally:
         await conn.close()

@@ -36,7 +36,7 @@ from ainarres_api.server.db import migrate
 from ainarres_api.server.db.pool import create_pool, translate
 from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, Unavailable
 from ainarres_api.server.metrics import Metrics, VerbMetrics
-from ainarres_api.server.services import admin, oversight, wake
+from ainarres_api.server.services import admin, auth, oversight, wake
 from ainarres_api.server.services.auth import Signer
 from ainarres_api.server.services.tasks import Limits
 from ainarres_api.server.services.wake import Wake
@@ -223,6 +223,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
         try:
             async with pool.acquire() as conn:
                 await migrate.apply(conn)
+                await auth.hold_key(conn, signer)  # never serve with a key the database's tokens do not carry
                 boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds) if bootstrap else None
                 metrics.start(await oversight.last_event_id(conn))
             if boot is not None:

@@ -121,8 +121,11 @@ async def apply(conn: asyncpg.Connection) -> list[int]:
             fresh = not done if fresh is None else fresh
             mig = next((m for m in pending if m.version not in done), None)
             if mig is None:
-                if fresh and applied_now:
-                    log.info("created the schema: applied migrations %04d to %04d", applied_now[0], applied_now[-1])
+                if fresh and applied_now:  # another replica may have applied some of them meanwhile
+                    log.info("created the schema: applied %d migration(s), %s", len(applied_now),
+                             ", ".join(f"{v:04d}" for v in applied_now) if len(applied_now) < 4 or
+                             applied_now[-1] - applied_now[0] + 1 != len(applied_now)
+                             else f"{applied_now[0]:04d} to {applied_now[-1]:04d}")
                 return applied_now
             await conn.execute(mig.sql)
             await conn.execute("INSERT INTO ainarres_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -67,6 +68,27 @@ def _load_or_create_secret(data_dir: Path) -> bytes:
     return secret
 
 
+class KeyMismatch(Exception):
+    """This process's signing key is not the one the database's tokens are signed with (db/migrations/0026)."""
+
+
+async def hold_key(conn: asyncpg.Connection, signer: Signer, *, rotate: bool = False) -> None:
+    """Record the signer's key as the database's (the first start), or check that it is the recorded one:
+    KeyMismatch otherwise, naming both fingerprints and the way out. `rotate` records it in place of the old."""
+    if rotate:
+        await conn.execute(Q["signing_key_rotate"], signer.algorithm, signer.fingerprint)
+        return
+    row = await conn.fetchrow(Q["signing_key_hold"], signer.algorithm, signer.fingerprint)
+    if (row["algorithm"], row["fingerprint"]) != (signer.algorithm, signer.fingerprint):
+        raise KeyMismatch(
+            f"this database's tokens are signed with another key ({row['algorithm']}, fingerprint "
+            f"{row['fingerprint']}, in force since {row['set_at']:%Y-%m-%d %H:%M} UTC) than this process holds "
+            f"({signer.algorithm}, {signer.fingerprint}): every token would be refused. Give it the service's key "
+            "(AINARRES_JWT_SECRET or AINARRES_JWT_SECRET_FILE, or the key files, as on the other replicas; with none, "
+            "the key is the file jwt-secret in AINARRES_DATA_DIR). To change the key on purpose, mint a token with "
+            "the new one first: `ainarres token --family admin --rotate-key` (docs/operations.md)")
+
+
 class Signer:
     """Signs and verifies AINARRES tokens with exactly one configured algorithm."""
 
@@ -93,6 +115,13 @@ class Signer:
             self._signing_key = (
                 settings.jwt_private_key_file.read_bytes() if settings.jwt_private_key_file else None
             )
+
+    @property
+    def fingerprint(self) -> str:
+        """Which key this is, to compare with the database's record (never the key: a digest of it)."""
+        key = self._verify_key if isinstance(self._verify_key, bytes) else str(self._verify_key).encode()
+        material = b"ainarres-signing-key\0" + self.algorithm.encode() + b"\0" + key.strip()
+        return hashlib.sha256(material).hexdigest()[:32]
 
     @property
     def can_sign(self) -> bool:

@@ -43,3 +43,19 @@ SELECT jti, family_key AS family, sub, scope, issued_at, expires_at, revoked_at 
 
 -- name: agent_touch
 UPDATE agents SET last_seen_at = now() WHERE sub = $1;
+
+-- name: signing_key_hold
+-- The key the database's tokens are signed with: $1 algorithm, $2 fingerprint recorded if none is yet (the first
+-- start); answers the one recorded (the same, or another: the caller refuses to serve with it).
+WITH ins AS (
+    INSERT INTO signing_key (algorithm, fingerprint) VALUES ($1, $2) ON CONFLICT (one) DO NOTHING
+    RETURNING algorithm, fingerprint, set_at
+)
+SELECT * FROM ins
+UNION ALL
+SELECT algorithm, fingerprint, set_at FROM signing_key WHERE NOT EXISTS (SELECT 1 FROM ins);
+
+-- name: signing_key_rotate
+-- A new key in force ($1 algorithm, $2 fingerprint): replicas with the old one are refused at their next start.
+INSERT INTO signing_key (algorithm, fingerprint) VALUES ($1, $2)
+    ON CONFLICT (one) DO UPDATE SET algorithm = EXCLUDED.algorithm, fingerprint = EXCLUDED.fingerprint, set_at = now();
