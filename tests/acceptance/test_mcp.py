@@ -465,3 +465,35 @@ async def test_the_database_out_of_reach_is_a_refusal_with_its_code(served: Serv
         refused(await client.call_tool("claim", {"lane": "dev"}), "unavailable")
         monkeypatch.undo()
         assert ok(await client.call_tool("claim", {"lane": "dev"}))["code"] == "claimed"
+
+
+async def test_mcp_verbs_are_counted_in_the_metrics_as_http_ones_are(served: Served) -> None:
+    """Found by an operator review: tool calls all arrive as POST /mcp, so a swarm over MCP showed no claim and no
+    verb on /metrics. Counted by verb and code as over HTTP, a move's `next` claim too."""
+    w = await make_world(served.admin)
+    dev = await w.agent("cheap")
+    one, two = [(await dev.create("dev", t))["task"]["id"] for t in ("one", "two")]
+
+    async def figures() -> dict[str, float]:
+        text = (await served.admin.client.get("/metrics")).text
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(("ainarres_verb_calls_total{", "ainarres_claims_total{")):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    before = await figures()
+    async with mcp_client(served.url, dev.token) as client:
+        ok(await client.call_tool("claim", {"lane": "dev"}))
+        ok(await client.call_tool("advance", {"task_id": one, "to": "review", "next": {"lane": "dev"}}))
+        refused(await client.call_tool("advance", {"task_id": two, "to": "done"}), "illegal_transition")
+    after = await figures()
+
+    def grew(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew('ainarres_verb_calls_total{code="claimed",verb="claim"}') == 2  # the claim and the `next` one
+    assert grew('ainarres_claims_total{result="claimed"}') == 2
+    assert grew('ainarres_verb_calls_total{code="ok",verb="advance"}') == 1
+    assert grew('ainarres_verb_calls_total{code="illegal_transition",verb="advance"}') == 1

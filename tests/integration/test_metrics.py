@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from ainarres_api.server.logs import JsonFormatter, redact
@@ -188,3 +189,27 @@ def test_redact_scrubs_bearer_tokens_and_jwts():
     assert jwt not in redact(f"token={jwt}")
     assert "s3cret" not in redact("Authorization: Bearer s3cret")
     assert redact("nothing to hide") == "nothing to hide"
+
+
+async def test_metrics_answer_through_a_database_outage(app, admin, client):
+    """Found by an operator review: with the database out of reach, /metrics was a 503 as a whole — an outage read
+    as a dead process, and this process's own figures were lost with it. It answers: `ainarres_database_up 0`, the
+    queue's gauges left out (unknown, not zero), the process's own figures kept; back to 1 once it can read."""
+    w = await make_world(admin)
+    dev = await w.agent("cheap")
+    await dev.create("dev", "queued")
+    up = (await client.get("/metrics")).text
+    assert "ainarres_database_up 1.0" in up and "ainarres_pending_tasks{" in up
+    st = app.state.ainarres
+    real = st.pool
+    dead = await asyncpg.create_pool("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1)
+    st.pool = dead
+    try:
+        r = await client.get("/metrics")
+    finally:
+        st.pool = real
+        await dead.close()
+    assert r.status_code == 200, r.text
+    assert "ainarres_database_up 0.0" in r.text and "ainarres_pending_tasks{" not in r.text
+    assert 'ainarres_verb_calls_total{code="created",verb="create"}' in r.text  # the process's own, kept
+    assert "ainarres_database_up 1.0" in (await client.get("/metrics")).text

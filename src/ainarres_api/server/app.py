@@ -211,7 +211,7 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
     if not target:
         raise ValueError("create_app needs a database URL (the CLI starts the embedded one)")
     metrics = Metrics()
-    mcp = mcp_server.McpFace(lambda: app.state.ainarres)
+    mcp = mcp_server.McpFace(lambda: app.state.ainarres, metrics)
     drain = draining.Drain()
 
     @contextlib.asynccontextmanager

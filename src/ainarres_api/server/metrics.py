@@ -146,6 +146,9 @@ class Metrics:
                                ["state"], registry=r, multiprocess_mode=live)
         self.pool_max = Gauge("ainarres_db_pool_max_connections", "Database pool size limit", registry=r,
                               multiprocess_mode=live)
+        self.database_up = Gauge("ainarres_database_up", "1 if the last scrape read the database's figures, 0 if "
+                                 "it could not (they are left out then: pending work, leases)", registry=r,
+                                 multiprocess_mode="livemostrecent")
         self.database = _DatabaseFigures()
         r.register(self.database)
         self._since_event: int | None = None
@@ -173,8 +176,16 @@ class Metrics:
         if verb == "claim" and code in ("claimed", "empty"):
             self.claims.labels(code).inc()
 
+    def unreadable(self, pool: asyncpg.Pool, waiters: int | None) -> None:
+        """A scrape that could not read the database: this process's own figures, the database's gauges left out
+        (unknown, not zero), its counters as last read, and `ainarres_database_up` 0."""
+        self.database.pending, self.database.leases = [], []
+        self.database_up.set(0)
+        self.process_figures(pool, waiters)
+
     def apply(self, scrape: Scrape, pool: asyncpg.Pool, waiters: int | None) -> None:
         """Fold a scrape's database figures into the registry (synchronous: no scrape sees half)."""
+        self.database_up.set(1)
         db = self.database
         db.events.update(scrape.events)
         db.reclaims += scrape.reclaimed

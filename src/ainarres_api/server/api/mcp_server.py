@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -40,6 +41,7 @@ from ainarres_api.server.api import outage, schemas, verbs
 from ainarres_api.server.api.deps import MAX_NAMED, AppState, Lent, authorization
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
+from ainarres_api.server.metrics import Metrics
 from ainarres_api.server.services import auth, mcp_sessions, pages, tasks, wake
 from ainarres_api.server.services.auth import Principal
 from ainarres_api.server.services.mcp_sessions import Memory
@@ -420,8 +422,9 @@ def _no_unknown_arguments() -> None:
 class McpFace:
     """The MCP server, its per-session memory and the ASGI endpoint the app routes /mcp to."""
 
-    def __init__(self, state: Callable[[], AppState]) -> None:
+    def __init__(self, state: Callable[[], AppState], metrics: Metrics | None = None) -> None:
         self.state = state
+        self.metrics = metrics  # the verbs' calls counted as over HTTP (server/metrics.py: VerbMetrics)
         root = logging.getLogger()
         saved = (root.handlers[:], root.level)
         self.server: MCPServer[Any] = MCPServer(
@@ -518,6 +521,14 @@ class McpFace:
                                                               st.settings.mcp_session_idle_seconds)
         return Call(agent, memory, st, sid, memory.stored())
 
+    def _count(self, verb: str, code: str, started: float, next_claim: tuple[str, float] | None) -> None:
+        """A verb's call in the metrics, as VerbMetrics counts one over HTTP (a move's `next` claim too)."""
+        if self.metrics is None:
+            return
+        self.metrics.observe(verb, code, time.perf_counter() - started)
+        if next_claim is not None:
+            self.metrics.observe("claim", *next_claim)
+
     def _verb_tool(self, verb: verbs.Verb) -> Callable[..., Awaitable[CallToolResult]]:
         """The MCP tool of a verb, made from its declaration: its arguments are the verb's body fields (the
         lease, and the task id of a held task, may be left to what the session remembers); it runs the
@@ -547,9 +558,13 @@ class McpFace:
                 st = call.st
                 lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer, auth.named(call.p))
                 lent.caller = call.p  # read by the guard, on this request
+                vc = verbs.Call(st, lent)
+                started = time.perf_counter()
                 try:
-                    out, _ = await verbs.run(verb, verbs.Call(st, lent), task_id, parsed)
+                    out, _ = await verbs.run(verb, vc, task_id, parsed)
+                    self._count(verb.name, str(out.get("code")), started, vc.next_claim)
                 except AinarresError as exc:
+                    self._count(verb.name, exc.code, started, None)
                     held, lease = exc.task, exc.extra.get("lease")
                     if exc.code == "already_holding" and held and lease:
                         call.memory.hold(str(held["id"]), lease["id"])

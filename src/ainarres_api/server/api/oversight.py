@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from ainarres_api.server.api import outage
 from ainarres_api.server.api.contract import AUTHENTICATED, refusals
 from ainarres_api.server.api.deps import Caller, Conn, State, require
 from ainarres_api.server.api.models import Page, SpendFigure
@@ -406,17 +407,26 @@ async def stream_events(request: Request, caller: Caller, st: State,
          description="The Prometheus text exposition format: agent verb calls and latency by verb and result "
                      "code, claims by outcome, events recorded by type, reclaimed leases, escalations, blocks, "
                      "pending work and live / expired leases by lane, waiting claims, open event streams, and "
-                     "the connection pool. Takes no token; it reads the database (503 when it is out of "
-                     "reach).",
+                     "the connection pool. Takes no token. With the database out of reach it still answers, "
+                     "with `ainarres_database_up 0` and the process's own figures (the queue's left out), so "
+                     "that an outage does not read as a dead process.",
          responses={200: {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request, st: State) -> Response:
     metrics: Metrics = request.app.state.metrics
+    waiters = waiters_of(getattr(st, "wake", None))
     async with metrics.lock:
-        async with st.pool.acquire() as conn:
-            if metrics.since_event is None:
-                metrics.start(await oversight.last_event_id(conn))
-            since = metrics.since_event
-            assert since is not None
-            scrape = await oversight.scrape(conn, since)
-        metrics.apply(scrape, st.pool, waiters_of(getattr(st, "wake", None)))
+        try:
+            async with asyncio.timeout(outage.RETRY_AFTER_SECONDS):  # a scrape is not kept waiting for a pool
+                async with st.pool.acquire() as conn:
+                    if metrics.since_event is None:
+                        metrics.start(await oversight.last_event_id(conn))
+                    since = metrics.since_event
+                    assert since is not None
+                    scrape = await oversight.scrape(conn, since)
+        except Exception as exc:
+            if outage.noted(exc, "/metrics") is None and not isinstance(exc, TimeoutError):
+                raise
+            metrics.unreadable(st.pool, waiters)
+        else:
+            metrics.apply(scrape, st.pool, waiters)
     return Response(metrics.render(), media_type=metrics.content_type)
