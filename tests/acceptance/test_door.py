@@ -33,9 +33,8 @@ uvicorn.run(app, host="127.0.0.1", port=0, lifespan="off", log_level="info", **l
 '''
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, int]]:
-    proc = subprocess.Popen([sys.executable, "-c", APP], stderr=subprocess.PIPE, text=True)
+def _serve(app: str) -> Iterator[tuple[str, int]]:
+    proc = subprocess.Popen([sys.executable, "-c", app], stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
         port = None
@@ -49,6 +48,18 @@ def server() -> Iterator[tuple[str, int]]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    yield from _serve(APP)
+
+
+@pytest.fixture(scope="module")
+def crowded() -> Iterator[tuple[str, int]]:
+    """The same, allowed two connections at once (AINARRES_HTTP_MAX_CONCURRENCY=2)."""
+    yield from _serve(APP.replace("http_body_timeout_seconds=1)", "http_body_timeout_seconds=1, "
+                                  "http_max_concurrency=2)"))
 
 
 def _connect(addr: tuple[str, int]) -> socket.socket:
@@ -118,3 +129,21 @@ def test_a_request_the_parser_cannot_read_is_a_problem_document(server: tuple[st
         reply = _read_all(s)
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
     assert b"content-type: application/problem+json" in reply and b'"code":"invalid"' in reply, reply
+
+
+def test_past_the_concurrency_limit_the_refusal_is_a_problem_document(crowded: tuple[str, int]) -> None:
+    """Found by a review: past AINARRES_HTTP_MAX_CONCURRENCY uvicorn answered a text/plain "Service Unavailable"
+    without Retry-After, on every operation. The door answers it in the service's words."""
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    with _connect(crowded) as alone:
+        alone.sendall(request)
+        assert _read_all(alone).startswith(b"HTTP/1.1 200")
+    with _connect(crowded) as idle, _connect(crowded) as second:
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # served, then kept alive: it holds its place
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        second.sendall(request)
+        reply = _read_all(second)
+    assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"content-type: application/problem+json" in head.lower() and b"retry-after: 1" in head.lower()
+    assert b'"code":"unavailable"' in body and b"AINARRES_HTTP_MAX_CONCURRENCY" in body

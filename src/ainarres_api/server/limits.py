@@ -23,7 +23,7 @@ from starlette.datastructures import URL
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ainarres_api.server.api import problems
-from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, RateLimited
+from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, RateLimited, Unavailable
 from ainarres_api.server.settings import Settings
 
 try:
@@ -59,7 +59,8 @@ def _raw_problem(status: int, reason: str, refusal: AinarresError) -> bytes:
     doc = {"type": f"urn:ainarres:problem:{refusal.code}", "title": refusal.title, "status": status,
            "code": refusal.code, "detail": refusal.detail, **refusal.extra}
     body = json.dumps(doc, separators=(",", ":")).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
+    after = f"retry-after: {refusal.extra['retry_after']}\r\n" if "retry_after" in refusal.extra else ""
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n{after}"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     return head + body
 
@@ -78,6 +79,9 @@ class _Guard:
     transport: asyncio.Transport
     cycle: Any
     flow: Any
+    limit_concurrency: int | None
+    connections: set[Any]
+    tasks: set[Any]
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -122,6 +126,15 @@ class _Guard:
         # A head that arrived whole in one read: measured from what the parser handed over.
         if self._parsed_head > self.max_head_bytes:
             self._head_too_large()
+            return
+        # uvicorn's own test of AINARRES_HTTP_MAX_CONCURRENCY, made first so that the refusal is the service's
+        # problem+json with Retry-After, not uvicorn's text/plain "Service Unavailable".
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self._refuse(503, "Service Unavailable", Unavailable(
+                f"this process is serving as many connections and requests as it may at once ({limit}, "
+                "AINARRES_HTTP_MAX_CONCURRENCY); nothing was done. Retry after Retry-After seconds (another "
+                "replica may have room)", retry_after=1))
             return
         self._state = _BODY
         self._arm(self.body_timeout)
