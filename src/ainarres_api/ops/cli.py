@@ -54,9 +54,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.workers > 1:
         # Migrations, the first start's admin token and the metrics' starting point once, here; then the
         # workers share the socket (the kernel spreads connections) and the database.
-        since = asyncio.run(runtime.prepare(dsn, settings))
         print(f"AINARRES: serving {base} with {settings.workers} worker processes  (API docs: {base}/docs)",
-              flush=True)
+              flush=True)  # before the first start's token, as a single process prints it (README)
+        since = asyncio.run(runtime.prepare(dsn, settings))
         try:
             return serving.supervise(sock, dsn, since, settings.workers, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         finally:

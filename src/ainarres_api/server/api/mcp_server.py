@@ -53,7 +53,8 @@ PATH = "/mcp"
 REFUSALS = """\
 Every refusal comes back as a tool error whose text is JSON: {"code", "status", "detail", "task"?}.
 The detail says what to do next. The codes:
-- unauthenticated: your token is missing, expired or revoked. Stop; ask your operator for a new token.
+- unauthenticated: your token is missing, malformed, expired or revoked, not signed by this service, or its
+  family is disabled. Stop; ask your operator for a new token.
 - not_eligible: you lack a feature this needs (the detail names it). Do not retry the same call:
   pick another target from the card, or release the task.
 - not_found: no such task or lane visible to you. Check the id (claim, me and show_task show ids).
