@@ -87,14 +87,15 @@ def start(data_dir: Path, *, cleanup_mode: str = "stop") -> Any:
             log.warning("process(es) %s ended (killed?) without letting go of the embedded PostgreSQL in %s; "
                         "this process takes it over and stops it when it exits", ", ".join(map(str, dead)), pgdata)
     server = postgres_server.get_server(str(pgdata), cleanup_mode=cleanup_mode)
-    atexit.register(_stop_in_peace)  # after the server's own hook, so run before it (atexit runs the last first)
+    # After the server's own hook, so run before it (atexit runs the last first): a Ctrl-C or SIGTERM then (a second
+    # one, or one after a drained shutdown) would be raised inside `pg_ctl stop`, cut it short with a traceback and
+    # leave PostgreSQL to stop by itself.
+    atexit.register(ignore_stop_signals)
     return server
 
 
-def _stop_in_peace() -> None:
-    """At exit, before the server's stop: a Ctrl-C or SIGTERM now (a second one, or one after a drained shutdown)
-    would be raised inside `pg_ctl stop`, cut it short with a traceback and leave PostgreSQL to stop by itself. The
-    stop takes a moment; SIGKILL still ends the process."""
+def ignore_stop_signals() -> None:
+    """From now on the process is stopping: Ctrl-C and SIGTERM are ignored (SIGKILL still ends it)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import signal
 import socket
 import sys
 from types import FrameType
@@ -23,16 +22,24 @@ class Unstartable(Exception):
 
 def masked(dsn: str) -> str:
     """A database URL without its password, to show."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(dsn)
-        if parts.password is None:
-            return dsn
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+        query = urlencode([(k, "***" if k.lower() in ("password", "passfile", "sslpassword") else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
         return "the configured URL"
+
+
+def unreachable(dsn: str, exc: BaseException) -> Unstartable:
+    """The one line for a database a command could not reach."""
+    why = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return Unstartable(f"cannot reach the database at {masked(dsn)}: {why}")
 
 
 class NoDatabase(Exception):
@@ -110,8 +117,9 @@ def bind(host: str, port: int) -> socket.socket:
 def exit_on_signal(signum: int, _frame: FrameType | None) -> None:
     """Exit through SystemExit so atexit (the embedded PostgreSQL's stop) runs. Once exiting, a second Ctrl-C or
     SIGTERM is ignored (as during that stop: embedded._stop_in_peace); SIGKILL still ends the process."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    from ainarres_api.ops.embedded import ignore_stop_signals
+
+    ignore_stop_signals()
     raise SystemExit(128 + signum)
 
 
@@ -128,17 +136,17 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
         import asyncpg
 
         if isinstance(exc, (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)):
-            raise Unstartable(f"cannot reach the database at {masked(dsn)}: {' '.join(str(exc).split())[:300]}") \
-                from None
+            raise unreachable(dsn, exc) from None
         raise
     try:
         async with pool.acquire() as conn:
             await migrate.apply(conn)
-            await key_held(conn, signer, rotate=getattr(args, "rotate_key", False))
-            scope = sorted(set(args.scope.split(","))) if args.scope else None
-            return await admin.mint_token(conn, signer, None, args.family,
-                                          settings.token_ttl_seconds if args.ttl is None else args.ttl, scope,
-                                          args.sub)
+            async with conn.transaction():  # a rotation stands only with the token minted under it
+                await key_held(conn, signer, rotate=getattr(args, "rotate_key", False))
+                scope = sorted(set(args.scope.split(","))) if args.scope else None
+                return await admin.mint_token(conn, signer, None, args.family,
+                                              settings.token_ttl_seconds if args.ttl is None else args.ttl, scope,
+                                              args.sub)
     finally:
         await pool.close()
 
@@ -152,8 +160,7 @@ async def connect(dsn: str) -> Any:
     try:
         return await asyncpg.connect(dsn, statement_cache_size=0)
     except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        why = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise Unstartable(f"cannot reach the database at {masked(dsn)}: {why}") from None
+        raise unreachable(dsn, exc) from None
 
 
 async def check_schema(dsn: str, settings: Settings | None = None) -> None:
@@ -179,7 +186,9 @@ def signer_of(settings: Settings) -> Any:
     try:
         return Signer(settings)
     except (ValueError, OSError) as exc:
-        raise Unstartable(str(exc)) from None
+        err = Unstartable(str(exc))
+        err.code = "bad_key"
+        raise err from None
 
 
 async def key_held(conn: Any, signer: Any, *, rotate: bool = False) -> None:

@@ -101,8 +101,9 @@ def serve_app(app: Any, config_kwargs: dict[str, Any], sockets: list[socket.sock
 
 # -- several processes ------------------------------------------------------------------------------
 
-# A worker's exit status when a newer (or another) build has migrated the database: the supervisor stops every
-# worker.
+# A worker's exit status when it must not serve the database and starting it again would not help: a newer (or
+# another) build migrated it, or its tokens carry another signing key (rotated while this server ran): the
+# supervisor stops every worker and says why in one line.
 SCHEMA_REFUSED_EXIT = 4
 
 
@@ -116,9 +117,14 @@ def _worker(sock: socket.socket, dsn: str, since_event: int, index: int) -> None
 
     settings = Settings()
     logs.configure(settings.log_level, sys.stderr)
-    try:  # a worker started again after a newer (or another) build migrated the database must not serve it
-        asyncio.run(runtime.check_schema(dsn))
+    try:  # a worker started again after a newer build migrated the database, or the key was rotated, must not serve
+        asyncio.run(runtime.check_schema(dsn, settings))
     except SchemaRefused as exc:
+        log.error("%s", exc)
+        sys.exit(SCHEMA_REFUSED_EXIT)
+    except runtime.Unstartable as exc:
+        if exc.code != "key_mismatch":  # the database out of reach: started again, as any worker that died
+            raise
         log.error("%s", exc)
         sys.exit(SCHEMA_REFUSED_EXIT)
     app = create_app(settings, dsn=dsn, bootstrap=False)
@@ -178,7 +184,8 @@ def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, met
                     rc = rc or (p.exitcode or 0)
                 elif p.exitcode == SCHEMA_REFUSED_EXIT:
                     # Starting it again would fail again, forever: every worker drains and the supervisor says why.
-                    log.error("worker %d: a newer or another build migrated the database; stopping every worker", i)
+                    log.error("worker %d may not serve this database (a newer build's schema, or another signing "
+                              "key); stopping every worker", i)
                     refused = True
                     on_signal(signal.SIGTERM, None)
                 else:
@@ -191,7 +198,9 @@ def supervise(sock: socket.socket, dsn: str, since_event: int, workers: int, met
             shutil.rmtree(made_dir, ignore_errors=True)
     if refused:
         from ainarres_api.ops import runtime
+        from ainarres_api.server.settings import Settings
 
-        asyncio.run(runtime.check_schema(dsn))  # raises SchemaRefused: the command's one line says which migration
+        # Raises SchemaRefused or Unstartable (key_mismatch): the command's one line says which.
+        asyncio.run(runtime.check_schema(dsn, Settings()))
         return 1
     return rc

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ainarres_api.server.api import problems
 from ainarres_api.server.errors import AinarresError, Invalid, PayloadTooLarge, RateLimited, Unavailable
 from ainarres_api.server.settings import Settings
+
+log = logging.getLogger("ainarres.door")
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -128,9 +131,12 @@ class _Guard:
             self._head_too_large()
             return
         # uvicorn's own test of AINARRES_HTTP_MAX_CONCURRENCY, made first so that the refusal is the service's
-        # problem+json with Retry-After, not uvicorn's text/plain "Service Unavailable".
+        # problem+json with Retry-After, not uvicorn's text/plain "Service Unavailable". Not for a request pipelined
+        # behind one still running: its answer must come after that one's, as uvicorn queues it.
         limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+        if limit is not None and not self._busy() and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            log.warning("refused a request: %d connections, %d requests at once (AINARRES_HTTP_MAX_CONCURRENCY=%d)",
+                        len(self.connections), len(self.tasks), limit)
             self._refuse(503, "Service Unavailable", Unavailable(
                 f"this process is serving as many connections and requests as it may at once ({limit}, "
                 "AINARRES_HTTP_MAX_CONCURRENCY); nothing was done. Retry after Retry-After seconds (another "

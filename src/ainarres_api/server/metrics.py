@@ -168,6 +168,7 @@ class Metrics:
         """Count events from `last_event_id` on (the newest at start: counters begin at zero)."""
         if self._since_event is None:
             self._since_event = last_event_id
+        self.database_up.set(1)  # read from it just now
 
     def observe(self, verb: str, code: str, seconds: float) -> None:
         """Record one verb call."""
@@ -176,11 +177,13 @@ class Metrics:
         if verb == "claim" and code in ("claimed", "empty"):
             self.claims.labels(code).inc()
 
-    def unreadable(self, pool: asyncpg.Pool, waiters: int | None) -> None:
+    def unreadable(self, pool: asyncpg.Pool, waiters: int | None, *, down: bool = True) -> None:
         """A scrape that could not read the database: this process's own figures, the database's gauges left out
-        (unknown, not zero), its counters as last read, and `ainarres_database_up` 0."""
+        (unknown, not zero), its counters as last read, and `ainarres_database_up` 0 if it is out of reach (`down`;
+        not for a pool too busy to lend a connection in time)."""
         self.database.pending, self.database.leases = [], []
-        self.database_up.set(0)
+        if down:
+            self.database_up.set(0)
         self.process_figures(pool, waiters)
 
     def apply(self, scrape: Scrape, pool: asyncpg.Pool, waiters: int | None) -> None:

@@ -41,6 +41,7 @@ from ainarres_api.server.api import outage, schemas, verbs
 from ainarres_api.server.api.deps import MAX_NAMED, AppState, Lent, authorization
 from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
+from ainarres_api.server.metrics import VERBS as METRIC_VERBS
 from ainarres_api.server.metrics import Metrics
 from ainarres_api.server.services import auth, mcp_sessions, pages, tasks, wake
 from ainarres_api.server.services.auth import Principal
@@ -523,8 +524,9 @@ class McpFace:
         return Call(agent, memory, st, sid, memory.stored())
 
     def _count(self, verb: str, code: str, started: float, next_claim: tuple[str, float] | None) -> None:
-        """A verb's call in the metrics, as VerbMetrics counts one over HTTP (a move's `next` claim too)."""
-        if self.metrics is None:
+        """A verb's call in the metrics, as VerbMetrics counts one over HTTP: the same verbs (metrics.VERBS), a
+        move's `next` claim too."""
+        if self.metrics is None or verb not in METRIC_VERBS:
             return
         self.metrics.observe(verb, code, time.perf_counter() - started)
         if next_claim is not None:
@@ -540,6 +542,14 @@ class McpFace:
 
         async def tool(ctx: Context[Any, Any], **args: Any) -> CallToolResult:
             async def body(call: Call) -> dict[str, Any]:
+                started = time.perf_counter()
+                try:
+                    return await work(call, started)
+                except AinarresError as exc:  # decided before the verb ran too (the memory, the arguments)
+                    self._count(verb.name, exc.code, started, None)
+                    raise
+
+            async def work(call: Call, started: float) -> dict[str, Any]:
                 sent = _digest(verb.tool, args)
                 again = call.again if call.again is not None and call.again["call"] == sent else {}
                 if again.get("next"):  # refused until the caller names the task (the marker stays)
@@ -560,12 +570,10 @@ class McpFace:
                 lent = Lent(await st.pool.acquire(), st.pool, call.agent.bearer, auth.named(call.p))
                 lent.caller = call.p  # read by the guard, on this request
                 vc = verbs.Call(st, lent)
-                started = time.perf_counter()
                 try:
                     out, _ = await verbs.run(verb, vc, task_id, parsed)
                     self._count(verb.name, str(out.get("code")), started, vc.next_claim)
                 except AinarresError as exc:
-                    self._count(verb.name, exc.code, started, None)
                     held, lease = exc.task, exc.extra.get("lease")
                     if exc.code == "already_holding" and held and lease:
                         call.memory.hold(str(held["id"]), lease["id"])

@@ -423,8 +423,10 @@ async def metrics(request: Request, st: State) -> Response:
                     since = metrics.since_event
                     assert since is not None
                     scrape = await oversight.scrape(conn, since)
+        except TimeoutError:  # no connection came (a busy pool) or the read ran long: the database is not down
+            metrics.unreadable(st.pool, waiters, down=False)
         except Exception as exc:
-            if outage.noted(exc, "/metrics") is None and not isinstance(exc, TimeoutError):
+            if outage.noted(exc, "/metrics") is None:
                 raise
             metrics.unreadable(st.pool, waiters)
         else:

@@ -129,7 +129,8 @@ class Artifact(Body):
 
     # What `_locates_something` requires, told to a client generator (a validator does not show in the schema).
     model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
-        {"required": [k], "properties": {k: {"type": "string"}}} for k in ("uri", "path", "sha", "name")]})
+        {"required": [k], "properties": {k: {"type": "string", "minLength": 1}}}
+        for k in ("uri", "path", "sha", "name")]})
 
     type: Annotated[str, Field(min_length=1, max_length=40, examples=["pr", "commit", "file", "branch"])] = Field(
         description="what it is: pr, commit, branch, file, url, …")

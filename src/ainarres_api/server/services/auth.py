@@ -79,6 +79,8 @@ async def hold_key(conn: asyncpg.Connection, signer: Signer, *, rotate: bool = F
         await conn.execute(Q["signing_key_rotate"], signer.algorithm, signer.fingerprint)
         return
     row = await conn.fetchrow(Q["signing_key_hold"], signer.algorithm, signer.fingerprint)
+    if row is None:  # another process recorded it after this statement's snapshot: read it in a new one
+        row = await conn.fetchrow(Q["signing_key_hold"], signer.algorithm, signer.fingerprint)
     if (row["algorithm"], row["fingerprint"]) != (signer.algorithm, signer.fingerprint):
         raise KeyMismatch(
             f"this database's tokens are signed with another key ({row['algorithm']}, fingerprint "
@@ -120,8 +122,13 @@ class Signer:
     def fingerprint(self) -> str:
         """Which key this is, to compare with the database's record (never the key: a digest of it)."""
         key = self._verify_key if isinstance(self._verify_key, bytes) else str(self._verify_key).encode()
-        material = b"ainarres-signing-key\0" + self.algorithm.encode() + b"\0" + key.strip()
-        return hashlib.sha256(material).hexdigest()[:32]
+        if self.algorithm != "HS256":  # the public key itself, whatever PEM spelling the file has
+            from cryptography.hazmat.primitives import serialization
+
+            key = serialization.load_pem_public_key(key).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        # The secret exactly as it signs (a trailing newline in AINARRES_JWT_SECRET is part of it).
+        return hashlib.sha256(b"ainarres-signing-key\0" + self.algorithm.encode() + b"\0" + key).hexdigest()[:32]
 
     @property
     def can_sign(self) -> bool:

@@ -57,7 +57,7 @@ async def _claim_waiting(pool: asyncpg.Pool, signer: Signer, hub: wake.Wake, lim
                     # still wakes this waiter.
                     w.watch(await tasks.eligible_routes(conn, caller, lane))
                     out, caller = await tasks.claim(conn, caller, lane, limits, prefer=w.begin(), after=after)
-                    if out["code"] == "claimed" and gone is not None and gone.done():
+                    if out["code"] == "claimed" and not out.get("replay") and gone is not None and gone.done():
                         # The client left while the claim was being made: nobody would receive the task, and it
                         # would wait out its lease held by no one. Given back as it was, no attempt counted.
                         try:

@@ -101,7 +101,7 @@ WITH d AS (
     VALUES ($1, $2, $3, NULL, $4, 'permanent')
     ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
        SET reason = excluded.reason, expires_at = NULL, created_by = excluded.created_by, created_at = now(),
-           governance = 'permanent'
+           governance = 'permanent', by_admin = x.by_admin AND x.expires_at > now()
      WHERE x.expires_at IS NOT NULL
     RETURNING x.family_key, x.feature
 ), r AS (
@@ -280,7 +280,7 @@ WITH x AS (
       FROM ban b
     ON CONFLICT ON CONSTRAINT denials_pkey DO UPDATE
        SET reason = excluded.reason, expires_at = excluded.expires_at, created_by = excluded.created_by,
-           created_at = now(), governance = 'reflexive'
+           created_at = now(), governance = 'reflexive', by_admin = d.by_admin AND d.expires_at > now()
      WHERE d.expires_at IS NOT NULL AND d.expires_at < excluded.expires_at
  RETURNING d.family_key, d.feature, d.expires_at
 ), ban_trail AS (
