@@ -526,27 +526,43 @@ def _running(pid: int) -> bool:
         return False
 
 
-async def test_workers_stop_when_a_newer_build_has_migrated_the_database(database: str, tmp_path: Path) -> None:
-    """A worker that dies after a newer build migrated the database is not started again (it would fail again,
-    forever): every worker drains and the supervisor exits 1 saying which migration (ADR 0022)."""
+async def _newer_build(database: str, proc: Proc) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute("INSERT INTO ainarres_migrations (version, name) SELECT max(version) + 1, "
+                           "'from_the_future' FROM ainarres_migrations")
+    finally:
+        await conn.close()
+
+
+async def _rotated_key(database: str, proc: Proc) -> None:
+    env = {**proc.env, "AINARRES_JWT_SECRET": "a-second-secret-of-at-least-32-bytes-987654321"}
+    rotated = await asyncio.to_thread(run_ainarres, ["token", "--family", "admin", "--rotate-key"], env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+
+
+@pytest.mark.parametrize(("change", "code", "named"), [
+    (_newer_build, "schema_newer", "from_the_future"),
+    (_rotated_key, "key_mismatch", "--rotate-key"),
+])
+async def test_workers_stop_when_they_may_not_serve_the_database_any_more(database: str, tmp_path: Path, change: Any,
+                                                                           code: str, named: str) -> None:
+    """A worker that dies after a newer build migrated the database (ADR 0022), or after the signing key was rotated
+    (migration 0026; found by a review: it was started again every second, for ever, each start a traceback), is not
+    started again — it would fail again, forever: every worker drains and the supervisor exits 1 saying why."""
     proc = Proc(database, tmp_path / "n", AINARRES_WORKERS="2", AINARRES_DRAIN_SECONDS="5")
     proc.start()
     try:
         assert proc.proc is not None
         workers = _workers_of(proc.proc.pid)
         assert len(workers) == 2, workers
-        conn = await asyncpg.connect(database)
-        try:
-            await conn.execute("INSERT INTO ainarres_migrations (version, name) SELECT max(version) + 1, "
-                               "'from_the_future' FROM ainarres_migrations")
-        finally:
-            await conn.close()
+        await change(database, proc)
         os.kill(workers[0], signal.SIGKILL)
         assert await asyncio.to_thread(proc.wait, WITHIN) == 1, proc.log()
         lines = [json.loads(line) for line in proc.log().splitlines() if line.startswith('{"code"')]
-        assert [doc["code"] for doc in lines] == ["schema_newer"], proc.log()
-        assert "from_the_future" in lines[0]["detail"]
-        assert "stopping every worker" in proc.log()
+        assert [doc["code"] for doc in lines] == [code], proc.log()
+        assert named in lines[0]["detail"]
+        assert "stopping every worker" in proc.log()  # once: the supervisor exited (above), starting nothing more
         assert not [p for p in workers if _running(p)], "a worker outlived the supervisor"
     finally:
         proc.stop()

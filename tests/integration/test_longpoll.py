@@ -274,16 +274,21 @@ async def test_survives_a_dropped_listen_connection_across_replicas(app, admin, 
     assert got["code"] == "claimed" and got["task"]["id"] == made["task"]["id"]
 
 
-def _waiting_claim_request(agent: Api) -> tuple[bytes, dict[str, Any]]:
-    """The body and ASGI scope of a waiting claim by `agent`, for driving the app with a hand-made receive (a client
-    that goes away)."""
-    body = json.dumps({"wait_seconds": WAIT}).encode()
+def post_request(agent: Api, path: str, fields: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """The body and ASGI scope of a POST by `agent`, for driving the app with a hand-made receive (a client that
+    goes away)."""
+    body = json.dumps(fields).encode()
     return body, {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                  "scheme": "http", "path": "/v1/claims", "raw_path": b"/v1/claims", "query_string": b"",
+                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
                   "root_path": "", "server": ("ainarres.test", 80), "client": ("127.0.0.1", 50000),
                   "headers": [(b"host", b"ainarres.test"), (b"content-type", b"application/json"),
                               (b"content-length", str(len(body)).encode()),
                               (b"authorization", f"Bearer {agent.token}".encode())]}
+
+
+def _waiting_claim_request(agent: Api) -> tuple[bytes, dict[str, Any]]:
+    """A waiting claim by `agent` (post_request)."""
+    return post_request(agent, "/v1/claims", {"wait_seconds": WAIT})
 
 
 async def test_client_disconnect_frees_the_waiter(app, admin, db):
@@ -325,10 +330,12 @@ async def test_client_disconnect_frees_the_waiter(app, admin, db):
     assert hub.waiting == 0
 
 
-async def _leave_while_claiming(app: Any, agent: Api, dsn: str) -> None:
-    """A waiting claim by `agent` whose client leaves while the claim is being made: the claim is held up on the
-    agent's row until the disconnect has been delivered, then let through."""
-    body, scope = _waiting_claim_request(agent)
+async def leave_while_claiming(app: Any, agent: Api, dsn: str,
+                               request: tuple[bytes, dict[str, Any]] | None = None) -> None:
+    """A request by `agent` that claims (a waiting claim, unless `request` is another: post_request) whose client
+    leaves while the claim is being made: the claim is held up on the agent's row until the disconnect has been
+    delivered, then let through."""
+    body, scope = request or _waiting_claim_request(agent)
     leave, left = asyncio.Event(), asyncio.Event()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -368,7 +375,7 @@ async def test_a_task_claimed_for_a_client_that_left_is_given_back(app, admin, d
     await dev.get("/v1/me")  # the agent's row exists
     task = (await dev.create("dev", "for whoever stays"))["task"]
     for _ in range(2):
-        await _leave_while_claiming(app, dev, dsn)
+        await leave_while_claiming(app, dev, dsn)
     now = await admin.get(f"/v1/tasks/{task['id']}")
     assert now["state"] == "ready" and now["holder"] is None and now["attempts"] == 0, now
     events = (await admin.get(f"/v1/tasks/{task['id']}/events"))["items"]
