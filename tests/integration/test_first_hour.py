@@ -189,3 +189,21 @@ async def test_a_retried_progress_after_a_takeover_never_answers_the_new_holders
         again = await a.verb(tid, "progress", lease=mine, note="half")
         assert again["replay"] is True and again["event"]["id"] == first["event"]["id"]
         assert again["lease"] == {"id": mine, "expires_at": None}, again["lease"]
+
+
+async def test_the_first_start_can_leave_the_admin_token_out_of_stdout(dsn: str, settings: Any, db: Any,
+                                                                      capsys: Any) -> None:
+    """Found by an operator review: in a container stdout is the log driver's, and the first start's 30-day admin
+    token went there. AINARRES_BOOTSTRAP_TOKEN=false: the admin family is made, no token is minted or printed, and
+    the start says how to mint one (`ainarres token`, which prints to the operator's terminal)."""
+    from asgi_lifespan import LifespanManager
+
+    from ainarres_api.server.app import create_app
+
+    app = create_app(settings.model_copy(update={"bootstrap_token": False}), dsn=dsn)
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30):
+        out = capsys.readouterr().out
+    assert "AINARRES_BOOTSTRAP_TOKEN=false" in out and "ainarres token --family admin" in out
+    assert "eyJ" not in out and "admin token (shown once" not in out
+    assert await db.fetchval("SELECT count(*) FROM families WHERE key = 'admin'") == 1
+    assert await db.fetchval("SELECT count(*) FROM tokens") == 0

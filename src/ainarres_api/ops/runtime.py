@@ -214,12 +214,12 @@ async def prepare(dsn: str, settings: Settings) -> int:
     try:
         await migrate.apply(conn)
         await key_held(conn, signer)
-        boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds)
+        boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds, mint=settings.bootstrap_token)
         since: int = await oversight.last_event_id(conn)
     finally:
         await conn.close()
     if boot is not None:
-        print(f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n", flush=True)
+        print(admin.bootstrap_words(boot), flush=True)
     return since
 
 

@@ -224,12 +224,11 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
             async with pool.acquire() as conn:
                 await migrate.apply(conn)
                 await auth.hold_key(conn, signer)  # never serve with a key the database's tokens do not carry
-                boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds) if bootstrap else None
+                boot = await admin.bootstrap(conn, signer, settings.admin_token_ttl_seconds,
+                                             mint=settings.bootstrap_token) if bootstrap else None
                 metrics.start(await oversight.last_event_id(conn))
-            if boot is not None:
-                # Printed once, on the first start against an empty database; never logged.
-                print(f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n",
-                      file=sys.stdout, flush=True)
+            if boot is not None:  # printed once, on the first start against an empty database; never logged
+                print(admin.bootstrap_words(boot), file=sys.stdout, flush=True)
             hub = Wake(pool, listen_dsn=settings.listen_database_url or target, notify_dsn=target,
                        pgbouncer=settings.pgbouncer, coalesce_seconds=settings.notify_coalesce_ms / 1000,
                        sweep_seconds=settings.wake_sweep_seconds)

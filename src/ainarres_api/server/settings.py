@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     jwt_audience: str = "ainarres"
     token_ttl_seconds: int = Field(default=3600, ge=60, le=365 * 86400)
     admin_token_ttl_seconds: int = Field(default=30 * 86400, ge=60, le=365 * 86400)
+    # false: the first start makes the admin family but prints no token (a container's stdout is its log driver's,
+    # and a 30-day admin token has no business there); mint one with `ainarres token --family admin`.
+    bootstrap_token: bool = True
     leeway_seconds: int = Field(default=5, ge=0, le=60)
 
     pool_min_size: int = Field(default=2, ge=1)

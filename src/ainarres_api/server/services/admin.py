@@ -432,8 +432,18 @@ BOOTSTRAP_FEATURES = {
 }
 
 
-async def bootstrap(conn: asyncpg.Connection, signer: Signer, ttl_seconds: int) -> dict[str, Any] | None:
-    """On an empty database: the seat features and the admin family, and one admin token (else None)."""
+def bootstrap_words(boot: dict[str, Any]) -> str:
+    """What the first start prints (on stdout, never logged): the admin token once, or where to mint one."""
+    if boot.get("token") is None:
+        return ("\nAINARRES bootstrap: the admin family is made; no token printed (AINARRES_BOOTSTRAP_TOKEN=false). "
+                "Mint one where the service's database and key are: ainarres token --family admin\n")
+    return f"\nAINARRES bootstrap: admin token (shown once, keep it safe):\n{boot['token']}\n"
+
+
+async def bootstrap(conn: asyncpg.Connection, signer: Signer, ttl_seconds: int, *, mint: bool = True
+                    ) -> dict[str, Any] | None:
+    """On an empty database: the seat features and the admin family, and one admin token unless not `mint`
+    ({"token": None} then); None if the database was not empty."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('ainarres:bootstrap'))")
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM families)"):
@@ -442,5 +452,7 @@ async def bootstrap(conn: asyncpg.Connection, signer: Signer, ttl_seconds: int) 
             await conn.execute(Q["feature_ensure"], name, desc)
         await conn.execute(Q["family_insert"], "admin", "operators of this AINARRES", 1)
         await conn.execute(Q["family_features_add"], "admin", ["seat:admin", "seat:overseer"])
+        if not mint:
+            return {"token": None}
         return await auth.mint(conn, signer, family="admin", ttl_seconds=ttl_seconds, sub="admin",
                                created_by="bootstrap")
