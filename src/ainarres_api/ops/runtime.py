@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import socket
 import sys
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +38,17 @@ def masked(dsn: str) -> str:
         return "the configured URL"
 
 
-def unreachable(dsn: str, exc: BaseException) -> Unstartable:
-    """The one line for a database a command could not reach."""
-    why = " ".join(str(exc).split())[:300] or type(exc).__name__
-    return Unstartable(f"cannot reach the database at {masked(dsn)}: {why}")
+@contextlib.contextmanager
+def reaching(dsn: str) -> Iterator[None]:
+    """Around a command's first contact with its database: a failure to reach it becomes the one line
+    (Unstartable) that names the URL, its password masked, and why."""
+    import asyncpg
+
+    try:
+        yield
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise Unstartable(f"cannot reach the database at {masked(dsn)}: {why}") from None
 
 
 class NoDatabase(Exception):
@@ -130,14 +139,8 @@ async def mint(dsn: str, settings: Settings, args: argparse.Namespace) -> dict[s
     from ainarres_api.server.services import admin
 
     signer = signer_of(settings)
-    try:
+    with reaching(dsn):
         pool = await create_pool(dsn, min_size=1, max_size=1, pgbouncer=True)  # pooler-safe, whatever the URL
-    except Exception as exc:  # as `connect` words it
-        import asyncpg
-
-        if isinstance(exc, (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)):
-            raise unreachable(dsn, exc) from None
-        raise
     try:
         async with pool.acquire() as conn:
             await migrate.apply(conn)
@@ -157,10 +160,8 @@ async def connect(dsn: str) -> Any:
     kept (and no session setting is sent at start, which PgBouncer refuses)."""
     import asyncpg
 
-    try:
+    with reaching(dsn):
         return await asyncpg.connect(dsn, statement_cache_size=0)
-    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise unreachable(dsn, exc) from None
 
 
 async def check_schema(dsn: str, settings: Settings | None = None) -> None:

@@ -308,11 +308,8 @@ def create_app(settings: Settings, *, dsn: str | None = None, bootstrap: bool = 
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        resp = outage.respond(exc, request.url.path)
-        if resp is None and isinstance(exc, asyncpg.PostgresError) and (err := translate(exc)) is not None:
-            resp = problems.refusal(err, request.url.path)
-        if resp is None:
-            resp = problems.crash(exc, request.url.path)
+        err = outage.refusal_of(exc, request.url.path)
+        resp = problems.crash(exc, request.url.path) if err is None else problems.refusal(err, request.url.path)
         # Answered from ServerErrorMiddleware, which raises the exception again once it has: the server then
         # closes the connection. Said in the answer, so that a client does not send its next request on it.
         resp.headers["connection"] = "close"

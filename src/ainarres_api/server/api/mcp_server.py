@@ -23,7 +23,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import asyncpg
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
@@ -39,7 +38,6 @@ from starlette.types import Message, Receive, Scope, Send
 from ainarres_api import __version__
 from ainarres_api.server.api import outage, schemas, verbs
 from ainarres_api.server.api.deps import MAX_NAMED, AppState, Lent, authorization
-from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import AinarresError, Invalid, RateLimited, Unauthenticated
 from ainarres_api.server.metrics import VERBS as METRIC_VERBS
 from ainarres_api.server.metrics import Metrics
@@ -493,7 +491,7 @@ class McpFace:
         except Exception as exc:
             # What the HTTP face refuses too: a value the database cannot take (translate), or the database out
             # of reach (503 `unavailable`, one log line) — a refusal with its code, not a bare tool error.
-            err = (translate(exc) if isinstance(exc, asyncpg.PostgresError) else None) or outage.noted(exc, PATH)
+            err = outage.refusal_of(exc, PATH)
             if err is None:
                 raise
             result = _refusal(err)

@@ -26,7 +26,8 @@ from starlette.datastructures import URL
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ainarres_api.server.api import problems
-from ainarres_api.server.errors import Unavailable
+from ainarres_api.server.db.pool import translate
+from ainarres_api.server.errors import AinarresError, Unavailable
 
 log = logging.getLogger("ainarres.outage")
 
@@ -60,6 +61,13 @@ def noted(exc: BaseException, path: str) -> Unavailable | None:
     if err is not None:
         log.warning("database unavailable: %s: %s (path=%s)", type(exc).__name__, _one_line(exc), path)
     return err
+
+
+def refusal_of(exc: BaseException, path: str) -> AinarresError | None:
+    """The refusal a failure met while talking to the database means, if it means one: a value or a lock the
+    database refused (db.pool.translate), or the database out of reach (`noted`: one log line); else None (a bug).
+    Every face answers these alike: the HTTP app's last handler, the MCP tools, a move's `next` claim."""
+    return (translate(exc) if isinstance(exc, asyncpg.PostgresError) else None) or noted(exc, path)
 
 
 def respond(exc: BaseException, path: str) -> JSONResponse | None:

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import Body as BodyParam
 from fastapi import FastAPI, Path, Request, Response
 from pydantic import BaseModel
@@ -42,7 +41,6 @@ from ainarres_api.server.api.schemas import (
     check_event_bytes,
 )
 from ainarres_api.server.api.verb_route import VerbRoute
-from ainarres_api.server.db.pool import translate
 from ainarres_api.server.errors import (
     AinarresError,
     AlreadyHolding,
@@ -205,7 +203,7 @@ async def _then_claim(c: Call, want: ClaimIn | None, out: dict[str, Any]) -> tup
     except Exception as exc:
         # The move has committed: a claim the database failed (a lock time-out, a collision, an outage) is this
         # claim's refusal inside the 200 — a 503 for the request would say that nothing was changed.
-        known = (translate(exc) if isinstance(exc, asyncpg.PostgresError) else None) or outage.noted(exc, "/v1/claims")
+        known = outage.refusal_of(exc, "/v1/claims")
         if known is None:
             raise
         nxt = problems.refused(Unavailable(
